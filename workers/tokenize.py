@@ -1,0 +1,113 @@
+"""Tokenization with Hugging Face ``tokenizers`` (Rust), from the model's own files.
+
+``Tokenizer.encode(texts)`` returns the engine contract directly: packed token ids, one
+length per text, and the truncation facts (``n_tokens``, ``truncated``) that the output
+records. Lower-casing, accent stripping and Chinese character splitting follow the model's
+config, so Chinese text tokenizes exactly as Google's BERT ``BasicTokenizer`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Tokenizer", "Encoded", "build_tokenizer_json"]
+
+
+@dataclass
+class Encoded:
+    """Texts as the engine takes them (packed tokens, no padding) plus what truncation did."""
+
+    token_ids: np.ndarray  # int32 [T], every text's ids back to back, [CLS] ... [SEP]
+    lengths: np.ndarray    # int32 [B], tokens per text after truncation
+    truncated: np.ndarray  # bool  [B], True where the text had more than max_seq_len tokens
+    n_tokens_full: np.ndarray  # int32 [B], tokens the text would have had without truncation
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def build_tokenizer_json(vocab_file: str, lowercase: bool, strip_accents: bool | None,
+                         tokenize_chinese_chars: bool = True) -> str:
+    """A ``tokenizer.json`` for a plain BERT WordPiece vocab, as Google's BERT tokenizes."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+    vocab: dict[str, int] = {}
+    with open(vocab_file, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            tok = line.rstrip("\n")
+            if tok:
+                vocab.setdefault(tok, i)
+    for special in ("[UNK]", "[CLS]", "[SEP]"):
+        if special not in vocab:
+            raise CheckpointError(f"{vocab_file} lacks {special}: not a BERT vocabulary")
+    tok = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=tokenize_chinese_chars,
+                                                strip_accents=strip_accents, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok.to_str()
+
+
+class Tokenizer:
+    """BERT tokenizer from a ``tokenizer.json`` string; truncates to ``max_seq_len`` tokens."""
+
+    def __init__(self, tokenizer_json: str, max_seq_len: int) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.max_seq_len = max_seq_len
+        self._tok = HFTokenizer.from_str(tokenizer_json)
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self._trunc = HFTokenizer.from_str(tokenizer_json)
+        self._trunc.no_padding()
+        self._trunc.enable_truncation(max_length=max_seq_len)
+        self.cls_id = self._tok.token_to_id("[CLS]")
+        self.sep_id = self._tok.token_to_id("[SEP]")
+
+    @classmethod
+    def from_file(cls, path: str | Path, max_seq_len: int) -> Tokenizer:
+        return cls(Path(path).read_text(encoding="utf-8"), max_seq_len)
+
+    def encode(self, texts: list[str]) -> Encoded:
+        """Tokenize a batch. Texts must be non-empty strings (the producer quarantines others)."""
+        encs = self._tok.encode_batch(texts, add_special_tokens=True)
+        full = np.fromiter((len(e.ids) for e in encs), dtype=np.int32, count=len(encs))
+        lengths = np.minimum(full, self.max_seq_len).astype(np.int32)
+        ids = np.empty(int(lengths.sum()), dtype=np.int32)
+        pos = 0
+        for e, n, f in zip(encs, lengths, full):
+            if n == f:
+                ids[pos:pos + n] = e.ids
+            else:  # keep [CLS] + the first n-2 word pieces + [SEP], as BERT truncation does
+                ids[pos:pos + n - 1] = e.ids[: n - 1]
+                ids[pos + n - 1] = self.sep_id
+            pos += n
+        return Encoded(ids, lengths, full > lengths, full)
+
+    def tokens(self, text: str) -> list[str]:
+        """Word pieces of one text, without specials (for debugging and tests)."""
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+
+def tokenizer_json_for(spec) -> str:  # spec: engine.checkpoint.TokenizerSpec
+    """The tokenizer.json text for a checkpoint's tokenizer spec (generated from vocab.txt when needed)."""
+    if spec.tokenizer_json:
+        text = Path(spec.tokenizer_json).read_text(encoding="utf-8")
+        json.loads(text)  # fail early on a damaged file
+        return text
+    if not spec.vocab_file:
+        raise CheckpointError("the checkpoint has no tokenizer.json and no vocab.txt")
+    return build_tokenizer_json(spec.vocab_file, spec.lowercase, spec.strip_accents, spec.tokenize_chinese_chars)
