@@ -68,6 +68,7 @@ class GraphSpec:
     normalize: bool
     fusions: Fusions = field(default_factory=Fusions)
     int8_linears: frozenset[str] = frozenset()  # names from linear_names(); empty = fp32
+    smooth: dict[str, np.ndarray] = field(default_factory=dict)  # int8: per-input-channel scale s (SmoothQuant)
 
 
 def linear_names(shape: BertShape) -> list[str]:
@@ -88,7 +89,7 @@ class _Graph:
         self._n = 0
 
     def const(self, name: str, arr: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        self.inits.append(numpy_helper.from_array(np.asarray(arr, order="C"), name))  # keeps 0-d scalars 0-d
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None,
@@ -104,10 +105,16 @@ class _Graph:
 
 
 def _linear(g: _Graph, x: str, w_out_in: np.ndarray, b: np.ndarray, name: str, int8: bool,
-            with_bias: bool = True) -> str:
-    """x @ W^T (+ b). int8: per-output-channel symmetric weights, dynamic per-tensor activations."""
+            with_bias: bool = True, smooth: np.ndarray | None = None) -> str:
+    """x @ W^T (+ b). int8: per-output-channel symmetric weights, dynamic per-tensor activations.
+
+    ``smooth`` (int8 only) moves activation outliers into the weights: x/s @ (s*W), exact in float.
+    """
     w = w_out_in.T.astype(np.float32)  # [in, out] for MatMul
     if int8:
+        if smooth is not None:
+            x = g.op1("Mul", [x, g.const(name + ".inv_s", (1.0 / smooth).astype(np.float32))])
+            w = w * smooth[:, None].astype(np.float32)
         scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0            # [out]
         q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
         inputs = [x, g.const(name + ".wq", q), g.const(name + ".scale", scale.astype(np.float32)),
@@ -206,25 +213,27 @@ def build_onnx(shape: BertShape, weights: dict[str, np.ndarray], spec: GraphSpec
             ctx = g.op1("Attention", [x, g.const(p + "qkv.w", wq.T.copy()), g.const(p + "qkv.b", bq), "lengths"],
                         domain=MS, num_heads=s.num_heads, name=p + "attention")
         else:
-            qkv = _linear(g, x, wq, bq, p + "attention.qkv", qkv_int8)
+            qkv = _linear(g, x, wq, bq, p + "attention.qkv", qkv_int8, smooth=spec.smooth.get(p + "attention.qkv"))
             ctx = _plain_attention(g, qkv, key_bias, s)
         o_int8 = (p + "attention.output.dense") in spec.int8_linears
         ob, og, obeta = (w[p + "attention.output.dense.bias"], w[p + "attention.output.LayerNorm.weight"],
                          w[p + "attention.output.LayerNorm.bias"])
         x = _residual_ln(g, ctx, x, w[p + "attention.output.dense.weight"], ob, og, obeta, s.layer_norm_eps,
-                         p + "attention.output", o_int8, fu.skip_layernorm)
+                         p + "attention.output", o_int8, fu.skip_layernorm, spec.smooth.get(p + "attention.output.dense"))
         i_int8 = (p + "intermediate.dense") in spec.int8_linears
         if fu.bias_gelu and s.hidden_act == "gelu":
             h = _linear(g, x, w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"],
-                        p + "intermediate.dense", i_int8, with_bias=False)
+                        p + "intermediate.dense", i_int8, with_bias=False, smooth=spec.smooth.get(p + "intermediate.dense"))
             h = g.op1("BiasGelu", [h, g.const(p + "intermediate.dense.bgelu", w[p + "intermediate.dense.bias"])],
                       domain=MS)
         else:
             h = _gelu(g, _linear(g, x, w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"],
-                                 p + "intermediate.dense", i_int8), s.hidden_act)
+                                 p + "intermediate.dense", i_int8, smooth=spec.smooth.get(p + "intermediate.dense")),
+                      s.hidden_act)
         x = _residual_ln(g, h, x, w[p + "output.dense.weight"], w[p + "output.dense.bias"],
                          w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], s.layer_norm_eps,
-                         p + "output", (p + "output.dense") in spec.int8_linears, fu.skip_layernorm)
+                         p + "output", (p + "output.dense") in spec.int8_linears, fu.skip_layernorm,
+                         spec.smooth.get(p + "output.dense"))
     pooled = _pool(g, x, mask, spec.pooling, w)
     if spec.normalize:
         norm = g.op1("ReduceL2", [pooled, "c_axis_last"], keepdims=1)
@@ -244,14 +253,15 @@ def build_onnx(shape: BertShape, weights: dict[str, np.ndarray], spec: GraphSpec
 
 
 def _residual_ln(g: _Graph, inp: str, residual: str, w_out_in: np.ndarray, b: np.ndarray, gamma: np.ndarray,
-                 beta: np.ndarray, eps: float, name: str, int8: bool, fused: bool) -> str:
+                 beta: np.ndarray, eps: float, name: str, int8: bool, fused: bool,
+                 smooth: np.ndarray | None = None) -> str:
     """LayerNorm(inp @ W^T + b + residual), with SkipLayerNormalization when fused."""
     if fused:
-        y = _linear(g, inp, w_out_in, b, name + ".dense", int8, with_bias=False)
+        y = _linear(g, inp, w_out_in, b, name + ".dense", int8, with_bias=False, smooth=smooth)
         return g.op1("SkipLayerNormalization", [y, residual, g.const(name + ".ln.g", gamma),
                                                 g.const(name + ".ln.b", beta), g.const(name + ".ln.bias", b)],
                      domain=MS, epsilon=eps, name=name + ".skipln")
-    y = _linear(g, inp, w_out_in, b, name + ".dense", int8)
+    y = _linear(g, inp, w_out_in, b, name + ".dense", int8, smooth=smooth)
     return _layer_norm(g, g.op1("Add", [y, residual]), gamma, beta, eps, name + ".ln")
 
 

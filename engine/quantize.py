@@ -6,9 +6,12 @@ cosine of 0.86 to fp32 on all-MiniLM-L6-v2. Here instead:
 1. weights are quantized per output channel (symmetric int8), activations per tensor at run
    time (``DynamicQuantizeMatMul``); embeddings, attention softmax, LayerNorm, GELU, pooling
    and normalization always stay in float;
-2. each dense layer's sensitivity is measured alone on a calibration sample of real text
+2. activation outliers are moved into the weights (SmoothQuant): per input channel j,
+   ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` from the calibration sample's activations
+   (measured with the NumPy reference), and the layer computes ``(X / s) @ (s * W)``;
+3. each dense layer's sensitivity is measured alone on a calibration sample of real text
    (mean cosine loss vs the fp32 graph);
-3. the most sensitive layers are kept in float, the fewest needed for the sample's min
+4. the most sensitive layers are kept in float, the fewest needed for the sample's min
    cosine to reach ``target`` (binary search over that count).
 
 The plan (the int8 layer names) and the measured cosines are stored in the model metadata.
@@ -37,9 +40,40 @@ class Int8Plan:
     min_cosine: float
     mean_cosine: float
     n_calibration_texts: int
+    alpha: float
+    smooth: dict[str, np.ndarray]
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        """JSON-ready summary for the model metadata (the scales themselves live in the graph)."""
+        return {k: v for k, v in self.__dict__.items() if k != "smooth"}
+
+    def graph_spec(self, base: GraphSpec) -> GraphSpec:
+        return GraphSpec(base.pooling, base.normalize, base.fusions, frozenset(self.int8_linears), self.smooth)
+
+
+def smoothing_scales(shape: BertShape, weights: dict[str, np.ndarray], token_ids: np.ndarray,
+                     lengths: np.ndarray, alpha: float) -> dict[str, np.ndarray]:
+    """Per-input-channel SmoothQuant scales for every dense layer, from real activations."""
+    from engine.reference import ReferenceBert, pad_tokens
+
+    ref = ReferenceBert(shape, weights, "cls", False, int(lengths.max()), dtype=np.float32)
+    taps: dict[str, np.ndarray] = {}
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    for start in range(0, len(lengths), 32):
+        sl = slice(start, start + 32)
+        ids, mask = pad_tokens(token_ids[offsets[start]:offsets[min(start + 32, len(lengths))]], lengths[sl])
+        ref.hidden_states(ids, mask, taps)
+    scales = {}
+    for name, x_amax in taps.items():
+        if name.endswith("attention.qkv"):
+            p = name[: -len("qkv")] + "self."
+            w = np.concatenate([weights[p + n + ".weight"] for n in ("query", "key", "value")])  # [3H, H]
+        else:
+            w = weights[name + ".weight"]                                                       # [out, in]
+        w_amax = np.abs(w).max(axis=0)                                                         # [in]
+        s = np.power(np.maximum(x_amax, 1e-5), alpha) / np.power(np.maximum(w_amax, 1e-5), 1 - alpha)
+        scales[name] = np.clip(s, 1e-2, 1e2).astype(np.float32)
+    return scales
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -50,11 +84,12 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def calibrate_int8(shape: BertShape, weights: dict[str, np.ndarray], spec: GraphSpec, token_ids: np.ndarray,
                    lengths: np.ndarray, max_seq_len: int, target: float = 0.995, threads: int = 0,
-                   progress=None) -> Int8Plan:
+                   alpha: float = 0.5, progress=None) -> Int8Plan:
     """Find the int8 plan for these weights on the calibration sample (token_ids, lengths)."""
+    smooth = smoothing_scales(shape, weights, token_ids, lengths, alpha) if alpha > 0 else {}
 
     def run(int8: set[str]) -> np.ndarray:
-        s = GraphSpec(spec.pooling, spec.normalize, spec.fusions, frozenset(int8))
+        s = GraphSpec(spec.pooling, spec.normalize, spec.fusions, frozenset(int8), smooth)
         eng = OnnxEngine(build_onnx(shape, weights, s).SerializeToString(), shape.hidden_size, max_seq_len,
                          shape.vocab_size, "int8" if int8 else "fp32", threads=threads, token_budget=4096)
         return eng.embed(token_ids, lengths)
@@ -83,7 +118,8 @@ def calibrate_int8(shape: BertShape, weights: dict[str, np.ndarray], spec: Graph
             lo = mid + 1
     k = lo
     min_c, mean_c = cache.get(k) or quality(k)
-    plan = Int8Plan(sorted(by_sensitivity[k:]), sorted(by_sensitivity[:k]), min_c, mean_c, len(lengths))
+    plan = Int8Plan(sorted(by_sensitivity[k:]), sorted(by_sensitivity[:k]), min_c, mean_c, len(lengths), alpha,
+                    smooth)
     logger.info("int8 plan: %d of %d dense layers in int8, calibration min cosine %.5f",
                 len(plan.int8_linears), len(names), min_c)
     return plan

@@ -67,8 +67,13 @@ class ReferenceBert:
         self.dim = shape.hidden_size
         self.precision = "fp64" if dtype == np.float64 else "fp32"
 
-    def hidden_states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """ids [B, S], mask [B, S] -> last hidden state [B, S, H]."""
+    def hidden_states(self, ids: np.ndarray, mask: np.ndarray, taps: dict[str, np.ndarray] | None = None
+                      ) -> np.ndarray:
+        """ids [B, S], mask [B, S] -> last hidden state [B, S, H].
+
+        ``taps``, when given, collects the per-channel max |input| of every dense layer over real
+        (unpadded) tokens, keyed as ``engine.onnx_build.linear_names`` (int8 calibration uses it).
+        """
         s, w = self.shape, self.w
         B, S = ids.shape
         nh, hd = s.num_heads, s.head_dim
@@ -78,23 +83,26 @@ class ReferenceBert:
         x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], s.layer_norm_eps)
         key_bias = np.where(mask, 0.0, -1e30).astype(self.dtype)[:, None, None, :]  # [B, 1, 1, S]
 
-        def linear(t: np.ndarray, name: str) -> np.ndarray:
+        def linear(t: np.ndarray, name: str, tap: str | None = None) -> np.ndarray:
+            if taps is not None and tap is not None:
+                amax = np.abs(t[mask]).max(axis=0)                                     # [in]
+                taps[tap] = np.maximum(taps.get(tap, amax), amax)
             return t @ w[name + ".weight"].T + w[name + ".bias"]
 
         for i in range(s.num_layers):
             p = f"encoder.layer.{i}."
-            q, k, v = (linear(x, p + f"attention.self.{n}").reshape(B, S, nh, hd).transpose(0, 2, 1, 3)
+            q, k, v = (linear(x, p + f"attention.self.{n}", p + "attention.qkv").reshape(B, S, nh, hd).transpose(0, 2, 1, 3)
                        for n in ("query", "key", "value"))                          # each [B, nh, S, hd]
             scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd) + key_bias           # [B, nh, S, S]
             scores = scores - scores.max(-1, keepdims=True)
             probs = np.exp(scores)
             probs /= probs.sum(-1, keepdims=True)
             ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(B, S, s.hidden_size)      # [B, S, H]
-            x = _layer_norm(linear(ctx, p + "attention.output.dense") + x,
+            x = _layer_norm(linear(ctx, p + "attention.output.dense", p + "attention.output.dense") + x,
                             w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"],
                             s.layer_norm_eps)
-            h = _gelu(linear(x, p + "intermediate.dense"), s.hidden_act)             # [B, S, I]
-            x = _layer_norm(linear(h, p + "output.dense") + x,
+            h = _gelu(linear(x, p + "intermediate.dense", p + "intermediate.dense"), s.hidden_act)             # [B, S, I]
+            x = _layer_norm(linear(h, p + "output.dense", p + "output.dense") + x,
                             w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], s.layer_norm_eps)
         return x
 
@@ -115,7 +123,14 @@ class ReferenceBert:
             out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
         return out
 
-    def embed(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Packed tokens + lengths -> embeddings [B, H] (this engine's dtype)."""
-        ids, mask = pad_tokens(token_ids, lengths)
-        return self.pool(self.hidden_states(ids, mask), mask)
+    def embed(self, token_ids: np.ndarray, lengths: np.ndarray, token_budget: int = 4096) -> np.ndarray:
+        """Packed tokens + lengths -> embeddings [B, H] (this engine's dtype), in length-sorted sub-batches."""
+        from engine.base import length_batches, split_packed
+
+        lengths = np.asarray(lengths)
+        docs = split_packed(np.asarray(token_ids), lengths)
+        out = np.empty((len(lengths), self.dim), dtype=self.dtype)
+        for idx in length_batches(lengths, token_budget, 64):
+            ids, mask = pad_tokens(np.concatenate([docs[i] for i in idx]), lengths[idx])
+            out[idx] = self.pool(self.hidden_states(ids, mask), mask)
+        return out

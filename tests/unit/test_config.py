@@ -1,0 +1,68 @@
+"""The config object, env vars and CLI flags: precedence, validation, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.cli import _config_from_args, build_parser
+from pipeline.config import EngineSpec, FbasConfig, apply_env, fingerprint
+from pipeline.envs import env_name, read_env
+from pipeline.errors import ConfigError
+
+
+def test_env_var_sets_field_and_flag_wins(monkeypatch):
+    monkeypatch.setenv("FBAS_MAX_SEQ_LEN", "128")
+    monkeypatch.setenv("FBAS_PRECISION", "int8")
+    ns = build_parser().parse_args(["build", "--out", "x"])
+    cfg = _config_from_args(ns)
+    assert cfg.engine.max_seq_len == 128 and cfg.engine.precision == "int8"
+    ns = build_parser().parse_args(["build", "--out", "x", "--max-seq-len", "64"])
+    assert _config_from_args(ns).engine.max_seq_len == 64
+
+
+def test_bad_env_value_names_the_field():
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        apply_env(FbasConfig(), {"max_seq_len": "lots"})
+    with pytest.raises(ConfigError, match="not one of"):
+        apply_env(FbasConfig(), {"pooling": "average"})
+
+
+def test_cross_field_validation_says_the_fix():
+    cfg = FbasConfig()
+    cfg.queue.visibility_timeout = 10
+    cfg.queue.task_time_limit = 60
+    with pytest.raises(ConfigError, match="increase --visibility-timeout"):
+        cfg.validate()
+    cfg = FbasConfig(engine=EngineSpec(precision="fp16"))
+    with pytest.raises(ConfigError, match="--target gpu"):
+        cfg.validate()
+
+
+def test_env_names_and_reader():
+    assert env_name("max_seq_len") == "FBAS_MAX_SEQ_LEN"
+    assert read_env({"FBAS_POOLING": "cls", "OTHER": "1", "FBAS_EMPTY": ""}) == {"pooling": "cls"}
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a = fingerprint({"x": 1, "y": [1, 2]})
+    assert a == fingerprint({"y": [1, 2], "x": 1})
+    assert a != fingerprint({"x": 2, "y": [1, 2]})
+
+
+def test_help_is_fast_and_documents_defaults():
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "build", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    elapsed = time.perf_counter() - t0
+    assert "--precision" in out and "default: fp32" in out and "FBAS_PRECISION" in out
+    # --help must not import the heavy runtimes (onnxruntime, torch); a generous bound, not a benchmark
+    assert elapsed < 10
+    mods = subprocess.run([sys.executable, "-c", "import sys, pipeline.cli as c; c.build_parser(); "
+                           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+                           "('onnxruntime','torch','onnx','tritonclient','celery')))"],
+                          capture_output=True, text=True, check=True).stdout
+    assert mods.strip() == "[]"

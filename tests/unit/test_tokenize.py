@@ -1,0 +1,71 @@
+"""Tokenization: exactly Google BERT's (transformers' slow BertTokenizer), Chinese included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workers.tokenize import Tokenizer, build_tokenizer_json, tokenizer_json_for
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def _slow(vocab: str, lowercase: bool = True):
+    transformers = pytest.importorskip("transformers", reason="transformers (test extra) is the tokenizer oracle")
+    return transformers.BertTokenizer(vocab, do_lower_case=lowercase, tokenize_chinese_chars=True)
+
+
+def _zh_sentences(shared_data: Path) -> list[str]:
+    from tests.conftest import read_cnsd, read_stsb_multi
+
+    texts: list[str] = []
+    for split in ("test", "dev"):
+        for a, b, _ in read_stsb_multi(shared_data / "stsb_multi_mt" / f"stsb-zh-{split}.csv"):
+            texts += [a, b]
+    for name in ("STS-B.test.data", "STS-B.valid.data"):
+        for a, b, _ in read_cnsd(shared_data / "stsb_zh_cnsd" / name):
+            texts += [a, b]
+    return texts
+
+
+@pytest.mark.parametrize("source", ["tokenizer.json", "vocab.txt"])
+def test_chinese_matches_google_bert(default_checkpoint, shared_data, source):
+    spec = default_checkpoint.tokenizer
+    if source == "tokenizer.json":
+        tok_json = tokenizer_json_for(spec)
+    else:  # what a Google TF folder (vocab.txt only) gets
+        tok_json = build_tokenizer_json(spec.vocab_file, lowercase=True, strip_accents=None)
+    ours = Tokenizer(tok_json, max_seq_len=10_000)
+    slow = _slow(spec.vocab_file)
+    texts = _zh_sentences(shared_data)
+    assert len(texts) > 10_000
+    enc = ours.encode(texts)
+    ids = np.split(enc.token_ids, np.cumsum(enc.lengths)[:-1])
+    mismatches = [t for t, got in zip(texts, ids) if got.tolist() != slow.encode(t)]
+    assert not mismatches, f"{len(mismatches)} texts tokenize differently, e.g. {mismatches[:3]}"
+
+
+def test_tf_fixture_vocab_matches_google_bert():
+    vocab = str(FIXTURES / "tf_bert_tiny" / "vocab.txt")
+    ours = Tokenizer(build_tokenizer_json(vocab, True, None), 64)
+    slow = _slow(vocab)
+    for text in ["我是中国人", "他不在上海。", "Hello, 世界! 2026年", "ÉCOLE naïve", "a\u200bb\x00c"]:
+        enc = ours.encode([text])
+        assert enc.token_ids.tolist() == slow.encode(text), text
+
+
+def test_truncation_is_recorded(default_checkpoint):
+    tok = Tokenizer(tokenizer_json_for(default_checkpoint.tokenizer), max_seq_len=16)
+    enc = tok.encode(["short text", "word " * 100])
+    assert enc.lengths.tolist() == [4, 16]
+    assert enc.truncated.tolist() == [False, True]
+    assert enc.n_tokens_full[1] == 102
+    last = enc.token_ids[enc.lengths[0]:]
+    assert last[0] == tok.cls_id and last[-1] == tok.sep_id
+
+
+def test_lowercase_and_accents_follow_the_config(default_checkpoint):
+    tok = Tokenizer(tokenizer_json_for(default_checkpoint.tokenizer), 32)
+    assert tok.tokens("HÉLLO") == tok.tokens("hello")
