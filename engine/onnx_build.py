@@ -214,7 +214,13 @@ def build_onnx(shape: BertShape, weights: dict[str, np.ndarray], spec: GraphSpec
                         domain=MS, num_heads=s.num_heads, name=p + "attention")
         else:
             qkv = _linear(g, x, wq, bq, p + "attention.qkv", qkv_int8, smooth=spec.smooth.get(p + "attention.qkv"))
-            ctx = _plain_attention(g, qkv, key_bias, s)
+            if fu.attention:  # int8 projection, then ORT's fused attention core on the float Q, K, V
+                q, k, v = g.op("Split", [qkv, g.const(p + "qkv.split", np.array([H, H, H], np.int64))], n_out=3,
+                               axis=-1)
+                ctx = g.op1("MultiHeadAttention", [q, k, v, "", "lengths"], domain=MS, num_heads=s.num_heads,
+                            name=p + "attention")
+            else:
+                ctx = _plain_attention(g, qkv, key_bias, s)
         o_int8 = (p + "attention.output.dense") in spec.int8_linears
         ob, og, obeta = (w[p + "attention.output.dense.bias"], w[p + "attention.output.LayerNorm.weight"],
                          w[p + "attention.output.LayerNorm.bias"])

@@ -85,7 +85,8 @@ class ReferenceBert:
 
         def linear(t: np.ndarray, name: str, tap: str | None = None) -> np.ndarray:
             if taps is not None and tap is not None:
-                amax = np.abs(t[mask]).max(axis=0)                                     # [in]
+                rows = t[mask]                                                         # [real tokens, in]
+                amax = np.abs(rows).max(axis=0)                                        # [in]
                 taps[tap] = np.maximum(taps.get(tap, amax), amax)
             return t @ w[name + ".weight"].T + w[name + ".bias"]
 
