@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: min cosine to fp32 the calibration sample must reach; more sensitive layers stay "
                         "in float until it does")
     _add_section_flags(p, cfg, "runtime", skip=("token_budget", "max_batch_size"))
+    p.add_argument("--model-repository", dest="serve.model_repository", default=argparse.SUPPRESS,
+                   help="also write the Triton model repository entry (config.pbtxt + model.py) here "
+                        f"(env {env_name('model_repository')}; default: none)")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("embed", help="embed texts in-process with a built model folder (no server)",
@@ -143,6 +146,11 @@ def _cmd_build(args: argparse.Namespace, cfg: FbasConfig) -> int:
     meta = read_meta(out)
     print(f"built {meta.name} -> {out} (target {meta.target}, {meta.precision}, dim {meta.dim}, pooling "
           f"{meta.pooling}, normalize {meta.normalize}, max_seq_len {meta.max_seq_len}, fingerprint {meta.fingerprint})")
+    if "serve.model_repository" in vars(args):
+        from pipeline.serve import write_model_repository
+
+        entry = write_model_repository(out, cfg.serve.model_repository, cfg)
+        print(f"wrote the Triton model repository entry {entry}")
     return 0
 
 

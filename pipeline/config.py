@@ -73,6 +73,15 @@ class ServeConfig:
     triton: str = _f("127.0.0.1:8001", "host:port of Triton's gRPC endpoint, for clients and workers")
     model_name: str = _f("fbas_encoder", "name of the model in the Triton repository")
     ready_timeout: float = _f(300.0, "seconds to wait for Triton and the model to become ready")
+    tritonserver: str | None = _f(None, "tritonserver binary; default: the one `make setup` unpacks into "
+                                        ".venv/triton, else tritonserver on PATH")
+    output_dtype: str = _f("fp32", "dtype of the embeddings Triton returns", choices=("fp32", "fp16"))
+    max_batch_requests: int = _f(16, "most requests Triton's dynamic batcher merges into one execution")
+    max_queue_delay_us: int = _f(2000, "microseconds a request may wait for others to batch with")
+    instance_count: int = _f(1, "model instances (each runs the engine; CPU instances share the cores)")
+    max_docs_per_request: int = _f(1024, "most documents in one request; larger requests are refused/split")
+    max_tokens_per_request: int = _f(262144, "most tokens in one request; larger requests are refused/split")
+    shared_memory: bool = _f(False, "pass tensors through system shared memory (client on Triton's host only)")
 
 
 @dataclass

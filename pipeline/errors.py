@@ -5,7 +5,11 @@
     │   ├── ConfigError             a flag, env var or config value is wrong
     │   ├── CheckpointError         a model folder is missing files, has wrong shapes or names
     │   ├── InputError              a corpus or query file is unusable (column, type, ids)
-    │   └── InvalidRequestError     the inference server rejected a request as invalid
+    │   ├── InvalidRequestError     the inference server rejected a request as invalid
+    │   │   ├── BadRowsError        ... naming the rows at fault (workers/triton_client.py)
+    │   │   └── RequestTooLargeError ... because it is too big: split it (workers/triton_client.py)
+    │   ├── ResponseFormatError     a server response is not what the contract says (workers/triton_wire.py)
+    │   └── ServerExitedError       a server we started exited (pipeline/serve.py)
     └── TransientError              may succeed if retried with backoff (bounded)
         └── ServerUnavailableError  the inference server or broker is not reachable/ready
 

@@ -1,0 +1,181 @@
+"""Triton Python-backend model: a built fbas engine behind Triton's dynamic batcher.
+
+Copied by ``pipeline.serve.write_model_repository`` into ``REPO/<model>/1/model.py`` next to
+the built model folder ``REPO/<model>/1/engine/`` (see ``model_repository/README.md``).
+
+Wire contract (one request = one group of documents, no padding anywhere):
+
+    token_ids  INT32 [1, T]     every document's ids back to back, [CLS] ... [SEP]
+    lengths    INT32 [1, B]     tokens per document, sum(lengths) == T
+    embedding  FP32|FP16 [1, B, dim]   one pooled (optionally normalized) row per document
+
+Both inputs are ragged (``allow_ragged_batch``), so requests with different T and B are
+batched together; Triton's batch dimension counts requests. ``execute`` validates every
+request on its own, concatenates the valid ones, runs the engine once, and splits the rows
+back per request. A bad request gets its own ``INVALID_ARG`` error, never failing the others.
+Error messages carry a machine-readable tag that ``workers.triton_client`` reads:
+
+    [fbas:oversize]          the request exceeds max_docs_per_request / max_tokens_per_request
+    [fbas:bad_rows=3,17]     those document rows are invalid (length, token id range)
+    [fbas:bad_request]       the request as a whole is malformed (shapes, sum of lengths)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+OUTPUT_NAME = "embedding"
+_NP_OUT = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
+
+
+class RequestRejected(Exception):
+    """A request is invalid; ``str(self)`` is the message sent back (starts with its tag)."""
+
+
+def as_numpy(tensor) -> np.ndarray:
+    """A ``pb_utils.Tensor`` as a NumPy array, through DLPack (no copy).
+
+    Not ``Tensor.as_numpy()``: the stub's pybind11 was built for NumPy 1.x and, under NumPy 2,
+    reads the dtype's item size from the wrong place, so ``as_numpy()`` returns an array with
+    zero strides (every element equal to the first). DLPack does not go through that code.
+    """
+    return np.from_dlpack(tensor)
+
+
+def output_tensor(name: str, array: np.ndarray):
+    """A ``pb_utils.Tensor`` from a contiguous array, through DLPack (see ``as_numpy`` for why)."""
+    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
+
+
+def _param(config: dict, key: str, default: str) -> str:
+    return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+def check_request(token_ids: np.ndarray, lengths: np.ndarray, limits: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Validate one request's inputs; return them flattened (1-D int32) or raise ``RequestRejected``.
+
+    ``limits``: max_docs, max_tokens, max_seq_len, vocab_size (documents, tokens, tokens, ids).
+    """
+    if token_ids.ndim != 2 or lengths.ndim != 2 or token_ids.shape[0] != 1 or lengths.shape[0] != 1:
+        raise RequestRejected(f"[fbas:bad_request] token_ids and lengths must have shape [1, n] "
+                              f"(got {list(token_ids.shape)} and {list(lengths.shape)})")
+    ids, lens = token_ids[0], lengths[0]
+    n_docs, n_tok = lens.size, ids.size
+    if n_docs == 0:
+        raise RequestRejected("[fbas:bad_request] the request has no documents (lengths is empty)")
+    if n_docs > limits["max_docs"] or n_tok > limits["max_tokens"]:
+        raise RequestRejected(f"[fbas:oversize] {n_docs} documents / {n_tok} tokens exceed this model's limits of "
+                              f"{limits['max_docs']} documents / {limits['max_tokens']} tokens per request: "
+                              "split the request")
+    bad_len = np.flatnonzero((lens < 1) | (lens > limits["max_seq_len"]))
+    if bad_len.size:
+        rows = ",".join(map(str, bad_len[:64].tolist()))
+        raise RequestRejected(f"[fbas:bad_rows={rows}] document lengths must be in 1..{limits['max_seq_len']} "
+                              f"tokens (truncate before sending)")
+    total = int(lens.sum(dtype=np.int64))
+    if total != n_tok:
+        raise RequestRejected(f"[fbas:bad_request] sum(lengths)={total} does not match the {n_tok} token ids")
+    bad_tok = (ids < 0) | (ids >= limits["vocab_size"])
+    if bad_tok.any():
+        doc_of_token = np.repeat(np.arange(n_docs), lens)
+        rows = ",".join(map(str, np.unique(doc_of_token[bad_tok])[:64].tolist()))
+        raise RequestRejected(f"[fbas:bad_rows={rows}] token ids must be in 0..{limits['vocab_size'] - 1}")
+    return ids, lens
+
+
+class TritonPythonModel:
+    """One instance per Triton model instance (``instance_group``); loads the engine once."""
+
+    def initialize(self, args: dict) -> None:
+        from engine.model_dir import load_engine, read_meta
+
+        self.logger = pb_utils.Logger
+        config = json.loads(args["model_config"])
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        engine_dir = version_dir / _param(config, "engine_dir", "engine")
+        meta = read_meta(engine_dir)
+        out_cfg = pb_utils.get_output_config_by_name(config, OUTPUT_NAME)
+        if out_cfg is None or out_cfg["data_type"] not in _NP_OUT:
+            raise pb_utils.TritonModelException(f"config.pbtxt must declare output '{OUTPUT_NAME}' as TYPE_FP32 "
+                                                f"or TYPE_FP16")
+        self.out_dtype = _NP_OUT[out_cfg["data_type"]]
+        self.dim = meta.dim
+        self.limits = {
+            "max_docs": int(_param(config, "max_docs_per_request", "1024")),
+            "max_tokens": int(_param(config, "max_tokens_per_request", "262144")),
+            "max_seq_len": meta.max_seq_len,
+            "vocab_size": meta.vocab_size,
+        }
+        device = None
+        if args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args.get('model_instance_device_id', '0')}"
+        threads = int(_param(config, "threads", "0"))
+        t0 = time.perf_counter()
+        self.engine = load_engine(engine_dir, threads=threads, device=device,
+                                  token_budget=int(_param(config, "token_budget", "8192")))
+        if getattr(self.engine, "dim", meta.dim) != meta.dim:
+            raise pb_utils.TritonModelException(f"engine dim {self.engine.dim} != fbas_model.json dim {meta.dim}")
+        self._warmup(meta)
+        self.logger.log_info(f"fbas: loaded {meta.name} ({meta.target}/{meta.precision}, dim {meta.dim}, "
+                             f"fingerprint {meta.fingerprint}) from {engine_dir} on {device or 'cpu'} in "
+                             f"{time.perf_counter() - t0:.2f}s, pid {os.getpid()}")
+
+    def _warmup(self, meta) -> None:
+        """Run a few documents of different lengths so the first real request is not slow."""
+        lengths = np.array([3, 17, min(64, meta.max_seq_len), min(128, meta.max_seq_len)], dtype=np.int32)
+        rng = np.random.default_rng(0)
+        ids = rng.integers(1000, min(meta.vocab_size, 2000), size=int(lengths.sum()), dtype=np.int32)
+        out = self.engine.embed(ids, lengths)
+        if out.shape != (len(lengths), meta.dim) or not np.isfinite(out).all():
+            raise pb_utils.TritonModelException(f"warmup produced {out.shape} / non-finite values: engine is broken")
+
+    def execute(self, requests: list) -> list:
+        """Validate each request, run the valid ones as one engine call, answer each request once."""
+        responses: list = [None] * len(requests)
+        good: list[tuple[int, np.ndarray, np.ndarray]] = []
+        for i, request in enumerate(requests):
+            try:
+                ids = pb_utils.get_input_tensor_by_name(request, "token_ids")
+                lens = pb_utils.get_input_tensor_by_name(request, "lengths")
+                if ids is None or lens is None:
+                    raise RequestRejected("[fbas:bad_request] inputs 'token_ids' and 'lengths' are both required")
+                good.append((i, *check_request(as_numpy(ids), as_numpy(lens), self.limits)))
+            except RequestRejected as e:
+                responses[i] = self._error(str(e), pb_utils.TritonError.INVALID_ARG)
+        if good:
+            try:
+                rows = self.engine.embed(np.concatenate([g[1] for g in good]), np.concatenate([g[2] for g in good]))
+                start = 0
+                for i, _, lens in good:
+                    responses[i] = self._ok(rows[start:start + lens.size])
+                    start += lens.size
+            except Exception as e:  # noqa: BLE001 - process boundary: isolate the failing request below
+                self.logger.log_warn(f"fbas: batch of {len(good)} requests failed ({e!r}); retrying one by one")
+                for i, ids, lens in good:
+                    responses[i] = self._one(ids, lens)
+        return responses
+
+    def _one(self, ids: np.ndarray, lens: np.ndarray):
+        try:
+            return self._ok(self.engine.embed(ids, lens))
+        except ValueError as e:
+            return self._error(f"[fbas:bad_request] {e}", pb_utils.TritonError.INVALID_ARG)
+        except Exception as e:  # noqa: BLE001 - process boundary: one error per request, never a crashed batch
+            return self._error(f"engine failed: {e!r}", pb_utils.TritonError.INTERNAL)
+
+    def _ok(self, rows: np.ndarray):
+        out = np.ascontiguousarray(rows, dtype=self.out_dtype).reshape(1, rows.shape[0], self.dim)
+        return pb_utils.InferenceResponse(output_tensors=[output_tensor(OUTPUT_NAME, out)])
+
+    @staticmethod
+    def _error(message: str, code):
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+    def finalize(self) -> None:
+        self.engine = None

@@ -1,0 +1,509 @@
+"""Triton Inference Server for a built engine: the repository entry and the server process.
+
+    write_model_repository(model_dir, repo_dir, cfg)  built model folder -> REPO/<model>/{config.pbtxt, 1/}
+    find_tritonserver(explicit)                       where the tritonserver binary and its backends are
+    TritonProcess(...)                                start/stop tritonserver as a child process, poll readiness
+    run_serve(cfg)                                    `fbas-pipeline serve`: run until Ctrl-C / SIGTERM
+    register_commands(sub, cfg, add_section_flags)    adds `serve` to the CLI (pipeline/cli.py calls it)
+
+The binary is the one the ``nvidia-pytriton`` wheel ships (unpacked by
+``deploy/install_triton.sh`` into ``.venv/triton/``, without the package's ``numpy<2`` pin).
+It runs the Python backend on CPU; the stub imports numpy, onnxruntime and this repository
+from the environment of the ``python`` first on ``PATH``, so the child environment puts this
+interpreter's folder first and the repository root on ``PYTHONPATH``.
+
+Local mode listens on loopback only, with model control mode ``none`` (no load/unload API).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any, TextIO
+
+from engine.model_dir import META_FILE, read_meta
+from pipeline.errors import ConfigError, PermanentError, ServerUnavailableError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelEntryOptions", "write_model_repository", "TritonPaths", "find_tritonserver", "free_port",
+           "TritonProcess", "ServerExitedError", "run_serve", "register_commands", "sweep_stale_shm_regions"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE_DIR = REPO_ROOT / "model_repository"
+VERSION = "1"
+_TRITON_TYPES = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16"}
+
+
+class ServerExitedError(PermanentError):
+    """tritonserver exited on its own (bad repository, model failed to load, port taken)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# the repository entry
+
+
+@dataclass
+class ModelEntryOptions:
+    """How Triton serves the engine (config.pbtxt); none of these change the numbers beyond FP16 rounding."""
+
+    model_name: str = "fbas_encoder"
+    output_dtype: str = "fp32"          # fp32 | fp16: dtype of the embedding on the wire
+    max_batch_requests: int = 16        # Triton max_batch_size: requests merged into one execution
+    max_queue_delay_us: int = 2000      # microseconds the batcher waits to grow a batch
+    instance_count: int = 1             # model instances (engine copies) per device
+    instance_kind: str = ""             # KIND_CPU | KIND_GPU; "" = from the engine's target
+    threads: int = 0                    # engine threads per instance; 0 = all cores
+    token_budget: int = 8192            # engine's padded tokens per internal sub-batch
+    max_docs_per_request: int = 1024    # documents per request; more is rejected as [fbas:oversize]
+    max_tokens_per_request: int = 262144  # tokens per request (1 MiB of int32)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ModelEntryOptions:
+        """From an ``FbasConfig``; ServeConfig fields that do not exist (yet) keep their defaults here."""
+        opts = cls()
+        if cfg is None:
+            return opts
+        serve, runtime = cfg.serve, cfg.runtime
+        for name in ("model_name", "output_dtype", "max_batch_requests", "max_queue_delay_us", "instance_count",
+                     "instance_kind", "max_docs_per_request", "max_tokens_per_request"):
+            if hasattr(serve, name):
+                setattr(opts, name, getattr(serve, name))
+        opts.threads, opts.token_budget = runtime.threads, runtime.token_budget
+        return opts
+
+    def validate(self) -> ModelEntryOptions:
+        if self.output_dtype not in _TRITON_TYPES:
+            raise ConfigError(f"output_dtype {self.output_dtype!r} is not fp32 or fp16")
+        if self.max_batch_requests < 1 or self.instance_count < 1:
+            raise ConfigError("max_batch_requests and instance_count must be >= 1")
+        if self.max_docs_per_request < 1 or self.max_tokens_per_request < 16:
+            raise ConfigError("max_docs_per_request must be >= 1 and max_tokens_per_request >= 16")
+        if self.max_tokens_per_request * 4 > 1 << 30:
+            raise ConfigError("max_tokens_per_request above 2**28 would exceed gRPC's message size: lower it")
+        if self.instance_kind not in ("", "KIND_CPU", "KIND_GPU"):
+            raise ConfigError(f"instance_kind {self.instance_kind!r} is not KIND_CPU or KIND_GPU")
+        return self
+
+
+def preferred_batch_sizes(max_batch: int) -> list[int]:
+    """Powers of two from 2 up to ``max_batch`` (and ``max_batch`` itself): batches the batcher sends at once."""
+    sizes = [s for s in (2 ** k for k in range(1, 16)) if s < max_batch] + [max_batch]
+    return sizes[-4:]
+
+
+def render_config(model_dir: str | Path, options: ModelEntryOptions) -> str:
+    """The config.pbtxt text for the built model folder ``model_dir``."""
+    meta = read_meta(model_dir)
+    opts = options.validate()
+    kind = opts.instance_kind or ("KIND_GPU" if meta.target in ("gpu", "tensorrt") else "KIND_CPU")
+    template = Template((TEMPLATE_DIR / "config.pbtxt.template").read_text(encoding="utf-8"))
+    return template.substitute(
+        source_name=meta.name, fingerprint=meta.fingerprint, model_name=opts.model_name,
+        max_batch_requests=opts.max_batch_requests, output_type=_TRITON_TYPES[opts.output_dtype], dim=meta.dim,
+        preferred_batch_sizes=", ".join(map(str, preferred_batch_sizes(opts.max_batch_requests))),
+        max_queue_delay_us=opts.max_queue_delay_us, instance_count=opts.instance_count, instance_kind=kind,
+        threads=opts.threads, token_budget=opts.token_budget, max_docs_per_request=opts.max_docs_per_request,
+        max_tokens_per_request=opts.max_tokens_per_request, max_seq_len=meta.max_seq_len,
+        vocab_size=meta.vocab_size, precision=meta.precision)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_model_repository(model_dir: str | Path, repo_dir: str | Path, cfg: Any = None,
+                           options: ModelEntryOptions | None = None) -> Path:
+    """Write ``REPO/<model_name>/`` for the built model folder and return that entry's path.
+
+        REPO/<name>/config.pbtxt       rendered from model_repository/config.pbtxt.template
+        REPO/<name>/1/model.py         model_repository/model.py
+        REPO/<name>/1/engine/          the built folder (hard links where possible, else copies)
+
+    The entry is assembled next to the repository and renamed into place, so a running
+    Triton scanning REPO never sees half an entry. Other entries in REPO are left alone.
+    """
+    model_dir, repo_dir = Path(model_dir), Path(repo_dir)
+    opts = options or ModelEntryOptions.from_config(cfg)
+    config_text = render_config(model_dir, opts)  # reads + checks fbas_model.json first
+    meta = read_meta(model_dir)
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    entry = repo_dir / opts.model_name
+    if entry.exists() and not (entry / "config.pbtxt").exists():
+        raise ConfigError(f"{entry} exists and is not a Triton model entry: refusing to replace it")
+    tmp = repo_dir.parent / f".{repo_dir.name}.{opts.model_name}.writing"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / VERSION / "engine").mkdir(parents=True)
+    for name in (META_FILE, meta.engine_file, "tokenizer.json"):
+        _link_or_copy(model_dir / name, tmp / VERSION / "engine" / name)
+    shutil.copy2(TEMPLATE_DIR / "model.py", tmp / VERSION / "model.py")
+    (tmp / "config.pbtxt").write_text(config_text, encoding="utf-8")
+    if entry.exists():
+        old = repo_dir.parent / f".{repo_dir.name}.{opts.model_name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(entry, old)
+        os.replace(tmp, entry)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, entry)
+    logger.info("wrote Triton model %s (%s, dim %d) to %s", opts.model_name, meta.name, meta.dim, entry)
+    return entry
+
+
+# --------------------------------------------------------------------------------------------------
+# the binary
+
+
+@dataclass(frozen=True)
+class TritonPaths:
+    """Where one tritonserver installation lives."""
+
+    binary: Path
+    backend_dir: Path
+    lib_dir: Path | None  # nvidia_pytriton.libs for the wheel's binary; None for a system install
+
+
+def _paths_for(binary: Path) -> TritonPaths:
+    root = binary.resolve().parent.parent  # .../tritonserver
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    return TritonPaths(binary, root / "backends", libs if libs.is_dir() else None)
+
+
+def find_tritonserver(explicit: str | None = None) -> TritonPaths:
+    """The tritonserver to run: ``explicit`` (config ``tritonserver`` / ``FBAS_TRITONSERVER``), else the one
+    ``deploy/install_triton.sh`` put next to this interpreter's venv or the repository's ``.venv``, else
+    ``tritonserver`` on ``PATH`` (an NGC container: backends in /opt/tritonserver/backends)."""
+    if explicit:
+        p = Path(explicit)
+        if not (p.is_file() and os.access(p, os.X_OK)):
+            raise ConfigError(f"tritonserver {explicit!r} (from --tritonserver / FBAS_TRITONSERVER) is not an "
+                              "executable file")
+        return _paths_for(p)
+    rel = Path("triton/pytriton/tritonserver/bin/tritonserver")
+    for venv in (Path(sys.prefix), REPO_ROOT / ".venv"):
+        if (venv / rel).is_file():
+            return _paths_for(venv / rel)
+    found = shutil.which("tritonserver")
+    if found:
+        paths = _paths_for(Path(found))
+        if not paths.backend_dir.is_dir() and Path("/opt/tritonserver/backends").is_dir():
+            paths = TritonPaths(Path(found), Path("/opt/tritonserver/backends"), None)
+        return paths
+    raise ConfigError("tritonserver not found: run `bash deploy/install_triton.sh .venv` (or `make setup`), "
+                      "or point FBAS_TRITONSERVER at the binary")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# the process
+
+
+class TritonProcess:
+    """tritonserver as a child process: ``with TritonProcess(repo) as t: ... t.grpc_url ...``.
+
+    Ports given as 0 are picked free on first start and kept across ``restart()``. The
+    server's output is kept (last ``tail_lines`` lines) for error messages, and echoed to
+    ``echo`` and/or appended to ``log_file`` when given.
+    """
+
+    def __init__(self, repo_dir: str | Path, *, model_name: str = "fbas_encoder", host: str = "127.0.0.1",
+                 grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0, ready_timeout: float = 120.0,
+                 tritonserver: str | None = None, log_file: str | Path | None = None, echo: TextIO | None = None,
+                 exit_timeout: int = 5, tail_lines: int = 200) -> None:
+        self.repo_dir = Path(repo_dir).resolve()
+        self.model_name, self.host = model_name, host
+        self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.ready_timeout, self.exit_timeout = ready_timeout, exit_timeout
+        self.paths = find_tritonserver(tritonserver)
+        self.log_file, self.echo = (Path(log_file) if log_file else None), echo
+        self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self._proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+        # The Python backend's server<->stub shared-memory regions (/dev/shm/<prefix>*): named per
+        # process so that stop() can remove the ones tritonserver leaves behind (it does, even on SIGTERM).
+        self.shm_prefix = f"fbas_py_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+
+    @classmethod
+    def from_config(cls, cfg: Any, **kw: Any) -> TritonProcess:
+        s = cfg.serve
+        return cls(s.model_repository, model_name=s.model_name, host=s.host, grpc_port=s.grpc_port,
+                   http_port=s.http_port, metrics_port=s.metrics_port, ready_timeout=s.ready_timeout,
+                   tritonserver=getattr(s, "tritonserver", None), **kw)
+
+    # -- addresses
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.ports['http']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.ports['metrics']}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(list(self._tail)[-n:])
+
+    # -- lifecycle
+    def command(self) -> list[str]:
+        p = self.ports
+        return [str(self.paths.binary), "--model-repository", str(self.repo_dir),
+                "--backend-directory", str(self.paths.backend_dir), "--model-control-mode", "none",
+                "--http-address", self.host, "--http-port", str(p["http"]),
+                "--grpc-address", self.host, "--grpc-port", str(p["grpc"]),
+                "--metrics-address", self.host, "--metrics-port", str(p["metrics"]),
+                "--allow-gpu-metrics", "false", "--pinned-memory-pool-byte-size", "0",
+                "--strict-readiness", "true", "--disable-auto-complete-config",
+                "--exit-timeout-secs", str(self.exit_timeout), "--log-verbose", "0",
+                "--backend-config", "python,shm-default-byte-size=16777216",
+                "--backend-config", "python,shm-growth-byte-size=16777216",
+                "--backend-config", f"python,shm-region-prefix-name={self.shm_prefix}"]
+
+    def environment(self) -> dict[str, str]:
+        """The child's environment: this interpreter first on PATH, the repo on PYTHONPATH, the wheel's libs."""
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(x for x in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if x)
+        if self.paths.lib_dir:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                x for x in [str(self.paths.lib_dir), env.get("LD_LIBRARY_PATH", "")] if x)
+        env.setdefault("OMP_NUM_THREADS", "1")  # ORT sizes its own pool; keep stray OpenMP pools small
+        return env
+
+    def start(self) -> TritonProcess:
+        """Start the server (on the same ports as before, after a stop) and wait until the model is ready."""
+        if self._proc and self._proc.poll() is None:
+            raise RuntimeError("tritonserver is already running")
+        if not self.repo_dir.is_dir():
+            raise ConfigError(f"model repository {self.repo_dir} does not exist: write it with `fbas-pipeline build`")
+        for k, v in self.ports.items():
+            if not v:
+                self.ports[k] = free_port(self.host)
+        self._tail.clear()
+        sweep_stale_shm_regions()
+        logger.info("starting tritonserver: gRPC %s, HTTP %s, repository %s", self.grpc_url, self.http_url,
+                    self.repo_dir)
+        self._proc = subprocess.Popen(self.command(), env=self.environment(), stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._pump, args=(self._proc,), name="tritonserver-log", daemon=True)
+        self._reader.start()
+        try:
+            self.wait_ready(self.ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        sink = open(self.log_file, "a", encoding="utf-8") if self.log_file else None  # noqa: SIM115
+        try:
+            for raw in proc.stdout:  # type: ignore[union-attr]
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                self._tail.append(line)
+                if sink:
+                    sink.write(line + "\n")
+                    sink.flush()
+                if self.echo:
+                    self.echo.write(line + "\n")
+        finally:
+            if sink:
+                sink.close()
+
+    def _http_ok(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=1.0) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def is_ready(self) -> bool:
+        """Server live and the model ready (HTTP health endpoints)."""
+        return self._http_ok("/v2/health/ready") and self._http_ok(f"/v2/models/{self.model_name}/ready")
+
+    def wait_ready(self, timeout: float) -> None:
+        """Poll readiness every 0.1 s; raise ``ServerExitedError`` with the log tail if the server dies."""
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self._proc.poll() if self._proc else -1
+            if code is not None:
+                self._join_reader()
+                raise ServerExitedError(f"Server exited unexpectedly (exit code {code}) while starting. "
+                                        f"Last lines of its log:\n{self.log_tail()}")
+            if self.is_ready():
+                logger.info("tritonserver ready (pid %d), model %s", self._proc.pid, self.model_name)
+                return
+            if time.monotonic() > deadline:
+                raise ServerUnavailableError(f"tritonserver not ready after {timeout:.0f}s (model "
+                                             f"{self.model_name!r}). Last lines of its log:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def _join_reader(self) -> None:
+        if self._reader:
+            self._reader.join(timeout=2.0)
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self._proc.pid, sig)  # the group we created: the server and its backend stubs
+        except ProcessLookupError:
+            pass
+
+    def stop(self, kill: bool = False) -> int | None:
+        """SIGTERM (in-flight requests finish within ``exit_timeout``), then SIGKILL; return the exit code."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            self._signal_group(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                proc.wait(timeout=self.exit_timeout + 10)
+            except subprocess.TimeoutExpired:
+                logger.warning("tritonserver did not exit within %ds of SIGTERM: killing it", self.exit_timeout + 10)
+                self._signal_group(signal.SIGKILL)
+                proc.wait(timeout=10)
+        self._signal_group(signal.SIGKILL)  # stray backend stubs, if any
+        self._join_reader()
+        self._proc = None
+        self._remove_shm_regions()
+        return proc.returncode
+
+    def _remove_shm_regions(self) -> None:
+        shm = Path("/dev/shm")
+        if shm.is_dir():
+            for region in shm.glob(self.shm_prefix + "*"):
+                region.unlink(missing_ok=True)
+
+
+    def restart(self, kill: bool = False) -> TritonProcess:
+        """Stop (gracefully, or ``kill=True`` for a crash) and start again on the same ports."""
+        self.stop(kill=kill)
+        return self.start()
+
+    def poll(self) -> int | None:
+        return self._proc.poll() if self._proc else -1
+
+    def __enter__(self) -> TritonProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def sweep_stale_shm_regions() -> list[str]:
+    """Remove Python-backend regions (/dev/shm/fbas_py_<pid>_*) left by owners that died without stopping
+    their server (e.g. killed with SIGKILL), when no live process maps them. Returns the names removed."""
+    shm = Path("/dev/shm")
+    stale = []
+    for region in shm.glob("fbas_py_*") if shm.is_dir() else []:
+        try:
+            owner = int(region.name.split("_")[2])
+        except (IndexError, ValueError):
+            continue
+        if not Path(f"/proc/{owner}").exists():
+            stale.append(region)
+    if not stale:
+        return []
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text(errors="replace")
+        except OSError:
+            continue
+        mapped.update(r.name for r in stale if r.name in text)
+    removed = []
+    for region in stale:
+        if region.name not in mapped:
+            region.unlink(missing_ok=True)
+            removed.append(region.name)
+    if removed:
+        logger.info("removed %d stale Triton Python-backend shared-memory regions from /dev/shm", len(removed))
+    return removed
+
+# --------------------------------------------------------------------------------------------------
+# `fbas-pipeline serve`
+
+
+def run_serve(cfg: Any) -> int:
+    """Serve ``cfg.serve.model_repository`` until Ctrl-C / SIGTERM; returns the process exit code (0 = stopped).
+
+    Raises ``ConfigError`` for a missing/empty repository and ``ServerExitedError`` (with the
+    server's log tail) when tritonserver dies on its own.
+    """
+    s = cfg.serve
+    repo = Path(s.model_repository)
+    if not repo.is_dir() or not (repo / s.model_name / "config.pbtxt").is_file():
+        raise ConfigError(f"{repo} holds no Triton model {s.model_name!r}: write it with "
+                          f"`fbas-pipeline build --model-repository {repo}` (or pass --model-repository)")
+    if s.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("Triton listens on %s, not loopback: put it behind a network boundary you trust", s.host)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        logger.info("signal %d: stopping tritonserver", signum)
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, _on_signal)
+    proc = TritonProcess.from_config(cfg, echo=sys.stderr)  # the server's log goes to our stderr
+    try:
+        proc.start()
+        print(f"Triton serving {s.model_name!r}: gRPC {proc.grpc_url}, HTTP {proc.http_url}, metrics "
+              f"{proc.metrics_url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        while not stop.is_set():
+            if proc.poll() is not None:
+                code = proc.poll()
+                raise ServerExitedError(f"Server exited unexpectedly (exit code {code}). Last lines of its log:\n"
+                                        f"{proc.log_tail()}")
+            stop.wait(0.5)
+    except KeyboardInterrupt:
+        logger.info("interrupted: stopping tritonserver")
+    finally:
+        proc.stop()
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def register_commands(sub: Any, cfg: Any, add_section_flags: Any) -> None:
+    """Add ``fbas-pipeline serve`` to the CLI's subparsers (flags from the ``serve`` config section)."""
+    p = sub.add_parser("serve", help="serve a model repository with tritonserver (loopback by default)",
+                       description="Start tritonserver on --model-repository (model control mode none, loopback "
+                                   "unless --host says otherwise), wait until the model is ready, and serve until "
+                                   "Ctrl-C or SIGTERM. With --model-dir, first (re)write the repository entry from "
+                                   "that built model folder.")
+    p.add_argument("--model-dir", default=None,
+                   help="built model folder (from `fbas-pipeline build`) to write into the repository first")
+    add_section_flags(p, cfg, "serve", skip=("triton",))
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: Any, cfg: Any) -> int:
+    if args.model_dir:
+        write_model_repository(args.model_dir, cfg.serve.model_repository, cfg)
+    return run_serve(cfg)

@@ -1,0 +1,135 @@
+"""The repository entry that `fbas-pipeline build` writes, and how the server process fails."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import FbasConfig
+from pipeline.errors import ConfigError
+from pipeline.serve import (ModelEntryOptions, ServerExitedError, TritonProcess, find_tritonserver, render_config,
+                            run_serve, write_model_repository)
+
+
+def test_entry_layout_and_config(built_fp32: Path, tmp_path: Path):
+    repo = tmp_path / "repo"
+    entry = write_model_repository(built_fp32, repo, options=ModelEntryOptions(output_dtype="fp16",
+                                                                               max_batch_requests=8))
+    assert entry == repo / "fbas_encoder"
+    assert sorted(p.name for p in (entry / "1" / "engine").iterdir()) == ["fbas_model.json", "model.onnx",
+                                                                          "tokenizer.json"]
+    assert (entry / "1" / "model.py").is_file()
+    cfg = (entry / "config.pbtxt").read_text()
+    for needle in ('name: "fbas_encoder"', 'backend: "python"', "max_batch_size: 8", "allow_ragged_batch: true",
+                   "data_type: TYPE_FP16", "dims: [ -1, 384 ]", "preferred_batch_size: [ 2, 4, 8 ]",
+                   "kind: KIND_CPU", 'key: "max_seq_len",            value: { string_value: "256" }'):
+        assert needle in cfg, needle
+    # rewriting replaces the entry in place and leaves no temporary folder beside the repository
+    write_model_repository(built_fp32, repo)
+    assert "TYPE_FP32" in (entry / "config.pbtxt").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["repo"]
+
+
+def test_entry_options_come_from_the_config(built_fp32: Path):
+    cfg = FbasConfig()
+    cfg.serve.model_name = "enc"
+    cfg.runtime.threads = 3
+    text = render_config(built_fp32, ModelEntryOptions.from_config(cfg))
+    assert 'name: "enc"' in text and 'key: "threads",                value: { string_value: "3" }' in text
+
+
+def test_bad_options_are_refused(built_fp32: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match="output_dtype"):
+        write_model_repository(built_fp32, tmp_path / "r", options=ModelEntryOptions(output_dtype="bf16"))
+    (tmp_path / "r" / "fbas_encoder").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="not a Triton model entry"):
+        write_model_repository(built_fp32, tmp_path / "r")
+
+
+def test_explicit_binary_must_exist():
+    with pytest.raises(ConfigError, match="FBAS_TRITONSERVER"):
+        find_tritonserver("/nonexistent/tritonserver")
+
+
+def test_server_that_cannot_load_the_model_fails_fast_with_its_log(built_fp32: Path, tmp_path: Path):
+    repo = tmp_path / "repo"
+    entry = write_model_repository(built_fp32, repo)
+    (entry / "1" / "engine" / "model.onnx").unlink()  # a broken entry: the engine file is gone
+    proc = TritonProcess(repo, ready_timeout=120)
+    with pytest.raises(ServerExitedError, match="Server exited unexpectedly") as info:
+        proc.start()
+    assert "model.onnx" in str(info.value)  # the log tail says what is wrong
+    assert proc.poll() == -1 and not list(Path("/dev/shm").glob(proc.shm_prefix + "*"))
+
+
+def test_run_serve_refuses_an_empty_repository(tmp_path: Path):
+    cfg = FbasConfig()
+    cfg.serve.model_repository = str(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="fbas-pipeline build"):
+        run_serve(cfg)
+
+
+def test_tritonserver_is_found():
+    paths = find_tritonserver()
+    assert paths.binary.is_file() and (paths.backend_dir / "python" / "libtriton_python.so").is_file()
+    assert shutil.which(str(paths.binary))  # executable
+
+
+def test_serve_command_serves_until_sigterm(triton_repo: Path, tmp_path: Path):
+    """`fbas-pipeline serve`: serve on loopback, answer requests, stop cleanly on SIGTERM."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import numpy as np
+
+    from workers.triton_client import ClientOptions, TritonEncoder
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model-repository", str(triton_repo),
+           "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        url = None
+        for line in proc.stderr:  # type: ignore[union-attr]
+            m = re.search(r"Triton serving .* gRPC (127\.0\.0\.1:\d+)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "run_serve never reported readiness"
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining the server's log
+        with TritonEncoder(ClientOptions(url=url, ready_timeout=30)) as enc:
+            out = enc.embed(np.array([101, 7592, 102], np.int32), np.array([3], np.int32))
+            assert out.shape == (1, 384)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_stale_backend_regions_of_dead_owners_are_swept():
+    import subprocess
+
+    from pipeline.serve import sweep_stale_shm_regions
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Path(f"/dev/shm/fbas_py_{dead.pid}_deadbeef_region")
+    live = Path(f"/dev/shm/fbas_py_{os.getpid()}_cafe0000_region")
+    for p in (stale, live):
+        p.write_bytes(b"\0" * 16)
+    try:
+        removed = sweep_stale_shm_regions()
+        assert stale.name in removed and not stale.exists()
+        assert live.exists()  # its owner is alive: never touched
+    finally:
+        stale.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)
