@@ -121,19 +121,30 @@ class TritonPythonModel:
                                   token_budget=int(_param(config, "token_budget", "8192")))
         if getattr(self.engine, "dim", meta.dim) != meta.dim:
             raise pb_utils.TritonModelException(f"engine dim {self.engine.dim} != fbas_model.json dim {meta.dim}")
-        self._warmup(meta)
+        self._warmup(meta, gpu=device is not None)
         self.logger.log_info(f"fbas: loaded {meta.name} ({meta.target}/{meta.precision}, dim {meta.dim}, "
                              f"fingerprint {meta.fingerprint}) from {engine_dir} on {device or 'cpu'} in "
                              f"{time.perf_counter() - t0:.2f}s, pid {os.getpid()}")
 
-    def _warmup(self, meta) -> None:
-        """Run a few documents of different lengths so the first real request is not slow."""
-        lengths = np.array([3, 17, min(64, meta.max_seq_len), min(128, meta.max_seq_len)], dtype=np.int32)
+    def _warmup(self, meta, gpu: bool = False) -> None:
+        """Run a few documents of different lengths so the first real request is not slow.
+
+        On a GPU the engine captures one CUDA graph per padded batch shape the first time it sees
+        that shape, so a few representative batches are run too (one short document, many short
+        ones, a medium batch, a few long documents); other shapes are still captured on demand.
+        """
+        batches = [[3, 17, 64, 128]]
+        if gpu:
+            batches += [[12], [24] * 16, [48] * 64, [meta.max_seq_len] * 8]
         rng = np.random.default_rng(0)
-        ids = rng.integers(1000, min(meta.vocab_size, 2000), size=int(lengths.sum()), dtype=np.int32)
-        out = self.engine.embed(ids, lengths)
-        if out.shape != (len(lengths), meta.dim) or not np.isfinite(out).all():
-            raise pb_utils.TritonModelException(f"warmup produced {out.shape} / non-finite values: engine is broken")
+        low, high = min(1000, meta.vocab_size - 1), min(meta.vocab_size, 2000)
+        for batch in batches:
+            lengths = np.minimum(np.array(batch, dtype=np.int32), meta.max_seq_len)
+            ids = rng.integers(low, high, size=int(lengths.sum()), dtype=np.int32)
+            out = self.engine.embed(ids, lengths)
+            if out.shape != (len(lengths), meta.dim) or not np.isfinite(out).all():
+                raise pb_utils.TritonModelException(f"warmup produced {out.shape} / non-finite values: engine is "
+                                                    "broken")
 
     def execute(self, requests: list) -> list:
         """Validate each request, run the valid ones as one engine call, answer each request once."""
