@@ -1,0 +1,320 @@
+"""Finalize a job: verify every input row is present exactly once, merge the index, write the manifest.
+
+Reads only the output folder (``OUT/.fbas/job.json``, ``scan.npz``, ``plan.npz``, the parts),
+so it can run again on its own; a finalize killed midway and rerun writes the same files.
+
+The oracle (reliability.md): E = input rows, C = rows in the committed vectors parts,
+Q = quarantined rows (the scan's and the workers'). Every row must be counted exactly once
+in C + Q (``lost`` = none, ``duplicated`` = more than one), every committed id must equal
+the input's id at that row (``unexpected`` otherwise), and every part must belong to this
+job. Files in ``vectors/`` that are not this job's planned parts are refused, never merged.
+
+    OUT/index.faiss         flat (IndexIDMap2 + IndexFlatIP, exact), hnsw (M=32) or ivfpq
+                            (trained on a sample of the vectors); ids are row_ids
+    OUT/quarantine.parquet  row_id, id, reason (only when rows were quarantined)
+    OUT/manifest.json       model, corpus, counts, index, parts with sha256, timings (written last)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError, PermanentError
+from pipeline.plan import Plan, Scan
+from pipeline.read import id_hashes
+from workers.write import QUARANTINE, VECTORS, OutputDir, part_name, read_part_meta
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["finalize", "committed_parts", "IncompleteJobError", "OracleError", "sha256_file", "load_job",
+           "MANIFEST", "JOB_FILE", "SCAN_QUARANTINE"]
+
+MANIFEST = "manifest.json"
+JOB_FILE = "job.json"
+SCAN_QUARANTINE = "quarantine-scan.parquet"
+_PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
+
+
+class IncompleteJobError(PermanentError):
+    """Planned batches have no committed part yet (rerun the ingest to finish them)."""
+
+    def __init__(self, message: str, missing: list[int]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+class OracleError(PermanentError):
+    """Rows are lost, duplicated or unexpected: the output is not trustworthy (a bug; please report it)."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_job(out: OutputDir) -> dict[str, Any]:
+    p = out.state(JOB_FILE)
+    if not p.exists():
+        raise InputError(f"{out} holds no fbas job (no .fbas/{JOB_FILE}): run `fbas-pipeline ingest ... --out {out}`")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def committed_parts(out: OutputDir, job: str, n_batches: int) -> dict[int, tuple[int, int, int]]:
+    """``{batch: (docs, tokens, quarantined)}`` for this job's committed vectors parts (others are skipped)."""
+    found: dict[int, tuple[int, int, int]] = {}
+    d = out.path(VECTORS)
+    if not d.is_dir():
+        return found
+    for name in os.listdir(d):
+        m = _PART_RE.match(name)
+        if not m or int(m.group(1)) >= n_batches:
+            continue
+        meta = read_part_meta(d / name)
+        b = int(m.group(1))
+        if meta and meta.get("job") == job and meta.get("batch") == b:
+            found[b] = (int(meta["rows"]), int(meta["tokens"]), int(meta["quarantined"]))
+    return found
+
+
+def _check_folder(out: OutputDir, job: str, n_batches: int) -> tuple[list[int], list[str]]:
+    """(missing batches, stray files) in vectors/; our own stale temp files are removed."""
+    d = out.path(VECTORS)
+    present: set[int] = set()
+    stray: list[str] = []
+    for name in sorted(os.listdir(d)) if d.is_dir() else []:
+        if ".tmp-" in name:
+            (d / name).unlink(missing_ok=True)
+            continue
+        m = _PART_RE.match(name)
+        if not m or int(m.group(1)) >= n_batches:
+            stray.append(f"{VECTORS}/{name}")
+            continue
+        meta = read_part_meta(d / name)
+        b = int(m.group(1))
+        if not meta or meta.get("job") != job or meta.get("batch") != b:
+            stray.append(f"{VECTORS}/{name} (from job {meta.get('job') if meta else 'unknown'})")
+            continue
+        present.add(b)
+    return [b for b in range(n_batches) if b not in present], stray
+
+
+def _tally(counts: np.ndarray, rows: np.ndarray, ids: pa.Array, scan: Scan, where: str,
+           unexpected: list[str]) -> None:
+    n = len(counts)
+    bad = (rows < 0) | (rows >= n)
+    if bad.any():
+        unexpected.append(f"{where}: row ids out of range {rows[bad][:3].tolist()}")
+        rows = rows[~bad]
+        ids = ids.filter(pa.array(~bad))
+    mism = id_hashes(ids) != scan.id_hash[rows]
+    if mism.any():
+        unexpected.append(f"{where}: ids differ from the corpus at rows {rows[mism][:3].tolist()}")
+    np.add.at(counts, rows, 1)
+
+
+def _index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
+    if kind == "flat":
+        return {}
+    if kind == "hnsw":
+        return {"M": 32, "efConstruction": 200, "efSearch": 128}
+    nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), max(1, n // 39)))
+    m = next(c for c in (dim // 8, dim // 4, dim // 2, dim, 1) if c >= 1 and dim % c == 0)
+    nbits = 8 if n >= 256 * 39 else max(4, min(8, int(math.log2(max(16, n // 39)))))
+    return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(nlist, 16), "train_size": min(n, max(256 * 39,
+                                                                                                 50 * nlist))}
+
+
+def _iter_vectors(out: OutputDir, n_batches: int):
+    for b in range(n_batches):
+        t = pq.read_table(out.vectors_part(b), columns=["row_id", "embedding"])
+        if t.num_rows:
+            emb = t.column("embedding").combine_chunks()
+            dim = emb.type.list_size
+            v = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+            yield t.column("row_id").to_numpy(), np.ascontiguousarray(v)
+
+
+def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int, n_rows: int) -> tuple[Any, dict[str, Any]]:
+    """The final FAISS index over every committed part (``n`` vectors, row ids < ``n_rows``), in batch order."""
+    import faiss
+
+    params = _index_params(kind, n, dim)
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        for b in range(n_batches):
+            raw = faiss.read_index(str(out.shard(b)))  # keep it referenced: downcast_index does not own it
+            shard = faiss.downcast_index(raw)
+            part = pq.read_table(out.vectors_part(b), columns=["row_id", "embedding"])
+            rows = part.column("row_id").to_numpy()
+            if not len(rows):
+                continue
+            vecs = part.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+            ok = shard.ntotal == len(rows) and shard.d == dim
+            if ok:
+                ok = np.array_equal(faiss.vector_to_array(shard.id_map), rows) and np.array_equal(
+                    faiss.downcast_index(shard.index).reconstruct_n(0, shard.ntotal), vecs)
+            if not ok:  # a later duplicate delivery rewrote the shard: the committed part is the truth
+                logger.warning("shard %s differs from its committed part: rebuilt from the part", out.shard(b).name)
+                shard = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+                shard.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), rows.astype(np.int64))
+            index.merge_from(shard)
+        return index, params
+    if kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, params["M"], ip)
+        inner.hnsw.efConstruction = params["efConstruction"]
+        index = faiss.IndexIDMap2(inner)
+    elif kind == "ivfpq":
+        quant = faiss.IndexFlatIP(dim)
+        ivf = faiss.IndexIVFPQ(quant, dim, params["nlist"], params["m"], params["nbits"], ip)
+        rng = np.random.default_rng(0)
+        take = rng.random(n_rows) < min(1.0, params["train_size"] / max(n, 1))  # a fixed sample: deterministic
+        sample = [v[take[r]] for r, v in _iter_vectors(out, n_batches)]
+        xt = np.concatenate(sample) if sample else np.zeros((0, dim), np.float32)
+        if len(xt) < params["nlist"]:
+            raise PermanentError(f"ivfpq needs at least {params['nlist']} vectors to train: use --index flat")
+        ivf.train(xt)
+        params["trained_on"] = len(xt)
+        index = ivf  # faiss's Python wrapper keeps the quantizer alive with the index
+    else:
+        raise InputError(f"index type {kind!r} is not flat, hnsw or ivfpq")
+    for rows, v in _iter_vectors(out, n_batches):
+        index.add_with_ids(v, rows.astype(np.int64))
+    return index, params
+
+
+def _write_atomic_bytes(path: Path, data: bytes) -> None:
+    OutputDir.write_atomic(path, lambda p: p.write_bytes(data))
+
+
+def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, float] | None = None,
+             redelivered: int = 0) -> dict[str, Any]:
+    """Verify, merge and write the final files; return the manifest (see the module docstring)."""
+    import faiss
+
+    t0 = time.perf_counter()
+    job = load_job(out)
+    job_id, n_batches, dim = job["job"], int(job["n_batches"]), int(job["model"]["dim"])
+    scan = Scan.load(out.state("scan.npz"))
+    plan = Plan.load(out.state("plan.npz"))
+    if plan.n_batches != n_batches:
+        raise InputError(f"{out}/.fbas/plan.npz does not match job.json: rerun the ingest")
+    missing, stray = _check_folder(out, job_id, n_batches)
+    if stray:
+        raise InputError(f"{out}/{VECTORS} holds files that are not parts of this job: {', '.join(stray[:5])}"
+                         f"{' ...' if len(stray) > 5 else ''}. They are never merged: remove them, or write to a "
+                         "fresh --out")
+    if missing:
+        raise IncompleteJobError(f"{len(missing)} of {n_batches} batches have no committed part yet (first: "
+                                 f"{missing[:5]}): rerun the same ingest command to finish them", missing)
+
+    n = scan.n_rows
+    counts = np.zeros(n, dtype=np.uint16)
+    unexpected: list[str] = []
+    parts: list[dict[str, Any]] = []
+    q_tables: list[pa.Table] = []
+    n_trunc = n_rep = tokens = 0
+    for b in range(n_batches):
+        path = out.vectors_part(b)
+        meta = read_part_meta(path) or {}
+        t = pq.read_table(path, columns=["row_id", "id", "n_tokens", "truncated", "repaired"])
+        if t.num_rows != meta.get("rows"):
+            unexpected.append(f"{path.name}: {t.num_rows} rows, footer says {meta.get('rows')}")
+        planned = plan.rows(b)
+        rows = t.column("row_id").to_numpy()
+        if not np.isin(rows, planned).all():
+            unexpected.append(f"{path.name}: rows outside its planned batch")
+        _tally(counts, rows, t.column("id").combine_chunks(), scan, path.name, unexpected)
+        n_trunc += int(np.count_nonzero(t.column("truncated").to_numpy(zero_copy_only=False)))
+        n_rep += int(np.count_nonzero(t.column("repaired").to_numpy(zero_copy_only=False)))
+        tokens += int(meta.get("tokens", 0))
+        parts.append({"file": f"{VECTORS}/{part_name(b)}", "batch": b, "rows": t.num_rows,
+                      "sha256": sha256_file(path)})
+        if meta.get("quarantined"):
+            qp = out.quarantine_part(b)
+            qmeta = read_part_meta(qp) if qp.exists() else None
+            if qmeta != meta:
+                raise IncompleteJobError(f"batch {b} quarantined {meta['quarantined']} rows but "
+                                         f"{QUARANTINE}/{qp.name} is missing or from another attempt: delete "
+                                         f"{path} and rerun", [b])
+            q_tables.append(pq.read_table(qp).replace_schema_metadata(None))
+    scan_q = out.state(SCAN_QUARANTINE)
+    if scan_q.exists():
+        q_tables.insert(0, pq.read_table(scan_q).replace_schema_metadata(None))
+    id_type = pa.int64() if job["corpus"]["id_type"] == "int64" else pa.string()
+    if q_tables:
+        quarantine = pa.concat_tables([qt.cast(pa.schema([("row_id", pa.int64()), ("id", id_type),
+                                                          ("reason", pa.string())])) for qt in q_tables])
+        quarantine = quarantine.take(pa.array(np.argsort(quarantine.column("row_id").to_numpy(), kind="stable")))
+        _tally(counts, quarantine.column("row_id").to_numpy(), quarantine.column("id").combine_chunks(), scan,
+               "quarantine", unexpected)
+    else:
+        quarantine = None
+
+    lost = np.flatnonzero(counts == 0)
+    dup = np.flatnonzero(counts > 1)
+    if len(lost) or len(dup) or unexpected:
+        raise OracleError(f"the output does not hold every input row exactly once: lost {len(lost)} (rows "
+                          f"{lost[:5].tolist()}), duplicated {len(dup)} (rows {dup[:5].tolist()}), unexpected "
+                          f"{len(unexpected)} ({'; '.join(unexpected[:3])}). Nothing final was written; this is a "
+                          "bug: please report it with the folder's .fbas/ contents")
+
+    reasons: dict[str, int] = {}
+    q_file = out.path("quarantine.parquet")
+    q_entry = None
+    if quarantine is not None and quarantine.num_rows:
+        OutputDir.write_atomic(q_file, lambda p: pq.write_table(quarantine, p))
+        q_entry = {"file": "quarantine.parquet", "rows": quarantine.num_rows, "sha256": sha256_file(q_file)}
+        for r in quarantine.column("reason").to_pylist():
+            key = r.split(":", 1)[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    else:
+        q_file.unlink(missing_ok=True)
+
+    t_index = time.perf_counter()
+    embedded = sum(p["rows"] for p in parts)
+    index, params = build_index(out, index_type, n_batches, dim, embedded, n)
+    if index.ntotal != embedded:
+        raise OracleError(f"the index holds {index.ntotal} vectors, the parts {embedded}")
+    blob = faiss.serialize_index(index).tobytes()
+    _write_atomic_bytes(out.path("index.faiss"), blob)
+    index_s = time.perf_counter() - t_index
+
+    manifest = {
+        "format": 1,
+        "job": job_id,
+        "model": job["model"],
+        "corpus": job["corpus"],
+        "settings": job.get("settings", {}),
+        "counts": {"input_rows": n, "embedded": embedded, "quarantined": int(quarantine.num_rows if quarantine
+                                                                               else 0),
+                   "quarantine_reasons": reasons, "truncated": n_trunc, "repaired": n_rep, "tokens": tokens,
+                   "batches": n_batches, "redelivered": redelivered},
+        "oracle": {"lost": 0, "duplicated": 0, "unexpected": 0},
+        "index": {"file": "index.faiss", "type": index_type, "metric": "inner_product", "ntotal": int(index.ntotal),
+                  "params": params, "sha256": hashlib.sha256(blob).hexdigest()},
+        "parts": parts,
+        "quarantine": q_entry,
+        "timings": {**(timings or {}), "finalize_s": round(time.perf_counter() - t0, 3),
+                    "index_s": round(index_s, 3)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write_atomic_bytes(out.path(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+    logger.info("finalized %s: %d embedded, %d quarantined, index %s (%d vectors)", out, embedded,
+                manifest["counts"]["quarantined"], index_type, index.ntotal)
+    return manifest

@@ -1,0 +1,408 @@
+"""`fbas-pipeline ingest`: read -> scan + plan -> enqueue with backpressure -> wait (progress bar) -> finalize.
+
+    result = ingest("corpus.parquet", cfg)          # local mode when cfg.queue.broker is None
+
+The job id is a fingerprint of the corpus (file names, sizes, row counts, columns), the
+model (its engine fingerprint) and the batch settings. ``OUT/.fbas/`` holds what a rerun
+needs: ``job.json``, ``scan.npz``, ``plan.npz``, the scan's quarantine, the built model.
+Rerunning the same command resumes: the scan is reused, parts already committed are kept
+(Redis is told so), only missing batches are enqueued, then the job is finalized. An output
+folder that holds another job is refused.
+
+While waiting, the producer watches for a Redis that lost the job (restarted without
+persistence: the job is written again and missing batches re-enqueued), for a job that
+stopped moving with an empty queue (missing batches re-enqueued after ``visibility_timeout``),
+for errors workers report, and, in local mode, for a child process that died.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import FbasConfig, fingerprint
+from pipeline.errors import ConfigError, FbasError, InputError, ServerUnavailableError
+from pipeline.finalize import JOB_FILE, SCAN_QUARANTINE, committed_parts, finalize
+from pipeline.jobstate import JobState, connect
+from pipeline.plan import Plan, Scan, plan_batches, scan_corpus
+from pipeline.produce import Sender, batch_messages, queue_length
+from pipeline.read import Corpus, open_corpus
+from workers.write import OutputDir
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ingest", "IngestResult", "ensure_model", "prepare_job", "Job"]
+
+MODEL_SUBDIR = "model"
+MODEL_CACHE = Path.home() / ".cache" / "fbas" / "models"  # built engines, by model_key
+
+
+@dataclass
+class IngestResult:
+    """What an ingest did (the manifest has the details)."""
+
+    out: Path
+    job: str
+    manifest: dict
+    seconds: float
+    resumed_batches: int
+    sent_batches: int
+
+
+@dataclass
+class Job:
+    """A planned job: identity, scan and plan."""
+
+    id: str
+    info: dict
+    scan: Scan
+    plan: Plan
+    resumed_scan: bool
+
+
+def model_key(cfg: FbasConfig) -> str:
+    """Identity of a model build: every engine setting plus the checkpoint files' names, sizes and mtimes."""
+    from engine.checkpoint import default_model_path
+
+    src = Path(cfg.engine.model) if cfg.engine.model else default_model_path()
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in src.glob("*") if p.is_file()) \
+        if src.is_dir() else []
+    return fingerprint({"engine": asdict(cfg.engine), "source": str(src.resolve()), "files": files})
+
+
+def _valid_model(folder: Path, stamp: Path, key: str) -> bool:
+    from engine.model_dir import read_meta
+
+    if not (folder.is_dir() and stamp.exists() and stamp.read_text(encoding="utf-8").strip() == key):
+        return False
+    try:
+        read_meta(folder)
+        return True
+    except FbasError:
+        logger.warning("model in %s is damaged: rebuilding", folder)
+        return False
+
+
+def ensure_model(cfg: FbasConfig, out: OutputDir, cache: Path | None = MODEL_CACHE) -> Path:
+    """The built model for ``cfg.engine`` in ``OUT/.fbas/model``: reused while its key matches, else taken from
+    the per-user build cache (``~/.cache/fbas/models/<key>``, hard links), else built (and cached)."""
+    from engine.build import build_model
+
+    key = model_key(cfg)
+    target, stamp = out.state(MODEL_SUBDIR), out.state("model.spec")
+    if _valid_model(target, stamp, key):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cached = cache / key if cache else None
+    if cached is not None:
+        try:
+            if not _valid_model(cached, cached.with_suffix(".key"), key):
+                logger.info("building the model (%s, %s) into the cache %s", cfg.engine.model or "default",
+                            cfg.engine.precision, cached)
+                build_model(cfg.engine, cached, threads=cfg.runtime.threads)
+                cached.with_suffix(".key").write_text(key, encoding="utf-8")
+            tmp = target.with_name(target.name + ".copying")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(cached, tmp, copy_function=_link_or_copy)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            stamp.write_text(key, encoding="utf-8")
+            return target
+        except OSError as e:  # a read-only or full home folder: build in place instead
+            logger.warning("model cache %s unusable (%s): building into %s", cache, e, target)
+    logger.info("building the model (%s, %s) into %s", cfg.engine.model or "default", cfg.engine.precision, target)
+    build_model(cfg.engine, target, threads=cfg.runtime.threads)
+    stamp.write_text(key, encoding="utf-8")
+    return target
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def job_id_for(corpus: Corpus, cfg: FbasConfig, model_meta: Any) -> str:
+    """The job's identity: corpus fingerprint + model fingerprint + batch settings."""
+    settings = {"batch_tokens": cfg.corpus.batch_tokens, "batch_rows": cfg.corpus.batch_rows}
+    return fingerprint({"corpus": corpus.fingerprint, "model": model_meta.fingerprint, "settings": settings})
+
+
+def resume_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any) -> Job | None:
+    """The same job's saved scan and plan from ``OUT/.fbas/`` (None if there are none yet); refuse a folder
+    that holds another job."""
+    job_id = job_id_for(corpus, cfg, model_meta)
+    job_path = out.state(JOB_FILE)
+    if not job_path.exists():
+        return None
+    old = json.loads(job_path.read_text(encoding="utf-8"))
+    if old.get("job") != job_id:
+        raise InputError(f"{out} holds job {old.get('job')} (corpus {old.get('corpus', {}).get('uri')}, model "
+                         f"{old.get('model', {}).get('fingerprint')}), not this one ({job_id}): use another --out, "
+                         "or delete the folder to start over")
+    if out.state("scan.npz").exists() and out.state("plan.npz").exists():
+        scan, plan = Scan.load(out.state("scan.npz")), Plan.load(out.state("plan.npz"))
+        if plan.n_batches == old.get("n_batches") and scan.n_rows == corpus.n_rows:
+            logger.info("resuming job %s: reusing its scan and plan", job_id)
+            return Job(job_id, old, scan, plan, True)
+    return None
+
+
+def prepare_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, tokenizer: Any,
+                progress: bool = False) -> Job:
+    """Scan and plan the corpus, save both and ``job.json`` (the caller checked ``resume_job`` first)."""
+    from pipeline.progress import progress_bar
+
+    c = cfg.corpus
+    settings = {"batch_tokens": c.batch_tokens, "batch_rows": c.batch_rows}
+    job_id = job_id_for(corpus, cfg, model_meta)
+    job_path = out.state(JOB_FILE)
+    with progress_bar(corpus.n_rows, "scanning", unit="doc", disable=not progress) as bar:
+        scan = scan_corpus(corpus, tokenizer, progress=bar.update)
+    plan = plan_batches(scan.n_tokens, c.batch_tokens, c.batch_rows)
+    out.make_dirs()
+    scan.save(out.state("scan.npz"))
+    plan.save(out.state("plan.npz"))
+    q_path = out.state(SCAN_QUARANTINE)
+    if len(scan.q_rows):
+        id_type = pa.int64() if corpus.id_type == "int64" else pa.string()
+        qt = pa.table({"row_id": pa.array(scan.q_rows, pa.int64()), "id": pa.array(scan.q_ids, id_type),
+                       "reason": pa.array(scan.q_reasons, pa.string())})
+        OutputDir.write_atomic(q_path, lambda p: pq.write_table(qt, p))
+    else:
+        q_path.unlink(missing_ok=True)
+    m = model_meta
+    info = {
+        "job": job_id, "n_batches": plan.n_batches, "planned_rows": plan.n_rows,
+        "corpus": {"uri": corpus.uri, "fingerprint": corpus.fingerprint, "rows": corpus.n_rows,
+                   "text_column": corpus.text_column, "id_column": corpus.id_column,
+                   "title_column": corpus.title_column, "id_type": corpus.id_type, "files": len(corpus.files)},
+        "model": {"name": m.name, "fingerprint": m.fingerprint, "dim": m.dim, "pooling": m.pooling,
+                  "normalize": m.normalize, "max_seq_len": m.max_seq_len, "precision": m.precision,
+                  "target": m.target, "dir": f".fbas/{MODEL_SUBDIR}"},
+        "settings": {**settings, "padding_ratio": round(plan.padding_ratio(), 4)},
+        "scan": {"seconds": round(scan.seconds, 3), "quarantined": len(scan.q_rows), "truncated": scan.n_truncated,
+                 "repaired": scan.n_repaired},
+    }
+    OutputDir.write_atomic(job_path, lambda p: p.write_text(json.dumps(info, indent=2, sort_keys=True),
+                                                             encoding="utf-8"))
+    return Job(job_id, info, scan, plan, False)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM behaves like Ctrl-C in the main thread, so the local cluster is stopped either way."""
+    if threading_main():
+        def handler(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    else:
+        yield
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _Progress:
+    """The progress bar: docs/s (tqdm's rate), tokens/s and ETA, fed from the job's Redis counters.
+
+    The counters cover every done batch (workers add theirs, ``reconcile`` adds committed ones),
+    so docs + quarantined is the number of planned rows finished."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="embedding", unit="doc", disable=not enabled, file=sys.stderr,
+                        dynamic_ncols=True, smoothing=0.1)
+        self.t0, self.tokens0, self.started = time.monotonic(), 0, False
+
+    def update(self, counters: dict[str, int]) -> None:
+        done = counters["docs"] + counters["quarantined"]
+        if not self.started:  # what was finished before this run is the bar's start, not its speed
+            self.started, self.tokens0 = True, counters["tokens"]
+            self.bar.reset(total=self.bar.total)
+            self.bar.n = self.bar.initial = self.bar.last_print_n = done
+            self.bar.refresh()
+            self.t0 = time.monotonic()
+            return
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+        el = max(1e-6, time.monotonic() - self.t0)
+        self.bar.set_postfix_str(f"{(counters['tokens'] - self.tokens0) / el:,.0f} tok/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
+           worker_env: dict[str, str] | None = None, on_cluster: Any = None) -> IngestResult:
+    """Run (or resume) an ingest; local mode when ``cfg.queue.broker`` is None. See the module docstring.
+
+    ``worker_env`` adds environment variables for local-mode workers (tests use it for hooks);
+    ``on_cluster(cluster)`` is called once the local cluster has started (tests use it to kill parts).
+    """
+    from engine.model_dir import load_tokenizer, read_meta
+    from pipeline.local import LocalCluster
+
+    t0 = time.perf_counter()
+    if progress is None:
+        progress = sys.stderr.isatty()
+    out = OutputDir(cfg.output.out)
+    corpus = open_corpus(corpus_uri, cfg.corpus)
+    out.root.mkdir(parents=True, exist_ok=True)
+    out.state("").mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    sent = resumed = redelivered = 0
+    manifest: dict | None = None
+    with ExitStack() as stack, _sigterm_as_interrupt():
+        model_dir = ensure_model(cfg, out)
+        meta = read_meta(model_dir)
+        job = resume_job(corpus, cfg, out, meta)
+        if job is not None and len(committed_parts(out, job.id, job.plan.n_batches)) == job.plan.n_batches:
+            logger.info("job %s: every batch is committed already; finalizing", job.id)
+            resumed = job.plan.n_batches
+        else:
+            cluster = None
+            if cfg.queue.broker is None:
+                cluster = LocalCluster(model_dir, out.state("local"), cfg, worker_env=worker_env)
+                stack.callback(cluster.stop)
+                cluster.start()
+                broker = cluster.broker_url
+                if on_cluster:
+                    on_cluster(cluster)
+            else:
+                broker = cfg.queue.broker
+            t = time.perf_counter()
+            if job is None:
+                job = prepare_job(corpus, cfg, out, meta, load_tokenizer(model_dir, meta), progress=progress)
+            timings["scan_s"] = round(time.perf_counter() - t, 3)
+            if cluster is not None:
+                cluster.wait_ready()
+            timings["ready_s"] = round(time.perf_counter() - t0, 3)
+            client = connect(broker)
+            stack.callback(client.close)
+            sent, resumed, redelivered = _run_queue(corpus, cfg, out, job, meta, model_dir, client, broker, cluster,
+                                                    progress)
+            timings["embed_s"] = round(time.perf_counter() - t0 - timings["ready_s"], 3)
+            if cluster is not None:
+                try:
+                    timings.update(cluster.engine_stats())
+                except FbasError as e:
+                    logger.info("no Triton statistics: %s", e)
+                cluster.stop_in_background()  # shut down while finalizing; the exit stack waits for it
+            manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered)
+    if manifest is None:  # every batch was committed already: nothing was started
+        manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered)
+    return IngestResult(out.root, job.id, manifest, time.perf_counter() - t0, resumed, sent)
+
+
+def _job_state(client: Any, job: Job, meta: Any, tokenizer_json: str, out: OutputDir) -> tuple[JobState, dict]:
+    state = JobState(client, job.id)
+    state.create({"n_batches": job.plan.n_batches, "planned_rows": job.plan.n_rows, "out": str(out),
+                  "model": meta.fingerprint, "max_seq_len": meta.max_seq_len,
+                  "corpus": job.info["corpus"]["uri"]}, tokenizer_json)
+    committed = committed_parts(out, job.id, job.plan.n_batches)
+    new = state.reconcile(committed)
+    if new:
+        logger.info("job %s: %d batches already committed in %s", job.id, new, out)
+    return state, committed
+
+
+def _run_queue(corpus: Corpus, cfg: FbasConfig, out: OutputDir, job: Job, meta: Any, model_dir: Path, client: Any,
+               broker: str, cluster: Any, progress: bool) -> tuple[int, int, int]:
+    """Enqueue the missing batches and wait for all of them; returns (sent, resumed, redelivered)."""
+    from dataclasses import replace
+
+    from workers.app import QUEUE, TASK_NAME, producer_app
+
+    app = producer_app(FbasConfig(queue=replace(cfg.queue, broker=broker), serve=cfg.serve))
+    tok_json = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
+    state, committed = _job_state(client, job, meta, tok_json, out)
+    plan = job.plan
+    n_batches = plan.n_batches
+    bar = _Progress(plan.n_rows, progress)
+    watch = _Watch(state, cluster, cfg, bar, client)
+    sender = Sender(app, client, QUEUE, cfg.queue.queue_depth, TASK_NAME, on_wait=watch.tick)
+    try:
+        watch.tick(force=True)
+        for msg in batch_messages(corpus, plan, job=job.id, out=str(out), model=meta.fingerprint, dim=meta.dim,
+                                  skip=state.done()):
+            sender.send(msg)
+        while True:
+            if watch.tick() >= n_batches:
+                break
+            action = watch.needs_reenqueue(QUEUE)
+            if action:
+                if action == "lost":
+                    state, _ = _job_state(client, job, meta, tok_json, out)
+                    watch.state = state
+                done = state.done()
+                logger.warning("re-enqueueing %d batches (%s)", n_batches - len(done), action)
+                for msg in batch_messages(corpus, plan, job=job.id, out=str(out), model=meta.fingerprint,
+                                          dim=meta.dim, skip=done):
+                    sender.send(msg)
+            time.sleep(0.1)
+        watch.tick(force=True)
+    finally:
+        bar.close()
+        app.close()
+    return sender.sent, len(committed), state.counters()["redelivered"]
+
+
+class _Watch:
+    """Polls job progress for the bar and notices trouble (worker errors, dead children, lost or stuck jobs)."""
+
+    def __init__(self, state: JobState, cluster: Any, cfg: FbasConfig, bar: _Progress, client: Any) -> None:
+        self.state, self.cluster, self.cfg, self.bar, self.client = state, cluster, cfg, bar, client
+        self.last_n, self.last_change, self.last_poll, self.n_done = -1, time.monotonic(), 0.0, 0
+
+    def tick(self, force: bool = False) -> int:
+        """Poll (at most every 0.2 s unless forced); return the number of done batches."""
+        now = time.monotonic()
+        if not force and now - self.last_poll < 0.2:
+            return self.n_done
+        self.last_poll = now
+        if self.cluster is not None:
+            self.cluster.check()
+        errors = self.state.errors()
+        if errors:
+            raise ConfigError(f"a worker reported: {errors[0]}")
+        self.n_done = self.state.n_done()
+        self.bar.update(self.state.counters())
+        if self.n_done != self.last_n:
+            self.last_n, self.last_change = self.n_done, now
+        return self.n_done
+
+    def needs_reenqueue(self, queue: str) -> str | None:
+        """'lost' when Redis forgot the job, 'stalled' when nothing moved for visibility_timeout + 30 s."""
+        try:
+            if not self.state.exists():
+                return "lost"
+        except ServerUnavailableError:
+            return None
+        stall = self.cfg.queue.visibility_timeout + 30
+        if time.monotonic() - self.last_change > stall and queue_length(self.client, queue) == 0:
+            self.last_change = time.monotonic()
+            return "stalled"
+        return None

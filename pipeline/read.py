@@ -1,0 +1,364 @@
+"""Corpus reading and validation: Parquet file, folder, glob or object-store URI -> record batches.
+
+    corpus = open_corpus("corpus/", cfg.corpus)     # lists files, reads footers, validates the schema
+    for rb in corpus.batches():                      # RowBatch: row0, ids, texts (None where unusable), flags
+        ...
+
+The corpus is read as a stream of record batches (``batch_rows`` rows at a time, a few MB);
+nothing ever holds the whole corpus. Files are read in sorted path order, rows in file
+order, so a row's position (``row_id``, int64) is the same on every pass and every run.
+
+Validation done here (before anything is enqueued; ``InputError`` names the column and the fix):
+
+* the text column exists in every file and holds strings (``string``, ``large_string``,
+  ``string_view``, a dictionary of strings, or ``binary`` decoded as UTF-8);
+* the id column, when present, holds integers or strings and no nulls; when the default
+  ``id`` column is absent the row position is the id (an explicitly named id column must exist);
+* the optional title column exists and holds strings.
+
+Id uniqueness needs every id, so the scan (``pipeline.plan.scan_corpus``) checks it with
+``id_hashes`` below: 64-bit hashes, sorted, collisions confirmed on the real ids.
+
+Texts: invalid UTF-8 is replaced with U+FFFD and the row flagged ``repaired``; ``None`` marks
+a null text. Empty and whitespace-only texts are returned as they are; the scan quarantines them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import posixpath
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.config import CorpusConfig, fingerprint
+from pipeline.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Corpus", "CorpusFile", "RowBatch", "open_corpus", "id_hashes", "decode_texts", "READ_BATCH_ROWS"]
+
+READ_BATCH_ROWS = 32_768  # rows per record batch read from Parquet (a few MB of text)
+DEFAULT_ID_COLUMN = "id"
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """One Parquet file of the corpus."""
+
+    path: str        # path inside the filesystem (as pyarrow.fs spells it)
+    size: int        # bytes
+    num_rows: int
+    row0: int        # row_id of its first row
+
+
+@dataclass
+class RowBatch:
+    """A slice of the corpus: rows ``row0 .. row0 + len(texts) - 1``."""
+
+    row0: int
+    ids: list                 # original ids (int or str); the row position where the corpus has no id column
+    id_array: pa.Array | None  # the same ids as read (None for row-position ids), for vectorized hashing
+    texts: list[str | None]   # None = null text; title + " " + text where a title column is used
+    repaired: np.ndarray      # bool [n]: invalid UTF-8 was replaced in this row
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class Corpus:
+    """A validated corpus: its files, columns and id type; ``batches()`` streams it."""
+
+    uri: str
+    fs: pafs.FileSystem
+    files: list[CorpusFile]
+    text_column: str
+    id_column: str | None            # None: the row position is the id
+    title_column: str | None
+    id_type: str                     # "int64" | "string"
+    n_rows: int
+    fingerprint: str = ""
+    columns: list[str] = field(default_factory=list)
+
+    def batches(self, batch_rows: int = READ_BATCH_ROWS) -> Iterator[RowBatch]:
+        """Every row in order, ``batch_rows`` at a time (texts decoded; ids in their original type)."""
+        cols = [c for c in (self.id_column, self.text_column, self.title_column) if c]
+        row = 0
+        for f in self.files:
+            if f.num_rows == 0:
+                continue
+            with self.fs.open_input_file(f.path) as handle:
+                pf = pq.ParquetFile(handle)
+                for rb in pf.iter_batches(batch_size=batch_rows, columns=cols, use_threads=True):
+                    n = rb.num_rows
+                    id_array = rb.column(self.id_column) if self.id_column else None
+                    ids = id_array.to_pylist() if id_array is not None else list(range(row, row + n))
+                    texts, repaired = decode_texts(rb.column(self.text_column))
+                    if self.title_column:
+                        titles, rep_t = decode_texts(rb.column(self.title_column))
+                        texts = [t if (t is None or not t.strip() or not ti or not ti.strip()) else f"{ti} {t}"
+                                 for ti, t in zip(titles, texts)]
+                        repaired |= rep_t
+                    yield RowBatch(row, ids, id_array, texts, repaired)
+                    row += n
+        if row != self.n_rows:
+            raise InputError(f"{self.uri} changed while it was read ({row} rows now, {self.n_rows} in the footers): "
+                             "do not modify a corpus during an ingest")
+
+    def id_arrays(self, batch_rows: int = READ_BATCH_ROWS) -> Iterator[tuple[int, pa.Array | None, int]]:
+        """(row0, id array or None for row-position ids, n) per record batch, without reading texts."""
+        row = 0
+        for f in self.files:
+            if f.num_rows == 0:
+                continue
+            if self.id_column is None:
+                yield row, None, f.num_rows
+                row += f.num_rows
+                continue
+            with self.fs.open_input_file(f.path) as handle:
+                for rb in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=[self.id_column]):
+                    yield row, rb.column(0), rb.num_rows
+                    row += rb.num_rows
+
+
+# --------------------------------------------------------------------------------------------------
+# opening and validation
+
+
+def _resolve(uri: str) -> tuple[pafs.FileSystem, list[str], str]:
+    """(filesystem, sorted Parquet paths, how to name it in messages) for a file, folder, glob or URI."""
+    has_glob = any(ch in uri for ch in "*?[")
+    if "://" in uri:
+        base = uri
+        pattern = None
+        if has_glob:  # glob on the last path components: s3://b/corpus/*.parquet
+            head, pattern = uri.rsplit("/", 1)
+            base = head
+        try:
+            fs, path = pafs.FileSystem.from_uri(base)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+            raise InputError(f"cannot open corpus {uri}: {e}") from None
+    else:
+        fs = pafs.LocalFileSystem()
+        if has_glob:
+            p = Path(uri).expanduser()
+            parts = p.parts
+            first = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+            path = str(Path(*parts[:first]).resolve()) if first else str(Path.cwd())
+            pattern = str(Path(*parts[first:]))
+        else:
+            path, pattern = str(Path(uri).expanduser().resolve()), None
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"corpus {uri} does not exist: pass a Parquet file, a folder of Parquet files, a glob "
+                         "or an object-store URI")
+    if info.type == pafs.FileType.File and pattern is None:
+        return fs, [path], uri
+    sel = pafs.FileSelector(path, recursive=True)
+    paths = []
+    for fi in fs.get_file_info(sel):
+        if fi.type != pafs.FileType.File:
+            continue
+        rel = posixpath.relpath(fi.path, path)
+        name = posixpath.basename(fi.path)
+        if name.startswith((".", "_")):  # _SUCCESS, _metadata, .crc, hidden temp files
+            continue
+        if pattern is not None:
+            if fnmatch.fnmatch(rel, pattern) or (pattern.startswith("**/") and fnmatch.fnmatch(rel, pattern[3:])):
+                paths.append(fi.path)
+        elif name.endswith((".parquet", ".parq", ".pq")):
+            paths.append(fi.path)
+    if not paths:
+        raise InputError(f"corpus {uri} holds no Parquet files (*.parquet): check the path or the glob")
+    return fs, sorted(paths), uri
+
+
+def _is_text_type(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_text_type(t.value_type)
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t) or getattr(pa.types, "is_string_view", lambda _t: False)(t))
+
+
+def _id_kind(t: pa.DataType) -> str | None:
+    if pa.types.is_integer(t):
+        return "int64"
+    if pa.types.is_dictionary(t):
+        return _id_kind(t.value_type)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view",
+                                                                       lambda _t: False)(t):
+        return "string"
+    return None
+
+
+def open_corpus(uri: str | Path, cfg: CorpusConfig) -> Corpus:
+    """List and validate a corpus (reads only the Parquet footers); raise ``InputError`` with the fix."""
+    uri = str(uri)
+    fs, paths, shown = _resolve(uri)
+    files: list[CorpusFile] = []
+    id_column: str | None = cfg.id_column
+    id_kind: str | None = None
+    row0 = 0
+    schema_seen: list[str] = []
+    for i, path in enumerate(paths):
+        try:
+            with fs.open_input_file(path) as handle:
+                md = pq.ParquetFile(handle).metadata
+                schema = md.schema.to_arrow_schema()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{path} is not a readable Parquet file ({e}): remove it from the corpus or fix it") \
+                from None
+        names = schema.names
+        schema_seen = names
+        where = f"{path}" if len(paths) > 1 else shown
+        if cfg.text_column not in names:
+            raise InputError(f"{where} has no text column {cfg.text_column!r} (columns: {', '.join(names)}): "
+                             "pass --text-column NAME")
+        t = schema.field(cfg.text_column).type
+        if not _is_text_type(t):
+            raise InputError(f"{where}: text column {cfg.text_column!r} has type {t}, not string: cast it to string "
+                             "or pass --text-column with a string column")
+        if cfg.title_column:
+            if cfg.title_column not in names:
+                raise InputError(f"{where} has no title column {cfg.title_column!r} (columns: {', '.join(names)}): "
+                                 "pass --title-column NAME, or leave it out")
+            tt = schema.field(cfg.title_column).type
+            if not _is_text_type(tt):
+                raise InputError(f"{where}: title column {cfg.title_column!r} has type {tt}, not string: cast it "
+                                 "to string")
+        if id_column is not None:
+            if id_column not in names:
+                if id_column == DEFAULT_ID_COLUMN and i == 0:
+                    logger.info("%s has no 'id' column: the row position is the id", where)
+                    id_column = None
+                else:
+                    raise InputError(f"{where} has no id column {id_column!r} (columns: {', '.join(names)}): pass "
+                                     "--id-column NAME (ids must be unique integers or strings)")
+        if id_column is not None:
+            kind = _id_kind(schema.field(id_column).type)
+            if kind is None:
+                raise InputError(f"{where}: id column {id_column!r} has type {schema.field(id_column).type}; ids must "
+                                 "be integers or strings: cast the column, or pass --id-column with another column")
+            if id_kind is not None and kind != id_kind:
+                raise InputError(f"{where}: id column {id_column!r} is {kind} here but {id_kind} in earlier files: "
+                                 "use one id type across the corpus")
+            id_kind = kind
+        elif DEFAULT_ID_COLUMN in names and cfg.id_column == DEFAULT_ID_COLUMN and i > 0:
+            raise InputError(f"{where} has an 'id' column but earlier files do not: give every file the same "
+                             "columns")
+        files.append(CorpusFile(path, fs.get_file_info(path).size, md.num_rows, row0))
+        row0 += md.num_rows
+    corpus = Corpus(uri=shown, fs=fs, files=files, text_column=cfg.text_column, id_column=id_column,
+                    title_column=cfg.title_column, id_type=id_kind or "int64", n_rows=row0, columns=schema_seen)
+    common = posixpath.commonpath([f.path for f in files]) if len(files) > 1 else posixpath.dirname(files[0].path)
+    corpus.fingerprint = fingerprint({
+        "files": [(posixpath.relpath(f.path, common), f.size, f.num_rows) for f in files],
+        "text": cfg.text_column, "id": id_column, "title": cfg.title_column})
+    logger.info("corpus %s: %d file(s), %d rows, id %s (%s)", shown, len(files), row0, id_column or "<row position>",
+                corpus.id_type)
+    return corpus
+
+
+# --------------------------------------------------------------------------------------------------
+# texts and ids
+
+
+def decode_texts(arr: pa.Array | pa.ChunkedArray) -> tuple[list[str | None], np.ndarray]:
+    """Python strings (None for nulls) and a bool mask of rows whose invalid UTF-8 was replaced."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = pa.concat_arrays(arr.chunks) if arr.num_chunks != 1 else arr.chunk(0)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    t = arr.type
+    n = len(arr)
+    repaired = np.zeros(n, dtype=bool)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        try:
+            arr.validate(full=True)
+            return arr.to_pylist(), repaired
+        except pa.ArrowInvalid:
+            arr = arr.view(pa.binary() if pa.types.is_string(t) else pa.large_binary())
+    elif not (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+        arr = arr.cast(pa.large_string())  # string_view and friends
+        return arr.to_pylist(), repaired
+    out: list[str | None] = []
+    for i, b in enumerate(arr.to_pylist()):
+        if b is None:
+            out.append(None)
+            continue
+        try:
+            out.append(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(b.decode("utf-8", errors="replace"))
+            repaired[i] = True
+    return out, repaired
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def id_hashes(arr: pa.Array | pa.ChunkedArray | Sequence | None, row0: int = 0, n: int | None = None) -> np.ndarray:
+    """uint64 [n]: a 64-bit key per id. Integer ids map to themselves (no collisions); strings hash their
+    UTF-8 bytes (vectorized polynomial hash, then splitmix64); ``None`` means row-position ids."""
+    if arr is None:
+        return np.arange(row0, row0 + (n or 0), dtype=np.int64).view(np.uint64)
+    if not isinstance(arr, (pa.Array, pa.ChunkedArray)):
+        arr = pa.array(list(arr))
+    if isinstance(arr, pa.ChunkedArray):
+        arr = pa.concat_arrays(arr.chunks) if arr.num_chunks != 1 else arr.chunk(0)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if arr.null_count:
+        raise InputError(f"the id column has {arr.null_count} null id(s) (first at row "
+                         f"{row0 + int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])}): every row "
+                         "needs a unique id; fill them, or drop --id-column to use row positions")
+    if pa.types.is_integer(arr.type):
+        if pa.types.is_unsigned_integer(arr.type):
+            return arr.cast(pa.uint64()).to_numpy().astype(np.uint64)
+        return arr.cast(pa.int64()).to_numpy().view(np.uint64)
+    if not pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.large_string())
+    count = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + count + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    start = int(offsets[0])
+    data = data[start:int(offsets[-1])].astype(np.uint64)
+    h = np.zeros(count, dtype=np.uint64)
+    if data.size:
+        owner = np.repeat(np.arange(count), lengths)
+        from_end = (offsets[1:] - start)[owner] - 1 - np.arange(data.size)  # 0 for each string's last byte
+        maxlen = int(lengths.max())
+        powers = np.empty(maxlen, dtype=np.uint64)
+        powers[0] = 1
+        with np.errstate(over="ignore"):
+            p = np.uint64(0x100000001B3)
+            for k in range(1, maxlen):
+                powers[k] = powers[k - 1] * p
+            terms = (data + np.uint64(1)) * powers[from_end]
+        nonempty = lengths > 0
+        sums = np.add.reduceat(terms, (offsets[:-1] - start)[nonempty])
+        h[nonempty] = sums
+    with np.errstate(over="ignore"):
+        h ^= lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return _splitmix64(h)
+
+
+def cast_ids(ids: list, id_type: str) -> pa.Array:
+    """Ids as they travel in messages (int or str) -> the Arrow array written to the output."""
+    return pa.array(ids, type=pa.int64() if id_type == "int64" else pa.string())

@@ -1,0 +1,290 @@
+"""The pipeline against real services: one redis-server, one tritonserver and one Celery worker (2 processes)
+for the module, with jobs submitted as a fleet would (``--broker``). No mocks.
+
+Covers reliability.md's bad-input table, refusal before enqueueing, the pickle refusal, a worker child
+killed mid-batch (redelivered, every row once), and `status`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import FbasConfig
+from pipeline.errors import ConfigError, InputError
+from tests.pipeline_support import check_oracle, read_quarantine, read_vectors, seed_model, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PAUSE_TAG = "pause-me"
+CRASH_TAG = "crash-me"
+
+
+@pytest.fixture(scope="module")
+def template_out(tmp_path_factory) -> Path:
+    """An output folder holding the built default model (copied into each job's folder)."""
+    from pipeline.ingest import ensure_model
+    from workers.write import OutputDir
+
+    out = tmp_path_factory.mktemp("template")
+    ensure_model(FbasConfig(), OutputDir(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(template_out, tmp_path_factory):
+    from pipeline.local import LocalCluster
+    from pipeline.serve import find_tritonserver
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not on PATH (apt install redis-server)")
+    try:
+        find_tritonserver()
+    except ConfigError as e:
+        pytest.skip(f"tritonserver is not installed: {e}")
+    cfg = FbasConfig()
+    cfg.queue.task_time_limit, cfg.queue.visibility_timeout, cfg.queue.max_retries = 60.0, 120.0, 2
+    c = LocalCluster(template_out / ".fbas" / "model", tmp_path_factory.mktemp("cluster"), cfg, concurrency=2,
+                     worker_env={"FBAS_TEST_PAUSE": f"1:8:{PAUSE_TAG}", "FBAS_TEST_CRASH": f"2:{CRASH_TAG}"})
+    c.start()
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        c.stop()
+
+
+def _cfg(cluster, out: Path, **corpus) -> FbasConfig:
+    cfg = FbasConfig()
+    cfg.queue.broker = cluster.broker_url
+    cfg.output.out = str(out)
+    for k, v in corpus.items():
+        setattr(cfg.corpus, k, v)
+    return cfg
+
+
+def _ingest(cluster, template_out, corpus: Path, out: Path, **corpus_kw):
+    from pipeline.ingest import ingest
+
+    seed_model(out, template_out)
+    return ingest(str(corpus), _cfg(cluster, out, **corpus_kw), progress=False)
+
+
+def _reference(template_out, texts: list[str]) -> np.ndarray:
+    from engine.model_dir import load_engine, load_tokenizer
+
+    d = template_out / ".fbas" / "model"
+    enc = load_tokenizer(d).encode(texts)
+    return load_engine(d).embed(enc.token_ids, enc.lengths)
+
+
+def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, template_out, tmp_path):
+    good = ["A man is playing a guitar.", "Un homme joue de la guitare.", "一个男人在弹吉他。",
+            "text with a NUL\x00 inside", "tabs\tand\nnewlines", "word " * 3000]
+    texts: list = good + [None, "", "   \n\t ", "\x01\x02\x03", "fine again"]
+    raw = [t.encode() if t is not None else None for t in texts]
+    raw.append(b"broken \xff\xfe utf-8 bytes")
+    ids = [f"doc-{i}" for i in range(len(raw))]
+    corpus = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": ids, "text": pa.array(raw, pa.binary())}), corpus)
+    out = tmp_path / "out"
+    r = _ingest(cluster, template_out, corpus, out)
+    m = check_oracle(out, ids)
+    assert read_quarantine(out) == {6: "null_text", 7: "empty_text", 8: "whitespace_text", 9: "no_tokens"}
+    assert m["counts"]["truncated"] == 1 and m["counts"]["repaired"] == 1
+    t = pq.read_table(out / "vectors").to_pydict()
+    flags = {i: (n, tr, rep) for i, n, tr, rep in zip(t["id"], t["n_tokens"], t["truncated"], t["repaired"])}
+    assert flags["doc-5"] == (256, True, False)
+    assert flags["doc-11"][2] is True and flags["doc-0"] == (9, False, False)
+    rows, _, vecs = read_vectors(out)
+    want_texts = [(texts + ["broken \ufffd\ufffd utf-8 bytes"])[i] for i in rows]
+    ref = _reference(template_out, want_texts)
+    assert np.min(np.sum(ref * vecs, axis=1)) > 0.9999, "vectors equal the in-process engine's"
+    assert r.resumed_batches == 0
+
+    from pipeline.jobstate import job_status
+
+    st = job_status(str(out), cluster.broker_url)
+    assert st["folder"]["done_batches"] == st["folder"]["planned_batches"] and st["folder"]["finished"]
+    assert st["jobs"][r.job]["done"] == st["jobs"][r.job]["planned"]
+    assert cluster.redis.password not in "\n".join(st["lines"])
+
+
+def test_invalid_corpora_are_refused_before_anything_is_enqueued(cluster, template_out, tmp_path):
+    from pipeline.jobstate import connect, list_jobs
+    from workers.app import QUEUE
+
+    client = connect(cluster.broker_url)
+    jobs_before = set(list_jobs(client))
+    cases = [
+        ({"id": [1, 2], "body": ["a", "b"]}, {}, r"no text column 'text'.*--text-column"),
+        ({"id": [1, 2], "text": [3, 4]}, {}, r"text column 'text' has type int64"),
+        ({"id": [1.5, 2.5], "text": ["a", "b"]}, {}, r"id column 'id' has type double"),
+        ({"id": ["x", "y", "x"], "text": ["a", "b", "c"]}, {}, r"duplicate id.*'x' at rows 0, 2"),
+        ({"id": ["x", None], "text": ["a", "b"]}, {}, r"null id"),
+        ({"key": [1, 2], "text": ["a", "b"]}, {"id_column": "doc"}, r"no id column 'doc'"),
+    ]
+    for i, (cols, kw, pattern) in enumerate(cases):
+        corpus = tmp_path / f"c{i}.parquet"
+        pq.write_table(pa.table(cols), corpus)
+        out = tmp_path / f"out{i}"
+        with pytest.raises(InputError, match=pattern):
+            _ingest(cluster, template_out, corpus, out, **kw)
+        assert not (out / "vectors").exists() or not any((out / "vectors").iterdir())
+    assert set(list_jobs(client)) == jobs_before, "no job state was created"
+    assert client.llen(QUEUE) == 0, "nothing was enqueued"
+
+
+class _Evil:
+    """Unpickling this would create the marker file: the worker must never deserialize it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_message_is_refused_and_never_deserialized(cluster, template_out, tmp_path):
+    from kombu import Connection
+
+    from workers.app import QUEUE, TASK_NAME
+
+    marker = tmp_path / "pwned"
+    with Connection(cluster.broker_url) as conn:
+        producer = conn.Producer(serializer="pickle")
+        producer.publish({"args": [_Evil(str(marker))]}, routing_key=QUEUE, exchange="",
+                         headers={"task": TASK_NAME, "id": "evil-1", "lang": "py", "argsrepr": "", "kwargsrepr": ""})
+    log = Path(cluster.log_dir) / "worker.log"
+    wait_for(lambda: "evil-1" in log.read_text(errors="replace") or "untrusted" in log.read_text(errors="replace"),
+             30, "the worker to refuse the pickle message")
+    time.sleep(0.5)
+    assert not marker.exists(), "the pickle payload was deserialized"
+    text = log.read_text(errors="replace")
+    assert "ContentDisallowed" in text or "untrusted content" in text
+    assert cluster.redis.password not in text, "the Redis password leaked into the worker log"
+    cluster.check()  # the worker survived
+    corpus = tmp_path / "after.parquet"
+    pq.write_table(pa.table({"text": ["still works", "after the pickle"]}), corpus)
+    _ingest(cluster, template_out, corpus, tmp_path / "out")
+    check_oracle(tmp_path / "out", [0, 1])
+
+
+def test_killing_a_worker_child_mid_batch_redelivers_the_batch(cluster, template_out, tmp_path, stsb_en_test):
+    from pipeline.jobstate import JobState, connect, list_jobs
+
+    texts = [a for a, _, _ in stsb_en_test[:300]]
+    ids = list(range(1000, 1000 + len(texts)))
+    corpus = tmp_path / "k.parquet"
+    pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
+    out = tmp_path / f"{PAUSE_TAG}-out"  # batch 1 sleeps 8 s on its first delivery (FBAS_TEST_PAUSE)
+    client = connect(cluster.broker_url)
+    before = set(list_jobs(client))
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["r"] = _ingest(cluster, template_out, corpus, out, batch_rows=32)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            result["e"] = e
+
+    th = threading.Thread(target=run)
+    th.start()
+    job = wait_for(lambda: next(iter(set(list_jobs(client)) - before), None), 120, "the job to appear in Redis")
+    state = JobState(client, job)
+    where = wait_for(lambda: state.running().get(1), 120, "batch 1 to start")
+    time.sleep(1.0)  # tokenized, now sleeping mid-batch
+    pid = int(where.rsplit(":", 1)[1])
+    assert pid in cluster.worker.children()
+    os.kill(pid, signal.SIGKILL)
+    th.join(timeout=300)
+    assert not th.is_alive()
+    if "e" in result:
+        raise result["e"]
+    m = check_oracle(out, ids)
+    assert m["counts"]["redelivered"] >= 1
+    assert m["counts"]["embedded"] == len(texts)
+
+
+def test_the_worker_command_joins_the_fleet(cluster, template_out, tmp_path, stsb_en_test):
+    """`fbas-pipeline worker --broker URL --triton HOST:PORT` consumes batches next to the cluster's worker."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    log = tmp_path / "cli-worker.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "--broker", cluster.broker_url,
+                                 "--triton", cluster.triton_url, "--concurrency", "1", "--loglevel", "INFO"],
+                                env={**os.environ, "PYTHONPATH": str(root)}, stdout=f, stderr=subprocess.STDOUT,
+                                cwd=str(root))
+    try:
+        wait_for(lambda: "ready." in log.read_text(errors="replace"), 60, "the CLI worker to start")
+        texts = [b for _, b, _ in stsb_en_test[:200]]
+        corpus = tmp_path / "w.parquet"
+        pq.write_table(pa.table({"id": [f"w{i}" for i in range(len(texts))], "text": texts}), corpus)
+        _ingest(cluster, template_out, corpus, tmp_path / "out", batch_rows=8)
+        check_oracle(tmp_path / "out", [f"w{i}" for i in range(len(texts))])
+        text = log.read_text(errors="replace")
+        assert "fbas.embed_batch" in text and "succeeded" in text, "the CLI worker ran no batch"
+        assert cluster.redis.password not in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) is not None
+
+
+def test_a_batch_that_kills_its_worker_every_time_is_quarantined(cluster, template_out, tmp_path, stsb_en_test):
+    """A poison batch (the worker process dies on every delivery, as with OOM) is retried a bounded number of
+    times, then quarantined with a reason; the job finishes and every other row is embedded."""
+    texts = [a for a, _, _ in stsb_en_test[300:400]]
+    ids = [f"p{i}" for i in range(len(texts))]
+    corpus = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
+    out = tmp_path / f"{CRASH_TAG}-out"  # batch 2 kills its worker process on every delivery
+    r = _ingest(cluster, template_out, corpus, out, batch_rows=16)
+    m = check_oracle(out, ids)
+    q = read_quarantine(out)
+    assert len(q) == 16 and all(reason.startswith("poison: 3 deliveries") for reason in q.values()), q
+    assert m["counts"]["redelivered"] >= 3 and r.manifest["counts"]["embedded"] == len(texts) - 16
+    cluster.check()  # the worker replaced its dead processes
+
+
+def test_a_redis_that_lost_everything_mid_job_is_refilled(cluster, template_out, tmp_path, stsb_en_test):
+    """Redis restarted without persistence (FLUSHALL here): the producer notices the job is gone, rebuilds its
+    state from the committed parts and re-enqueues the missing batches; every row ends up exactly once."""
+    from pipeline.jobstate import connect, list_jobs
+
+    texts = [b for _, b, _ in stsb_en_test[400:700]]
+    ids = [f"f{i}" for i in range(len(texts))]
+    corpus = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
+    out = tmp_path / f"{PAUSE_TAG}-flush"  # batch 1 sleeps 8 s on its first delivery
+    client = connect(cluster.broker_url)
+    before = set(list_jobs(client))
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["r"] = _ingest(cluster, template_out, corpus, out, batch_rows=32)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            result["e"] = e
+
+    th = threading.Thread(target=run)
+    th.start()
+    job = wait_for(lambda: next(iter(set(list_jobs(client)) - before), None), 120, "the job to appear in Redis")
+    wait_for(lambda: client.hget(f"fbas:job:{job}:running", "1"), 120, "batch 1 to start")
+    client.flushall()
+    th.join(timeout=300)
+    assert not th.is_alive()
+    if "e" in result:
+        raise result["e"]
+    check_oracle(out, ids)

@@ -1,0 +1,181 @@
+"""Writers, finalize and its oracle, index types, search mapping and metrics, without services.
+
+Parts are written with the workers' own writer (workers/write.py) from synthetic vectors, so
+these tests exercise exactly the files a real job produces.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.evaluate import evaluate_run, ndcg_at_k, recall_at_k
+from pipeline.finalize import IncompleteJobError, OracleError, finalize
+from pipeline.plan import Scan, plan_batches
+from pipeline.read import id_hashes
+from workers.write import BatchOutput, OutputDir, write_batch
+
+DIM = 16
+
+
+def _job(tmp_path, n=300, quarantine_rows=(5, 77)):
+    """An output folder with job.json, scan.npz, plan.npz for n rows (ids "r<i>"), nothing committed."""
+    out = OutputDir(tmp_path / "out")
+    out.make_dirs()
+    rng = np.random.default_rng(0)
+    n_tokens = rng.integers(3, 40, n).astype(np.int32)
+    n_tokens[list(quarantine_rows)] = 0
+    ids = [f"r{i}" for i in range(n)]
+    import pyarrow as pa
+
+    scan = Scan(n, n_tokens, id_hashes(pa.array(ids)), np.array(quarantine_rows, np.int64),
+                [ids[r] for r in quarantine_rows], ["empty_text"] * len(quarantine_rows))
+    plan = plan_batches(n_tokens, 256, 32)
+    scan.save(out.state("scan.npz"))
+    plan.save(out.state("plan.npz"))
+    pq.write_table(pa.table({"row_id": pa.array(scan.q_rows, pa.int64()), "id": scan.q_ids,
+                             "reason": scan.q_reasons}), out.state("quarantine-scan.parquet"))
+    job = {"job": "J1", "n_batches": plan.n_batches, "planned_rows": plan.n_rows,
+           "corpus": {"id_type": "string", "uri": "x"}, "model": {"dim": DIM, "dir": ".fbas/model",
+                                                                  "fingerprint": "M"}}
+    out.state("job.json").write_text(json.dumps(job))
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return out, plan, ids, vectors
+
+
+def _commit(out, plan, ids, vectors, b, job="J1", bad_rows=()):
+    rows = plan.rows(b)
+    ok = np.array([r not in bad_rows for r in rows])
+    q = rows[~ok]
+    write_batch(out, BatchOutput(job, b, "M", DIM, "string", rows[ok], [ids[r] for r in rows[ok]], vectors[rows[ok]],
+                                 np.full(ok.sum(), 7, np.int32), np.zeros(ok.sum(), bool), np.zeros(ok.sum(), bool),
+                                 q, [ids[r] for r in q], ["non_finite_output"] * len(q)))
+
+
+def test_finalize_checks_the_oracle_and_writes_checksummed_outputs(tmp_path):
+    out, plan, ids, vectors = _job(tmp_path)
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b, bad_rows=(plan.rows(0)[0],) if b == 0 else ())
+    (out.path("vectors") / "part-000000.parquet.tmp-host-1-abcd").write_bytes(b"half a file")
+    m = finalize(out, "flat")
+    assert m["counts"]["input_rows"] == 300 and m["counts"]["quarantined"] == 3
+    assert m["counts"]["embedded"] == 297 and m["index"]["ntotal"] == 297
+    assert m["counts"]["quarantine_reasons"] == {"empty_text": 2, "non_finite_output": 1}
+    assert not list(out.path("vectors").glob("*.tmp-*")), "our stale temp files are removed"
+    q = pq.read_table(out.path("quarantine.parquet"))
+    assert q.column("row_id").to_pylist() == sorted([5, 77, int(plan.rows(0)[0])])
+    first = out.path("index.faiss").read_bytes()
+    assert finalize(out, "flat")["index"]["sha256"] == m["index"]["sha256"]  # rerun: identical index
+    assert out.path("index.faiss").read_bytes() == first
+
+
+def test_missing_parts_and_stray_files_are_refused(tmp_path):
+    out, plan, ids, vectors = _job(tmp_path)
+    for b in range(1, plan.n_batches):
+        _commit(out, plan, ids, vectors, b)
+    with pytest.raises(IncompleteJobError) as e:
+        finalize(out, "flat")
+    assert e.value.missing == [0]
+    _commit(out, plan, ids, vectors, 0, job="OTHER")  # a part with this name from another job
+    with pytest.raises(InputError, match=r"not parts of this job.*part-000000.parquet \(from job OTHER\)"):
+        finalize(out, "flat")
+    _commit(out, plan, ids, vectors, 0)
+    shutil.copy(out.vectors_part(1), out.path("vectors") / "part-999999.parquet")
+    with pytest.raises(InputError, match="part-999999"):
+        finalize(out, "flat")
+    out.path("vectors/part-999999.parquet").unlink()
+    finalize(out, "flat")
+
+
+def test_a_part_with_wrong_ids_fails_the_oracle(tmp_path):
+    out, plan, ids, vectors = _job(tmp_path)
+    wrong = list(ids)
+    r = int(plan.rows(2)[0])
+    wrong[r] = "intruder"
+    for b in range(plan.n_batches):
+        _commit(out, plan, wrong if b == 2 else ids, vectors, b)
+    with pytest.raises(OracleError, match="unexpected 1"):
+        finalize(out, "flat")
+    assert not out.path("manifest.json").exists()
+
+
+def test_paths_stay_inside_the_output_folder(tmp_path):
+    out = OutputDir(tmp_path / "o")
+    with pytest.raises(InputError, match="leave the output folder"):
+        out.path("../escape")
+    with pytest.raises(InputError):
+        out.path("/etc/passwd")
+    with pytest.raises(ValueError):
+        out.vectors_part(-1)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_approximate_indexes_find_the_exact_neighbour(tmp_path, kind):
+    import faiss
+
+    out, plan, ids, vectors = _job(tmp_path, n=3000, quarantine_rows=(1,))
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b)
+    m = finalize(out, kind)
+    assert m["index"]["type"] == kind and m["index"]["ntotal"] == 2999
+    index = faiss.read_index(str(out.path("index.faiss")))
+    if kind == "ivfpq":
+        faiss.extract_index_ivf(index).nprobe = m["index"]["params"]["nlist"]
+    want = [10, 500, 2500]
+    _, got = index.search(vectors[want], 20)
+    found = [w in row for w, row in zip(want, got.tolist())]
+    if kind == "hnsw":
+        assert got[:, 0].tolist() == want
+    else:  # product quantization of random 16-d vectors is coarse: the true neighbour is near the top
+        assert sum(found) >= 2
+
+
+def test_metrics_match_hand_computed_values():
+    rels = {"d1": 2, "d2": 1, "d9": 1}
+    ranked = ["d2", "x", "d1"]
+    dcg = 1 / np.log2(2) + 2 / np.log2(4)
+    idcg = 2 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(4)
+    assert ndcg_at_k(ranked, rels, 10) == pytest.approx(dcg / idcg)
+    assert recall_at_k(ranked, rels, 100) == pytest.approx(2 / 3)
+    assert ndcg_at_k(["d1", "d2", "d9"], rels) == pytest.approx(1.0)
+    r = evaluate_run({"q1": ["d1"], "q2": ["z"]}, {"q1": {"d1": 1}, "q2": {"d5": 1}, "q3": {"d1": 1}})
+    assert r == {"ndcg@10": 0.5, "recall@100": 0.5, "queries": 2}
+
+
+def test_the_first_commit_of_a_batch_wins_and_shards_follow_their_parts(tmp_path):
+    import faiss
+
+    out, plan, ids, vectors = _job(tmp_path)
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b)
+    first = out.vectors_part(0).read_bytes()
+    # a duplicate delivery with (slightly) different numbers changes nothing once the part is committed
+    rows = plan.rows(0)
+    dup = BatchOutput("J1", 0, "M", DIM, "string", rows, [ids[r] for r in rows], vectors[rows] * 0.5,
+                      np.full(len(rows), 7, np.int32), np.zeros(len(rows), bool), np.zeros(len(rows), bool),
+                      rows[:0], [], [])
+    assert write_batch(out, dup) is False
+    assert out.vectors_part(0).read_bytes() == first
+    # a shard rewritten behind a committed part is not trusted: the index is built from the part
+    shard = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+    shard.add_with_ids(vectors[rows] * 0.5, rows.astype(np.int64))
+    faiss.write_index(shard, str(out.shard(0)))
+    finalize(out, "flat")
+    index = faiss.read_index(str(out.path("index.faiss")))
+    got = index.index.reconstruct_n(0, len(rows))
+    assert np.array_equal(got, vectors[rows])
+    # a part of another job under our name is replaced by ours
+    _commit(out, plan, ids, vectors, 1, job="OTHER")
+    assert write_batch(out, dup.__class__(**{**dup.__dict__, "batch": 1, "row_ids": plan.rows(1),
+                                             "ids": [ids[r] for r in plan.rows(1)],
+                                             "vectors": vectors[plan.rows(1)],
+                                             "n_tokens": np.full(len(plan.rows(1)), 7, np.int32),
+                                             "truncated": np.zeros(len(plan.rows(1)), bool),
+                                             "repaired": np.zeros(len(plan.rows(1)), bool)})) is True
+    finalize(out, "flat")

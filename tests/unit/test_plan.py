@@ -1,0 +1,94 @@
+"""The length scan and the token-budget planner (pipeline/plan.py), and batch assembly (pipeline/produce.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import CorpusConfig
+from pipeline.errors import InputError
+from pipeline.plan import plan_batches, scan_corpus
+from pipeline.produce import batch_messages
+from pipeline.read import open_corpus
+
+
+def _check_plan(n_tokens: np.ndarray, budget: int, max_rows: int):
+    plan = plan_batches(n_tokens, budget, max_rows)
+    planned = np.flatnonzero(n_tokens > 0)
+    assert np.array_equal(np.sort(plan.order), planned), "every embeddable row exactly once"
+    for i in range(plan.n_batches):
+        rows = plan.rows(i)
+        assert np.all(np.diff(rows) > 0)
+        assert len(rows) <= max_rows
+        assert plan.padded_len[i] == n_tokens[rows].max()
+        assert len(rows) == 1 or len(rows) * plan.padded_len[i] <= budget
+        assert plan.tokens[i] == n_tokens[rows].sum()
+    return plan
+
+
+def test_plan_covers_every_row_once_within_budget():
+    rng = np.random.default_rng(0)
+    n_tokens = rng.integers(3, 300, 20_000).astype(np.int32)
+    n_tokens[rng.random(20_000) < 0.05] = 0  # quarantined rows are not planned
+    n_tokens[7] = 5000  # longer than the budget: a batch of its own
+    plan = _check_plan(n_tokens, 4096, 128)
+    assert plan.padding_ratio() < 0.02  # length-homogeneous batches waste almost nothing
+    again = plan_batches(n_tokens, 4096, 128)
+    assert np.array_equal(plan.order, again.order) and np.array_equal(plan.offsets, again.offsets)
+
+
+def test_full_batches_have_zero_padding_and_complete_in_row_order():
+    n_tokens = np.array([10] * 50 + [20] * 30, dtype=np.int32)
+    plan = _check_plan(n_tokens, 200, 1000)   # k = 20 rows of length 10, 10 rows of length 20
+    full = [i for i in range(plan.n_batches) if plan.sizes()[i] in (20, 10) and
+            len(set(n_tokens[plan.rows(i)])) == 1]
+    assert len(full) >= 5
+    lasts = [plan.rows(i)[-1] for i in range(plan.n_batches)]
+    assert lasts[:5] == sorted(lasts[:5])
+
+
+def test_scan_quarantines_unusable_texts_and_flags_truncation(tmp_path, built_fp32):
+    from engine.model_dir import load_tokenizer
+
+    texts = ["a normal sentence", None, "", "   \t\n", "\x00\x01\x02", "word " * 2000, "ok"]
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), p)
+    scan = scan_corpus(open_corpus(str(p), CorpusConfig()), load_tokenizer(built_fp32))
+    reasons = dict(zip(scan.q_rows.tolist(), scan.q_reasons))
+    assert reasons == {1: "null_text", 2: "empty_text", 3: "whitespace_text", 4: "no_tokens"}
+    assert scan.n_tokens[[1, 2, 3, 4]].tolist() == [0, 0, 0, 0]
+    assert scan.n_tokens[5] == 256 and scan.n_truncated == 1
+
+
+@pytest.mark.parametrize("ids", [["a", "b", "a", "c"], [1, 2, 3, 2]])
+def test_duplicate_ids_stop_the_scan_and_are_named(tmp_path, built_fp32, ids):
+    from engine.model_dir import load_tokenizer
+
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": ids, "text": ["x y", "y z", "z w", "w v"]}), p)
+    with pytest.raises(InputError, match=r"duplicate id.*rows 1, 3|duplicate id.*rows 0, 2"):
+        scan_corpus(open_corpus(str(p), CorpusConfig()), load_tokenizer(built_fp32))
+
+
+def test_batch_messages_follow_the_plan_and_skip_done_batches(tmp_path, built_fp32):
+    from engine.model_dir import load_tokenizer
+
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    texts = [" ".join(rng.choice(words, rng.integers(1, 30))) for _ in range(500)]
+    texts[17] = None
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(500)], "text": texts}), p, row_group_size=64)
+    corpus = open_corpus(str(p), CorpusConfig())
+    scan = scan_corpus(corpus, load_tokenizer(built_fp32))
+    plan = plan_batches(scan.n_tokens, 256, 32)
+    msgs = list(batch_messages(corpus, plan, job="j", out="/o", model="m", dim=8))
+    assert sorted(m["batch"] for m in msgs) == list(range(plan.n_batches))
+    for m in msgs:
+        assert m["row_ids"] == plan.rows(m["batch"]).tolist()
+        assert m["ids"] == [f"d{r}" for r in m["row_ids"]]
+        assert m["texts"] == [texts[r] for r in m["row_ids"]]
+    skipped = list(batch_messages(corpus, plan, job="j", out="/o", model="m", dim=8, skip={0, 1, 2}))
+    assert sorted(m["batch"] for m in skipped) == list(range(3, plan.n_batches))

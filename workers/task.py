@@ -1,0 +1,233 @@
+"""The batch task: tokenize, embed through Triton, write the part and the shard, record it done.
+
+Message (msgpack, one per planned batch; ``pipeline.produce`` builds it):
+
+    {"v": 1, "job": str, "batch": int, "out": str, "model": str (model fingerprint), "dim": int,
+     "id_type": "int64" | "string", "row_ids": [int], "ids": [int | str], "texts": [str],
+     "repaired": [positions in the batch whose invalid UTF-8 was replaced]}
+
+What makes it idempotent and bounded (reliability.md):
+
+* a batch whose vectors part is already committed for this job is only recorded done again;
+* every delivery is counted in Redis (``attempts``); a batch whose deliveries died without
+  finishing (worker killed, OOM, hard time limit) more than ``max_retries`` times is
+  quarantined whole with that reason, so a poison batch never loops;
+* transient faults (Triton or Redis unreachable, the soft time limit) are retried by Celery
+  with exponential backoff at most ``max_retries`` times, then the batch is quarantined with
+  the error as its reason: the job always finishes;
+* the Triton model must be the job's (fingerprint); if not, the worker reports a job error
+  and writes nothing (the producer stops with the message).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
+
+from pipeline.envs import read_env
+from pipeline.errors import InputError, PermanentError, TransientError
+from pipeline.jobstate import JobState, connect
+from workers.app import TASK_NAME, app, current_config
+from workers.infer import embed_checked, encoder_for
+from workers.write import BatchOutput, OutputDir, write_batch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["embed_batch", "BatchMessage", "run_batch", "MESSAGE_VERSION"]
+
+MESSAGE_VERSION = 1
+_REDIS: dict[tuple[int, str], Any] = {}
+_TOKENIZERS: dict[str, Any] = {}
+
+
+@dataclass
+class BatchMessage:
+    """A decoded, checked task message."""
+
+    job: str
+    batch: int
+    out: str
+    model: str
+    id_type: str
+    dim: int
+    row_ids: np.ndarray
+    ids: list
+    texts: list[str]
+    repaired: np.ndarray  # bool [n]
+
+    @classmethod
+    def parse(cls, msg: dict) -> BatchMessage:
+        try:
+            if msg.get("v") != MESSAGE_VERSION:
+                raise InputError(f"message version {msg.get('v')!r}, this worker reads {MESSAGE_VERSION}: upgrade "
+                                 "the worker or the producer so that both run the same fbas")
+            n = len(msg["row_ids"])
+            if len(msg["ids"]) != n or len(msg["texts"]) != n:
+                raise InputError(f"batch {msg['batch']}: row_ids, ids and texts differ in length")
+            rep = np.zeros(n, dtype=bool)
+            rep[np.asarray(msg.get("repaired") or [], dtype=np.int64)] = True
+            return cls(str(msg["job"]), int(msg["batch"]), str(msg["out"]), str(msg["model"]), str(msg["id_type"]),
+                       int(msg["dim"]), np.asarray(msg["row_ids"], dtype=np.int64), list(msg["ids"]), list(msg["texts"]), rep)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise InputError(f"malformed batch message ({type(e).__name__}: {e})") from None
+
+
+@worker_process_init.connect
+def _preload(**_: Any) -> None:
+    """Import the heavy modules in each pool process as it starts, not inside its first batch."""
+    import importlib
+
+    for name in ("faiss", "pyarrow.parquet", "tokenizers", "workers.triton_client"):
+        importlib.import_module(name)
+
+
+def _redis(url: str) -> Any:
+    key = (os.getpid(), url)
+    if key not in _REDIS:
+        _REDIS.clear()
+        _REDIS[key] = connect(url)
+    return _REDIS[key]
+
+
+def _tokenizer(state: JobState, job: str, max_seq_len: int) -> Any:
+    from workers.tokenize import Tokenizer
+
+    tok = _TOKENIZERS.get(job)
+    if tok is None:
+        text = state.tokenizer_json()
+        if text is None:
+            raise TransientError(f"job {job} has no tokenizer in Redis yet (the producer writes it first)")
+        tok = Tokenizer(text, max_seq_len)
+        if len(_TOKENIZERS) > 8:
+            _TOKENIZERS.clear()
+        _TOKENIZERS[job] = tok
+    return tok
+
+
+def _test_hooks(m: BatchMessage, attempt: int) -> None:
+    """Test hooks (FAISS's ``crash_at`` idea), read from the worker's environment, mid-batch (after tokenizing):
+
+    * ``FBAS_TEST_PAUSE=BATCH:SECONDS[:OUT_SUBSTRING]`` sleeps on the first delivery of that batch, so a test
+      can kill the worker while it runs;
+    * ``FBAS_TEST_CRASH=BATCH[:OUT_SUBSTRING]`` kills the worker process on every delivery (a poison batch).
+
+    OUT_SUBSTRING limits a hook to jobs whose output path contains it."""
+    env = read_env()
+    spec = env.get("test_pause")
+    if spec and attempt == 1:
+        parts = spec.split(":", 2)
+        if parts[0].strip() == str(m.batch) and (len(parts) < 3 or parts[2] in m.out):
+            secs = float(parts[1]) if len(parts) > 1 and parts[1] else 5.0
+            logger.warning("test hook: pausing batch %d for %.1fs", m.batch, secs)
+            time.sleep(secs)
+    spec = env.get("test_crash")
+    if spec:
+        b, _, tag = spec.partition(":")
+        if b.strip() == str(m.batch) and (not tag or tag in m.out):
+            logger.warning("test hook: killing this worker process in batch %d", m.batch)
+            os.kill(os.getpid(), 9)
+
+
+def _all_quarantined(m: BatchMessage, dim: int, reason: str) -> BatchOutput:
+    n = len(m.row_ids)
+    return BatchOutput(m.job, m.batch, m.model, dim, m.id_type, m.row_ids[:0], [], np.zeros((0, dim), np.float32),
+                       np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, bool), m.row_ids, m.ids,
+                       [reason] * n)
+
+
+def run_batch(m: BatchMessage, engine: Any, tokenizer: Any, dim: int, attempt: int = 1) -> BatchOutput:
+    """Tokenize and embed one batch; rows the engine cannot embed go to the batch's quarantine."""
+    enc = tokenizer.encode(m.texts)
+    _test_hooks(m, attempt)
+    res = embed_checked(engine, enc.token_ids, enc.lengths, dim)
+    ok = res.ok
+    q = np.flatnonzero(~ok)
+    return BatchOutput(
+        m.job, m.batch, m.model, dim, m.id_type, m.row_ids[ok], [i for i, k in zip(m.ids, ok) if k],
+        np.ascontiguousarray(res.vectors[ok]), enc.lengths[ok].astype(np.int32), enc.truncated[ok], m.repaired[ok],
+        m.row_ids[q], [m.ids[i] for i in q], [res.failed[int(i)] for i in q])
+
+
+def _backoff(retries: int) -> float:
+    """Seconds before retry ``retries + 1``: 1, 2, 4, ... capped at 30, with jitter."""
+    import random
+
+    return min(30.0, 2.0 ** retries) * random.uniform(0.75, 1.0)
+
+
+@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+          max_retries=None)
+def embed_batch(self, msg: dict) -> dict:
+    """Celery entry point: one planned batch (see the module docstring). Returns a small summary dict."""
+    cfg = current_config()
+    m = BatchMessage.parse(msg)
+    state = JobState(_redis(cfg.queue.broker), m.job)
+    out = OutputDir(m.out)
+    where = f"{socket.gethostname()}:{os.getpid()}"
+    attempt = state.begin(m.batch, where)
+    retries = int(self.request.retries or 0)
+    crashed = attempt - 1 - retries  # earlier deliveries that never finished
+    if crashed > 0:
+        state.count("redelivered")
+    committed = out.read_part_meta(m.batch)
+    if committed and committed.get("job") == m.job and committed.get("batch") == m.batch:
+        state.mark_done(m.batch, committed["rows"], committed["tokens"], committed["quarantined"])
+        return {"batch": m.batch, "already": True}
+
+    t0 = time.perf_counter()
+    try:
+        enc_model = encoder_for(cfg)
+        info = enc_model.info
+        if info.fingerprint and m.model and info.fingerprint != m.model:
+            problem = (f"Triton at {cfg.serve.triton} serves model {cfg.serve.model_name!r} with fingerprint "
+                       f"{info.fingerprint}, but job {m.job} was planned for {m.model}: serve the job's model "
+                       "(the same `fbas-pipeline build` settings) or rerun ingest with this one")
+            logger.error(problem)
+            state.report_error(problem)
+            return {"batch": m.batch, "error": "model mismatch"}
+        if crashed > cfg.queue.max_retries:
+            result = _all_quarantined(m, m.dim, f"poison: {crashed} deliveries of this batch died without "
+                                                   "finishing (worker killed, out of memory or over the time limit)")
+            logger.error("batch %d of job %s quarantined after %d crashed deliveries", m.batch, m.job, crashed)
+        else:
+            result = run_batch(m, enc_model, _tokenizer(state, m.job, info.max_seq_len), info.dim, attempt)
+    except (TransientError, SoftTimeLimitExceeded) as e:
+        if retries < cfg.queue.max_retries:
+            delay = _backoff(retries)
+            logger.warning("batch %d: %s; retry %d/%d in %.1fs", m.batch, e, retries + 1, cfg.queue.max_retries, delay)
+            state.count("retries")
+            raise self.retry(exc=e, countdown=delay) from None
+        result = _all_quarantined(m, m.dim, f"transient error after {retries} retries: "
+                                                                   f"{str(e)[:300]}")
+    except PermanentError as e:
+        result = _all_quarantined(m, m.dim, f"permanent error: {str(e)[:300]}")
+    except Exception as e:  # noqa: BLE001 - task boundary: an unexpected error must not lose the batch
+        logger.exception("batch %d: unexpected error", m.batch)
+        if retries < cfg.queue.max_retries:
+            state.count("retries")
+            raise self.retry(exc=e, countdown=_backoff(retries)) from None
+        result = _all_quarantined(m, m.dim, f"error after {retries} retries: "
+                                                                   f"{type(e).__name__}: {str(e)[:300]}")
+    try:
+        written = write_batch(out, result)
+    except OSError as e:  # disk full, permissions: a job error, not the rows' fault; a rerun redoes the batch
+        problem = f"batch {m.batch}: cannot write to {out}: {e.strerror or e}"
+        logger.error(problem)
+        state.report_error(problem)
+        return {"batch": m.batch, "error": "write failed"}
+    if not written:
+        committed = out.read_part_meta(m.batch) or result.meta()
+        state.mark_done(m.batch, committed["rows"], committed["tokens"], committed["quarantined"])
+        return {"batch": m.batch, "already": True}
+    state.mark_done(m.batch, len(result.row_ids), int(result.n_tokens.sum(dtype=np.int64)), len(result.q_row_ids))
+    logger.info("batch %d: %d docs, %d quarantined in %.2fs", m.batch, len(result.row_ids), len(result.q_row_ids),
+                time.perf_counter() - t0)
+    return {"batch": m.batch, "docs": len(result.row_ids), "quarantined": len(result.q_row_ids)}
