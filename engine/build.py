@@ -52,7 +52,7 @@ def calibration_texts(path: str | Path | None = None, limit: int = 256) -> list[
     return texts[:limit]
 
 
-def build_model(spec: EngineSpec, out: str | Path, *, fusions: str = "attention", threads: int = 0,
+def build_model(spec: EngineSpec, out: str | Path, *, fusions: str = "all", threads: int = 0,
                 calibration: str | Path | None = None, calibration_size: int = 256, int8_target: float = 0.995,
                 progress=None) -> Path:
     """Build ``spec`` into the folder ``out`` (created or replaced) and return it."""

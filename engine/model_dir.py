@@ -87,7 +87,7 @@ def load_tokenizer(folder: str | Path, meta: ModelMeta | None = None):
     return Tokenizer.from_file(Path(folder) / "tokenizer.json", meta.max_seq_len)
 
 
-def load_engine(folder: str | Path, threads: int = 0, token_budget: int = 8192, max_batch: int = 256,
+def load_engine(folder: str | Path, threads: int = 0, token_budget: int = 2048, max_batch: int = 256,
                 device: str | None = None):
     """The engine for a built folder, chosen by its target (imports the runtime lazily)."""
     folder = Path(folder)

@@ -37,7 +37,7 @@ class OnnxEngine:
     """
 
     def __init__(self, model: str | Path | bytes, dim: int, max_seq_len: int, vocab_size: int,
-                 precision: str = "fp32", threads: int = 0, token_budget: int = 8192, max_batch: int = 256,
+                 precision: str = "fp32", threads: int = 0, token_budget: int = 2048, max_batch: int = 256,
                  pad_id: int = 0) -> None:
         import onnxruntime as ort
 

@@ -118,7 +118,7 @@ class TritonPythonModel:
         threads = int(_param(config, "threads", "0"))
         t0 = time.perf_counter()
         self.engine = load_engine(engine_dir, threads=threads, device=device,
-                                  token_budget=int(_param(config, "token_budget", "8192")))
+                                  token_budget=int(_param(config, "token_budget", "2048")))
         if getattr(self.engine, "dim", meta.dim) != meta.dim:
             raise pb_utils.TritonModelException(f"engine dim {self.engine.dim} != fbas_model.json dim {meta.dim}")
         self._warmup(meta, gpu=device is not None)

@@ -19,19 +19,6 @@ from pipeline.errors import FbasError
 
 logger = logging.getLogger("fbas")
 
-# Which config sections each command exposes as flags.
-COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
-    "build": ("engine",),
-    "embed": ("runtime",),
-    "serve": ("serve",),
-    "ingest": ("engine", "runtime", "serve", "queue", "corpus", "output"),
-    "worker": ("serve", "queue", "runtime"),
-    "status": ("queue", "output"),
-    "search": ("runtime",),
-    "eval": ("runtime",),
-}
-
-
 def _add_section_flags(p: argparse.ArgumentParser, cfg: FbasConfig, section_name: str,
                        skip: Sequence[str] = ()) -> None:
     section = getattr(cfg, section_name)
@@ -81,15 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder that `embed`, `serve` and `ingest` load.")
     _add_section_flags(p, cfg, "engine")
     p.add_argument("--out", required=True, help="model folder to write (replaced if it is a built model folder)")
-    p.add_argument("--fusions", default="attention",
+    p.add_argument("--fusions", default="all",
                    help="ONNX Runtime fused ops to use: all | none | comma list of embed_layernorm, attention, "
-                        "skip_layernorm, bias_gelu (default: attention, the fastest measured on CPU; see "
-                        "BENCHMARKS.md)")
+                        "skip_layernorm, bias_gelu (default: all, the fastest measured on CPU; see BENCHMARKS.md)")
     p.add_argument("--calibration", default=None,
                    help="int8: text file (one text per line) of real text from your corpus to calibrate on "
                         "(default: a bundled English + Chinese sample)")
     p.add_argument("--calibration-size", type=int, default=256, help="int8: texts used for calibration")
-    p.add_argument("--int8-target", type=float, default=0.998,
+    p.add_argument("--int8-target", type=float, default=0.995,
                    help="int8: min cosine to fp32 the calibration sample must reach; more sensitive layers stay "
                         "in float until it does")
     _add_section_flags(p, cfg, "runtime", skip=("token_budget", "max_batch_size"))

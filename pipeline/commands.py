@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["register_commands"]
 
-_SERVE_FOR_WORKER = ("triton", "model_name", "ready_timeout")
+_SERVE_FOR_WORKER = ("triton", "model_name", "ready_timeout", "shared_memory")
 _QUEUE_FOR_STATUS = ("broker",)
 
 

@@ -57,7 +57,8 @@ class RuntimeConfig:
     """How an engine runs in-process (does not change the numbers beyond float rounding)."""
 
     threads: int = _f(0, "CPU threads for the engine; 0 = all cores this process may use")
-    token_budget: int = _f(8192, "most tokens (rows x padded length) per engine call; bigger batches are split")
+    token_budget: int = _f(2048, "most tokens (rows x padded length) per engine call; bigger batches are split "
+                                 "(2048 measured fastest on CPU, see BENCHMARKS.md)")
     max_batch_size: int = _f(256, "most texts per engine call")
 
 

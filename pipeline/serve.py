@@ -68,7 +68,7 @@ class ModelEntryOptions:
     instance_count: int = 1             # model instances (engine copies) per device
     instance_kind: str = ""             # KIND_CPU | KIND_GPU; "" = from the engine's target
     threads: int = 0                    # engine threads per instance; 0 = all cores
-    token_budget: int = 8192            # engine's padded tokens per internal sub-batch
+    token_budget: int = 2048            # engine's padded tokens per internal sub-batch
     max_docs_per_request: int = 1024    # documents per request; more is rejected as [fbas:oversize]
     max_tokens_per_request: int = 262144  # tokens per request (1 MiB of int32)
 

@@ -22,7 +22,7 @@ def sentences(stsb_en_test, stsb_zh_cnsd_test) -> list[str]:
     """A real mix: 160 English STS-B test sentences, 40 Chinese CNSD ones, a few long texts."""
     en = [a for a, _, _ in stsb_en_test[:160]]
     zh = [a for a, _, _ in stsb_zh_cnsd_test[:40]]
-    long = [" ".join(b for _, b, _ in stsb_en_test[i:i + 30]) for i in range(0, 60, 30)]
+    long = [" ".join(b for _, b, _ in stsb_en_test[i:i + 40]) for i in range(0, 80, 40)]
     return en + zh + long
 
 
