@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Engine", "length_batches", "split_packed", "check_inputs"]
+__all__ = ["Engine", "length_batches", "split_packed", "check_inputs", "packed_inputs"]
 
 
 @runtime_checkable
@@ -39,6 +39,18 @@ def check_inputs(token_ids: np.ndarray, lengths: np.ndarray, max_seq_len: int, v
         raise ValueError(f"sum(lengths)={int(lengths.sum())} does not match the {token_ids.size} token ids")
     if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocab_size):
         raise ValueError(f"token ids must be in 0..{vocab_size - 1}")
+
+
+def packed_inputs(token_ids: np.ndarray, lengths: np.ndarray, max_seq_len: int, vocab_size: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The engine contract's inputs as int32 arrays, checked, plus each document's start offset.
+
+    Returns (token_ids int32 [T], lengths int32 [B], offsets int64 [B + 1]).
+    """
+    token_ids = np.asarray(token_ids, dtype=np.int32)
+    lengths = np.asarray(lengths, dtype=np.int32)
+    check_inputs(token_ids, lengths, max_seq_len, vocab_size)
+    return token_ids, lengths, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
 
 
 def split_packed(token_ids: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:

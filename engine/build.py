@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def calibration_texts(path: str | Path | None = None, limit: int = 256) -> list[
 
 def build_model(spec: EngineSpec, out: str | Path, *, fusions: str = "all", threads: int = 0,
                 calibration: str | Path | None = None, calibration_size: int = 256, int8_target: float = 0.995,
-                progress=None) -> Path:
+                progress: Callable[[int, int], None] | None = None) -> Path:
     """Build ``spec`` into the folder ``out`` (created or replaced) and return it."""
     from workers.tokenize import Tokenizer, tokenizer_json_for
 

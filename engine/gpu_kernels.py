@@ -202,7 +202,25 @@ class TorchKernels:
         return y.to(out_dtype)
 
 
-class TritonKernels(TorchKernels):
+class _DeviceKernels(TorchKernels):
+    """What the Triton and CUDA kernel sets share: flash varlen attention for 16-bit CUDA tensors and
+    cuBLAS fp8 GEMMs (``Fp8Gemm``), the twins for everything else."""
+
+    def __init__(self) -> None:
+        self._fp8 = Fp8Gemm()
+
+    def varlen_attention(self, q, k, v, cu_seqlens, max_len, scale):
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            return flash_varlen(q, k, v, cu_seqlens, max_len, scale)
+        return super().varlen_attention(q, k, v, cu_seqlens, max_len, scale)
+
+    def scaled_mm(self, a_q, a_scale, w_q, w_scale, bias, out_dtype, fast_accum=True):
+        if not a_q.is_cuda:
+            return super().scaled_mm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
+        return self._fp8.mm(a_q, a_scale, w_q, w_scale, bias, out_dtype, fast_accum)
+
+
+class TritonKernels(_DeviceKernels):
     """Triton-language kernels (``dll.triton_kernels``); flash varlen attention and cuBLAS fp8 GEMM."""
 
     name = "triton"
@@ -210,8 +228,8 @@ class TritonKernels(TorchKernels):
     def __init__(self) -> None:
         from dll import triton_kernels as tk
 
+        super().__init__()
         self.tk = tk
-        self._fp8 = Fp8Gemm()
 
     def embed_layernorm(self, ids, pos, word, posw, type0, gamma, beta, eps):
         return self.tk.embed_layernorm(ids, pos, word, posw, type0, gamma, beta, eps, fp8=False)[0]
@@ -235,16 +253,6 @@ class TritonKernels(TorchKernels):
         if mode not in POOL_MODES:
             raise ValueError(f"unknown pooling mode {mode!r} (mean, max, cls)")
         return self.tk.pool(x, cu_seqlens, POOL_MODES[mode], normalize, int(max_len))
-
-    def varlen_attention(self, q, k, v, cu_seqlens, max_len, scale):
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            return flash_varlen(q, k, v, cu_seqlens, max_len, scale)
-        return super().varlen_attention(q, k, v, cu_seqlens, max_len, scale)
-
-    def scaled_mm(self, a_q, a_scale, w_q, w_scale, bias, out_dtype, fast_accum=True):
-        if not a_q.is_cuda:
-            return super().scaled_mm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
-        return self._fp8.mm(a_q, a_scale, w_q, w_scale, bias, out_dtype, fast_accum)
 
 
 class Fp8Gemm:
@@ -276,15 +284,15 @@ class Fp8Gemm:
         return call(None).add_(bias)
 
 
-class CudaKernels(TorchKernels):
+class CudaKernels(_DeviceKernels):
     """CUDA C++ kernels (``dll.cuda_lib``) for LayerNorm and bias+activation; the other ops from
     ``TritonKernels`` when Triton imports, else from the twins (flash attention either way)."""
 
     name = "cuda"
 
     def __init__(self, lib) -> None:
+        super().__init__()
         self.lib = lib
-        self._fp8 = Fp8Gemm()
         try:
             self.tri: TorchKernels = TritonKernels()
         except ImportError:
@@ -314,16 +322,6 @@ class CudaKernels(TorchKernels):
 
     def pool(self, x, cu_seqlens, mode, normalize, max_len):
         return self.tri.pool(x, cu_seqlens, mode, normalize, max_len)
-
-    def varlen_attention(self, q, k, v, cu_seqlens, max_len, scale):
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            return flash_varlen(q, k, v, cu_seqlens, max_len, scale)
-        return super().varlen_attention(q, k, v, cu_seqlens, max_len, scale)
-
-    def scaled_mm(self, a_q, a_scale, w_q, w_scale, bias, out_dtype, fast_accum=True):
-        if not a_q.is_cuda:
-            return super().scaled_mm(a_q, a_scale, w_q, w_scale, bias, out_dtype)
-        return self._fp8.mm(a_q, a_scale, w_q, w_scale, bias, out_dtype, fast_accum)
 
 
 _FLASH_STATE = {"contiguous": False}  # set once if this PyTorch's flash kernel rejects strided q/k/v views

@@ -200,7 +200,7 @@ def build_onnx(shape: BertShape, weights: dict[str, np.ndarray], spec: GraphSpec
                         w["embeddings.LayerNorm.bias"], s.layer_norm_eps, "emb.ln")
 
     key_bias = None
-    if not fu.attention or spec.int8_linears:
+    if not fu.attention:  # only the spelled-out attention needs the additive mask (int8 uses MultiHeadAttention)
         kb = g.op1("Mul", [g.op1("Sub", ["c_one", mask]), "c_neg"])                     # [B, S]
         key_bias = g.op1("Unsqueeze", [kb, g.const("c_axes12", np.array([1, 2], np.int64))])
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.base import check_inputs, length_batches
+from engine.base import length_batches, packed_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +47,8 @@ class OnnxEngine:
         self.token_budget, self.max_batch, self.pad_id = token_budget, max_batch, pad_id
 
     def embed(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        token_ids = np.asarray(token_ids, dtype=np.int32)
-        lengths = np.asarray(lengths, dtype=np.int32)
-        check_inputs(token_ids, lengths, self.max_seq_len, self.vocab_size)
+        token_ids, lengths, offsets = packed_inputs(token_ids, lengths, self.max_seq_len, self.vocab_size)
         out = np.empty((len(lengths), self.dim), dtype=np.float32)
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         for idx in length_batches(lengths, self.token_budget, self.max_batch):
             sub_len = lengths[idx]
             S = int(sub_len.max())

@@ -89,7 +89,10 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def calibrate_int8(shape: BertShape, weights: dict[str, np.ndarray], spec: GraphSpec, token_ids: np.ndarray,
                    lengths: np.ndarray, max_seq_len: int, target: float = 0.995, threads: int = 0,
                    alpha: float = 0.7, progress=None) -> Int8Plan:
-    """Find the int8 plan for these weights on the calibration sample (token_ids, lengths)."""
+    """Find the int8 plan for these weights on the calibration sample (token_ids, lengths).
+
+    ``progress(done, total)``, when given, is called after each layer's sensitivity run.
+    """
     smooth = smoothing_scales(shape, weights, token_ids, lengths, alpha)
 
     def run(int8: set[str]) -> np.ndarray:
@@ -101,10 +104,10 @@ def calibrate_int8(shape: BertShape, weights: dict[str, np.ndarray], spec: Graph
     names = linear_names(shape)
     ref = run(set())
     loss: dict[str, float] = {}
-    for name in names:
+    for done, name in enumerate(names, 1):
         loss[name] = float(1.0 - _cosines(run({name}), ref).mean())
         if progress:
-            progress(1)
+            progress(done, len(names))
     by_sensitivity = sorted(names, key=lambda n: loss[n], reverse=True)
 
     def quality(k_float: int) -> tuple[float, float]:
@@ -121,7 +124,7 @@ def calibrate_int8(shape: BertShape, weights: dict[str, np.ndarray], spec: Graph
         else:
             lo = mid + 1
     k = lo
-    min_c, mean_c = cache.get(k) or quality(k)
+    min_c, mean_c = cache[k]  # k is len(names) or a count the search evaluated
     plan = Int8Plan(sorted(by_sensitivity[k:]), sorted(by_sensitivity[:k]), min_c, mean_c, len(lengths), alpha,
                     smooth)
     logger.info("int8 plan: %d of %d dense layers in int8, calibration min cosine %.5f",

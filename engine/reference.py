@@ -28,15 +28,9 @@ def pad_tokens(token_ids: np.ndarray, lengths: np.ndarray, pad_id: int = 0) -> t
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
-    """erf to float64 accuracy (Abramowitz-Stegun would be 1e-7; use scipy-free high-precision series)."""
-    try:
-        from scipy.special import erf
+    from scipy.special import erf  # NumPy has no erf; scipy is a dependency
 
-        return erf(x)
-    except ImportError:  # pragma: no cover - scipy is a dependency
-        import math as _m
-
-        return np.vectorize(_m.erf, otypes=[x.dtype])(x)
+    return erf(x)
 
 
 def _gelu(x: np.ndarray, kind: str) -> np.ndarray:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.base import check_inputs
+from engine.base import packed_inputs
 from engine.checkpoint import BertShape
 from engine.gpu_kernels import ACTS, FP8_MAX, select_kernels
 
@@ -341,11 +341,8 @@ class GpuBertEngine:
     # --- host side -----------------------------------------------------------------------------
     def embed(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Packed token ids int32 ``[T]`` + lengths int32 ``[N]`` -> float32 ``[N, dim]``."""
-        token_ids = np.asarray(token_ids, dtype=np.int32)
-        lengths = np.asarray(lengths, dtype=np.int32)
-        check_inputs(token_ids, lengths, self.max_seq_len, self.vocab_size)
+        token_ids, lengths, offsets = packed_inputs(token_ids, lengths, self.max_seq_len, self.vocab_size)
         out = np.empty((len(lengths), self.dim), dtype=np.float32)
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         with self._lock, torch.inference_mode():
             for a, b in self._chunks(offsets):
                 run = self._prepare(token_ids[offsets[a]:offsets[b]], lengths[a:b])
@@ -366,9 +363,7 @@ class GpuBertEngine:
         """Load one chunk (<= max_tokens tokens, <= max_docs documents) onto the device and return a
         function that runs the forward pass on it (a graph replay when graphs are on) and returns
         the float32 ``[N, H]`` device tensor. For benchmarks: times the device work alone."""
-        token_ids = np.asarray(token_ids, dtype=np.int32)
-        lengths = np.asarray(lengths, dtype=np.int32)
-        check_inputs(token_ids, lengths, self.max_seq_len, self.vocab_size)
+        token_ids, lengths, _ = packed_inputs(token_ids, lengths, self.max_seq_len, self.vocab_size)
         if token_ids.size > self.max_tokens or len(lengths) > self.options.max_docs:
             raise ValueError(f"prepare() takes one chunk: at most {self.max_tokens} tokens and "
                              f"{self.options.max_docs} documents")

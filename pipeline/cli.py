@@ -118,15 +118,15 @@ def _cmd_build(args: argparse.Namespace, cfg: FbasConfig) -> int:
     from engine.build import build_model
     from pipeline.progress import progress_bar
 
-    total = 0
-    if cfg.engine.precision == "int8":
-        from engine.checkpoint import load_checkpoint
+    with progress_bar(total=None, desc="calibrating int8 (layers)", unit="layer",
+                      disable=cfg.engine.precision != "int8") as bar:
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-        total = 4 * load_checkpoint(cfg.engine.model).shape.num_layers
-    with progress_bar(total=total, desc="calibrating int8 (layers)", unit="layer", disable=not total) as bar:
         out = build_model(cfg.engine, args.out, fusions=args.fusions, threads=cfg.runtime.threads,
                           calibration=args.calibration, calibration_size=args.calibration_size,
-                          int8_target=args.int8_target, progress=bar.update)
+                          int8_target=args.int8_target, progress=report)
     from engine.model_dir import read_meta
 
     meta = read_meta(out)

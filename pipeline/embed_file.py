@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -32,18 +31,13 @@ def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
                              "pass --text-column NAME")
         texts = pq.read_table(p, columns=[text_column]).column(text_column).to_pylist()
     elif suffix in (".jsonl", ".ndjson"):
+        from pipeline.read import iter_jsonl
+
         texts = []
-        with open(p, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or text_column not in row:
-                    raise InputError(f"{p}:{n}: no {text_column!r} field: pass --text-column NAME")
-                texts.append(row[text_column])
+        for n, row in iter_jsonl(p):
+            if not isinstance(row, dict) or text_column not in row:
+                raise InputError(f"{p}:{n}: no {text_column!r} field: pass --text-column NAME")
+            texts.append(row[text_column])
     else:
         with open(p, encoding="utf-8", errors="replace") as f:
             texts = f.read().split("\n")

@@ -132,6 +132,21 @@ class Corpus:
 # opening and validation
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a JSON-lines file; a bad line is an
+    ``InputError`` naming the file and line."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
 def _resolve(uri: str) -> tuple[pafs.FileSystem, list[str], str]:
     """(filesystem, sorted Parquet paths, how to name it in messages) for a file, folder, glob or URI."""
     has_glob = any(ch in uri for ch in "*?[")
@@ -187,6 +202,16 @@ def _is_text_type(t: pa.DataType) -> bool:
             or pa.types.is_large_binary(t) or getattr(pa.types, "is_string_view", lambda _t: False)(t))
 
 
+def _require_string_column(schema: pa.Schema, where: str, role: str, name: str, fix_missing: str,
+                           fix_type: str) -> None:
+    """Refuse a corpus whose ``role`` column (text, title) is missing or not a string column."""
+    if name not in schema.names:
+        raise InputError(f"{where} has no {role} column {name!r} (columns: {', '.join(schema.names)}): {fix_missing}")
+    t = schema.field(name).type
+    if not _is_text_type(t):
+        raise InputError(f"{where}: {role} column {name!r} has type {t}, not string: {fix_type}")
+
+
 def _id_kind(t: pa.DataType) -> str | None:
     if pa.types.is_integer(t):
         return "int64"
@@ -218,21 +243,11 @@ def open_corpus(uri: str | Path, cfg: CorpusConfig) -> Corpus:
         names = schema.names
         schema_seen = names
         where = f"{path}" if len(paths) > 1 else shown
-        if cfg.text_column not in names:
-            raise InputError(f"{where} has no text column {cfg.text_column!r} (columns: {', '.join(names)}): "
-                             "pass --text-column NAME")
-        t = schema.field(cfg.text_column).type
-        if not _is_text_type(t):
-            raise InputError(f"{where}: text column {cfg.text_column!r} has type {t}, not string: cast it to string "
-                             "or pass --text-column with a string column")
+        _require_string_column(schema, where, "text", cfg.text_column, "pass --text-column NAME",
+                               "cast it to string or pass --text-column with a string column")
         if cfg.title_column:
-            if cfg.title_column not in names:
-                raise InputError(f"{where} has no title column {cfg.title_column!r} (columns: {', '.join(names)}): "
-                                 "pass --title-column NAME, or leave it out")
-            tt = schema.field(cfg.title_column).type
-            if not _is_text_type(tt):
-                raise InputError(f"{where}: title column {cfg.title_column!r} has type {tt}, not string: cast it "
-                                 "to string")
+            _require_string_column(schema, where, "title", cfg.title_column,
+                                   "pass --title-column NAME, or leave it out", "cast it to string")
         if id_column is not None:
             if id_column not in names:
                 if id_column == DEFAULT_ID_COLUMN and i == 0:

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import CheckpointError, InputError
+from pipeline.read import iter_jsonl
 from workers.write import OutputDir
 
 logger = logging.getLogger(__name__)
@@ -143,18 +144,11 @@ def read_queries(path: str | Path) -> list[tuple[Any, str]]:
             raise InputError(f"{p} needs columns 'id' (or '_id') and 'text' (has {', '.join(t.column_names)})")
         rows = list(zip(t.column(idc).to_pylist(), t.column("text").to_pylist()))
     else:
-        with open(p, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-                qid = obj.get("id", obj.get("_id")) if isinstance(obj, dict) else None
-                if qid is None or not isinstance(obj.get("text"), str):
-                    raise InputError(f"{p}:{n}: each line needs 'id' (or '_id') and a string 'text'")
-                rows.append((qid, obj["text"]))
+        for n, obj in iter_jsonl(p):
+            qid = obj.get("id", obj.get("_id")) if isinstance(obj, dict) else None
+            if qid is None or not isinstance(obj.get("text"), str):
+                raise InputError(f"{p}:{n}: each line needs 'id' (or '_id') and a string 'text'")
+            rows.append((qid, obj["text"]))
     for qid, text in rows:
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{p}: query {qid!r} has an empty text")

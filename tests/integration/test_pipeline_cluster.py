@@ -179,14 +179,11 @@ def test_a_pickle_message_is_refused_and_never_deserialized(cluster, template_ou
     check_oracle(tmp_path / "out", [0, 1])
 
 
-def test_killing_a_worker_child_mid_batch_redelivers_the_batch(cluster, template_out, tmp_path, stsb_en_test):
-    from pipeline.jobstate import JobState, connect, list_jobs
+def _ingest_in_background(cluster, template_out, corpus, out):
+    """Start an ingest (batches of 32 rows) in a thread; returns (join, job id, Redis client) once the job is
+    in Redis. ``join()`` waits for the ingest and re-raises its error."""
+    from pipeline.jobstate import connect, list_jobs
 
-    texts = [a for a, _, _ in stsb_en_test[:300]]
-    ids = list(range(1000, 1000 + len(texts)))
-    corpus = tmp_path / "k.parquet"
-    pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
-    out = tmp_path / f"{PAUSE_TAG}-out"  # batch 1 sleeps 8 s on its first delivery (FBAS_TEST_PAUSE)
     client = connect(cluster.broker_url)
     before = set(list_jobs(client))
     result: dict = {}
@@ -200,16 +197,32 @@ def test_killing_a_worker_child_mid_batch_redelivers_the_batch(cluster, template
     th = threading.Thread(target=run)
     th.start()
     job = wait_for(lambda: next(iter(set(list_jobs(client)) - before), None), 120, "the job to appear in Redis")
+
+    def join() -> None:
+        th.join(timeout=300)
+        assert not th.is_alive()
+        if "e" in result:
+            raise result["e"]
+
+    return join, job, client
+
+
+def test_killing_a_worker_child_mid_batch_redelivers_the_batch(cluster, template_out, tmp_path, stsb_en_test):
+    from pipeline.jobstate import JobState
+
+    texts = [a for a, _, _ in stsb_en_test[:300]]
+    ids = list(range(1000, 1000 + len(texts)))
+    corpus = tmp_path / "k.parquet"
+    pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
+    out = tmp_path / f"{PAUSE_TAG}-out"  # batch 1 sleeps 8 s on its first delivery (FBAS_TEST_PAUSE)
+    join, job, client = _ingest_in_background(cluster, template_out, corpus, out)
     state = JobState(client, job)
     where = wait_for(lambda: state.running().get(1), 120, "batch 1 to start")
     time.sleep(1.0)  # tokenized, now sleeping mid-batch
     pid = int(where.rsplit(":", 1)[1])
     assert pid in cluster.worker.children()
     os.kill(pid, signal.SIGKILL)
-    th.join(timeout=300)
-    assert not th.is_alive()
-    if "e" in result:
-        raise result["e"]
+    join()
     m = check_oracle(out, ids)
     assert m["counts"]["redelivered"] >= 1
     assert m["counts"]["embedded"] == len(texts)
@@ -261,30 +274,13 @@ def test_a_batch_that_kills_its_worker_every_time_is_quarantined(cluster, templa
 def test_a_redis_that_lost_everything_mid_job_is_refilled(cluster, template_out, tmp_path, stsb_en_test):
     """Redis restarted without persistence (FLUSHALL here): the producer notices the job is gone, rebuilds its
     state from the committed parts and re-enqueues the missing batches; every row ends up exactly once."""
-    from pipeline.jobstate import connect, list_jobs
-
     texts = [b for _, b, _ in stsb_en_test[400:700]]
     ids = [f"f{i}" for i in range(len(texts))]
     corpus = tmp_path / "f.parquet"
     pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
     out = tmp_path / f"{PAUSE_TAG}-flush"  # batch 1 sleeps 8 s on its first delivery
-    client = connect(cluster.broker_url)
-    before = set(list_jobs(client))
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["r"] = _ingest(cluster, template_out, corpus, out, batch_rows=32)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            result["e"] = e
-
-    th = threading.Thread(target=run)
-    th.start()
-    job = wait_for(lambda: next(iter(set(list_jobs(client)) - before), None), 120, "the job to appear in Redis")
+    join, job, client = _ingest_in_background(cluster, template_out, corpus, out)
     wait_for(lambda: client.hget(f"fbas:job:{job}:running", "1"), 120, "batch 1 to start")
     client.flushall()
-    th.join(timeout=300)
-    assert not th.is_alive()
-    if "e" in result:
-        raise result["e"]
+    join()
     check_oracle(out, ids)
