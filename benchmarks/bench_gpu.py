@@ -107,13 +107,15 @@ def section_peak(res: dict) -> None:
 
 # --- models ----------------------------------------------------------------------------------
 
-def random_bert(vocab: int, seed: int = 0):
-    """A BERT-base-shaped HF BertModel with HF's random init (std 0.02), fp32 on the CPU."""
+def random_bert(vocab: int, seed: int = 0, config: Path | None = None):
+    """A BERT-base-shaped HF BertModel (or the shape of ``config``, a config.json) with HF's random
+    init (std 0.02), fp32 on the CPU."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                     intermediate_size=3072, max_position_embeddings=512)
+    cfg = BertConfig.from_json_file(str(config)) if config else BertConfig(
+        vocab_size=vocab, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, max_position_embeddings=512)
     try:
         model = BertModel._from_config(cfg, attn_implementation="sdpa")
     except (AttributeError, TypeError, ValueError):

@@ -24,13 +24,16 @@ import math
 import os
 import re
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.envs import cpu_count
 from pipeline.errors import InputError, PermanentError
 from pipeline.plan import Plan, Scan
 from pipeline.read import id_hashes
@@ -65,6 +68,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _in_order(fn: Callable[[int], Any], n: int) -> Iterator[Any]:
+    """``fn(0), fn(1), ... fn(n - 1)`` in order, computed a few ahead on threads (the per-part reads,
+    decompression and hashing release the GIL; a GPU host's ingest has hundreds of parts)."""
+    workers = max(1, min(8, cpu_count()))
+    with ThreadPoolExecutor(workers, thread_name_prefix="finalize") as pool:
+        ahead: deque = deque()
+        for b in range(n):
+            ahead.append(pool.submit(fn, b))
+            if len(ahead) > 2 * workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def load_job(out: OutputDir) -> dict[str, Any]:
@@ -139,14 +156,39 @@ def _index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
                                                                                                  50 * nlist))}
 
 
+def _read_vectors(out: OutputDir, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Part ``b``'s (row ids, float32 vectors ``[rows, dim]``)."""
+    t = pq.read_table(out.vectors_part(b), columns=["row_id", "embedding"])
+    emb = t.column("embedding").combine_chunks()
+    v = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size).astype(np.float32, copy=False)
+    return t.column("row_id").to_numpy(), np.ascontiguousarray(v)
+
+
 def _iter_vectors(out: OutputDir, n_batches: int):
-    for b in range(n_batches):
-        t = pq.read_table(out.vectors_part(b), columns=["row_id", "embedding"])
-        if t.num_rows:
-            emb = t.column("embedding").combine_chunks()
-            dim = emb.type.list_size
-            v = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
-            yield t.column("row_id").to_numpy(), np.ascontiguousarray(v)
+    for rows, v in _in_order(lambda b: _read_vectors(out, b), n_batches):
+        if len(rows):
+            yield rows, v
+
+
+def _flat_shard(out: OutputDir, b: int, dim: int) -> tuple[Any, Any] | None:
+    """Batch ``b``'s FAISS shard, checked against its committed part, as (shard, the object that owns
+    it: ``downcast_index`` does not, so the caller keeps both referenced); None for an empty part."""
+    import faiss
+
+    raw = faiss.read_index(str(out.shard(b)))
+    shard = faiss.downcast_index(raw)
+    rows, vecs = _read_vectors(out, b)
+    if not len(rows):
+        return None
+    ok = shard.ntotal == len(rows) and shard.d == dim
+    if ok:
+        ok = np.array_equal(faiss.vector_to_array(shard.id_map), rows) and np.array_equal(
+            faiss.downcast_index(shard.index).reconstruct_n(0, shard.ntotal), vecs)
+    if not ok:  # a later duplicate delivery rewrote the shard: the committed part is the truth
+        logger.warning("shard %s differs from its committed part: rebuilt from the part", out.shard(b).name)
+        shard = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        shard.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), rows.astype(np.int64))
+    return shard, raw
 
 
 def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int, n_rows: int) -> tuple[Any, dict[str, Any]]:
@@ -157,23 +199,9 @@ def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int, n_r
     ip = faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        for b in range(n_batches):
-            raw = faiss.read_index(str(out.shard(b)))  # keep it referenced: downcast_index does not own it
-            shard = faiss.downcast_index(raw)
-            part = pq.read_table(out.vectors_part(b), columns=["row_id", "embedding"])
-            rows = part.column("row_id").to_numpy()
-            if not len(rows):
-                continue
-            vecs = part.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, dim)
-            ok = shard.ntotal == len(rows) and shard.d == dim
-            if ok:
-                ok = np.array_equal(faiss.vector_to_array(shard.id_map), rows) and np.array_equal(
-                    faiss.downcast_index(shard.index).reconstruct_n(0, shard.ntotal), vecs)
-            if not ok:  # a later duplicate delivery rewrote the shard: the committed part is the truth
-                logger.warning("shard %s differs from its committed part: rebuilt from the part", out.shard(b).name)
-                shard = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-                shard.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), rows.astype(np.int64))
-            index.merge_from(shard)
+        for got in _in_order(lambda b: _flat_shard(out, b, dim), n_batches):
+            if got is not None:
+                index.merge_from(got[0])
         return index, params
     if kind == "hnsw":
         inner = faiss.IndexHNSWFlat(dim, params["M"], ip)
@@ -229,10 +257,12 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
     parts: list[dict[str, Any]] = []
     q_tables: list[pa.Table] = []
     n_trunc = n_rep = tokens = 0
-    for b in range(n_batches):
+    def read_part(b: int) -> tuple[Path, dict, pa.Table, str]:
         path = out.vectors_part(b)
-        meta = read_part_meta(path) or {}
-        t = pq.read_table(path, columns=["row_id", "id", "n_tokens", "truncated", "repaired"])
+        return (path, read_part_meta(path) or {},
+                pq.read_table(path, columns=["row_id", "id", "n_tokens", "truncated", "repaired"]), sha256_file(path))
+
+    for b, (path, meta, t, digest) in enumerate(_in_order(read_part, n_batches)):
         if t.num_rows != meta.get("rows"):
             unexpected.append(f"{path.name}: {t.num_rows} rows, footer says {meta.get('rows')}")
         planned = plan.rows(b)
@@ -244,7 +274,7 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
         n_rep += int(np.count_nonzero(t.column("repaired").to_numpy(zero_copy_only=False)))
         tokens += int(meta.get("tokens", 0))
         parts.append({"file": f"{VECTORS}/{part_name(b)}", "batch": b, "rows": t.num_rows,
-                      "sha256": sha256_file(path)})
+                      "sha256": digest})
         if meta.get("quarantined"):
             qp = out.quarantine_part(b)
             qmeta = read_part_meta(qp) if qp.exists() else None

@@ -45,8 +45,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PIDS_FILE = "local-pids.json"
 
 
-def default_concurrency() -> int:
-    """Worker processes for local mode: 2 on small machines (one tokenizes/writes while one waits on Triton)."""
+def default_concurrency(gpu: bool = False) -> int:
+    """Worker processes for local mode. CPU engine: half the cores, 2 to 4 (the engine needs the rest;
+    one worker tokenizes and writes while another waits on Triton). GPU engine: every core but 4
+    (Triton, Redis and the producer), at least 2: the workers' tokenization is what feeds the GPU
+    (BENCHMARKS.md, "Whole ingest on one GPU host")."""
+    if gpu:
+        return max(2, cpu_count() - 4)
     return max(2, min(4, cpu_count() // 2))
 
 
@@ -229,7 +234,8 @@ class LocalCluster:
     def __init__(self, model_dir: Path, state_dir: Path, cfg: FbasConfig, *, concurrency: int | None = None,
                  worker_env: dict[str, str] | None = None) -> None:
         self.model_dir, self.state_dir, self.cfg = Path(model_dir), Path(state_dir), cfg
-        self.concurrency = concurrency or cfg.queue.concurrency or default_concurrency()
+        self.concurrency = (concurrency or cfg.queue.concurrency
+                            or default_concurrency(gpu=cfg.engine.target != "onnx"))
         self.worker_env = worker_env or {}
         self.log_dir = self.state_dir / "logs"
         self.redis: RedisServer | None = None

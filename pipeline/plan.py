@@ -116,15 +116,14 @@ def scan_corpus(corpus: Corpus, tokenizer, progress: Callable[[int], None] | Non
         n_rep += int(rb.repaired.sum())
         good, bad = _classify(rb.texts)
         if good:
-            enc = tokenizer.encode([rb.texts[i] for i in good])
-            lens = enc.lengths
+            lens, full = tokenizer.lengths([rb.texts[i] for i in good])
             idx = np.asarray(good, dtype=np.int64)
             empty = lens <= 2  # [CLS] [SEP] only
             for j in np.flatnonzero(empty):
                 bad.append((good[int(j)], "no_tokens"))
             keep = ~empty
             n_tokens[rb.row0 + idx[keep]] = lens[keep]
-            n_trunc += int(enc.truncated[keep].sum())
+            n_trunc += int((full > lens)[keep].sum())
         for i, reason in sorted(bad):
             q_rows.append(rb.row0 + i)
             q_ids.append(rb.ids[i])

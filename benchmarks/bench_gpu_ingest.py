@@ -1,0 +1,156 @@
+"""Whole ingest on one GPU host: end-to-end docs/s vs the GPU engine's own docs/s, same corpus, same run.
+
+    python benchmarks/bench_gpu_ingest.py --tokenizer MINILM_DIR --data DATA_DIR --json results.json
+
+Both sides use the same built ``--target gpu`` model (fp16) on the same card:
+
+* **fbas**: ``fbas-pipeline ingest CORPUS --out OUT --target gpu ...`` in local mode, exactly as a
+  user runs it in a fresh output folder: redis-server, tritonserver with the model on the GPU
+  (``KIND_GPU``), a Celery worker with ``--concurrency`` processes tokenizing on the host's cores,
+  Parquet parts, FAISS shards, the merge and the checks. Wall time of the whole command.
+* **engine**: the same built folder loaded in-process (``load_engine(folder, device="cuda:0")``),
+  ``embed(token_ids, lengths)`` on the whole pre-tokenized corpus, after one untimed pass that
+  captures its CUDA graphs (a long-running Triton instance has them too).
+
+Efficiency = fbas docs/s / engine docs/s (start-up, tokenization, queues, Triton, writing, merging and
+shut-down all included); the steady-state efficiency uses the embedding phase only (manifest
+``timings.embed_s``).
+
+Cases (``--cases``):
+  minilm-stsb  all-MiniLM-L6-v2's shape and tokenizer (random weights: speed does not depend on
+               their values), every distinct STS-B English sentence repeated ``--stsb-repeat`` times
+               (about 15 tokens a document), max_seq_len 256.
+  base-long    BERT-base (12 x 768, vocab 30522, random weights), ``--long-docs`` documents of
+               consecutive STS-B sentences, length uniform in 16..512 tokens, max_seq_len 512.
+The tokenizer folder is an all-MiniLM-L6-v2 checkpoint folder; its weights are not read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_ingest import make_corpus, run_engine, run_fbas, warm_model  # noqa: E402
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def random_model(tokenizer_dir: Path, dest: Path, shape: str) -> Path:
+    """A Hugging Face BERT folder with random weights: MiniLM's shape (its config.json) or BERT-base's."""
+    import torch
+
+    from bench_gpu import random_bert
+
+    if not dest.exists():
+        config = tokenizer_dir / "config.json" if shape == "minilm" else None
+        with torch.device("cpu"):
+            random_bert(30522, seed=3, config=config).save_pretrained(dest, safe_serialization=True)
+        for f in TOKENIZER_FILES:
+            if (tokenizer_dir / f).exists():
+                shutil.copy(tokenizer_dir / f, dest / f)
+    return dest
+
+
+def long_corpus(data: Path, tokenizer_dir: Path, n_docs: int, path: Path) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench_gpu import long_mix, stsb_sentences
+    from workers.tokenize import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_dir / "tokenizer.json", 512)
+    docs = long_mix(stsb_sentences(data / "stsb_multi_mt"), tok, n_docs)
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(docs))], "text": docs}), path)
+    return len(docs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", required=True, type=Path, help="all-MiniLM-L6-v2 folder (tokenizer + config)")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), type=Path,
+                    help="shared data folder (holds stsb_multi_mt/)")
+    ap.add_argument("--cases", default="minilm-stsb,base-long", help="comma list: minilm-stsb, base-long")
+    ap.add_argument("--stsb-repeat", type=int, default=40, help="times the STS-B sentences repeat (minilm-stsb)")
+    ap.add_argument("--long-docs", type=int, default=100_000, help="documents of the long mix (base-long)")
+    ap.add_argument("--runs", type=int, default=1, help="fbas runs per case; the median counts")
+    ap.add_argument("--target", default="gpu", help="engine target (onnx: dry run of this script on a CPU)")
+    ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--concurrency", type=int, default=max(2, (os.cpu_count() or 4) - 4),
+                    help="Celery worker processes (default: the host's cores less 4 for Triton and Redis)")
+    ap.add_argument("--batch-tokens", type=int, default=65536, help="token budget of one queued batch")
+    ap.add_argument("--batch-rows", type=int, default=4096, help="most rows in one queued batch")
+    ap.add_argument("--instance-counts", default="2", help="Triton model instances on the GPU, comma list: "
+                    "one fbas run set per count (2: one instance's host work overlaps the other's GPU work)")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    args = ap.parse_args()
+
+    device = "cuda:0" if args.target == "gpu" else None
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
+                 "cores": os.cpu_count(), "command": " ".join(sys.argv), "cases": {}}
+    if device:
+        import torch
+
+        res["gpu"] = torch.cuda.get_device_name()
+    print(json.dumps(res), flush=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="fbas-bench-gpu-ingest-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        for case in args.cases.split(","):
+            shape, mix = case.split("-")
+            model = random_model(args.tokenizer, work / f"model-{shape}", shape)
+            corpus = work / f"{case}.parquet"
+            if mix == "stsb":
+                n, max_len = make_corpus(args.data, args.stsb_repeat, corpus), 256
+            else:
+                n, max_len = long_corpus(args.data, args.tokenizer, args.long_docs, corpus), 512
+            engine_spec = {"model": str(model), "target": args.target, "max_seq_len": max_len,
+                           "pooling": "mean", "normalize": True}
+            built = warm_model(work / case, args.precision, **engine_spec)
+            flags = ("--model", str(model), "--target", args.target, "--max-seq-len", str(max_len),
+                     "--pooling", "mean", "--normalize", "--concurrency", str(args.concurrency),
+                     "--batch-tokens", str(args.batch_tokens), "--batch-rows", str(args.batch_rows),
+                     "--max-docs-per-request", str(args.batch_rows))
+            r: dict = {"docs": n, "engine": run_engine(corpus, built, 0, device=device), "fbas": {}}
+            print(case, "engine", r["engine"], flush=True)
+            eng = r["engine"]["model_s"]
+            r["summary"] = {"tokens": r["engine"]["tokens"], "engine_docs_per_s": round(n / eng, 1),
+                            "engine_with_tokenize_docs_per_s": round(n / (eng + r["engine"]["tokenize_s"]), 1)}
+            for ic in args.instance_counts.split(","):
+                runs = r["fbas"][f"instances={ic}"] = []
+                for k in range(args.runs):
+                    runs.append(run_fbas(corpus, work / f"out-{case}-{ic}-{k}", env, args.precision,
+                                         flags + ("--instance-count", ic)))
+                    print(case, f"fbas instances={ic}", runs[-1], flush=True)
+                wall = statistics.median(x["wall_s"] for x in runs)
+                embed = statistics.median(x["embed_s"] for x in runs)
+                r["summary"][f"instances={ic}"] = {
+                    "fbas_docs_per_s": round(n / wall, 1), "efficiency": round(eng / wall, 3),
+                    "steady_state_efficiency": round(eng / embed, 3)}
+            print(case, "summary", r["summary"], flush=True)
+            res["cases"][case] = r
+            if args.json:
+                args.json.write_text(json.dumps(res, indent=2))
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({c: v["summary"] for c, v in res["cases"].items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
