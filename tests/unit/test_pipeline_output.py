@@ -179,3 +179,28 @@ def test_the_first_commit_of_a_batch_wins_and_shards_follow_their_parts(tmp_path
                                              "truncated": np.zeros(len(plan.rows(1)), bool),
                                              "repaired": np.zeros(len(plan.rows(1)), bool)})) is True
     finalize(out, "flat")
+
+
+def test_parts_are_read_ahead_on_threads_but_used_in_order():
+    """finalize's read-ahead yields fn(0..n-1) in order however long each takes, and raises what fn raised."""
+    import random
+    import time as _time
+
+    from pipeline.finalize import _in_order
+
+    def slow(b):
+        _time.sleep(random.random() * 0.003)
+        return b * b
+
+    assert list(_in_order(slow, 50)) == [b * b for b in range(50)]
+
+    def bad(b):
+        if b == 7:
+            raise ValueError("part 7 is unreadable")
+        return b
+
+    got = []
+    with pytest.raises(ValueError, match="part 7"):
+        for x in _in_order(bad, 20):
+            got.append(x)
+    assert got == list(range(7))

@@ -66,6 +66,24 @@ def test_truncation_is_recorded(default_checkpoint):
     assert last[0] == tok.cls_id and last[-1] == tok.sep_id
 
 
+def test_lengths_and_packed_ids_match_one_text_at_a_time(default_checkpoint):
+    """The batch path (lengths only, and ids packed by one copy) equals encoding each text alone,
+    truncated texts included (first n-1 ids, then [SEP])."""
+    tok = Tokenizer(tokenizer_json_for(default_checkpoint.tokenizer), max_seq_len=12)
+    texts = ["A man is playing a guitar.", "word " * 30, "一个男人在弹吉他。", "x", "Über café naïve " * 5]
+    enc = tok.encode(texts)
+    lengths, full = tok.lengths(texts)
+    assert lengths.tolist() == enc.lengths.tolist() and full.tolist() == enc.n_tokens_full.tolist()
+    assert enc.truncated.tolist() == [False, True, False, False, True]
+    pos = 0
+    for text, n in zip(texts, enc.lengths):
+        alone = tok._tok.encode(text).ids
+        expect = alone if len(alone) <= 12 else alone[:11] + [tok.sep_id]
+        assert enc.token_ids[pos:pos + n].tolist() == expect
+        pos += n
+    assert pos == len(enc.token_ids)
+
+
 def test_lowercase_and_accents_follow_the_config(default_checkpoint):
     tok = Tokenizer(tokenizer_json_for(default_checkpoint.tokenizer), 32)
     assert tok.tokens("HÉLLO") == tok.tokens("hello")
