@@ -93,6 +93,16 @@ def _residual_ln_kernel(x_ptr, bias_ptr, r_ptr, g_ptr, b_ptr, y_ptr, q_ptr, s_pt
 
 
 @triton.jit
+def _gelu_tanh_fast(x):
+    """GELU in its tanh form, as x * sigmoid(2z) = x / (1 + 2^(-2 z log2 e)) with z = sqrt(2/pi) (x +
+    0.044715 x^3): one exp2 and one fast division, no ``1 + tanh`` cancellation in the negative tail.
+    The fp8 path uses it for erf-GELU models too (as the 16-bit path's cuBLASLt epilogue does): the
+    erf polynomial made that kernel compute-bound (BENCHMARKS.md, fp8)."""
+    e = tl.exp2(-2.3022082 * (x + 0.044715 * x * x * x))
+    return tl.fdiv(x, 1.0 + e)
+
+
+@triton.jit
 def _bias_act_kernel(x_ptr, bias_ptr, y_ptr, q_ptr, s_ptr, sm_ptr, T, C, ACT: tl.constexpr, ROWS: tl.constexpr,
                      BLOCK_C: tl.constexpr, FP8: tl.constexpr, SMOOTH: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -103,7 +113,9 @@ def _bias_act_kernel(x_ptr, bias_ptr, y_ptr, q_ptr, s_ptr, sm_ptr, T, C, ACT: tl
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     x += tl.load(bias_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-    if ACT == 0:    # erf GELU (BERT's "gelu"); erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7, about
+    if FP8 and ACT != 2:
+        y = _gelu_tanh_fast(x)
+    elif ACT == 0:  # erf GELU (BERT's "gelu"); erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7, about
         # a fifth of libdevice erf's instructions: the kernel stays memory-bound)
         z = tl.abs(x) * 0.7071067811865476
         t = 1.0 / (1.0 + 0.3275911 * z)

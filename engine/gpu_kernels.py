@@ -113,8 +113,9 @@ class TorchKernels:
         return _act(x.float() + bias.float()[None], act).to(x.dtype)
 
     def bias_act_fp8(self, x: torch.Tensor, bias: torch.Tensor, act: str = "gelu", smooth=None):
-        """act(x + bias), row-quantized: (q ``[T, I]`` fp8, scale ``[T, 1]``)."""
-        return quantize_rows_fp8(_act(x.float() + bias.float()[None], act), smooth)
+        """act(x + bias), row-quantized: (q ``[T, I]`` fp8, scale ``[T, 1]``). GELU takes its tanh form
+        here for erf-GELU models too (the kernels' cheaper form; fp8 rounding is far coarser)."""
+        return quantize_rows_fp8(_act(x.float() + bias.float()[None], "gelu_new" if act == "gelu" else act), smooth)
 
     # --- attention ---------------------------------------------------------------------------
     def varlen_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
