@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_ingest import make_corpus, run_engine, run_fbas, warm_model  # noqa: E402
+from pipeline.local import default_concurrency  # noqa: E402
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -86,9 +87,9 @@ def main() -> int:
     ap.add_argument("--long-docs", type=int, default=100_000, help="documents of the long mix (base-long)")
     ap.add_argument("--runs", type=int, default=1, help="fbas runs per case; the median counts")
     ap.add_argument("--target", default="gpu", help="engine target (onnx: dry run of this script on a CPU)")
-    ap.add_argument("--precision", default="fp16")
-    ap.add_argument("--concurrency", type=int, default=max(2, (os.cpu_count() or 4) - 4),
-                    help="Celery worker processes (default: the host's cores less 4 for Triton and Redis)")
+    ap.add_argument("--precision", default=None, help="engine precision (default: fp16 on gpu, fp32 on onnx)")
+    ap.add_argument("--concurrency", type=int, default=0,
+                    help="Celery worker processes (default 0: local mode's sizing, all cores but 4 for a GPU)")
     ap.add_argument("--batch-tokens", type=int, default=65536, help="token budget of one queued batch")
     ap.add_argument("--batch-rows", type=int, default=4096, help="most rows in one queued batch")
     ap.add_argument("--instance-counts", default="2", help="Triton model instances on the GPU, comma list: "
@@ -98,6 +99,8 @@ def main() -> int:
     args = ap.parse_args()
 
     device = "cuda:0" if args.target == "gpu" else None
+    args.precision = args.precision or ("fp16" if device else "fp32")
+    args.concurrency = args.concurrency or default_concurrency(gpu=device is not None)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     res: dict = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),

@@ -206,7 +206,8 @@ def residual_layernorm(x, bias, residual, gamma, beta, eps: float, fp8: bool = F
 
 
 def bias_act(x, bias, act: int, fp8: bool = False, smooth=None):
-    """act(x + bias) -> (y ``[T, C]`` x.dtype | None, q | None, scale | None); act 0 gelu, 1 tanh-gelu, 2 relu."""
+    """act(x + bias) -> (y ``[T, C]`` x.dtype | None, q | None, scale | None); act 0 gelu, 1 tanh-gelu, 2 relu
+    (with ``fp8`` both GELUs take the tanh form, see ``_gelu_tanh_fast``)."""
     T, C = x.shape
     if fp8:
         q = torch.empty(T, C, dtype=FP8_DTYPE, device=x.device)

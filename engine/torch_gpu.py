@@ -61,7 +61,8 @@ class GpuOptions:
     max_docs: int = 2048         # documents per forward pass
     max_graphs: int = 64         # captured graphs kept (least recently used dropped)
     gelu_epilogue: bool = True   # fp16/bf16: bias + GELU in the cuBLASLt GEMM epilogue (its GELU is the tanh
-                                 # form; parity with erf-GELU models measured >= 0.99999); False: exact erf kernel
+                                 # form; parity with erf-GELU models measured >= 0.99999); False: exact erf kernel.
+                                 # fp8: the fused bias+GELU+quantize kernel always uses the tanh form
     fp8_gemms: str = "qkv,ffn1,ffn2"  # which GEMMs take fp8 operands at precision fp8 (others bf16)
     fp8_fast_accum: bool = True  # Hopper fp8 fast accumulation (faster, slightly less exact)
     fp8_smooth: float = 0.5      # SmoothQuant alpha for fp8 activations (0 = off; needs calibration tokens)

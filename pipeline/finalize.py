@@ -71,10 +71,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _in_order(fn: Callable[[int], Any], n: int) -> Iterator[Any]:
-    """``fn(0), fn(1), ... fn(n - 1)`` in order, computed a few ahead on threads (the per-part reads,
-    decompression and hashing release the GIL; a GPU host's ingest has hundreds of parts)."""
+    """``fn(0), fn(1), ... fn(n - 1)`` in order, computed ahead on threads (the per-part reads,
+    decompression and hashing release the GIL; a GPU host's ingest has hundreds of parts). At most
+    ``2 * workers + 1`` results are held at once; on an error or an early stop the calls not yet
+    started are cancelled."""
     workers = max(1, min(8, cpu_count()))
-    with ThreadPoolExecutor(workers, thread_name_prefix="finalize") as pool:
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="finalize")
+    try:
         ahead: deque = deque()
         for b in range(n):
             ahead.append(pool.submit(fn, b))
@@ -82,6 +85,8 @@ def _in_order(fn: Callable[[int], Any], n: int) -> Iterator[Any]:
                 yield ahead.popleft().result()
         while ahead:
             yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_job(out: OutputDir) -> dict[str, Any]:

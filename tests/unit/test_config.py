@@ -69,9 +69,9 @@ def test_help_is_fast_and_documents_defaults():
 
 
 def test_local_worker_count_follows_the_engine_target(monkeypatch):
-    """CPU engine: 2 to 4 workers (the engine needs the cores); GPU engine: all cores but 4 (they feed the GPU)."""
+    """CPU engine: 2 to 4 workers (the engine needs the cores); GPU engine: all cores but 4, at most 32."""
     from pipeline import local
 
-    for cores, cpu_engine, gpu_engine in ((2, 2, 2), (8, 4, 4), (16, 4, 12), (64, 4, 60)):
+    for cores, cpu_engine, gpu_engine in ((2, 2, 2), (8, 4, 4), (16, 4, 12), (64, 4, 32)):
         monkeypatch.setattr(local, "cpu_count", lambda c=cores: c)
         assert (local.default_concurrency(), local.default_concurrency(gpu=True)) == (cpu_engine, gpu_engine)
