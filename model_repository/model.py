@@ -22,6 +22,7 @@ Error messages carry a machine-readable tag that ``workers.triton_client`` reads
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import time
@@ -48,9 +49,26 @@ def as_numpy(tensor) -> np.ndarray:
     return np.from_dlpack(tensor)
 
 
+# DLPack's name for a consumed capsule; it must outlive every capsule renamed to it (PyCapsule_SetName
+# keeps the pointer, not a copy), so it is a module constant.
+_USED_DLTENSOR = b"used_dltensor"
+_capsule_set_name = ctypes.pythonapi.PyCapsule_SetName
+_capsule_set_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capsule_set_name.restype = ctypes.c_int
+
+
 def output_tensor(name: str, array: np.ndarray):
-    """A ``pb_utils.Tensor`` from a contiguous array, through DLPack (see ``as_numpy`` for why)."""
-    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
+    """A ``pb_utils.Tensor`` from a contiguous array, through DLPack (see ``as_numpy`` for why).
+
+    The stub takes ownership of the capsule's tensor and renames the capsule ``used_dlpack``; NumPy's
+    capsule destructor recognizes only DLPack's ``used_dltensor`` and otherwise writes a
+    "PyCapsule_GetPointer called with incorrect name" traceback to the log, once per response. The
+    capsule is renamed to the standard name after the hand-over, so it is freed silently (the tensor
+    itself is released by the stub, through the DLPack deleter, as before)."""
+    capsule = np.ascontiguousarray(array).__dlpack__()
+    tensor = pb_utils.Tensor.from_dlpack(name, capsule)
+    _capsule_set_name(capsule, _USED_DLTENSOR)
+    return tensor
 
 
 def _param(config: dict, key: str, default: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import numpy as np
@@ -26,6 +27,19 @@ def test_embeddings_match_in_process_engine(triton, triton_docs, triton_docs_ref
     assert out.shape == triton_docs_reference.shape and out.dtype == np.float32
     assert min_cosine(out, triton_docs_reference) >= 0.999999
     np.testing.assert_allclose(out, triton_docs_reference, atol=1e-5)
+
+
+def test_responses_leave_no_tracebacks_in_the_server_log(triton, triton_docs):
+    """The outputs leave model.py through DLPack capsules; releasing them must not write the
+    "PyCapsule_GetPointer called with incorrect name" traceback the stub's renaming used to cause."""
+    with TritonEncoder(ClientOptions(url=triton.grpc_url)) as enc:
+        enc.embed(triton_docs.token_ids, triton_docs.lengths)
+        assert enc.stats.requests == 2
+    deadline = time.monotonic() + 2
+    while "Traceback" not in triton.log_file.read_text(encoding="utf-8") and time.monotonic() < deadline:
+        time.sleep(0.2)   # a late traceback would be written after the response; give it time
+    log = triton.log_file.read_text(encoding="utf-8")
+    assert "Traceback" not in log and "PyCapsule" not in log, log[-2000:]
 
 
 def test_fp16_output(triton, triton_docs, triton_docs_reference, min_cosine):
