@@ -1,4 +1,5 @@
-"""Helpers for the pipeline tests (corpora, reading outputs, the exactly-once oracle). Not a test module."""
+"""Helpers for the pipeline tests (corpora, reading outputs, the exactly-once oracle, Triton's
+statistics once settled). Not a test module."""
 
 from __future__ import annotations
 
@@ -107,3 +108,17 @@ def kill_cluster_from_pidfile(out: Path) -> list[int]:
             except (ProcessLookupError, PermissionError):
                 pass
     return pids
+
+
+def settled_statistics(encoder, before: dict, n_inferences: int, timeout: float = 10.0) -> dict:
+    """Triton's model statistics once ``n_inferences`` more inferences than ``before`` are counted.
+
+    Triton updates its statistics after the responses are on their way, so a client that has every
+    response may still read the previous counts for a moment; this polls (at most ``timeout`` s) and
+    returns the last reading, which the caller's assertions then judge."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = encoder.model_statistics()
+        if after["inference_count"] - before["inference_count"] >= n_inferences or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)

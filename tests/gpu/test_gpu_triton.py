@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.pipeline_support import settled_statistics
+
 torch = pytest.importorskip("torch")
 
 SEQUENTIAL_MIN_COSINE = 0.999999   # same engine, same chunks, same kernels
@@ -231,7 +233,7 @@ def test_triton_gpu_matches_in_process(served, in_process, docs, protocol):
             assert np.isfinite(got).all()
             worst = min(worst, _min_cosine(got, want))
             max_abs = max(max_abs, float(np.abs(got - want).max()))
-        after = enc.model_statistics()
+        after = settled_statistics(enc, before, len(reqs))
     finally:
         enc.close()
     print(f"\n[triton-gpu {protocol}] {len(reqs)} requests, {len(docs.lengths)} docs, lengths "
@@ -271,7 +273,7 @@ def test_triton_gpu_merged_batches_match_in_process(served, in_process, docs):
             t.start()
         for t in threads:
             t.join(timeout=300)
-        after = enc.model_statistics()
+        after = settled_statistics(enc, before, len(reqs))
     finally:
         enc.close()
     assert not errors, errors

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 
+from tests.pipeline_support import settled_statistics
 from workers.triton_client import ClientOptions, TritonEncoder
 
 N_CLIENTS = 8
@@ -46,7 +47,7 @@ def test_concurrent_clients_are_correct_and_batched(triton, triton_docs, triton_
         s, e = plans[k][j]
         np.testing.assert_allclose(out, triton_docs_reference[s:e], atol=1e-5)
 
-    after = stats.model_statistics()
+    after = settled_statistics(stats, before, N_CLIENTS * REQUESTS_PER_CLIENT)
     inferences = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert inferences == N_CLIENTS * REQUESTS_PER_CLIENT
