@@ -109,6 +109,8 @@ class CorpusConfig:
     title_column: str | None = _f(None, "optional column embedded as title + ' ' + text")
     batch_tokens: int = _f(16384, "token budget of one queued batch (sum of padded lengths)")
     batch_rows: int = _f(512, "most rows in one queued batch")
+    plan_window: int = _f(65536, "rows planned together: the first window's batches are queued while later "
+                                 "windows are still being scanned (bigger = slightly less padding)")
 
 
 @dataclass
@@ -146,6 +148,10 @@ class FbasConfig:
             raise ConfigError("threads must be >= 0 (0 = all cores)")
         if r.token_budget < 16 or r.max_batch_size < 1:
             raise ConfigError("token_budget must be >= 16 and max_batch_size >= 1")
+        c = self.corpus
+        if c.batch_tokens < 1 or c.batch_rows < 1 or c.plan_window < 1:
+            raise ConfigError(f"batch_tokens ({c.batch_tokens}), batch_rows ({c.batch_rows}) and plan_window "
+                              f"({c.plan_window}) must be >= 1")
         if q.visibility_timeout <= q.task_time_limit:
             raise ConfigError(f"visibility_timeout ({q.visibility_timeout}s) must exceed task_time_limit "
                               f"({q.task_time_limit}s), or tasks are delivered twice while they run: increase "

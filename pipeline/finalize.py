@@ -96,15 +96,16 @@ def load_job(out: OutputDir) -> dict[str, Any]:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
-def committed_parts(out: OutputDir, job: str, n_batches: int) -> dict[int, tuple[int, int, int]]:
-    """``{batch: (docs, tokens, quarantined)}`` for this job's committed vectors parts (others are skipped)."""
+def committed_parts(out: OutputDir, job: str, n_batches: int | None) -> dict[int, tuple[int, int, int]]:
+    """``{batch: (docs, tokens, quarantined)}`` for this job's committed vectors parts (others are skipped);
+    ``n_batches`` None: every batch index counts (the plan is not complete yet)."""
     found: dict[int, tuple[int, int, int]] = {}
     d = out.path(VECTORS)
     if not d.is_dir():
         return found
     for name in os.listdir(d):
         m = _PART_RE.match(name)
-        if not m or int(m.group(1)) >= n_batches:
+        if not m or (n_batches is not None and int(m.group(1)) >= n_batches):
             continue
         meta = read_part_meta(d / name)
         b = int(m.group(1))
@@ -123,7 +124,7 @@ def _check_folder(out: OutputDir, job: str, n_batches: int) -> tuple[list[int], 
             (d / name).unlink(missing_ok=True)
             continue
         m = _PART_RE.match(name)
-        if not m or int(m.group(1)) >= n_batches:
+        if not m or (n_batches is not None and int(m.group(1)) >= n_batches):
             stray.append(f"{VECTORS}/{name}")
             continue
         meta = read_part_meta(d / name)

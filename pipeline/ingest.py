@@ -1,13 +1,22 @@
-"""`fbas-pipeline ingest`: read -> scan + plan -> enqueue with backpressure -> wait (progress bar) -> finalize.
+"""`fbas-pipeline ingest`: ids -> scan + plan + enqueue, window by window, with backpressure -> wait
+(progress bar) -> finalize.
 
     result = ingest("corpus.parquet", cfg)          # local mode when cfg.queue.broker is None
+
+A new job first checks every id (id column only: null or duplicate ids stop it before anything
+starts). Then the corpus is read once in windows of ``plan_window`` rows: each window is
+tokenized for its lengths, planned on its own, and its batches are queued at once, so the
+workers embed while later windows are still being scanned (and, in local mode, the first
+window's scan overlaps Triton's start). ``scan.npz``, ``plan.npz`` and, last, ``job.json`` are
+written after the last window.
 
 The job id is a fingerprint of the corpus (file names, sizes, row counts, columns), the
 model (its engine fingerprint) and the batch settings. ``OUT/.fbas/`` holds what a rerun
 needs: ``job.json``, ``scan.npz``, ``plan.npz``, the scan's quarantine, the built model.
 Rerunning the same command resumes: the scan is reused, parts already committed are kept
-(Redis is told so), only missing batches are enqueued, then the job is finalized. An output
-folder that holds another job is refused.
+(Redis is told so), only missing batches are enqueued, then the job is finalized. A run that
+stopped before ``job.json`` was written scans again; the plan is the same on every run, so
+its committed parts are found and kept. An output folder that holds another job is refused.
 
 While waiting, the producer watches for a Redis that lost the job (restarted without
 persistence: the job is written again and missing batches re-enqueued), for a job that
@@ -27,8 +36,9 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -36,14 +46,15 @@ from pipeline.config import FbasConfig, fingerprint
 from pipeline.errors import ConfigError, FbasError, InputError, ServerUnavailableError
 from pipeline.finalize import JOB_FILE, SCAN_QUARANTINE, committed_parts, finalize
 from pipeline.jobstate import JobState, connect
-from pipeline.plan import Plan, Scan, plan_batches, scan_corpus
-from pipeline.produce import Sender, batch_messages, queue_length
+from pipeline.plan import (Plan, Scan, assemble_scan, check_unique_ids, corpus_id_hashes, plan_window,
+                           scan_windows)
+from pipeline.produce import Sender, batch_messages, queue_length, window_messages
 from pipeline.read import Corpus, open_corpus
 from workers.write import OutputDir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ingest", "IngestResult", "ensure_model", "prepare_job", "Job"]
+__all__ = ["ingest", "IngestResult", "ensure_model", "scan_and_send", "save_job", "Job"]
 
 MODEL_SUBDIR = "model"
 MODEL_CACHE = Path.home() / ".cache" / "fbas" / "models"  # built engines, by model_key
@@ -137,8 +148,13 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def job_id_for(corpus: Corpus, cfg: FbasConfig, model_meta: Any) -> str:
     """The job's identity: corpus fingerprint + model fingerprint + batch settings."""
-    settings = {"batch_tokens": cfg.corpus.batch_tokens, "batch_rows": cfg.corpus.batch_rows}
-    return fingerprint({"corpus": corpus.fingerprint, "model": model_meta.fingerprint, "settings": settings})
+    return fingerprint({"corpus": corpus.fingerprint, "model": model_meta.fingerprint,
+                        "settings": _batch_settings(cfg)})
+
+
+def _batch_settings(cfg: FbasConfig) -> dict[str, int]:
+    c = cfg.corpus
+    return {"batch_tokens": c.batch_tokens, "batch_rows": c.batch_rows, "plan_window": c.plan_window}
 
 
 def resume_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any) -> Job | None:
@@ -161,18 +177,34 @@ def resume_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any)
     return None
 
 
-def prepare_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, tokenizer: Any,
-                progress: bool = False) -> Job:
-    """Scan and plan the corpus, save both and ``job.json`` (the caller checked ``resume_job`` first)."""
-    from pipeline.progress import progress_bar
-
+def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, tokenizer: Any,
+                  id_hash: np.ndarray, send: Callable[[dict], None], skip: set[int],
+                  on_window: Callable[[int, int], None] | None = None) -> Job:
+    """Scan the corpus window by window, plan each window, and ``send`` its batches (except ``skip``) while
+    the next window is read; then save the scan, the plan and ``job.json`` (the caller checked
+    ``resume_job`` first and the ids with ``check_unique_ids``). The plan is the same on every run, so an
+    ingest stopped midway finds its committed batches again. ``on_window(batches, rows)``: planned so far."""
     c = cfg.corpus
-    settings = {"batch_tokens": c.batch_tokens, "batch_rows": c.batch_rows}
     job_id = job_id_for(corpus, cfg, model_meta)
-    job_path = out.state(JOB_FILE)
-    with progress_bar(corpus.n_rows, "scanning", unit="doc", disable=not progress) as bar:
-        scan = scan_corpus(corpus, tokenizer, progress=bar.update)
-    plan = plan_batches(scan.n_tokens, c.batch_tokens, c.batch_rows)
+    out.make_dirs()
+    windows, plans, n_batches = [], [], 0
+    for w in scan_windows(corpus, tokenizer, c.plan_window):
+        wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
+        for msg in window_messages(w, wplan, n_batches, job=job_id, out=str(out), model=model_meta.fingerprint,
+                                   dim=model_meta.dim, id_type=corpus.id_type, skip=skip):
+            send(msg)
+        n_batches += wplan.n_batches
+        if on_window:
+            on_window(n_batches, sum(p.n_rows for p in plans) + wplan.n_rows)
+        w.ids, w.texts = [], []            # sent: the job's files need only the lengths and the quarantine
+        windows.append(w)
+        plans.append(wplan)
+    return save_job(corpus, cfg, out, model_meta, job_id, assemble_scan(corpus, id_hash, windows), Plan.concat(plans))
+
+
+def save_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, job_id: str, scan: Scan,
+             plan: Plan) -> Job:
+    """Write ``scan.npz``, ``plan.npz``, the scan's quarantine and, last, ``job.json`` (what a rerun resumes)."""
     out.make_dirs()
     scan.save(out.state("scan.npz"))
     plan.save(out.state("plan.npz"))
@@ -193,12 +225,12 @@ def prepare_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any
         "model": {"name": m.name, "fingerprint": m.fingerprint, "dim": m.dim, "pooling": m.pooling,
                   "normalize": m.normalize, "max_seq_len": m.max_seq_len, "precision": m.precision,
                   "target": m.target, "dir": f".fbas/{MODEL_SUBDIR}"},
-        "settings": {**settings, "padding_ratio": round(plan.padding_ratio(), 4)},
+        "settings": {**_batch_settings(cfg), "padding_ratio": round(plan.padding_ratio(), 4)},
         "scan": {"seconds": round(scan.seconds, 3), "quarantined": len(scan.q_rows), "truncated": scan.n_truncated,
                  "repaired": scan.n_repaired},
     }
-    OutputDir.write_atomic(job_path, lambda p: p.write_text(json.dumps(info, indent=2, sort_keys=True),
-                                                             encoding="utf-8"))
+    OutputDir.write_atomic(out.state(JOB_FILE), lambda p: p.write_text(json.dumps(info, indent=2, sort_keys=True),
+                                                                        encoding="utf-8"))
     return Job(job_id, info, scan, plan, False)
 
 
@@ -237,6 +269,11 @@ class _Progress:
                         dynamic_ncols=True, smoothing=0.1)
         self.t0, self.tokens0, self.started = time.monotonic(), 0, False
 
+    def set_total(self, total: int) -> None:
+        """The planned rows, once the plan is complete (until then: every row of the corpus)."""
+        self.bar.total = total
+        self.bar.refresh()
+
     def update(self, counters: dict[str, int]) -> None:
         done = counters["docs"] + counters["quarantined"]
         if not self.started:  # what was finished before this run is the bar's start, not its speed
@@ -262,7 +299,7 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
     ``worker_env`` adds environment variables for local-mode workers (tests use it for hooks);
     ``on_cluster(cluster)`` is called once the local cluster has started (tests use it to kill parts).
     """
-    from engine.model_dir import load_tokenizer, read_meta
+    from engine.model_dir import read_meta
     from pipeline.local import LocalCluster
 
     t0 = time.perf_counter()
@@ -283,6 +320,10 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
             logger.info("job %s: every batch is committed already; finalizing", job.id)
             resumed = job.plan.n_batches
         else:
+            id_hash = None
+            if job is None:  # a new job: null or duplicate ids stop it before anything starts or is read
+                id_hash = corpus_id_hashes(corpus)
+                check_unique_ids(corpus, id_hash)
             cluster = None
             if cfg.queue.broker is None:
                 cluster = LocalCluster(model_dir, out.state("local"), cfg, worker_env=worker_env)
@@ -293,18 +334,15 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
                     on_cluster(cluster)
             else:
                 broker = cfg.queue.broker
-            t = time.perf_counter()
-            if job is None:
-                job = prepare_job(corpus, cfg, out, meta, load_tokenizer(model_dir, meta), progress=progress)
-            timings["scan_s"] = round(time.perf_counter() - t, 3)
-            if cluster is not None:
-                cluster.wait_ready()
-            timings["ready_s"] = round(time.perf_counter() - t0, 3)
             client = connect(broker)
             stack.callback(client.close)
-            sent, resumed, redelivered = _run_queue(corpus, cfg, out, job, meta, model_dir, client, broker, cluster,
-                                                    progress)
-            timings["embed_s"] = round(time.perf_counter() - t0 - timings["ready_s"], 3)
+            ready = _ReadyOnce(cluster, t0)
+            job, sent, resumed, redelivered = _run_queue(corpus, cfg, out, job, id_hash, meta, model_dir, client,
+                                                         broker, cluster, progress, ready)
+            ready()  # nothing needed sending: Triton still serves the statistics below
+            timings["scan_s"] = round(job.scan.seconds, 3)
+            timings["ready_s"] = ready.seconds
+            timings["embed_s"] = round(time.perf_counter() - t0 - ready.seconds, 3)
             if cluster is not None:
                 try:
                     timings.update(cluster.engine_stats())
@@ -317,45 +355,79 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
     return IngestResult(out.root, job.id, manifest, time.perf_counter() - t0, resumed, sent)
 
 
-def _job_state(client: Any, job: Job, meta: Any, tokenizer_json: str, out: OutputDir) -> tuple[JobState, dict]:
-    state = JobState(client, job.id)
-    state.create({"n_batches": job.plan.n_batches, "planned_rows": job.plan.n_rows, "out": str(out),
-                  "model": meta.fingerprint, "max_seq_len": meta.max_seq_len,
-                  "corpus": job.info["corpus"]["uri"]}, tokenizer_json)
-    committed = committed_parts(out, job.id, job.plan.n_batches)
+class _ReadyOnce:
+    """Waits, once, for the local cluster's Triton to serve the model (called before the first batch is
+    queued, so the scan of the first window overlaps Triton's start); ``seconds``: when it was ready."""
+
+    def __init__(self, cluster: Any, t0: float) -> None:
+        self.cluster, self.t0, self.seconds = cluster, t0, None
+
+    def __call__(self) -> None:
+        if self.seconds is None:
+            if self.cluster is not None:
+                self.cluster.wait_ready()
+            self.seconds = round(time.perf_counter() - self.t0, 3)
+
+
+def _job_state(client: Any, job_id: str, plan: Plan | None, corpus: Corpus, meta: Any, tokenizer_json: str,
+               out: OutputDir) -> tuple[JobState, dict]:
+    """The job's Redis state, with the batches already committed in the folder marked done (``plan`` None:
+    still being planned; every committed part of this job counts)."""
+    state = JobState(client, job_id)
+    state.create({"n_batches": plan.n_batches if plan is not None else 0,
+                  "planned_rows": plan.n_rows if plan is not None else 0, "out": str(out),
+                  "model": meta.fingerprint, "max_seq_len": meta.max_seq_len, "corpus": corpus.uri}, tokenizer_json)
+    committed = committed_parts(out, job_id, plan.n_batches if plan is not None else None)
     new = state.reconcile(committed)
     if new:
-        logger.info("job %s: %d batches already committed in %s", job.id, new, out)
+        logger.info("job %s: %d batches already committed in %s", job_id, new, out)
     return state, committed
 
 
-def _run_queue(corpus: Corpus, cfg: FbasConfig, out: OutputDir, job: Job, meta: Any, model_dir: Path, client: Any,
-               broker: str, cluster: Any, progress: bool) -> tuple[int, int, int]:
-    """Enqueue the missing batches and wait for all of them; returns (sent, resumed, redelivered)."""
+def _run_queue(corpus: Corpus, cfg: FbasConfig, out: OutputDir, job: Job | None, id_hash: np.ndarray | None,
+               meta: Any, model_dir: Path, client: Any, broker: str, cluster: Any, progress: bool,
+               ready: Callable[[], None]) -> tuple[Job, int, int, int]:
+    """Enqueue the missing batches and wait for all of them; returns (job, sent, resumed, redelivered).
+
+    A new job (``job`` None) is scanned and planned here, window by window, its batches queued as each
+    window is planned; a resumed one re-reads the corpus for its missing batches."""
     from dataclasses import replace
 
+    from engine.model_dir import load_tokenizer
     from workers.app import QUEUE, TASK_NAME, producer_app
 
     app = producer_app(FbasConfig(queue=replace(cfg.queue, broker=broker), serve=cfg.serve))
     tok_json = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
-    state, committed = _job_state(client, job, meta, tok_json, out)
-    plan = job.plan
-    n_batches = plan.n_batches
-    bar = _Progress(plan.n_rows, progress)
+    job_id = job.id if job is not None else job_id_for(corpus, cfg, meta)
+    state, committed = _job_state(client, job_id, job.plan if job is not None else None, corpus, meta, tok_json, out)
+    bar = _Progress(job.plan.n_rows if job is not None else corpus.n_rows, progress)
     watch = _Watch(state, cluster, cfg, bar, client)
     sender = Sender(app, client, QUEUE, cfg.queue.queue_depth, TASK_NAME, on_wait=watch.tick)
+
+    def send(msg: dict) -> None:
+        ready()
+        sender.send(msg)
+
     try:
         watch.tick(force=True)
-        for msg in batch_messages(corpus, plan, job=job.id, out=str(out), model=meta.fingerprint, dim=meta.dim,
-                                  skip=state.done()):
-            sender.send(msg)
+        if job is None:
+            job = scan_and_send(corpus, cfg, out, meta, load_tokenizer(model_dir, meta), id_hash, send, state.done(),
+                                on_window=state.set_planned)
+            state, _ = _job_state(client, job.id, job.plan, corpus, meta, tok_json, out)  # now with the totals
+            watch.state = state
+            bar.set_total(job.plan.n_rows)
+        else:
+            for msg in batch_messages(corpus, job.plan, job=job.id, out=str(out), model=meta.fingerprint,
+                                      dim=meta.dim, skip=state.done()):
+                send(msg)
+        plan, n_batches = job.plan, job.plan.n_batches
         while True:
             if watch.tick() >= n_batches:
                 break
             action = watch.needs_reenqueue(QUEUE)
             if action:
                 if action == "lost":
-                    state, _ = _job_state(client, job, meta, tok_json, out)
+                    state, _ = _job_state(client, job.id, plan, corpus, meta, tok_json, out)
                     watch.state = state
                 done = state.done()
                 logger.warning("re-enqueueing %d batches (%s)", n_batches - len(done), action)
@@ -367,7 +439,7 @@ def _run_queue(corpus: Corpus, cfg: FbasConfig, out: OutputDir, job: Job, meta: 
     finally:
         bar.close()
         app.close()
-    return sender.sent, len(committed), state.counters()["redelivered"]
+    return job, sender.sent, len(committed), state.counters()["redelivered"]
 
 
 class _Watch:

@@ -111,6 +111,11 @@ class JobState:
         p.execute()
 
     @_guard
+    def set_planned(self, n_batches: int, n_rows: int) -> None:
+        """The batches and rows planned so far (a new job is planned window by window)."""
+        self.r.hset(self.k_meta, mapping={"n_batches": str(n_batches), "planned_rows": str(n_rows)})
+
+    @_guard
     def exists(self) -> bool:
         return bool(self.r.exists(self.k_meta)) and bool(self.r.exists(self.k_tok))
 
@@ -233,6 +238,9 @@ def job_status(out: str | None, broker: str | None) -> dict[str, Any]:
             lines.append(f"job {job_id} in {od}: {f['done_batches']}/{f['planned_batches']} batches committed, "
                          f"{rows} rows embedded, {quarantined} quarantined"
                          f"{', finalized' if f['finished'] else ''}")
+        elif od.state("model").exists():
+            lines.append(f"{od}: no job.json yet: an ingest is scanning its corpus now (job.json is written after "
+                         "the last window), or one stopped before that; rerunning the ingest continues it")
         else:
             lines.append(f"{od}: no fbas job here")
     if broker:

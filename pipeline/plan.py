@@ -1,12 +1,15 @@
-"""The length scan and the corpus-level batch plan.
+"""The length scan and the batch plan.
 
-``scan_corpus`` streams the corpus once, tokenizes every text (HF tokenizers, Rust) and keeps
-only per-row arrays: ``n_tokens`` (int32, tokens after truncation, 0 where the row is
-quarantined) and ``id_hash`` (uint64, for the uniqueness check and the final id oracle) —
-12 bytes a row, 1.2 GB for 100M rows. Null, empty, whitespace-only texts and texts that
-tokenize to nothing are quarantined here with a reason; duplicate ids stop the job.
+``scan_windows`` streams the corpus once in windows of ``plan_window`` rows and tokenizes every
+text for its length (HF tokenizers, Rust); each window is planned on its own (``plan_window``),
+so its batches can be queued while the next window is read. ``scan_corpus`` is the same pass
+kept whole. What the job keeps is per-row arrays: ``n_tokens`` (int32, tokens after
+truncation, 0 where the row is quarantined) and ``id_hash`` (uint64, from the id column alone,
+for the uniqueness check and the final id oracle): 12 bytes a row, 1.2 GB for 100M rows. Null,
+empty, whitespace-only texts and texts that tokenize to nothing are quarantined here with a
+reason; null or duplicate ids stop the job before any text is read.
 
-``plan_batches`` turns the lengths into batches that waste almost no padding, by a token
+``plan_batches`` turns a window's lengths into batches that waste almost no padding, by a token
 budget rather than a row count (padded cost of a batch = rows x its longest row, as TEI's
 queue counts it):
 
@@ -15,30 +18,32 @@ queue counts it):
 2. What is left of every group (fewer than ``k`` rows each) is pooled, sorted by length and
    cut greedily under the same budget: padding only between neighbouring lengths.
 
-Full batches are numbered by the position of their last row (the order in which a streaming
-pass completes them), the pooled ones after them. The plan depends only on the lengths and
-the budget, so it is the same on every run: batch ``i`` always holds the same rows, which is
-what makes part names deterministic and reruns resumable. While the producer streams the
-corpus a second time, only the open batches (at most one per length, plus the pooled rest)
-are held in memory.
+Within a window, full batches are numbered by the position of their last row (the order in
+which a streaming pass completes them), the pooled ones after them; windows follow each other.
+The plan depends only on the lengths, the budget and the window (whole record batches of at
+most ``plan_window`` rows), so it is the same on every run: batch ``i`` always holds the same
+rows, which is what makes part names deterministic and reruns resumable. A resumed job's
+producer streams the corpus again and holds only the open batches (at most one per length and
+window, plus the pooled rest) in memory.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.read import Corpus, id_hashes
+from pipeline.read import READ_BATCH_ROWS, Corpus, id_hashes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Scan", "Plan", "scan_corpus", "plan_batches", "QUARANTINE_REASONS"]
+__all__ = ["Scan", "Plan", "Window", "scan_corpus", "scan_windows", "corpus_id_hashes", "assemble_scan",
+           "plan_batches", "plan_window", "QUARANTINE_REASONS"]
 
 QUARANTINE_REASONS = {
     "null_text": "the text is null",
@@ -94,26 +99,49 @@ def _classify(texts: list) -> tuple[list[int], list[tuple[int, str]]]:
     return good, bad
 
 
-def scan_corpus(corpus: Corpus, tokenizer, progress: Callable[[int], None] | None = None) -> Scan:
-    """One streaming pass: token lengths, id hashes, quarantine; then the id uniqueness check.
+@dataclass
+class Window:
+    """Consecutive rows ``row0 .. row0 + n - 1`` as the streaming scan read them: what it learned
+    (lengths, quarantine) and the rows themselves, so their batches can be sent without reading again."""
 
-    ``tokenizer`` is a ``workers.tokenize.Tokenizer`` (truncates at the model's max_seq_len).
-    Raises ``InputError`` for null or duplicate ids.
+    row0: int
+    n_tokens: np.ndarray          # int32 [n]: tokens after truncation, 0 = quarantined
+    ids: list                     # [n] original ids
+    texts: list                   # [n] texts as embedded (None where null)
+    repaired: np.ndarray          # bool [n]
+    q_rows: list[int] = field(default_factory=list)   # quarantined rows (global), ascending
+    q_ids: list = field(default_factory=list)
+    q_reasons: list[str] = field(default_factory=list)
+    n_truncated: int = 0
+    seconds: float = 0.0          # reading + tokenizing this window
+
+
+def corpus_id_hashes(corpus: Corpus) -> np.ndarray:
+    """uint64 [n_rows]: every row's id hash, from the id column alone (no text is read)."""
+    h = np.zeros(corpus.n_rows, dtype=np.uint64)
+    for row0, arr, m in corpus.id_arrays():
+        h[row0:row0 + m] = id_hashes(arr, row0, m)
+    return h
+
+
+def scan_windows(corpus: Corpus, tokenizer, window_rows: int,
+                 progress: Callable[[int], None] | None = None) -> Iterator[Window]:
+    """The corpus in windows of at least ``window_rows`` rows (whole record batches, so the windows
+    are the same on every run), each with its rows' token lengths and quarantine.
+
+    ``tokenizer`` is a ``workers.tokenize.Tokenizer`` (truncates at the model's max_seq_len). Ids are
+    not checked here: ``corpus_id_hashes`` + ``check_unique_ids`` do that before anything is read.
     """
     import time
 
-    t0 = time.perf_counter()
-    n = corpus.n_rows
-    n_tokens = np.zeros(n, dtype=np.int32)
-    id_hash = np.zeros(n, dtype=np.uint64)
-    q_rows: list[int] = []
-    q_ids: list = []
-    q_reasons: list[str] = []
-    n_trunc = n_rep = 0
-    for rb in corpus.batches():
+    read_rows = max(1, min(window_rows, READ_BATCH_ROWS))
+    w: Window | None = None
+    t = time.perf_counter()
+    for rb in corpus.batches(batch_rows=read_rows):
         m = len(rb)
-        id_hash[rb.row0:rb.row0 + m] = id_hashes(rb.id_array, rb.row0, m)
-        n_rep += int(rb.repaired.sum())
+        if w is None:
+            w = Window(rb.row0, np.zeros(0, dtype=np.int32), [], [], np.zeros(0, dtype=bool))
+        n_tokens = np.zeros(m, dtype=np.int32)
         good, bad = _classify(rb.texts)
         if good:
             lens, full = tokenizer.lengths([rb.texts[i] for i in good])
@@ -122,20 +150,55 @@ def scan_corpus(corpus: Corpus, tokenizer, progress: Callable[[int], None] | Non
             for j in np.flatnonzero(empty):
                 bad.append((good[int(j)], "no_tokens"))
             keep = ~empty
-            n_tokens[rb.row0 + idx[keep]] = lens[keep]
-            n_trunc += int((full > lens)[keep].sum())
+            n_tokens[idx[keep]] = lens[keep]
+            w.n_truncated += int((full > lens)[keep].sum())
         for i, reason in sorted(bad):
-            q_rows.append(rb.row0 + i)
-            q_ids.append(rb.ids[i])
-            q_reasons.append(reason)
+            w.q_rows.append(rb.row0 + i)
+            w.q_ids.append(rb.ids[i])
+            w.q_reasons.append(reason)
+        w.n_tokens = np.concatenate([w.n_tokens, n_tokens])
+        w.repaired = np.concatenate([w.repaired, rb.repaired])
+        w.ids.extend(rb.ids)
+        w.texts.extend(rb.texts)
         if progress:
             progress(m)
-    scan = Scan(n, n_tokens, id_hash, np.asarray(q_rows, dtype=np.int64), q_ids, q_reasons, n_trunc, n_rep)
-    check_unique_ids(corpus, id_hash)
-    scan.seconds = time.perf_counter() - t0
+        if len(w.texts) >= window_rows:
+            w.seconds = time.perf_counter() - t
+            yield w
+            w, t = None, time.perf_counter()   # the consumer's time between windows is not the scan's
+    if w is not None:
+        w.seconds = time.perf_counter() - t
+        yield w
+
+
+def assemble_scan(corpus: Corpus, id_hash: np.ndarray, windows: list[Window]) -> Scan:
+    """The whole-corpus ``Scan`` from its windows (in order) and the id hashes."""
+    n_tokens = np.concatenate([w.n_tokens for w in windows]) if windows else np.zeros(0, dtype=np.int32)
+    if len(n_tokens) != corpus.n_rows:
+        raise InputError(f"{corpus.uri} yielded {len(n_tokens)} rows, its metadata says {corpus.n_rows}: the corpus "
+                         "changed while it was read; do not modify a corpus during an ingest, then rerun")
+    scan = Scan(corpus.n_rows, n_tokens, id_hash, np.asarray([r for w in windows for r in w.q_rows], dtype=np.int64),
+                [i for w in windows for i in w.q_ids], [r for w in windows for r in w.q_reasons],
+                sum(w.n_truncated for w in windows), int(sum(int(w.repaired.sum()) for w in windows)),
+                sum(w.seconds for w in windows))
     logger.info("scanned %d rows in %.1fs: %d to embed (%d tokens), %d quarantined, %d truncated, %d repaired",
-                n, scan.seconds, scan.n_embeddable, int(n_tokens.sum(dtype=np.int64)), len(q_rows), n_trunc, n_rep)
+                scan.n_rows, scan.seconds, scan.n_embeddable, int(n_tokens.sum(dtype=np.int64)), len(scan.q_rows),
+                scan.n_truncated, scan.n_repaired)
     return scan
+
+
+def scan_corpus(corpus: Corpus, tokenizer, progress: Callable[[int], None] | None = None) -> Scan:
+    """The id check, then one pass: token lengths and quarantine of every row (windows dropped as read).
+
+    Raises ``InputError`` for null or duplicate ids before any text is read.
+    """
+    id_hash = corpus_id_hashes(corpus)
+    check_unique_ids(corpus, id_hash)
+    windows = []
+    for w in scan_windows(corpus, tokenizer, READ_BATCH_ROWS, progress):
+        w.ids, w.texts = [], []            # keep only what the Scan needs
+        windows.append(w)
+    return assemble_scan(corpus, id_hash, windows)
 
 
 def check_unique_ids(corpus: Corpus, id_hash: np.ndarray, show: int = 5) -> None:
@@ -215,6 +278,17 @@ class Plan:
         with np.load(path) as z:
             return cls(z["order"], z["offsets"], z["padded_len"], z["tokens"])
 
+    @classmethod
+    def concat(cls, plans: list[Plan]) -> Plan:
+        """One plan whose batches are those of ``plans``, in order (row ids are global already)."""
+        if not plans:
+            return cls(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64))
+        sizes = np.concatenate([p.sizes() for p in plans])
+        return cls(np.concatenate([p.order for p in plans]).astype(np.int64),
+                   np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                   np.concatenate([p.padded_len for p in plans]).astype(np.int32),
+                   np.concatenate([p.tokens for p in plans]).astype(np.int64))
+
 
 def plan_batches(n_tokens: np.ndarray, batch_tokens: int, batch_rows: int) -> Plan:
     """Token-budget batches over the rows with ``n_tokens > 0`` (see the module docstring).
@@ -271,3 +345,11 @@ def plan_batches(n_tokens: np.ndarray, batch_tokens: int, batch_rows: int) -> Pl
     logger.info("planned %d batches over %d rows (%d full-length groups, padding %.1f%%)", plan.n_batches,
                 plan.n_rows, len(full), 100 * plan.padding_ratio())
     return plan
+
+
+def plan_window(n_tokens: np.ndarray, row0: int, batch_tokens: int, batch_rows: int) -> Plan:
+    """``plan_batches`` over one window's rows (``n_tokens`` of rows ``row0 ..``), with global row ids."""
+    plan = plan_batches(n_tokens, batch_tokens, batch_rows)
+    plan.order = plan.order + row0
+    return plan
+

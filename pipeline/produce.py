@@ -1,8 +1,10 @@
-"""The producer: stream the corpus a second time, assemble planned batches, enqueue them with backpressure.
+"""The producer: turn planned batches into task messages and enqueue them with backpressure.
 
-``batch_messages`` reads the corpus in order and files each row into its planned batch; a
-batch is sent the moment its last row has been read, so only the open batches are in
-memory (see ``pipeline.plan``). Batches already committed (``skip``) are not assembled.
+``window_messages`` builds a new job's batches from the window the scan has just read (no second
+read). ``batch_messages`` serves a resumed job: it reads the corpus in order and files each row
+into its planned batch; a batch is sent the moment its last row has been read, so only the
+open batches are in memory (see ``pipeline.plan``). Batches already committed (``skip``) are
+not assembled.
 
 ``Sender.send`` publishes one Celery task per batch (msgpack) but first waits while the
 queue holds ``queue_depth`` batches or more: Redis holds at most ``queue_depth`` messages of
@@ -25,7 +27,7 @@ from pipeline.read import Corpus
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["batch_messages", "Sender", "queue_length"]
+__all__ = ["batch_messages", "window_messages", "task_message", "Sender", "queue_length"]
 
 
 def batch_messages(corpus: Corpus, plan: Plan, *, job: str, out: str, model: str, dim: int,
@@ -63,12 +65,33 @@ def batch_messages(corpus: Corpus, plan: Plan, *, job: str, out: str, model: str
                     rep.append(len(rows) - 1)
             if len(rows) == need[bi]:
                 del pending[bi]
-                yield {"v": 1, "job": job, "batch": bi, "out": out, "model": model, "dim": dim, "id_type": corpus.id_type,
-                       "row_ids": rows, "ids": ids, "texts": texts, "repaired": rep}
+                yield task_message(job=job, batch=bi, out=out, model=model, dim=dim, id_type=corpus.id_type,
+                                   row_ids=rows, ids=ids, texts=texts, repaired=rep)
     if pending:  # the corpus changed between the scan and now
         missing = sorted(pending)[:5]
         raise InputError(f"batches {missing} never completed while reading {corpus.uri}: the corpus changed since it "
                          "was scanned; do not modify a corpus during an ingest, then rerun")
+
+
+def task_message(*, job: str, batch: int, out: str, model: str, dim: int, id_type: str, row_ids: list[int],
+                 ids: list, texts: list[str], repaired: list[int]) -> dict:
+    """One batch task (``workers.task``): rows in ascending order; ``repaired``: positions in the batch."""
+    return {"v": 1, "job": job, "batch": batch, "out": out, "model": model, "dim": dim, "id_type": id_type,
+            "row_ids": row_ids, "ids": ids, "texts": texts, "repaired": repaired}
+
+
+def window_messages(window, plan, first_batch: int, *, job: str, out: str, model: str, dim: int, id_type: str,
+                    skip: set[int] | frozenset[int] = frozenset()) -> Iterator[dict]:
+    """Task messages for one scanned window's planned batches (``plan``: its batches, global row ids;
+    batch ``i`` of it is job batch ``first_batch + i``), built from the rows the scan holds."""
+    for i in range(plan.n_batches):
+        if first_batch + i in skip:
+            continue
+        local = (plan.rows(i) - window.row0).tolist()
+        yield task_message(job=job, batch=first_batch + i, out=out, model=model, dim=dim, id_type=id_type,
+                           row_ids=[window.row0 + j for j in local], ids=[window.ids[j] for j in local],
+                           texts=[window.texts[j] for j in local],
+                           repaired=[k for k, j in enumerate(local) if window.repaired[j]])
 
 
 def queue_length(client: Any, queue: str) -> int:

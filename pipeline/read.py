@@ -16,8 +16,9 @@ Validation done here (before anything is enqueued; ``InputError`` names the colu
   ``id`` column is absent the row position is the id (an explicitly named id column must exist);
 * the optional title column exists and holds strings.
 
-Id uniqueness needs every id, so the scan (``pipeline.plan.scan_corpus``) checks it with
-``id_hashes`` below: 64-bit hashes, sorted, collisions confirmed on the real ids.
+Id uniqueness needs every id, so a new job first reads the id column alone
+(``pipeline.plan.corpus_id_hashes`` + ``check_unique_ids``) with ``id_hashes`` below: 64-bit
+hashes, sorted, collisions confirmed on the real ids.
 
 Texts: invalid UTF-8 is replaced with U+FFFD and the row flagged ``repaired``; ``None`` marks
 a null text. Empty and whitespace-only texts are returned as they are; the scan quarantines them.

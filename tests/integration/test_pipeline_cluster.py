@@ -284,3 +284,35 @@ def test_a_redis_that_lost_everything_mid_job_is_refilled(cluster, template_out,
     client.flushall()
     join()
     check_oracle(out, ids)
+
+
+def test_small_plan_windows_stream_and_a_rerun_without_the_job_file_finds_its_parts(cluster, template_out, tmp_path,
+                                                                                       stsb_en_test):
+    """Six windows instead of one: the same rows and vectors, each batch inside one window. A producer that
+    died before job.json was written (it is written after the last window) leaves committed parts; the
+    rerun plans the same batches again, finds every one committed and sends nothing."""
+    import json
+
+    texts = [a for a, _, _ in stsb_en_test[:600]]
+    ids = [f"w{i}" for i in range(len(texts))]
+    corpus = tmp_path / "w.parquet"
+    pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
+    _ingest(cluster, template_out, corpus, tmp_path / "one", batch_rows=32)
+    out = tmp_path / "windows"
+    r = _ingest(cluster, template_out, corpus, out, batch_rows=32, plan_window=100)
+    m = check_oracle(out, ids)
+    job = json.loads((out / ".fbas" / "job.json").read_text())
+    assert job["settings"]["plan_window"] == 100 and r.sent_batches == m["counts"]["batches"]
+    rows, got_ids, vecs = read_vectors(out)
+    rows1, ids1, vecs1 = read_vectors(tmp_path / "one")
+    assert np.array_equal(rows, rows1) and got_ids == ids1
+    np.testing.assert_allclose(vecs, vecs1, atol=2e-6)      # other batch neighbours, same vectors
+    for part in sorted((out / "vectors").glob("*.parquet")):
+        part_rows = pq.read_table(part, columns=["row_id"]).column("row_id").to_numpy()
+        assert part_rows.max() // 100 == part_rows.min() // 100, f"{part.name} spans two windows"
+
+    for name in ("job.json", "scan.npz", "plan.npz"):
+        (out / ".fbas" / name).unlink()
+    again = _ingest(cluster, template_out, corpus, out, batch_rows=32, plan_window=100)
+    assert again.sent_batches == 0 and again.resumed_batches == m["counts"]["batches"]
+    check_oracle(out, ids)

@@ -204,3 +204,14 @@ def test_parts_are_read_ahead_on_threads_but_used_in_order():
         for x in _in_order(bad, 20):
             got.append(x)
     assert got == list(range(7))
+
+
+def test_status_of_a_folder_whose_job_is_still_being_scanned(tmp_path):
+    """Before job.json exists (it is written after the last window), status says so instead of 'no job'."""
+    from pipeline.jobstate import job_status
+
+    (tmp_path / "out" / ".fbas" / "model").mkdir(parents=True)
+    lines = job_status(out=str(tmp_path / "out"), broker=None)["lines"]
+    assert "no job.json yet" in lines[0] and "rerunning the ingest continues it" in lines[0]
+    (tmp_path / "empty").mkdir()
+    assert job_status(out=str(tmp_path / "empty"), broker=None)["lines"] == [f"{tmp_path / 'empty'}: no fbas job here"]

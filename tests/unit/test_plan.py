@@ -92,3 +92,48 @@ def test_batch_messages_follow_the_plan_and_skip_done_batches(tmp_path, built_fp
         assert m["texts"] == [texts[r] for r in m["row_ids"]]
     skipped = list(batch_messages(corpus, plan, job="j", out="/o", model="m", dim=8, skip={0, 1, 2}))
     assert sorted(m["batch"] for m in skipped) == list(range(3, plan.n_batches))
+
+
+def test_batches_go_out_while_later_windows_are_still_unread(tmp_path, built_fp32):
+    """scan_and_send plans each window alone and sends its batches before reading the next window; the
+    saved plan is the concatenation, the same on a rerun, and matches what was sent, row for row."""
+    from engine.model_dir import load_tokenizer, read_meta
+    from pipeline.config import FbasConfig
+    from pipeline.ingest import resume_job, scan_and_send
+    from pipeline.plan import corpus_id_hashes
+    from workers.write import OutputDir
+
+    rng = np.random.default_rng(2)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    texts = [" ".join(rng.choice(words, rng.integers(1, 40))) for _ in range(700)]
+    texts[5], texts[402] = None, "   "
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(700)], "text": texts}), p, row_group_size=100)
+    cfg = FbasConfig()
+    cfg.corpus.batch_tokens, cfg.corpus.batch_rows, cfg.corpus.plan_window = 512, 40, 200
+    corpus = open_corpus(str(p), cfg.corpus)
+    tok, meta = load_tokenizer(built_fp32), read_meta(built_fp32)
+    read_rows: list[int] = []
+    real_lengths = tok.lengths
+    tok.lengths = lambda batch: (read_rows.append(len(batch)), real_lengths(batch))[1]
+    sent: list[tuple[dict, int]] = []   # (message, texts read when it was sent)
+    out = OutputDir(tmp_path / "out")
+    job = scan_and_send(corpus, cfg, out, meta, tok, corpus_id_hashes(corpus),
+                        lambda m: sent.append((m, sum(read_rows))), skip={3})
+    plan = job.plan
+    assert [m["batch"] for m, _ in sent] == [b for b in range(plan.n_batches) if b != 3]
+    assert sent[0][1] < 250                      # the first window's batches left before the rest was read
+    assert sum(read_rows) == 698                 # every embeddable text was tokenized once
+    for m, _ in sent:
+        assert m["row_ids"] == plan.rows(m["batch"]).tolist()
+        assert m["texts"] == [texts[r] for r in m["row_ids"]] and m["ids"] == [f"d{r}" for r in m["row_ids"]]
+        assert max(m["row_ids"]) - min(m["row_ids"]) < 200   # a batch never spans two windows
+    assert sorted(np.concatenate([plan.order, job.scan.q_rows]).tolist()) == list(range(700))
+    assert job.scan.q_rows.tolist() == [5, 402]
+    again = resume_job(corpus, cfg, out, meta)                # what a rerun finds in the folder
+    assert again is not None and again.id == job.id
+    assert np.array_equal(again.plan.order, plan.order) and np.array_equal(again.plan.offsets, plan.offsets)
+    # a run stopped before job.json was written plans again from scratch: the same batches
+    fresh = scan_and_send(corpus, cfg, OutputDir(tmp_path / "out2"), meta, tok, corpus_id_hashes(corpus),
+                          lambda m: None, skip=set())
+    assert np.array_equal(fresh.plan.order, plan.order) and np.array_equal(fresh.plan.offsets, plan.offsets)
