@@ -46,6 +46,7 @@ __all__ = ["finalize", "committed_parts", "IncompleteJobError", "OracleError", "
 
 MANIFEST = "manifest.json"
 JOB_FILE = "job.json"
+PENDING_FILE = "job.pending"   # a new job's id while its scan runs (job.json is written after the last window)
 SCAN_QUARANTINE = "quarantine-scan.parquet"
 _PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
 

@@ -8,7 +8,8 @@ starts). Then the corpus is read once in windows of ``plan_window`` rows: each w
 tokenized for its lengths, planned on its own, and its batches are queued at once, so the
 workers embed while later windows are still being scanned (and, in local mode, the first
 window's scan overlaps Triton's start). ``scan.npz``, ``plan.npz`` and, last, ``job.json`` are
-written after the last window.
+written after the last window; until then ``job.pending`` names the job, so no other job is
+started on its parts.
 
 The job id is a fingerprint of the corpus (file names, sizes, row counts, columns), the
 model (its engine fingerprint) and the batch settings. ``OUT/.fbas/`` holds what a rerun
@@ -44,10 +45,10 @@ import pyarrow.parquet as pq
 
 from pipeline.config import FbasConfig, fingerprint
 from pipeline.errors import ConfigError, FbasError, InputError, ServerUnavailableError
-from pipeline.finalize import JOB_FILE, SCAN_QUARANTINE, committed_parts, finalize
+from pipeline.finalize import JOB_FILE, PENDING_FILE, SCAN_QUARANTINE, committed_parts, finalize
 from pipeline.jobstate import JobState, connect
-from pipeline.plan import (Plan, Scan, assemble_scan, check_unique_ids, corpus_id_hashes, plan_window,
-                           scan_windows)
+from pipeline.plan import (PLAN_VERSION, Plan, Scan, assemble_scan, check_unique_ids, corpus_id_hashes,
+                           plan_window, scan_windows)
 from pipeline.produce import Sender, batch_messages, queue_length, window_messages
 from pipeline.read import Corpus, open_corpus
 from workers.write import OutputDir
@@ -154,7 +155,8 @@ def job_id_for(corpus: Corpus, cfg: FbasConfig, model_meta: Any) -> str:
 
 def _batch_settings(cfg: FbasConfig) -> dict[str, int]:
     c = cfg.corpus
-    return {"batch_tokens": c.batch_tokens, "batch_rows": c.batch_rows, "plan_window": c.plan_window}
+    return {"batch_tokens": c.batch_tokens, "batch_rows": c.batch_rows, "plan_window": c.plan_window,
+            "plan_version": PLAN_VERSION}
 
 
 def resume_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any) -> Job | None:
@@ -163,6 +165,13 @@ def resume_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any)
     job_id = job_id_for(corpus, cfg, model_meta)
     job_path = out.state(JOB_FILE)
     if not job_path.exists():
+        pending = out.state(PENDING_FILE)
+        if pending.exists():
+            other = json.loads(pending.read_text(encoding="utf-8"))
+            if other.get("job") != job_id:
+                raise InputError(f"{out} holds the parts of job {other.get('job')} (corpus {other.get('corpus')}), "
+                                 f"stopped before its scan finished, not this one ({job_id}): rerun that job to "
+                                 "finish it, use another --out, or delete the folder to start over")
         return None
     old = json.loads(job_path.read_text(encoding="utf-8"))
     if old.get("job") != job_id:
@@ -180,13 +189,16 @@ def resume_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any)
 def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, tokenizer: Any,
                   id_hash: np.ndarray, send: Callable[[dict], None], skip: set[int],
                   on_window: Callable[[int, int], None] | None = None) -> Job:
-    """Scan the corpus window by window, plan each window, and ``send`` its batches (except ``skip``) while
-    the next window is read; then save the scan, the plan and ``job.json`` (the caller checked
+    """Scan the corpus window by window, plan each window, and ``send`` its batches (except ``skip``) before
+    the next window is read (workers embed them meanwhile); then save the scan, the plan and ``job.json`` (the caller checked
     ``resume_job`` first and the ids with ``check_unique_ids``). The plan is the same on every run, so an
     ingest stopped midway finds its committed batches again. ``on_window(batches, rows)``: planned so far."""
     c = cfg.corpus
     job_id = job_id_for(corpus, cfg, model_meta)
     out.make_dirs()
+    # whose parts these will be, before the first one exists (job.json comes after the last window)
+    OutputDir.write_atomic(out.state(PENDING_FILE), lambda p: p.write_text(
+        json.dumps({"job": job_id, "corpus": corpus.uri}), encoding="utf-8"))
     windows, plans, n_batches = [], [], 0
     for w in scan_windows(corpus, tokenizer, c.plan_window):
         wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
@@ -411,10 +423,12 @@ def _run_queue(corpus: Corpus, cfg: FbasConfig, out: OutputDir, job: Job | None,
     try:
         watch.tick(force=True)
         if job is None:
-            job = scan_and_send(corpus, cfg, out, meta, load_tokenizer(model_dir, meta), id_hash, send, state.done(),
-                                on_window=state.set_planned)
-            state, _ = _job_state(client, job.id, job.plan, corpus, meta, tok_json, out)  # now with the totals
-            watch.state = state
+            def on_window(n_batches: int, n_rows: int) -> None:
+                state.set_planned(n_batches, n_rows)   # status shows the plan as it grows
+                watch.tick()                           # checks children and worker errors between sends too
+
+            job = scan_and_send(corpus, cfg, out, meta, load_tokenizer(model_dir, meta), id_hash, send,
+                                state.done(), on_window=on_window)
             bar.set_total(job.plan.n_rows)
         else:
             for msg in batch_messages(corpus, job.plan, job=job.id, out=str(out), model=meta.fingerprint,

@@ -220,7 +220,7 @@ def job_status(out: str | None, broker: str | None) -> dict[str, Any]:
     lines: list[str] = info["lines"]
     job_id = None
     if out:
-        from pipeline.finalize import JOB_FILE, MANIFEST, committed_parts
+        from pipeline.finalize import JOB_FILE, MANIFEST, PENDING_FILE, committed_parts
         from workers.write import OutputDir
 
         od = OutputDir(out)
@@ -238,9 +238,11 @@ def job_status(out: str | None, broker: str | None) -> dict[str, Any]:
             lines.append(f"job {job_id} in {od}: {f['done_batches']}/{f['planned_batches']} batches committed, "
                          f"{rows} rows embedded, {quarantined} quarantined"
                          f"{', finalized' if f['finished'] else ''}")
-        elif od.state("model").exists():
-            lines.append(f"{od}: no job.json yet: an ingest is scanning its corpus now (job.json is written after "
-                         "the last window), or one stopped before that; rerunning the ingest continues it")
+        elif od.state(PENDING_FILE).exists():
+            job_id = json.loads(od.state(PENDING_FILE).read_text(encoding="utf-8")).get("job")
+            n = len(committed_parts(od, job_id, None))
+            lines.append(f"job {job_id} in {od}: {n} batches committed; its scan is running (job.json is written "
+                         "after the last window), or it stopped before that: rerunning the same ingest continues it")
         else:
             lines.append(f"{od}: no fbas job here")
     if broker:

@@ -20,8 +20,8 @@ queue counts it):
 
 Within a window, full batches are numbered by the position of their last row (the order in
 which a streaming pass completes them), the pooled ones after them; windows follow each other.
-The plan depends only on the lengths, the budget and the window (whole record batches of at
-most ``plan_window`` rows), so it is the same on every run: batch ``i`` always holds the same
+The plan depends only on the lengths, the budget and the window (rows ``k * plan_window`` to
+``(k + 1) * plan_window - 1``), so it is the same on every run: batch ``i`` always holds the same
 rows, which is what makes part names deterministic and reruns resumable. A resumed job's
 producer streams the corpus again and holds only the open batches (at most one per length and
 window, plus the pooled rest) in memory.
@@ -38,12 +38,16 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.read import READ_BATCH_ROWS, Corpus, id_hashes
+from pipeline.read import READ_BATCH_ROWS, Corpus, RowBatch, id_hashes
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Scan", "Plan", "Window", "scan_corpus", "scan_windows", "corpus_id_hashes", "assemble_scan",
            "plan_batches", "plan_window", "QUARANTINE_REASONS"]
+
+# Version of the windowing + planning rules: part of the job id, so a plan made by other rules is never
+# resumed as if it were this one (a rerun re-plans when job.json was not written yet).
+PLAN_VERSION = 2
 
 QUARANTINE_REASONS = {
     "null_text": "the text is null",
@@ -126,49 +130,68 @@ def corpus_id_hashes(corpus: Corpus) -> np.ndarray:
 
 def scan_windows(corpus: Corpus, tokenizer, window_rows: int,
                  progress: Callable[[int], None] | None = None) -> Iterator[Window]:
-    """The corpus in windows of at least ``window_rows`` rows (whole record batches, so the windows
-    are the same on every run), each with its rows' token lengths and quarantine.
+    """The corpus in windows of exactly ``window_rows`` rows (rows 0.., W.., 2W..; the last one shorter),
+    each with its rows' token lengths and quarantine. The boundaries are arithmetic, whatever the files
+    and record batches, so the windows (and the plan) are the same on every run.
 
     ``tokenizer`` is a ``workers.tokenize.Tokenizer`` (truncates at the model's max_seq_len). Ids are
     not checked here: ``corpus_id_hashes`` + ``check_unique_ids`` do that before anything is read.
     """
     import time
 
-    read_rows = max(1, min(window_rows, READ_BATCH_ROWS))
     w: Window | None = None
     t = time.perf_counter()
-    for rb in corpus.batches(batch_rows=read_rows):
-        m = len(rb)
-        if w is None:
-            w = Window(rb.row0, np.zeros(0, dtype=np.int32), [], [], np.zeros(0, dtype=bool))
-        n_tokens = np.zeros(m, dtype=np.int32)
-        good, bad = _classify(rb.texts)
-        if good:
-            lens, full = tokenizer.lengths([rb.texts[i] for i in good])
-            idx = np.asarray(good, dtype=np.int64)
-            empty = lens <= 2  # [CLS] [SEP] only
-            for j in np.flatnonzero(empty):
-                bad.append((good[int(j)], "no_tokens"))
-            keep = ~empty
-            n_tokens[idx[keep]] = lens[keep]
-            w.n_truncated += int((full > lens)[keep].sum())
-        for i, reason in sorted(bad):
-            w.q_rows.append(rb.row0 + i)
-            w.q_ids.append(rb.ids[i])
-            w.q_reasons.append(reason)
-        w.n_tokens = np.concatenate([w.n_tokens, n_tokens])
-        w.repaired = np.concatenate([w.repaired, rb.repaired])
-        w.ids.extend(rb.ids)
-        w.texts.extend(rb.texts)
-        if progress:
-            progress(m)
-        if len(w.texts) >= window_rows:
-            w.seconds = time.perf_counter() - t
-            yield w
-            w, t = None, time.perf_counter()   # the consumer's time between windows is not the scan's
+    for whole in corpus.batches():
+        for rb in _split_at(whole, window_rows):
+            if w is None:
+                w = Window(rb.row0, np.zeros(0, dtype=np.int32), [], [], np.zeros(0, dtype=bool))
+            _scan_rows(rb, tokenizer, w)
+            if progress:
+                progress(len(rb))
+            if len(w.texts) == window_rows:
+                w.seconds = time.perf_counter() - t
+                yield w
+                w, t = None, time.perf_counter()   # the consumer's time between windows is not the scan's
     if w is not None:
         w.seconds = time.perf_counter() - t
         yield w
+
+
+def _split_at(rb: RowBatch, window_rows: int) -> Iterator[RowBatch]:
+    """``rb`` cut where a window boundary (a multiple of ``window_rows``) falls inside it."""
+    start = 0
+    while start < len(rb):
+        row = rb.row0 + start
+        end = min(len(rb), start + window_rows - row % window_rows)
+        if start == 0 and end == len(rb):
+            yield rb
+            return
+        yield RowBatch(row, rb.ids[start:end], rb.id_array.slice(start, end - start) if rb.id_array is not None
+                       else None, rb.texts[start:end], rb.repaired[start:end])
+        start = end
+
+
+def _scan_rows(rb: RowBatch, tokenizer, w: Window) -> None:
+    """Append ``rb``'s lengths, quarantine and contents to the window ``w``."""
+    n_tokens = np.zeros(len(rb), dtype=np.int32)
+    good, bad = _classify(rb.texts)
+    if good:
+        lens, full = tokenizer.lengths([rb.texts[i] for i in good])
+        idx = np.asarray(good, dtype=np.int64)
+        empty = lens <= 2  # [CLS] [SEP] only
+        for j in np.flatnonzero(empty):
+            bad.append((good[int(j)], "no_tokens"))
+        keep = ~empty
+        n_tokens[idx[keep]] = lens[keep]
+        w.n_truncated += int((full > lens)[keep].sum())
+    for i, reason in sorted(bad):
+        w.q_rows.append(rb.row0 + i)
+        w.q_ids.append(rb.ids[i])
+        w.q_reasons.append(reason)
+    w.n_tokens = np.concatenate([w.n_tokens, n_tokens])
+    w.repaired = np.concatenate([w.repaired, rb.repaired])
+    w.ids.extend(rb.ids)
+    w.texts.extend(rb.texts)
 
 
 def assemble_scan(corpus: Corpus, id_hash: np.ndarray, windows: list[Window]) -> Scan:

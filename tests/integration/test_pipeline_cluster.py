@@ -289,8 +289,9 @@ def test_a_redis_that_lost_everything_mid_job_is_refilled(cluster, template_out,
 def test_small_plan_windows_stream_and_a_rerun_without_the_job_file_finds_its_parts(cluster, template_out, tmp_path,
                                                                                        stsb_en_test):
     """Six windows instead of one: the same rows and vectors, each batch inside one window. A producer that
-    died before job.json was written (it is written after the last window) leaves committed parts; the
-    rerun plans the same batches again, finds every one committed and sends nothing."""
+    died before job.json was written (it is written after the last window) leaves committed parts and
+    job.pending: another job is refused on them, and the same job's rerun plans the same batches again,
+    finds every one committed and sends nothing."""
     import json
 
     texts = [a for a, _, _ in stsb_en_test[:600]]
@@ -313,6 +314,10 @@ def test_small_plan_windows_stream_and_a_rerun_without_the_job_file_finds_its_pa
 
     for name in ("job.json", "scan.npz", "plan.npz"):
         (out / ".fbas" / name).unlink()
+    parts = sorted(p.name for p in (out / "vectors").iterdir())
+    with pytest.raises(InputError, match="stopped before its scan finished"):   # another job on these parts
+        _ingest(cluster, template_out, corpus, out, batch_rows=16, plan_window=100)
+    assert sorted(p.name for p in (out / "vectors").iterdir()) == parts
     again = _ingest(cluster, template_out, corpus, out, batch_rows=32, plan_window=100)
     assert again.sent_batches == 0 and again.resumed_batches == m["counts"]["batches"]
     check_oracle(out, ids)

@@ -210,8 +210,9 @@ def test_status_of_a_folder_whose_job_is_still_being_scanned(tmp_path):
     """Before job.json exists (it is written after the last window), status says so instead of 'no job'."""
     from pipeline.jobstate import job_status
 
-    (tmp_path / "out" / ".fbas" / "model").mkdir(parents=True)
+    (tmp_path / "out" / ".fbas").mkdir(parents=True)
+    (tmp_path / "out" / ".fbas" / "job.pending").write_text('{"job": "j1", "corpus": "c.parquet"}')
     lines = job_status(out=str(tmp_path / "out"), broker=None)["lines"]
-    assert "no job.json yet" in lines[0] and "rerunning the ingest continues it" in lines[0]
+    assert lines[0].startswith("job j1 in ") and "0 batches committed; its scan is running" in lines[0]
     (tmp_path / "empty").mkdir()
     assert job_status(out=str(tmp_path / "empty"), broker=None)["lines"] == [f"{tmp_path / 'empty'}: no fbas job here"]

@@ -137,3 +137,30 @@ def test_batches_go_out_while_later_windows_are_still_unread(tmp_path, built_fp3
     fresh = scan_and_send(corpus, cfg, OutputDir(tmp_path / "out2"), meta, tok, corpus_id_hashes(corpus),
                           lambda m: None, skip=set())
     assert np.array_equal(fresh.plan.order, plan.order) and np.array_equal(fresh.plan.offsets, plan.offsets)
+
+
+def test_windows_start_at_multiples_of_the_window_whatever_the_files(tmp_path, built_fp32):
+    """Window k holds rows k*W .. (k+1)*W - 1 across files of any size (an empty one too) and row groups,
+    so a rerun finds the same windows; the rows and lengths equal the one-window scan's."""
+    from engine.model_dir import load_tokenizer
+    from pipeline.plan import scan_windows
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    row = 0
+    for k, (n, group) in enumerate([(130, 17), (0, 10), (45, 45), (301, 64), (7, 3)]):
+        texts = [" ".join(rng.choice(["one", "two", "three", "four"], rng.integers(1, 20))) for _ in range(n)]
+        pq.write_table(pa.table({"id": pa.array([f"f{k}-{i}" for i in range(n)], pa.string()),
+                                 "text": pa.array(texts, pa.string())}), folder / f"part-{k}.parquet",
+                       row_group_size=group)
+        row += n
+    corpus = open_corpus(str(folder), CorpusConfig())
+    tok = load_tokenizer(built_fp32)
+    whole = scan_corpus(corpus, tok)
+    windows = list(scan_windows(corpus, tok, 50))
+    assert [w.row0 for w in windows] == list(range(0, row, 50))
+    assert [len(w.texts) for w in windows] == [50] * (row // 50) + ([row % 50] if row % 50 else [])
+    assert np.array_equal(np.concatenate([w.n_tokens for w in windows]), whole.n_tokens)
+    assert [i for w in windows for i in w.ids] == [f"f{k}-{i}" for k, n in enumerate([130, 0, 45, 301, 7])
+                                                   for i in range(n)]
