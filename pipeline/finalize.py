@@ -125,7 +125,7 @@ def _check_folder(out: OutputDir, job: str, n_batches: int) -> tuple[list[int], 
             (d / name).unlink(missing_ok=True)
             continue
         m = _PART_RE.match(name)
-        if not m or (n_batches is not None and int(m.group(1)) >= n_batches):
+        if not m or int(m.group(1)) >= n_batches:
             stray.append(f"{VECTORS}/{name}")
             continue
         meta = read_part_meta(d / name)

@@ -190,8 +190,8 @@ def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: A
                   id_hash: np.ndarray, send: Callable[[dict], None], skip: set[int],
                   on_window: Callable[[int, int], None] | None = None) -> Job:
     """Scan the corpus window by window, plan each window, and ``send`` its batches (except ``skip``) before
-    the next window is read (workers embed them meanwhile); then save the scan, the plan and ``job.json`` (the caller checked
-    ``resume_job`` first and the ids with ``check_unique_ids``). The plan is the same on every run, so an
+    the next window is read (workers embed them meanwhile); then save the scan, the plan and ``job.json``
+    (the caller checked ``resume_job`` first and the ids with ``check_unique_ids``). The plan is the same on every run, so an
     ingest stopped midway finds its committed batches again. ``on_window(batches, rows)``: planned so far."""
     c = cfg.corpus
     job_id = job_id_for(corpus, cfg, model_meta)
@@ -199,15 +199,15 @@ def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: A
     # whose parts these will be, before the first one exists (job.json comes after the last window)
     OutputDir.write_atomic(out.state(PENDING_FILE), lambda p: p.write_text(
         json.dumps({"job": job_id, "corpus": corpus.uri}), encoding="utf-8"))
-    windows, plans, n_batches = [], [], 0
+    windows, plans, n_batches, n_rows = [], [], 0, 0
     for w in scan_windows(corpus, tokenizer, c.plan_window):
         wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
         for msg in window_messages(w, wplan, n_batches, job=job_id, out=str(out), model=model_meta.fingerprint,
                                    dim=model_meta.dim, id_type=corpus.id_type, skip=skip):
             send(msg)
-        n_batches += wplan.n_batches
+        n_batches, n_rows = n_batches + wplan.n_batches, n_rows + wplan.n_rows
         if on_window:
-            on_window(n_batches, sum(p.n_rows for p in plans) + wplan.n_rows)
+            on_window(n_batches, n_rows)
         w.ids, w.texts = [], []            # sent: the job's files need only the lengths and the quarantine
         windows.append(w)
         plans.append(wplan)

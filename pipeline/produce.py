@@ -87,9 +87,10 @@ def window_messages(window, plan, first_batch: int, *, job: str, out: str, model
     for i in range(plan.n_batches):
         if first_batch + i in skip:
             continue
-        local = (plan.rows(i) - window.row0).tolist()
+        rows = plan.rows(i)
+        local = (rows - window.row0).tolist()
         yield task_message(job=job, batch=first_batch + i, out=out, model=model, dim=dim, id_type=id_type,
-                           row_ids=[window.row0 + j for j in local], ids=[window.ids[j] for j in local],
+                           row_ids=rows.tolist(), ids=[window.ids[j] for j in local],
                            texts=[window.texts[j] for j in local],
                            repaired=[k for k, j in enumerate(local) if window.repaired[j]])
 

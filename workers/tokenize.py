@@ -87,14 +87,16 @@ class Tokenizer:
     def lengths(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(int32 tokens per text after truncation, int32 tokens without it): the scan's question,
         answered without copying any token ids into Python."""
-        full = np.fromiter((len(e) for e in self._encode_batch(texts)), dtype=np.int32, count=len(texts))
+        return self._lengths_of(self._encode_batch(texts))
+
+    def _lengths_of(self, encs: list) -> tuple[np.ndarray, np.ndarray]:
+        full = np.fromiter((len(e) for e in encs), dtype=np.int32, count=len(encs))
         return np.minimum(full, self.max_seq_len).astype(np.int32), full
 
     def encode(self, texts: list[str]) -> Encoded:
         """Tokenize a batch. Texts must be non-empty strings (the producer quarantines others)."""
         encs = self._encode_batch(texts)
-        full = np.fromiter((len(e) for e in encs), dtype=np.int32, count=len(encs))
-        lengths = np.minimum(full, self.max_seq_len).astype(np.int32)
+        lengths, full = self._lengths_of(encs)
         sep = [self.sep_id]
         # a truncated text keeps [CLS] + its first n-2 word pieces + [SEP], as BERT truncation does
         seqs = (e.ids if n == f else e.ids[:n - 1] + sep for e, n, f in zip(encs, lengths.tolist(), full.tolist()))
