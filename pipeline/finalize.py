@@ -23,9 +23,11 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -71,8 +73,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _in_order(fn: Callable[[int], Any], n: int) -> Iterator[Any]:
-    """``fn(0), fn(1), ... fn(n - 1)`` in order, computed ahead on threads (the per-part reads,
+def _in_order(fn: Callable[[int], Any], n: int, start: int = 0) -> Iterator[Any]:
+    """``fn(start), fn(start + 1), ... fn(start + n - 1)`` in order, computed ahead on threads (the per-part reads,
     decompression and hashing release the GIL; a GPU host's ingest has hundreds of parts). At most
     ``2 * workers + 1`` results are held at once; on an error or an early stop the calls not yet
     started are cancelled."""
@@ -80,7 +82,7 @@ def _in_order(fn: Callable[[int], Any], n: int) -> Iterator[Any]:
     pool = ThreadPoolExecutor(workers, thread_name_prefix="finalize")
     try:
         ahead: deque = deque()
-        for b in range(n):
+        for b in range(start, start + n):
             ahead.append(pool.submit(fn, b))
             if len(ahead) > 2 * workers:
                 yield ahead.popleft().result()
@@ -115,8 +117,10 @@ def committed_parts(out: OutputDir, job: str, n_batches: int | None) -> dict[int
     return found
 
 
-def _check_folder(out: OutputDir, job: str, n_batches: int) -> tuple[list[int], list[str]]:
-    """(missing batches, stray files) in vectors/; our own stale temp files are removed."""
+def _check_folder(out: OutputDir, job: str, n_batches: int,
+                  known: dict[int, tuple[int, int, int]] | None = None) -> tuple[list[int], list[str]]:
+    """(missing batches, stray files) in vectors/; our own stale temp files are removed. ``known``: parts whose
+    footer was read already, by file key (``_stat_key``): unchanged, they are not opened again."""
     d = out.path(VECTORS)
     present: set[int] = set()
     stray: list[str] = []
@@ -128,8 +132,11 @@ def _check_folder(out: OutputDir, job: str, n_batches: int) -> tuple[list[int], 
         if not m or int(m.group(1)) >= n_batches:
             stray.append(f"{VECTORS}/{name}")
             continue
-        meta = read_part_meta(d / name)
         b = int(m.group(1))
+        if known and b in known and _stat_key(d / name) == known[b]:
+            present.add(b)
+            continue
+        meta = read_part_meta(d / name)
         if not meta or meta.get("job") != job or meta.get("batch") != b:
             stray.append(f"{VECTORS}/{name} (from job {meta.get('job') if meta else 'unknown'})")
             continue
@@ -137,15 +144,15 @@ def _check_folder(out: OutputDir, job: str, n_batches: int) -> tuple[list[int], 
     return [b for b in range(n_batches) if b not in present], stray
 
 
-def _tally(counts: np.ndarray, rows: np.ndarray, ids: pa.Array, scan: Scan, where: str,
+def _tally(counts: np.ndarray, rows: np.ndarray, id_hash: np.ndarray, scan: Scan, where: str,
            unexpected: list[str]) -> None:
+    """Count each row once more in ``counts``; note rows out of range and ids (by key) that differ from the corpus."""
     n = len(counts)
     bad = (rows < 0) | (rows >= n)
     if bad.any():
         unexpected.append(f"{where}: row ids out of range {rows[bad][:3].tolist()}")
-        rows = rows[~bad]
-        ids = ids.filter(pa.array(~bad))
-    mism = id_hashes(ids) != scan.id_hash[rows]
+        rows, id_hash = rows[~bad], id_hash[~bad]
+    mism = id_hash != scan.id_hash[rows]
     if mism.any():
         unexpected.append(f"{where}: ids differ from the corpus at rows {rows[mism][:3].tolist()}")
     np.add.at(counts, rows, 1)
@@ -198,18 +205,135 @@ def _flat_shard(out: OutputDir, b: int, dim: int) -> tuple[Any, Any] | None:
     return shard, raw
 
 
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a committed file: a part is written once under a new inode (rename or link), so
+    an unchanged key means unchanged bytes."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@dataclass
+class PartFacts:
+    """What finalize needs from one committed vectors part (its vectors go straight into the index)."""
+    stat: tuple[int, int, int]
+    meta: dict[str, Any]
+    n_read: int                  # rows in the file (the footer's ``rows`` must agree)
+    rows: np.ndarray             # row ids, int64
+    id_hash: np.ndarray          # the ids' keys (read.id_hashes), for the corpus comparison
+    truncated: int
+    repaired: int
+    sha256: str
+
+
+def read_part_facts(out: OutputDir, b: int) -> PartFacts | None:
+    """Part ``b``'s facts; None when it is absent or was replaced while it was read."""
+    path = out.vectors_part(b)
+    before = _stat_key(path)
+    if before is None:
+        return None
+    meta = read_part_meta(path) or {}
+    t = pq.read_table(path, columns=["row_id", "id", "n_tokens", "truncated", "repaired"])
+    digest = sha256_file(path)
+    if _stat_key(path) != before:
+        return None
+    return PartFacts(before, meta, t.num_rows, t.column("row_id").to_numpy().astype(np.int64, copy=False),
+                     id_hashes(t.column("id")),
+                     int(np.count_nonzero(t.column("truncated").to_numpy(zero_copy_only=False))),
+                     int(np.count_nonzero(t.column("repaired").to_numpy(zero_copy_only=False))), digest)
+
+
+class PartLedger:
+    """Finalize's per-part work, done in batch order and kept: every committed part's facts (rows, ids, counts,
+    SHA-256) and, for a flat index, its vectors merged into the final index.
+
+    ``finalize`` makes one and runs it over every part; ``ingest`` makes one when the job starts and feeds it
+    (``LedgerFeeder``) while later batches are still embedding, so that finalize only reads the last parts.
+    A part is recorded only when its footer names this job and batch. Before use, ``revalidate`` drops what
+    a part replaced since it was read would invalidate (its file changed: the work from it onward is redone).
+    """
+
+    def __init__(self, out: OutputDir, job: str, dim: int, index_type: str) -> None:
+        self.out, self.job, self.dim, self.index_type = out, job, dim, index_type
+        self.facts: list[PartFacts] = []
+        self.index = self._new_index()
+
+    def _new_index(self) -> Any:
+        if self.index_type != "flat":
+            return None
+        import faiss
+
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+
+    @property
+    def next_batch(self) -> int:
+        return len(self.facts)
+
+    def _one(self, b: int) -> tuple[PartFacts, Any] | None:
+        facts = read_part_facts(self.out, b)
+        if facts is None or facts.meta.get("job") != self.job or facts.meta.get("batch") != b:
+            return None
+        shard = _flat_shard(self.out, b, self.dim) if self.index is not None else None
+        return facts, shard
+
+    def advance(self, stop: int | None = None, *, should_stop: Callable[[], bool] = lambda: False) -> int:
+        """Record parts from ``next_batch`` on, in order, up to ``stop`` (None: while parts are committed) or the
+        first part that is absent or not this job's; returns ``next_batch``."""
+        first = self.next_batch
+        if stop is None:  # the committed run from here (parts are committed roughly in order)
+            stop = first
+            while self.out.vectors_part(stop).exists():
+                stop += 1
+        for got in _in_order(self._one, stop - first, first):
+            if got is None or should_stop():
+                break
+            facts, shard = got
+            if shard is not None:
+                self.index.merge_from(shard[0])
+            self.facts.append(facts)
+        return self.next_batch
+
+    def revalidate(self) -> None:
+        """Start over if a recorded part's file changed since it was read (a flat index cannot drop a tail)."""
+        changed = next((b for b, f in enumerate(self.facts) if _stat_key(self.out.vectors_part(b)) != f.stat), None)
+        if changed is not None:
+            logger.warning("part %s changed after it was checked: checking every part again", part_name(changed))
+            self.facts, self.index = [], self._new_index()
+
+
+class LedgerFeeder:
+    """Feeds a ``PartLedger`` on a background thread while a job runs (every ``interval`` seconds); ``stop()``
+    waits for it and returns the ledger. Errors are logged and end the feeding: finalize redoes that work."""
+
+    def __init__(self, ledger: PartLedger, interval: float = 0.25) -> None:
+        self.ledger, self.interval = ledger, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="finalize-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.ledger.advance(should_stop=self._stop.is_set)
+                self._stop.wait(self.interval)
+        except Exception as e:  # noqa: BLE001 - finalize reads the parts again and reports what is wrong
+            logger.info("checking parts ahead of finalize stopped: %s", e)
+
+    def stop(self) -> PartLedger:
+        self._stop.set()
+        self._thread.join()
+        return self.ledger
+
+
 def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int, n_rows: int) -> tuple[Any, dict[str, Any]]:
-    """The final FAISS index over every committed part (``n`` vectors, row ids < ``n_rows``), in batch order."""
+    """An hnsw or ivfpq index over every committed part (``n`` vectors, row ids < ``n_rows``), in batch order
+    (a flat index is merged part by part by ``PartLedger``)."""
     import faiss
 
     params = _index_params(kind, n, dim)
     ip = faiss.METRIC_INNER_PRODUCT
-    if kind == "flat":
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        for got in _in_order(lambda b: _flat_shard(out, b, dim), n_batches):
-            if got is not None:
-                index.merge_from(got[0])
-        return index, params
     if kind == "hnsw":
         inner = faiss.IndexHNSWFlat(dim, params["M"], ip)
         inner.hnsw.efConstruction = params["efConstruction"]
@@ -233,13 +357,16 @@ def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int, n_r
     return index, params
 
 
-def _write_atomic_bytes(path: Path, data: bytes) -> None:
+def _write_atomic_bytes(path: Path, data: bytes | np.ndarray) -> None:
     OutputDir.write_atomic(path, lambda p: p.write_bytes(data))
 
 
 def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, float] | None = None,
-             redelivered: int = 0) -> dict[str, Any]:
-    """Verify, merge and write the final files; return the manifest (see the module docstring)."""
+             redelivered: int = 0, ledger: PartLedger | None = None) -> dict[str, Any]:
+    """Verify, merge and write the final files; return the manifest (see the module docstring).
+
+    ``ledger``: the parts already checked while the job ran (``LedgerFeeder``); any part whose file changed
+    since, and every part after it, is read again."""
     import faiss
 
     t0 = time.perf_counter()
@@ -249,7 +376,11 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
     plan = Plan.load(out.state("plan.npz"))
     if plan.n_batches != n_batches:
         raise InputError(f"{out}/.fbas/plan.npz does not match job.json: rerun the ingest")
-    missing, stray = _check_folder(out, job_id, n_batches)
+    if ledger is None or (ledger.job, ledger.dim, ledger.index_type) != (job_id, dim, index_type) \
+            or ledger.next_batch > n_batches:
+        ledger = PartLedger(out, job_id, dim, index_type)
+    ledger.revalidate()
+    missing, stray = _check_folder(out, job_id, n_batches, {b: f.stat for b, f in enumerate(ledger.facts)})
     if stray:
         raise InputError(f"{out}/{VECTORS} holds files that are not parts of this job: {', '.join(stray[:5])}"
                          f"{' ...' if len(stray) > 5 else ''}. They are never merged: remove them, or write to a "
@@ -257,6 +388,10 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
     if missing:
         raise IncompleteJobError(f"{len(missing)} of {n_batches} batches have no committed part yet (first: "
                                  f"{missing[:5]}): rerun the same ingest command to finish them", missing)
+    ahead = ledger.next_batch
+    if ledger.advance(n_batches) != n_batches:
+        raise PermanentError(f"{VECTORS}/{part_name(ledger.next_batch)} changed while it was read: is another "
+                             "ingest writing to this folder? Rerun when it has stopped")
 
     n = scan.n_rows
     counts = np.zeros(n, dtype=np.uint16)
@@ -264,31 +399,22 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
     parts: list[dict[str, Any]] = []
     q_tables: list[pa.Table] = []
     n_trunc = n_rep = tokens = 0
-    def read_part(b: int) -> tuple[Path, dict, pa.Table, str]:
-        path = out.vectors_part(b)
-        return (path, read_part_meta(path) or {},
-                pq.read_table(path, columns=["row_id", "id", "n_tokens", "truncated", "repaired"]), sha256_file(path))
-
-    for b, (path, meta, t, digest) in enumerate(_in_order(read_part, n_batches)):
-        if t.num_rows != meta.get("rows"):
-            unexpected.append(f"{path.name}: {t.num_rows} rows, footer says {meta.get('rows')}")
-        planned = plan.rows(b)
-        rows = t.column("row_id").to_numpy()
-        if not np.isin(rows, planned).all():
-            unexpected.append(f"{path.name}: rows outside its planned batch")
-        _tally(counts, rows, t.column("id").combine_chunks(), scan, path.name, unexpected)
-        n_trunc += int(np.count_nonzero(t.column("truncated").to_numpy(zero_copy_only=False)))
-        n_rep += int(np.count_nonzero(t.column("repaired").to_numpy(zero_copy_only=False)))
-        tokens += int(meta.get("tokens", 0))
-        parts.append({"file": f"{VECTORS}/{part_name(b)}", "batch": b, "rows": t.num_rows,
-                      "sha256": digest})
-        if meta.get("quarantined"):
+    for b, f in enumerate(ledger.facts):
+        name = part_name(b)
+        if f.n_read != f.meta.get("rows"):
+            unexpected.append(f"{name}: {f.n_read} rows, footer says {f.meta.get('rows')}")
+        if not np.isin(f.rows, plan.rows(b)).all():
+            unexpected.append(f"{name}: rows outside its planned batch")
+        _tally(counts, f.rows, f.id_hash, scan, name, unexpected)
+        n_trunc, n_rep, tokens = n_trunc + f.truncated, n_rep + f.repaired, tokens + int(f.meta.get("tokens", 0))
+        parts.append({"file": f"{VECTORS}/{name}", "batch": b, "rows": f.n_read, "sha256": f.sha256})
+        if f.meta.get("quarantined"):
             qp = out.quarantine_part(b)
             qmeta = read_part_meta(qp) if qp.exists() else None
-            if qmeta != meta:
-                raise IncompleteJobError(f"batch {b} quarantined {meta['quarantined']} rows but "
+            if qmeta != f.meta:
+                raise IncompleteJobError(f"batch {b} quarantined {f.meta['quarantined']} rows but "
                                          f"{QUARANTINE}/{qp.name} is missing or from another attempt: delete "
-                                         f"{path} and rerun", [b])
+                                         f"{out.vectors_part(b)} and rerun", [b])
             q_tables.append(pq.read_table(qp).replace_schema_metadata(None))
     scan_q = out.state(SCAN_QUARANTINE)
     if scan_q.exists():
@@ -298,7 +424,7 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
         quarantine = pa.concat_tables([qt.cast(pa.schema([("row_id", pa.int64()), ("id", id_type),
                                                           ("reason", pa.string())])) for qt in q_tables])
         quarantine = quarantine.take(pa.array(np.argsort(quarantine.column("row_id").to_numpy(), kind="stable")))
-        _tally(counts, quarantine.column("row_id").to_numpy(), quarantine.column("id").combine_chunks(), scan,
+        _tally(counts, quarantine.column("row_id").to_numpy(), id_hashes(quarantine.column("id")), scan,
                "quarantine", unexpected)
     else:
         quarantine = None
@@ -325,10 +451,13 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
 
     t_index = time.perf_counter()
     embedded = sum(p["rows"] for p in parts)
-    index, params = build_index(out, index_type, n_batches, dim, embedded, n)
+    if ledger.index is not None:
+        index, params = ledger.index, _index_params(index_type, embedded, dim)
+    else:
+        index, params = build_index(out, index_type, n_batches, dim, embedded, n)
     if index.ntotal != embedded:
         raise OracleError(f"the index holds {index.ntotal} vectors, the parts {embedded}")
-    blob = faiss.serialize_index(index).tobytes()
+    blob = faiss.serialize_index(index)  # a uint8 array: hashed and written without another copy
     _write_atomic_bytes(out.path("index.faiss"), blob)
     index_s = time.perf_counter() - t_index
 
@@ -347,7 +476,7 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
                   "params": params, "sha256": hashlib.sha256(blob).hexdigest()},
         "parts": parts,
         "quarantine": q_entry,
-        "timings": {**(timings or {}), "finalize_s": round(time.perf_counter() - t0, 3),
+        "timings": {**(timings or {}), "finalize_s": round(time.perf_counter() - t0, 3), "parts_checked_ahead": ahead,
                     "index_s": round(index_s, 3)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -45,7 +45,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import FbasConfig, fingerprint
 from pipeline.errors import ConfigError, FbasError, InputError, ServerUnavailableError
-from pipeline.finalize import JOB_FILE, PENDING_FILE, SCAN_QUARANTINE, committed_parts, finalize
+from pipeline.finalize import (JOB_FILE, PENDING_FILE, SCAN_QUARANTINE, LedgerFeeder, PartLedger, committed_parts,
+                               finalize)
 from pipeline.jobstate import JobState, connect
 from pipeline.plan import (PLAN_VERSION, Plan, Scan, assemble_scan, check_unique_ids, corpus_id_hashes,
                            plan_window, scan_windows)
@@ -348,6 +349,9 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
                 broker = cfg.queue.broker
             client = connect(broker)
             stack.callback(client.close)
+            # finalize's reading and checking of each part, done while later batches are still embedding
+            feeder = LedgerFeeder(PartLedger(out, job_id_for(corpus, cfg, meta), meta.dim, cfg.output.index))
+            stack.callback(feeder.stop)
             ready = _ReadyOnce(cluster, t0)
             job, sent, resumed, redelivered = _run_queue(corpus, cfg, out, job, id_hash, meta, model_dir, client,
                                                          broker, cluster, progress, ready)
@@ -361,7 +365,8 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
                 except FbasError as e:
                     logger.info("no Triton statistics: %s", e)
                 cluster.stop_in_background()  # shut down while finalizing; the exit stack waits for it
-            manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered)
+            manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered,
+                                ledger=feeder.stop())
     if manifest is None:  # every batch was committed already: nothing was started
         manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered)
     return IngestResult(out.root, job.id, manifest, time.perf_counter() - t0, resumed, sent)

@@ -7,7 +7,9 @@ these tests exercise exactly the files a real job produces.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -91,6 +93,59 @@ def test_missing_parts_and_stray_files_are_refused(tmp_path):
         finalize(out, "flat")
     out.path("vectors/part-999999.parquet").unlink()
     finalize(out, "flat")
+
+
+def _without_timings(m):
+    return {k: v for k, v in m.items() if k not in ("timings", "created")}
+
+
+def test_parts_checked_while_the_job_runs_give_the_same_outputs(tmp_path):
+    """A ledger fed as parts commit (out of order, with gaps) stops at the first gap, and finalize with it
+    writes exactly what finalize from scratch writes, reading only the parts it had not checked."""
+    from pipeline.finalize import PartLedger
+
+    out, plan, ids, vectors = _job(tmp_path)
+    n = plan.n_batches
+    ledger = PartLedger(out, "J1", DIM, "flat")
+    for b in (0, 1, 3):
+        _commit(out, plan, ids, vectors, b, bad_rows=(plan.rows(0)[0],) if b == 0 else ())
+    assert ledger.advance() == 2, "part 2 is not committed yet: the ledger waits for it"
+    for b in range(2, n - 1):
+        _commit(out, plan, ids, vectors, b)
+    assert ledger.advance() == n - 1
+    assert ledger.index.ntotal == sum(len(plan.rows(b)) for b in range(n - 1)) - 1
+    _commit(out, plan, ids, vectors, n - 1)
+    ahead = finalize(out, "flat", ledger=ledger)
+    assert ahead["timings"]["parts_checked_ahead"] == n - 1
+    index_ahead = out.path("index.faiss").read_bytes()
+    fresh = finalize(out, "flat")
+    assert fresh["timings"]["parts_checked_ahead"] == 0
+    assert _without_timings(ahead) == _without_timings(fresh)
+    assert out.path("index.faiss").read_bytes() == index_ahead
+
+
+def test_a_part_replaced_after_it_was_checked_is_checked_again(tmp_path):
+    """The ledger's record of a part is trusted only while the file is unchanged: a part swapped in behind
+    it (here batch 2's file under batch 1's name) is refused, as without a ledger."""
+    from pipeline.finalize import LedgerFeeder, PartLedger
+
+    out, plan, ids, vectors = _job(tmp_path)
+    feeder = LedgerFeeder(PartLedger(out, "J1", DIM, "flat"), interval=0.01)
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b)
+    deadline = time.monotonic() + 30
+    while feeder.ledger.next_batch < plan.n_batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ledger = feeder.stop()
+    assert ledger.next_batch == plan.n_batches, "the feeder thread checked every committed part"
+    shutil.copy(out.vectors_part(2), out.path("vectors") / "swap.tmp")
+    os.replace(out.path("vectors") / "swap.tmp", out.vectors_part(1))
+    with pytest.raises(InputError, match=r"part-000001.parquet \(from job J1\)"):
+        finalize(out, "flat", ledger=ledger)
+    os.unlink(out.vectors_part(1))
+    _commit(out, plan, ids, vectors, 1)
+    m = finalize(out, "flat", ledger=ledger)  # the ledger started over when it saw the change
+    assert m["timings"]["parts_checked_ahead"] == 0 and m["counts"]["embedded"] == 298
 
 
 def test_a_part_with_wrong_ids_fails_the_oracle(tmp_path):
