@@ -27,6 +27,16 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 
 @triton.jit
+def _row_tile(T, C, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile of a row-major ``[T, C]`` matrix: its rows, columns, their masks and the tile's."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    rm = rows < T
+    cm = cols < C
+    return rows, cols, rm, cm, rm[:, None] & cm[None, :]
+
+
+@triton.jit
 def _ln_store(x, rows, cols, rm, cm, H, eps, g_ptr, b_ptr, y_ptr, q_ptr, s_ptr, sm_ptr, FP8: tl.constexpr,
               SMOOTH: tl.constexpr):
     """LayerNorm of the float32 tile ``x [ROWS, BLOCK_H]`` (masked), then store y (and q, scale)."""
@@ -61,11 +71,7 @@ def _quant_store(y, offs, rows, cols, rm, cm, q_ptr, s_ptr, sm_ptr, SMOOTH: tl.c
 def _embed_ln_kernel(ids_ptr, pos_ptr, word_ptr, posw_ptr, type_ptr, g_ptr, b_ptr, y_ptr, q_ptr, s_ptr, sm_ptr,
                      T, H, eps, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr,
                      SMOOTH: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_H)
-    rm = rows < T
-    cm = cols < H
-    m = rm[:, None] & cm[None, :]
+    rows, cols, rm, cm, m = _row_tile(T, H, ROWS, BLOCK_H)
     tok = tl.load(ids_ptr + rows, mask=rm, other=0).to(tl.int64)
     pos = tl.load(pos_ptr + rows, mask=rm, other=0).to(tl.int64)
     x = tl.load(word_ptr + tok[:, None] * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -78,11 +84,7 @@ def _embed_ln_kernel(ids_ptr, pos_ptr, word_ptr, posw_ptr, type_ptr, g_ptr, b_pt
 def _residual_ln_kernel(x_ptr, bias_ptr, r_ptr, g_ptr, b_ptr, y_ptr, q_ptr, s_ptr, sm_ptr, T, H, eps,
                         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr,
                         SMOOTH: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_H)
-    rm = rows < T
-    cm = cols < H
-    m = rm[:, None] & cm[None, :]
+    rows, cols, rm, cm, m = _row_tile(T, H, ROWS, BLOCK_H)
     offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_RES:
@@ -105,11 +107,7 @@ def _gelu_tanh_fast(x):
 @triton.jit
 def _bias_act_kernel(x_ptr, bias_ptr, y_ptr, q_ptr, s_ptr, sm_ptr, T, C, ACT: tl.constexpr, ROWS: tl.constexpr,
                      BLOCK_C: tl.constexpr, FP8: tl.constexpr, SMOOTH: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    rm = rows < T
-    cm = cols < C
-    m = rm[:, None] & cm[None, :]
+    rows, cols, rm, cm, m = _row_tile(T, C, ROWS, BLOCK_C)
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     x += tl.load(bias_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]

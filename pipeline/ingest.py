@@ -51,7 +51,7 @@ from pipeline.jobstate import JobState, connect
 from pipeline.plan import (PLAN_VERSION, Plan, Scan, assemble_scan, check_unique_ids, corpus_id_hashes,
                            plan_window, scan_windows)
 from pipeline.produce import Sender, batch_messages, queue_length, window_messages
-from pipeline.read import Corpus, open_corpus
+from pipeline.read import Corpus, open_corpus, read_ahead
 from workers.write import OutputDir
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,8 @@ def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: A
     OutputDir.write_atomic(out.state(PENDING_FILE), lambda p: p.write_text(
         json.dumps({"job": job_id, "corpus": corpus.uri}), encoding="utf-8"))
     windows, plans, n_batches, n_rows = [], [], 0, 0
-    for w in scan_windows(corpus, tokenizer, c.plan_window):
+    # the next window is read and tokenized while this one's batches wait for room in the queue
+    for w in read_ahead(scan_windows(corpus, tokenizer, c.plan_window), name="scan-ahead"):
         wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
         for msg in window_messages(w, wplan, n_batches, job=job_id, out=str(out), model=model_meta.fingerprint,
                                    dim=model_meta.dim, id_type=corpus.id_type, skip=skip):

@@ -29,9 +29,12 @@ from __future__ import annotations
 import fnmatch
 import logging
 import posixpath
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +46,7 @@ from pipeline.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Corpus", "CorpusFile", "RowBatch", "open_corpus", "id_hashes", "decode_texts", "READ_BATCH_ROWS"]
+__all__ = ["Corpus", "CorpusFile", "RowBatch", "open_corpus", "id_hashes", "decode_texts", "read_ahead", "READ_BATCH_ROWS"]
 
 READ_BATCH_ROWS = 32_768  # rows per record batch read from Parquet (a few MB of text)
 DEFAULT_ID_COLUMN = "id"
@@ -378,3 +381,47 @@ def id_hashes(arr: pa.Array | pa.ChunkedArray | Sequence | None, row0: int = 0, 
 def cast_ids(ids: list, id_type: str) -> pa.Array:
     """Ids as they travel in messages (int or str) -> the Arrow array written to the output."""
     return pa.array(ids, type=pa.int64() if id_type == "int64" else pa.string())
+
+
+T = TypeVar("T")
+_END = object()
+
+
+def read_ahead(items: Iterable[T], depth: int = 1, name: str = "read-ahead") -> Iterator[T]:
+    """``items``, produced on a background thread at most ``depth`` items ahead of the consumer: the ingest
+    scans the next window while the current one's batches wait for room in the queue. What the producer
+    raises is raised here, in order; closing this iterator early stops the producer after its current item."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for x in items:
+                if not put((x, None)):
+                    return
+            put((_END, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((_END, e))
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            x, err = q.get()
+            if x is _END:
+                if err is not None:
+                    raise err
+                return
+            yield x
+    finally:
+        stop.set()
+        thread.join()
