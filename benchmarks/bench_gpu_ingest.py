@@ -12,6 +12,12 @@ Both sides use the same built ``--target gpu`` model (fp16) on the same card:
   ``embed(token_ids, lengths)`` on the whole pre-tokenized corpus, after one untimed pass that
   captures its CUDA graphs (a long-running Triton instance has them too).
 
+* **fbas, running service** (``--service``): the same ingest submitted with ``--broker`` to services
+  that are already up (redis-server, tritonserver with the model loaded, the Celery worker; started
+  once by ``pipeline.local.LocalCluster`` with the same settings, as ``fbas-pipeline serve`` +
+  ``worker`` run on a fleet host): what a user of a running fbas service waits for. The engine side
+  excludes its load and warm-up in both cases.
+
 Efficiency = fbas docs/s / engine docs/s (start-up, tokenization, queues, Triton, writing, merging and
 shut-down all included); the steady-state efficiency uses the embedding phase only (manifest
 ``timings.embed_s``).
@@ -36,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +71,27 @@ def random_model(tokenizer_dir: Path, dest: Path, shape: str) -> Path:
     return dest
 
 
+@contextmanager
+def running_service(built: Path, state: Path, args: argparse.Namespace, max_len: int, instances: int):
+    """redis-server + tritonserver (model loaded, ``instances`` instances) + a Celery worker, up until the
+    block ends; yields the broker URL to pass to ``ingest --broker``."""
+    from pipeline.config import FbasConfig, apply_env
+    from pipeline.envs import read_env
+    from pipeline.local import LocalCluster
+
+    cfg = apply_env(FbasConfig(), read_env())   # FBAS_TRITONSERVER and the like, as the CLI reads them
+    cfg.engine.target, cfg.engine.precision, cfg.engine.max_seq_len = args.target, args.precision, max_len
+    cfg.serve.instance_count, cfg.serve.max_docs_per_request = instances, args.batch_rows
+    cfg.queue.concurrency = args.concurrency
+    cluster = LocalCluster(built, state, cfg)
+    try:
+        cluster.start()
+        cluster.wait_ready()
+        yield cluster.broker_url
+    finally:
+        cluster.stop()
+
+
 def long_corpus(data: Path, tokenizer_dir: Path, n_docs: int, path: Path) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -75,6 +103,13 @@ def long_corpus(data: Path, tokenizer_dir: Path, n_docs: int, path: Path) -> int
     docs = long_mix(stsb_sentences(data / "stsb_multi_mt"), tok, n_docs)
     pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(docs))], "text": docs}), path)
     return len(docs)
+
+
+def _summary(runs: list[dict], n: int, engine_s: float) -> dict:
+    wall = statistics.median(x["wall_s"] for x in runs)
+    embed = statistics.median(x["embed_s"] for x in runs)
+    return {"fbas_docs_per_s": round(n / wall, 1), "efficiency": round(engine_s / wall, 3),
+            "steady_state_efficiency": round(engine_s / embed, 3)}
 
 
 def main() -> int:
@@ -94,6 +129,11 @@ def main() -> int:
     ap.add_argument("--batch-rows", type=int, default=4096, help="most rows in one queued batch")
     ap.add_argument("--instance-counts", default="2", help="Triton model instances on the GPU, comma list: "
                     "one fbas run set per count (2: one instance's host work overlaps the other's GPU work)")
+    ap.add_argument("--service", action="store_true",
+                    help="also time the ingest against services already running (ingest --broker)")
+    ap.add_argument("--local-runs", type=int, default=None, help="local-mode runs per case (default: --runs)")
+    ap.add_argument("--fbas-root", type=Path, default=None,
+                    help="also time local mode from this other checkout (a baseline commit, same run)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
@@ -135,15 +175,28 @@ def main() -> int:
                             "engine_with_tokenize_docs_per_s": round(n / (eng + r["engine"]["tokenize_s"]), 1)}
             for ic in args.instance_counts.split(","):
                 runs = r["fbas"][f"instances={ic}"] = []
-                for k in range(args.runs):
+                for k in range(args.runs if args.local_runs is None else args.local_runs):
                     runs.append(run_fbas(corpus, work / f"out-{case}-{ic}-{k}", env, args.precision,
                                          flags + ("--instance-count", ic)))
                     print(case, f"fbas instances={ic}", runs[-1], flush=True)
-                wall = statistics.median(x["wall_s"] for x in runs)
-                embed = statistics.median(x["embed_s"] for x in runs)
-                r["summary"][f"instances={ic}"] = {
-                    "fbas_docs_per_s": round(n / wall, 1), "efficiency": round(eng / wall, 3),
-                    "steady_state_efficiency": round(eng / embed, 3)}
+                if runs:
+                    r["summary"][f"instances={ic}"] = _summary(runs, n, eng)
+                if args.fbas_root:
+                    base = r["fbas"][f"baseline instances={ic}"] = []
+                    benv = {**env, "PYTHONPATH": os.pathsep.join([str(args.fbas_root), env["PYTHONPATH"]])}
+                    for k in range(args.runs):
+                        base.append(run_fbas(corpus, work / f"base-{case}-{ic}-{k}", benv, args.precision,
+                                             flags + ("--instance-count", ic), root=args.fbas_root))
+                        print(case, f"baseline instances={ic}", base[-1], flush=True)
+                    r["summary"][f"baseline instances={ic}"] = _summary(base, n, eng)
+                if args.service:
+                    svc = r["fbas"][f"service instances={ic}"] = []
+                    with running_service(built, work / f"svc-{case}-{ic}", args, max_len, int(ic)) as broker:
+                        for k in range(args.runs):
+                            svc.append(run_fbas(corpus, work / f"svc-out-{case}-{ic}-{k}", env, args.precision,
+                                                flags + ("--broker", broker)))
+                            print(case, f"service instances={ic}", svc[-1], flush=True)
+                    r["summary"][f"service instances={ic}"] = _summary(svc, n, eng)
             print(case, "summary", r["summary"], flush=True)
             res["cases"][case] = r
             if args.json:

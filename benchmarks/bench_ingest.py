@@ -81,12 +81,14 @@ def make_corpus(data: Path, repeat: int, path: Path) -> int:
     return len(ids)
 
 
-def run_fbas(corpus: Path, out: Path, env: dict, precision: str, extra: tuple[str, ...] = ()) -> dict:
-    """``fbas-pipeline ingest`` as a user runs it (``extra``: more flags); wall time + manifest timings."""
+def run_fbas(corpus: Path, out: Path, env: dict, precision: str, extra: tuple[str, ...] = (),
+             root: Path = ROOT) -> dict:
+    """``fbas-pipeline ingest`` as a user runs it (``extra``: more flags; ``root``: the checkout whose code
+    runs); wall time + manifest timings."""
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", str(corpus), "--out", str(out),
                         "--precision", precision, "--no-progress", *extra], env=env, capture_output=True,
-                       text=True, cwd=str(ROOT))
+                       text=True, cwd=str(root))
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"fbas ingest failed:\n{p.stderr[-3000:]}")

@@ -109,8 +109,9 @@ class CorpusConfig:
     title_column: str | None = _f(None, "optional column embedded as title + ' ' + text")
     batch_tokens: int = _f(16384, "token budget of one queued batch (sum of padded lengths)")
     batch_rows: int = _f(512, "most rows in one queued batch")
-    plan_window: int = _f(65536, "rows planned together: the first window's batches are queued while later "
-                                 "windows are still being scanned (bigger = slightly less padding)")
+    plan_window: int = _f(65536, "rows planned together: each window's batches are queued while later windows "
+                                 "are still being scanned; the first windows are smaller (4,096 rows, doubling) "
+                                 "so the first batches leave at once (bigger = slightly less padding)")
 
 
 @dataclass

@@ -4,10 +4,11 @@
     result = ingest("corpus.parquet", cfg)          # local mode when cfg.queue.broker is None
 
 A new job first checks every id (id column only: null or duplicate ids stop it before anything
-starts). Then the corpus is read once in windows of ``plan_window`` rows: each window is
-tokenized for its lengths, planned on its own, and its batches are queued at once, so the
-workers embed while later windows are still being scanned (and, in local mode, the first
-window's scan overlaps Triton's start). ``scan.npz``, ``plan.npz`` and, last, ``job.json`` are
+starts). Then the corpus is read once in windows (4,096 rows, doubling up to ``plan_window``):
+each window is tokenized for its lengths, planned on its own, and its batches are queued at
+once, so the workers embed while later windows are still being scanned, one window ahead on a
+thread (in local mode, the first window's scan overlaps Triton's start). Meanwhile a thread
+checks each committed part for finalize (``PartLedger``), which then reads only the last ones. ``scan.npz``, ``plan.npz`` and, last, ``job.json`` are
 written after the last window; until then ``job.pending`` names the job, so no other job is
 started on its parts.
 
@@ -396,6 +397,10 @@ def _job_state(client: Any, job_id: str, plan: Plan | None, corpus: Corpus, meta
                   "planned_rows": plan.n_rows if plan is not None else 0, "out": str(out),
                   "model": meta.fingerprint, "max_seq_len": meta.max_seq_len, "corpus": corpus.uri}, tokenizer_json)
     committed = committed_parts(out, job_id, plan.n_batches if plan is not None else None)
+    stale = state.forget_stale(committed)
+    if stale:
+        logger.warning("job %s: Redis held %d batches as done that %s does not hold (the same job sent to another "
+                       "folder, or parts deleted): they are embedded again", job_id, stale, out)
     new = state.reconcile(committed)
     if new:
         logger.info("job %s: %d batches already committed in %s", job_id, new, out)

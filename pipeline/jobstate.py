@@ -120,6 +120,16 @@ class JobState:
         return bool(self.r.exists(self.k_meta)) and bool(self.r.exists(self.k_tok))
 
     @_guard
+    def forget_stale(self, committed: dict[int, tuple[int, int, int]]) -> int:
+        """Start the job's progress over when Redis holds batches as done that ``committed`` (the output
+        folder's parts) lacks: the same job sent to another folder, or parts deleted. Workers skip done
+        batches, so those would never be embedded into this folder. Returns how many were stale."""
+        stale = len(self.done() - set(committed))
+        if stale:
+            self.r.delete(self.k_done, self.k_counters, self.k_running, self.k_attempts)
+        return stale
+
+    @_guard
     def reconcile(self, committed: dict[int, tuple[int, int, int]]) -> int:
         """Mark batches found committed in the output folder as done: ``{batch: (docs, tokens, quarantined)}``.
         Returns how many were new to Redis."""

@@ -47,7 +47,8 @@ __all__ = ["Scan", "Plan", "Window", "scan_corpus", "scan_windows", "corpus_id_h
 
 # Version of the windowing + planning rules: part of the job id, so a plan made by other rules is never
 # resumed as if it were this one (a rerun re-plans when job.json was not written yet).
-PLAN_VERSION = 2
+PLAN_VERSION = 3
+FIRST_WINDOW = 4096  # rows of a job's first window; windows double from here up to plan_window
 
 QUARANTINE_REASONS = {
     "null_text": "the text is null",
@@ -128,11 +129,24 @@ def corpus_id_hashes(corpus: Corpus) -> np.ndarray:
     return h
 
 
-def scan_windows(corpus: Corpus, tokenizer, window_rows: int,
-                 progress: Callable[[int], None] | None = None) -> Iterator[Window]:
-    """The corpus in windows of exactly ``window_rows`` rows (rows 0.., W.., 2W..; the last one shorter),
-    each with its rows' token lengths and quarantine. The boundaries are arithmetic, whatever the files
-    and record batches, so the windows (and the plan) are the same on every run.
+def window_end(row: int, window_rows: int, first_rows: int = FIRST_WINDOW) -> int:
+    """The end of the window that holds ``row``. Windows grow from ``first_rows`` rows, doubling, to
+    ``window_rows``, then stay there (0..4096, ..12288, ..28672, ..61440, then steps of 65,536 by default), so
+    the first batches are queued after a short scan; the boundaries are arithmetic, the same on every run."""
+    end, size = 0, min(window_rows, first_rows)
+    while size < window_rows:
+        end += size
+        if row < end:
+            return end
+        size = min(window_rows, 2 * size)
+    return end + ((row - end) // window_rows + 1) * window_rows
+
+
+def scan_windows(corpus: Corpus, tokenizer, window_rows: int, progress: Callable[[int], None] | None = None,
+                 first_rows: int = FIRST_WINDOW) -> Iterator[Window]:
+    """The corpus in windows (``window_end``: ``first_rows`` rows, doubling up to ``window_rows``; the last
+    one shorter), each with its rows' token lengths and quarantine. The boundaries are arithmetic, whatever
+    the files and record batches, so the windows (and the plan) are the same on every run.
 
     ``tokenizer`` is a ``workers.tokenize.Tokenizer`` (truncates at the model's max_seq_len). Ids are
     not checked here: ``corpus_id_hashes`` + ``check_unique_ids`` do that before anything is read.
@@ -142,13 +156,13 @@ def scan_windows(corpus: Corpus, tokenizer, window_rows: int,
     w: Window | None = None
     t = time.perf_counter()
     for whole in corpus.batches():
-        for rb in _split_at(whole, window_rows):
+        for rb in _split_at(whole, window_rows, first_rows):
             if w is None:
                 w = Window(rb.row0, np.zeros(0, dtype=np.int32), [], [], np.zeros(0, dtype=bool))
             _scan_rows(rb, tokenizer, w)
             if progress:
                 progress(len(rb))
-            if len(w.texts) == window_rows:
+            if w.row0 + len(w.texts) == window_end(w.row0, window_rows, first_rows):
                 w.seconds = time.perf_counter() - t
                 yield w
                 w, t = None, time.perf_counter()   # the consumer's time between windows is not the scan's
@@ -157,17 +171,16 @@ def scan_windows(corpus: Corpus, tokenizer, window_rows: int,
         yield w
 
 
-def _split_at(rb: RowBatch, window_rows: int) -> Iterator[RowBatch]:
-    """``rb`` cut where a window boundary (a multiple of ``window_rows``) falls inside it."""
+def _split_at(rb: RowBatch, window_rows: int, first_rows: int = FIRST_WINDOW) -> Iterator[RowBatch]:
+    """``rb`` cut where a window boundary (``window_end``) falls inside it."""
     start = 0
     while start < len(rb):
-        row = rb.row0 + start
-        end = min(len(rb), start + window_rows - row % window_rows)
+        end = min(len(rb), window_end(rb.row0 + start, window_rows, first_rows) - rb.row0)
         if start == 0 and end == len(rb):
             yield rb
             return
-        yield RowBatch(row, rb.ids[start:end], rb.id_array.slice(start, end - start) if rb.id_array is not None
-                       else None, rb.texts[start:end], rb.repaired[start:end])
+        yield RowBatch(rb.row0 + start, rb.ids[start:end], rb.id_array.slice(start, end - start)
+                       if rb.id_array is not None else None, rb.texts[start:end], rb.repaired[start:end])
         start = end
 
 

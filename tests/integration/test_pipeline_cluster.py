@@ -87,6 +87,21 @@ def _reference(template_out, texts: list[str]) -> np.ndarray:
     return load_engine(d).embed(enc.token_ids, enc.lengths)
 
 
+def test_the_same_job_into_a_second_folder_is_embedded_again(cluster, template_out, tmp_path, stsb_en_test):
+    """A running service keeps each job's progress in Redis by job id; the same corpus and settings sent to a
+    fresh folder must not be taken as done from the first folder's record (found by benchmark 4)."""
+    texts = [a for a, _, _ in stsb_en_test[:300]]
+    corpus = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": [f"s{i}" for i in range(len(texts))], "text": texts}), corpus)
+    first = _ingest(cluster, template_out, corpus, tmp_path / "one", batch_tokens=1024)
+    second = _ingest(cluster, template_out, corpus, tmp_path / "two", batch_tokens=1024)
+    assert second.job == first.job and first.manifest["counts"]["batches"] > 1
+    assert second.sent_batches == second.manifest["counts"]["batches"], "every batch was sent again"
+    check_oracle(tmp_path / "two", [f"s{i}" for i in range(len(texts))])
+    v1, v2 = read_vectors(tmp_path / "one")[2], read_vectors(tmp_path / "two")[2]
+    assert v1.shape == v2.shape and np.min(np.sum(v1 * v2, axis=1)) > 0.99999
+
+
 def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, template_out, tmp_path):
     good = ["A man is playing a guitar.", "Un homme joue de la guitare.", "一个男人在弹吉他。",
             "text with a NUL\x00 inside", "tabs\tand\nnewlines", "word " * 3000]

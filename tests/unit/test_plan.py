@@ -203,3 +203,19 @@ def test_windows_start_at_multiples_of_the_window_whatever_the_files(tmp_path, b
     assert np.array_equal(np.concatenate([w.n_tokens for w in windows]), whole.n_tokens)
     assert [i for w in windows for i in w.ids] == [f"f{k}-{i}" for k, n in enumerate([130, 0, 45, 301, 7])
                                                    for i in range(n)]
+    # growing first windows (8, 16, 32 rows, then 50 each): the same rows, cut at the same arithmetic places
+    grown = list(scan_windows(corpus, tok, 50, first_rows=8))
+    starts = [0, 8, 24, 56] + list(range(106, row, 50))
+    assert [w.row0 for w in grown] == starts
+    assert [len(w.texts) for w in grown] == [b - a for a, b in zip(starts, starts[1:] + [row])]
+    assert np.array_equal(np.concatenate([w.n_tokens for w in grown]), whole.n_tokens)
+
+
+def test_window_boundaries_grow_then_stay_at_the_plan_window():
+    from pipeline.plan import window_end
+
+    ends = sorted({window_end(r, 65536) for r in range(0, 300_000, 512)})
+    assert ends[:6] == [4096, 12288, 28672, 61440, 126976, 192512]
+    assert all(0 < b - a <= 65536 for a, b in zip([0] + ends, ends))
+    assert all(window_end(r, 65536) > r for r in (0, 4095, 4096, 61439, 61440, 10**9))
+    assert [window_end(r, 50) for r in (0, 49, 50, 51)] == [50, 50, 100, 100]   # plan_window <= first: fixed
