@@ -106,6 +106,8 @@ def long_corpus(data: Path, tokenizer_dir: Path, n_docs: int, path: Path) -> int
 
 
 def _summary(runs: list[dict], n: int, engine_s: float) -> dict:
+    if not runs:
+        return {}
     wall = statistics.median(x["wall_s"] for x in runs)
     embed = statistics.median(x["embed_s"] for x in runs)
     return {"fbas_docs_per_s": round(n / wall, 1), "efficiency": round(engine_s / wall, 3),
@@ -184,7 +186,7 @@ def main() -> int:
                 if args.fbas_root:
                     base = r["fbas"][f"baseline instances={ic}"] = []
                     benv = {**env, "PYTHONPATH": os.pathsep.join([str(args.fbas_root), env["PYTHONPATH"]])}
-                    for k in range(args.runs):
+                    for k in range(args.runs if args.local_runs is None else args.local_runs):
                         base.append(run_fbas(corpus, work / f"base-{case}-{ic}-{k}", benv, args.precision,
                                              flags + ("--instance-count", ic), root=args.fbas_root))
                         print(case, f"baseline instances={ic}", base[-1], flush=True)

@@ -144,15 +144,16 @@ def _check_folder(out: OutputDir, job: str, n_batches: int,
     return [b for b in range(n_batches) if b not in present], stray
 
 
-def _tally(counts: np.ndarray, rows: np.ndarray, id_hash: np.ndarray, scan: Scan, where: str,
+def _tally(counts: np.ndarray, rows: np.ndarray, id_hash: np.ndarray, corpus_hash: np.ndarray, where: str,
            unexpected: list[str]) -> None:
-    """Count each row once more in ``counts``; note rows out of range and ids (by key) that differ from the corpus."""
+    """Count each row once more in ``counts``; note rows out of range and ids (by key) that differ from the
+    corpus's (``corpus_hash``: every input row's id key)."""
     n = len(counts)
     bad = (rows < 0) | (rows >= n)
     if bad.any():
         unexpected.append(f"{where}: row ids out of range {rows[bad][:3].tolist()}")
         rows, id_hash = rows[~bad], id_hash[~bad]
-    mism = id_hash != scan.id_hash[rows]
+    mism = id_hash != corpus_hash[rows]
     if mism.any():
         unexpected.append(f"{where}: ids differ from the corpus at rows {rows[mism][:3].tolist()}")
     np.add.at(counts, rows, 1)
@@ -205,78 +206,87 @@ def _flat_shard(out: OutputDir, b: int, dim: int) -> tuple[Any, Any] | None:
     return shard, raw
 
 
-def _stat_key(path: Path) -> tuple[int, int, int] | None:
-    """(inode, size, mtime) of a committed file: a part is written once under a new inode (rename or link), so
-    an unchanged key means unchanged bytes."""
+def _stat_key(path: Path) -> tuple[int, ...] | None:
+    """(inode, size, mtime, ctime) of a committed file: a part is written once under a new inode (rename or
+    link), so an unchanged key means unchanged bytes."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 @dataclass
 class PartFacts:
-    """What finalize needs from one committed vectors part (its vectors go straight into the index)."""
-    stat: tuple[int, int, int]
+    """What finalize keeps of one committed vectors part (its rows are counted and its vectors merged as it is
+    read)."""
+    stat: tuple[int, ...]
     meta: dict[str, Any]
     n_read: int                  # rows in the file (the footer's ``rows`` must agree)
-    rows: np.ndarray             # row ids, int64
-    id_hash: np.ndarray          # the ids' keys (read.id_hashes), for the corpus comparison
+    rows: np.ndarray             # row ids (int32 while they fit), for the plan check
     truncated: int
     repaired: int
     sha256: str
 
 
-def read_part_facts(out: OutputDir, b: int) -> PartFacts | None:
-    """Part ``b``'s facts; None when it is absent or was replaced while it was read."""
+def read_part_facts(out: OutputDir, b: int, job: str) -> tuple[PartFacts, np.ndarray] | None:
+    """Part ``b``'s facts and its ids' keys (``read.id_hashes``); None when it is absent, not this job's
+    batch ``b`` (by its footer, read first) or was replaced while it was read."""
     path = out.vectors_part(b)
     before = _stat_key(path)
     if before is None:
         return None
     meta = read_part_meta(path) or {}
+    if meta.get("job") != job or meta.get("batch") != b:
+        return None
     t = pq.read_table(path, columns=["row_id", "id", "n_tokens", "truncated", "repaired"])
     digest = sha256_file(path)
     if _stat_key(path) != before:
         return None
-    return PartFacts(before, meta, t.num_rows, t.column("row_id").to_numpy().astype(np.int64, copy=False),
-                     id_hashes(t.column("id")),
+    rows = t.column("row_id").to_numpy()
+    if len(rows) and 0 <= rows.min() and rows.max() < 2**31:
+        rows = rows.astype(np.int32)
+    return PartFacts(before, meta, t.num_rows, rows,
                      int(np.count_nonzero(t.column("truncated").to_numpy(zero_copy_only=False))),
-                     int(np.count_nonzero(t.column("repaired").to_numpy(zero_copy_only=False))), digest)
+                     int(np.count_nonzero(t.column("repaired").to_numpy(zero_copy_only=False))),
+                     digest), id_hashes(t.column("id"))
 
 
 class PartLedger:
-    """Finalize's per-part work, done in batch order and kept: every committed part's facts (rows, ids, counts,
-    SHA-256) and, for a flat index, its vectors merged into the final index.
+    """Finalize's per-part work, done in batch order: each committed part is read once, its rows counted
+    against the corpus's ids (``id_hash``: the id key of every input row), its facts (footer, row ids,
+    SHA-256) kept and, for a flat index, its vectors merged into the final index.
 
     ``finalize`` makes one and runs it over every part; ``ingest`` makes one when the job starts and feeds it
     (``LedgerFeeder``) while later batches are still embedding, so that finalize only reads the last parts.
-    A part is recorded only when its footer names this job and batch. Before use, ``revalidate`` drops what
-    a part replaced since it was read would invalidate (its file changed: the work from it onward is redone).
+    A part is recorded only when its footer names this job and batch. ``revalidate`` starts over when a
+    recorded part's file changed since it was read; ``changed`` tells whether one did.
     """
 
-    def __init__(self, out: OutputDir, job: str, dim: int, index_type: str) -> None:
-        self.out, self.job, self.dim, self.index_type = out, job, dim, index_type
+    def __init__(self, out: OutputDir, job: str, dim: int, index_type: str, id_hash: np.ndarray) -> None:
+        self.out, self.job, self.dim, self.index_type, self.id_hash = out, job, dim, index_type, id_hash
+        self._start()
+
+    def _start(self) -> None:
         self.facts: list[PartFacts] = []
-        self.index = self._new_index()
+        self.counts = np.zeros(len(self.id_hash), dtype=np.uint16)   # times each input row was seen
+        self.unexpected: list[str] = []
+        self.index = None
+        if self.index_type == "flat":
+            import faiss
 
-    def _new_index(self) -> Any:
-        if self.index_type != "flat":
-            return None
-        import faiss
-
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+            self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
 
     @property
     def next_batch(self) -> int:
         return len(self.facts)
 
-    def _one(self, b: int) -> tuple[PartFacts, Any] | None:
-        facts = read_part_facts(self.out, b)
-        if facts is None or facts.meta.get("job") != self.job or facts.meta.get("batch") != b:
+    def _one(self, b: int) -> tuple[PartFacts, np.ndarray, Any] | None:
+        got = read_part_facts(self.out, b, self.job)
+        if got is None:
             return None
         shard = _flat_shard(self.out, b, self.dim) if self.index is not None else None
-        return facts, shard
+        return got[0], got[1], shard
 
     def advance(self, stop: int | None = None, *, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Record parts from ``next_batch`` on, in order, up to ``stop`` (None: while parts are committed) or the
@@ -289,18 +299,23 @@ class PartLedger:
         for got in _in_order(self._one, stop - first, first):
             if got is None or should_stop():
                 break
-            facts, shard = got
+            facts, id_hash, shard = got
+            _tally(self.counts, facts.rows, id_hash, self.id_hash, part_name(self.next_batch), self.unexpected)
             if shard is not None:
                 self.index.merge_from(shard[0])
             self.facts.append(facts)
         return self.next_batch
 
+    def changed(self) -> int | None:
+        """The first recorded part whose file changed since it was read, or None."""
+        return next((b for b, f in enumerate(self.facts) if _stat_key(self.out.vectors_part(b)) != f.stat), None)
+
     def revalidate(self) -> None:
         """Start over if a recorded part's file changed since it was read (a flat index cannot drop a tail)."""
-        changed = next((b for b, f in enumerate(self.facts) if _stat_key(self.out.vectors_part(b)) != f.stat), None)
+        changed = self.changed()
         if changed is not None:
             logger.warning("part %s changed after it was checked: checking every part again", part_name(changed))
-            self.facts, self.index = [], self._new_index()
+            self._start()
 
 
 class LedgerFeeder:
@@ -319,7 +334,7 @@ class LedgerFeeder:
                 self.ledger.advance(should_stop=self._stop.is_set)
                 self._stop.wait(self.interval)
         except Exception as e:  # noqa: BLE001 - finalize reads the parts again and reports what is wrong
-            logger.info("checking parts ahead of finalize stopped: %s", e)
+            logger.warning("checking parts ahead of finalize stopped (finalize will read them): %s", e)
 
     def stop(self) -> PartLedger:
         self._stop.set()
@@ -377,8 +392,8 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
     if plan.n_batches != n_batches:
         raise InputError(f"{out}/.fbas/plan.npz does not match job.json: rerun the ingest")
     if ledger is None or (ledger.job, ledger.dim, ledger.index_type) != (job_id, dim, index_type) \
-            or ledger.next_batch > n_batches:
-        ledger = PartLedger(out, job_id, dim, index_type)
+            or ledger.next_batch > n_batches or not np.array_equal(ledger.id_hash, scan.id_hash):
+        ledger = PartLedger(out, job_id, dim, index_type, scan.id_hash)
     ledger.revalidate()
     missing, stray = _check_folder(out, job_id, n_batches, {b: f.stat for b, f in enumerate(ledger.facts)})
     if stray:
@@ -389,13 +404,13 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
         raise IncompleteJobError(f"{len(missing)} of {n_batches} batches have no committed part yet (first: "
                                  f"{missing[:5]}): rerun the same ingest command to finish them", missing)
     ahead = ledger.next_batch
-    if ledger.advance(n_batches) != n_batches:
-        raise PermanentError(f"{VECTORS}/{part_name(ledger.next_batch)} changed while it was read: is another "
-                             "ingest writing to this folder? Rerun when it has stopped")
+    if ledger.advance(n_batches) != n_batches or ledger.changed() is not None:
+        raise PermanentError(f"parts in {out}/{VECTORS} changed while finalize read them: is another ingest "
+                             "writing to this folder? Rerun when it has stopped")
 
     n = scan.n_rows
-    counts = np.zeros(n, dtype=np.uint16)
-    unexpected: list[str] = []
+    counts = ledger.counts.copy()          # the parts' rows, counted as they were read
+    unexpected: list[str] = list(ledger.unexpected)
     parts: list[dict[str, Any]] = []
     q_tables: list[pa.Table] = []
     n_trunc = n_rep = tokens = 0
@@ -405,7 +420,6 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
             unexpected.append(f"{name}: {f.n_read} rows, footer says {f.meta.get('rows')}")
         if not np.isin(f.rows, plan.rows(b)).all():
             unexpected.append(f"{name}: rows outside its planned batch")
-        _tally(counts, f.rows, f.id_hash, scan, name, unexpected)
         n_trunc, n_rep, tokens = n_trunc + f.truncated, n_rep + f.repaired, tokens + int(f.meta.get("tokens", 0))
         parts.append({"file": f"{VECTORS}/{name}", "batch": b, "rows": f.n_read, "sha256": f.sha256})
         if f.meta.get("quarantined"):
@@ -424,7 +438,7 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
         quarantine = pa.concat_tables([qt.cast(pa.schema([("row_id", pa.int64()), ("id", id_type),
                                                           ("reason", pa.string())])) for qt in q_tables])
         quarantine = quarantine.take(pa.array(np.argsort(quarantine.column("row_id").to_numpy(), kind="stable")))
-        _tally(counts, quarantine.column("row_id").to_numpy(), id_hashes(quarantine.column("id")), scan,
+        _tally(counts, quarantine.column("row_id").to_numpy(), id_hashes(quarantine.column("id")), scan.id_hash,
                "quarantine", unexpected)
     else:
         quarantine = None
@@ -457,9 +471,14 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
         index, params = build_index(out, index_type, n_batches, dim, embedded, n)
     if index.ntotal != embedded:
         raise OracleError(f"the index holds {index.ntotal} vectors, the parts {embedded}")
-    index_file = out.path("index.faiss")  # streamed to the file: serialize_index's buffer took seconds more
-    OutputDir.write_atomic(index_file, lambda p: faiss.write_index(index, str(p)))
-    index_sha = sha256_file(index_file)
+    digest: list[str] = []
+
+    def write_index(tmp: Path) -> None:  # streamed to the file: serialize_index's buffer took seconds more
+        faiss.write_index(index, str(tmp))
+        digest.append(sha256_file(tmp))   # of the bytes being committed
+
+    OutputDir.write_atomic(out.path("index.faiss"), write_index)
+    index_sha = digest[-1]
     index_s = time.perf_counter() - t_index
 
     manifest = {

@@ -191,8 +191,8 @@ def resume_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any)
 def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, tokenizer: Any,
                   id_hash: np.ndarray, send: Callable[[dict], None], skip: set[int],
                   on_window: Callable[[int, int], None] | None = None) -> Job:
-    """Scan the corpus window by window, plan each window, and ``send`` its batches (except ``skip``) before
-    the next window is read (workers embed them meanwhile); then save the scan, the plan and ``job.json``
+    """Scan the corpus window by window (the next window is read on a thread while this one's batches are
+    sent), plan each window, and ``send`` its batches (except ``skip``; workers embed them meanwhile); then save the scan, the plan and ``job.json``
     (the caller checked ``resume_job`` first and the ids with ``check_unique_ids``). The plan is the same on every run, so an
     ingest stopped midway finds its committed batches again. ``on_window(batches, rows)``: planned so far."""
     c = cfg.corpus
@@ -352,7 +352,8 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
             client = connect(broker)
             stack.callback(client.close)
             # finalize's reading and checking of each part, done while later batches are still embedding
-            feeder = LedgerFeeder(PartLedger(out, job_id_for(corpus, cfg, meta), meta.dim, cfg.output.index))
+            feeder = LedgerFeeder(PartLedger(out, job_id_for(corpus, cfg, meta), meta.dim, cfg.output.index,
+                                             job.scan.id_hash if job is not None else id_hash))
             stack.callback(feeder.stop)
             ready = _ReadyOnce(cluster, t0)
             job, sent, resumed, redelivered = _run_queue(corpus, cfg, out, job, id_hash, meta, model_dir, client,
@@ -393,14 +394,21 @@ def _job_state(client: Any, job_id: str, plan: Plan | None, corpus: Corpus, meta
     """The job's Redis state, with the batches already committed in the folder marked done (``plan`` None:
     still being planned; every committed part of this job counts)."""
     state = JobState(client, job_id)
+    before, done_before = state.meta(), state.done()   # read before the folder: a part commits before its mark
     state.create({"n_batches": plan.n_batches if plan is not None else 0,
                   "planned_rows": plan.n_rows if plan is not None else 0, "out": str(out),
                   "model": meta.fingerprint, "max_seq_len": meta.max_seq_len, "corpus": corpus.uri}, tokenizer_json)
     committed = committed_parts(out, job_id, plan.n_batches if plan is not None else None)
-    stale = state.forget_stale(committed)
+    stale = done_before - set(committed)
     if stale:
+        other = before.get("out")
+        if other and other != str(out) and state.running():
+            raise InputError(f"job {job_id} (the same corpus, model and batch settings) is being embedded into "
+                             f"{other} through this broker right now: wait until it finishes, or change a batch "
+                             "setting (e.g. --batch-tokens) to make this a separate job")
         logger.warning("job %s: Redis held %d batches as done that %s does not hold (the same job sent to another "
-                       "folder, or parts deleted): they are embedded again", job_id, stale, out)
+                       "folder, or parts deleted): they are embedded again", job_id, len(stale), out)
+        state.forget_progress()
     new = state.reconcile(committed)
     if new:
         logger.info("job %s: %d batches already committed in %s", job_id, new, out)

@@ -120,14 +120,11 @@ class JobState:
         return bool(self.r.exists(self.k_meta)) and bool(self.r.exists(self.k_tok))
 
     @_guard
-    def forget_stale(self, committed: dict[int, tuple[int, int, int]]) -> int:
-        """Start the job's progress over when Redis holds batches as done that ``committed`` (the output
-        folder's parts) lacks: the same job sent to another folder, or parts deleted. Workers skip done
-        batches, so those would never be embedded into this folder. Returns how many were stale."""
-        stale = len(self.done() - set(committed))
-        if stale:
-            self.r.delete(self.k_done, self.k_counters, self.k_running, self.k_attempts)
-        return stale
+    def forget_progress(self) -> None:
+        """Drop the job's progress (done batches, counters, attempts, running batches): used when Redis
+        holds batches as done that the output folder lacks (the same job sent to another folder, or parts
+        deleted); the producer skips done batches, so those would never be embedded into this folder."""
+        self.r.delete(self.k_done, self.k_counters, self.k_running, self.k_attempts)
 
     @_guard
     def reconcile(self, committed: dict[int, tuple[int, int, int]]) -> int:

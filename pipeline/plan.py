@@ -1,8 +1,8 @@
 """The length scan and the batch plan.
 
-``scan_windows`` streams the corpus once in windows of ``plan_window`` rows and tokenizes every
-text for its length (HF tokenizers, Rust); each window is planned on its own (``plan_window``),
-so its batches can be queued while the next window is read. ``scan_corpus`` is the same pass
+``scan_windows`` streams the corpus once in windows (``window_end``: 4,096 rows, doubling up to
+``plan_window``) and tokenizes every text for its length (HF tokenizers, Rust); each window is
+planned on its own (``plan_window``), so its batches can be queued while the next window is read. ``scan_corpus`` is the same pass
 kept whole. What the job keeps is per-row arrays: ``n_tokens`` (int32, tokens after
 truncation, 0 where the row is quarantined) and ``id_hash`` (uint64, from the id column alone,
 for the uniqueness check and the final id oracle): 12 bytes a row, 1.2 GB for 100M rows. Null,
@@ -20,8 +20,8 @@ queue counts it):
 
 Within a window, full batches are numbered by the position of their last row (the order in
 which a streaming pass completes them), the pooled ones after them; windows follow each other.
-The plan depends only on the lengths, the budget and the window (rows ``k * plan_window`` to
-``(k + 1) * plan_window - 1``), so it is the same on every run: batch ``i`` always holds the same
+The plan depends only on the lengths, the budget and the windows (whose boundaries are arithmetic,
+``window_end``), so it is the same on every run: batch ``i`` always holds the same
 rows, which is what makes part names deterministic and reruns resumable. A resumed job's
 producer streams the corpus again and holds only the open batches (at most one per length and
 window, plus the pooled rest) in memory.
@@ -133,7 +133,7 @@ def window_end(row: int, window_rows: int, first_rows: int = FIRST_WINDOW) -> in
     """The end of the window that holds ``row``. Windows grow from ``first_rows`` rows, doubling, to
     ``window_rows``, then stay there (0..4096, ..12288, ..28672, ..61440, then steps of 65,536 by default), so
     the first batches are queued after a short scan; the boundaries are arithmetic, the same on every run."""
-    end, size = 0, min(window_rows, first_rows)
+    end, size = 0, max(1, min(window_rows, first_rows))
     while size < window_rows:
         end += size
         if row < end:

@@ -388,9 +388,10 @@ _END = object()
 
 
 def read_ahead(items: Iterable[T], depth: int = 1, name: str = "read-ahead") -> Iterator[T]:
-    """``items``, produced on a background thread at most ``depth`` items ahead of the consumer: the ingest
-    scans the next window while the current one's batches wait for room in the queue. What the producer
-    raises is raised here, in order; closing this iterator early stops the producer after its current item."""
+    """``items``, produced on a background thread: at most ``depth`` items wait for the consumer, plus the
+    one the producer is making (the ingest scans the next window while this one's batches wait for room in
+    the queue). What the producer raises is raised here, in order; closing this iterator early stops the
+    producer once its current item is made (closing waits for that)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 

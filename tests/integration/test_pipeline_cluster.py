@@ -100,6 +100,16 @@ def test_the_same_job_into_a_second_folder_is_embedded_again(cluster, template_o
     check_oracle(tmp_path / "two", [f"s{i}" for i in range(len(texts))])
     v1, v2 = read_vectors(tmp_path / "one")[2], read_vectors(tmp_path / "two")[2]
     assert v1.shape == v2.shape and np.min(np.sum(v1 * v2, axis=1)) > 0.99999
+    # while a batch of the job is running for folder "two", the same job into a third folder is refused
+    from pipeline.jobstate import JobState, connect
+
+    state = JobState(connect(cluster.broker_url), first.job)
+    state.r.hset(state.k_running, "0", "a worker elsewhere")
+    try:
+        with pytest.raises(InputError, match=r"is being embedded into .*two"):
+            _ingest(cluster, template_out, corpus, tmp_path / "three", batch_tokens=1024)
+    finally:
+        state.r.hdel(state.k_running, "0")
 
 
 def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, template_out, tmp_path):

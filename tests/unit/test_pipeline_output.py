@@ -106,7 +106,7 @@ def test_parts_checked_while_the_job_runs_give_the_same_outputs(tmp_path):
 
     out, plan, ids, vectors = _job(tmp_path)
     n = plan.n_batches
-    ledger = PartLedger(out, "J1", DIM, "flat")
+    ledger = PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash)
     for b in (0, 1, 3):
         _commit(out, plan, ids, vectors, b, bad_rows=(plan.rows(0)[0],) if b == 0 else ())
     assert ledger.advance() == 2, "part 2 is not committed yet: the ledger waits for it"
@@ -130,7 +130,8 @@ def test_a_part_replaced_after_it_was_checked_is_checked_again(tmp_path):
     from pipeline.finalize import LedgerFeeder, PartLedger
 
     out, plan, ids, vectors = _job(tmp_path)
-    feeder = LedgerFeeder(PartLedger(out, "J1", DIM, "flat"), interval=0.01)
+    feeder = LedgerFeeder(PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash),
+                          interval=0.01)
     for b in range(plan.n_batches):
         _commit(out, plan, ids, vectors, b)
     deadline = time.monotonic() + 30
@@ -146,6 +147,19 @@ def test_a_part_replaced_after_it_was_checked_is_checked_again(tmp_path):
     _commit(out, plan, ids, vectors, 1)
     m = finalize(out, "flat", ledger=ledger)  # the ledger started over when it saw the change
     assert m["timings"]["parts_checked_ahead"] == 0 and m["counts"]["embedded"] == 298
+    # a part with its own batch's footer but other ids, swapped in behind a checked one: only the file's
+    # key tells the difference, and the oracle must see the new ids
+    ledger = PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash)
+    assert ledger.advance() == plan.n_batches
+    other = OutputDir(tmp_path / "elsewhere")
+    other.make_dirs()
+    wrong = list(ids)
+    wrong[int(plan.rows(1)[0])] = "intruder"
+    _commit(other, plan, wrong, vectors, 1)
+    shutil.copy(other.vectors_part(1), out.path("vectors") / "swap.tmp")
+    os.replace(out.path("vectors") / "swap.tmp", out.vectors_part(1))
+    with pytest.raises(OracleError, match="ids differ from the corpus"):
+        finalize(out, "flat", ledger=ledger)
 
 
 def test_a_part_with_wrong_ids_fails_the_oracle(tmp_path):
