@@ -110,8 +110,10 @@ class CorpusConfig:
     batch_tokens: int = _f(16384, "token budget of one queued batch (sum of padded lengths)")
     batch_rows: int = _f(512, "most rows in one queued batch")
     plan_window: int = _f(65536, "rows planned together: each window's batches are queued while later windows "
-                                 "are still being scanned; the first windows are smaller (4,096 rows, doubling) "
-                                 "so the first batches leave at once (bigger = slightly less padding)")
+                                 "are still being scanned (bigger = less padding on CPU targets)")
+    first_window: int = _f(0, "rows of the first plan window; windows double from it up to plan_window. 0 = "
+                              "4,096 for the gpu target (unpadded: the first batches leave at once) and "
+                              "plan_window otherwise (padded CPU batches: small windows would pad more)")
 
 
 @dataclass
@@ -150,6 +152,8 @@ class FbasConfig:
         if r.token_budget < 16 or r.max_batch_size < 1:
             raise ConfigError("token_budget must be >= 16 and max_batch_size >= 1")
         c = self.corpus
+        if c.first_window < 0:
+            raise ConfigError(f"first_window ({c.first_window}) must be >= 0 (0 = chosen by the target)")
         if c.batch_tokens < 1 or c.batch_rows < 1 or c.plan_window < 1:
             raise ConfigError(f"batch_tokens ({c.batch_tokens}), batch_rows ({c.batch_rows}) and plan_window "
                               f"({c.plan_window}) must be >= 1")

@@ -4,7 +4,8 @@
     result = ingest("corpus.parquet", cfg)          # local mode when cfg.queue.broker is None
 
 A new job first checks every id (id column only: null or duplicate ids stop it before anything
-starts). Then the corpus is read once in windows (4,096 rows, doubling up to ``plan_window``):
+starts). Then the corpus is read once in windows (``plan_window`` rows; for the gpu target the
+first is 4,096 rows and they double up to ``plan_window``):
 each window is tokenized for its lengths, planned on its own, and its batches are queued at
 once, so the workers embed while later windows are still being scanned, one window ahead on a
 thread (in local mode, the first window's scan overlaps Triton's start). Meanwhile a thread
@@ -49,8 +50,8 @@ from pipeline.errors import ConfigError, FbasError, InputError, ServerUnavailabl
 from pipeline.finalize import (JOB_FILE, PENDING_FILE, SCAN_QUARANTINE, LedgerFeeder, PartLedger, committed_parts,
                                finalize)
 from pipeline.jobstate import JobState, connect
-from pipeline.plan import (PLAN_VERSION, Plan, Scan, assemble_scan, check_unique_ids, corpus_id_hashes,
-                           plan_window, scan_windows)
+from pipeline.plan import (FIRST_WINDOW, PLAN_VERSION, Plan, Scan, assemble_scan, check_unique_ids,
+                           corpus_id_hashes, plan_window, scan_windows)
 from pipeline.produce import Sender, batch_messages, queue_length, window_messages
 from pipeline.read import Corpus, open_corpus, read_ahead
 from workers.write import OutputDir
@@ -158,7 +159,16 @@ def job_id_for(corpus: Corpus, cfg: FbasConfig, model_meta: Any) -> str:
 def _batch_settings(cfg: FbasConfig) -> dict[str, int]:
     c = cfg.corpus
     return {"batch_tokens": c.batch_tokens, "batch_rows": c.batch_rows, "plan_window": c.plan_window,
+            "first_window": first_window(cfg),
             "plan_version": PLAN_VERSION}
+
+
+def first_window(cfg: FbasConfig) -> int:
+    """Rows of a job's first plan window (``corpus.first_window``; 0 = by target, see its help)."""
+    c = cfg.corpus
+    if c.first_window:
+        return min(c.first_window, c.plan_window)
+    return min(FIRST_WINDOW, c.plan_window) if cfg.engine.target == "gpu" else c.plan_window
 
 
 def resume_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any) -> Job | None:
@@ -203,7 +213,8 @@ def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: A
         json.dumps({"job": job_id, "corpus": corpus.uri}), encoding="utf-8"))
     windows, plans, n_batches, n_rows = [], [], 0, 0
     # the next window is read and tokenized while this one's batches wait for room in the queue
-    for w in read_ahead(scan_windows(corpus, tokenizer, c.plan_window), name="scan-ahead"):
+    scan = scan_windows(corpus, tokenizer, c.plan_window, first_rows=first_window(cfg))
+    for w in read_ahead(scan, name="scan-ahead"):
         wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
         for msg in window_messages(w, wplan, n_batches, job=job_id, out=str(out), model=model_meta.fingerprint,
                                    dim=model_meta.dim, id_type=corpus.id_type, skip=skip):

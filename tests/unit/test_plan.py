@@ -138,6 +138,31 @@ def test_batches_go_out_while_later_windows_are_still_unread(tmp_path, built_fp3
     fresh = scan_and_send(corpus, cfg, OutputDir(tmp_path / "out2"), meta, tok, corpus_id_hashes(corpus),
                           lambda m: None, skip=set())
     assert np.array_equal(fresh.plan.order, plan.order) and np.array_equal(fresh.plan.offsets, plan.offsets)
+    # growing windows (--first-window 50: rows 0-49, 50-149, 150-349, then 200 each): batches stay inside them
+    cfg.corpus.first_window = 50
+    grown_sent: list[dict] = []
+    grown = scan_and_send(corpus, cfg, OutputDir(tmp_path / "out3"), meta, tok, corpus_id_hashes(corpus),
+                          grown_sent.append, skip=set())
+    assert grown.id != job.id, "the window schedule is part of the job's identity"
+    bounds = [0, 50, 150, 350, 550, 700]
+    for m in grown_sent:
+        k = np.searchsorted(bounds, min(m["row_ids"]), side="right")
+        assert max(m["row_ids"]) < bounds[k], f"batch {m['batch']} spans two windows"
+    assert sorted(r for m in grown_sent for r in m["row_ids"]) == sorted(plan.order.tolist())
+
+
+def test_the_first_window_is_small_only_for_the_unpadded_gpu_target():
+    from pipeline.config import FbasConfig
+    from pipeline.ingest import first_window
+
+    cfg = FbasConfig()
+    assert first_window(cfg) == cfg.corpus.plan_window == 65536      # onnx pads: one size of window
+    cfg.engine.target = "gpu"
+    assert first_window(cfg) == 4096
+    cfg.corpus.plan_window = 1000
+    assert first_window(cfg) == 1000
+    cfg.corpus.first_window = 300
+    assert first_window(cfg) == 300
 
 
 def test_read_ahead_produces_on_a_thread_in_order_and_stops_when_closed():
