@@ -5,13 +5,13 @@
 
 A new job first checks every id (id column only: null or duplicate ids stop it before anything
 starts). Then the corpus is read once in windows (``plan_window`` rows; for the gpu target the
-first is 4,096 rows and they double up to ``plan_window``):
-each window is tokenized for its lengths, planned on its own, and its batches are queued at
-once, so the workers embed while later windows are still being scanned, one window ahead on a
-thread (in local mode, the first window's scan overlaps Triton's start). Meanwhile a thread
-checks each committed part for finalize (``PartLedger``), which then reads only the last ones. ``scan.npz``, ``plan.npz`` and, last, ``job.json`` are
-written after the last window; until then ``job.pending`` names the job, so no other job is
-started on its parts.
+first is 4,096 rows and they double up to ``plan_window``): each window is tokenized for its
+lengths, planned on its own, and its batches are queued at once, so the workers embed while
+later windows are still being scanned, one window ahead on a thread (in local mode, the first
+window's scan overlaps Triton's start). Meanwhile another thread checks each committed part for
+finalize (``PartLedger``), which then reads only the last ones. ``scan.npz``, ``plan.npz`` and,
+last, ``job.json`` are written after the last window; until then ``job.pending`` names the job,
+so no other job is started on its parts.
 
 The job id is a fingerprint of the corpus (file names, sizes, row counts, columns), the
 model (its engine fingerprint) and the batch settings. ``OUT/.fbas/`` holds what a rerun
@@ -202,9 +202,10 @@ def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: A
                   id_hash: np.ndarray, send: Callable[[dict], None], skip: set[int],
                   on_window: Callable[[int, int], None] | None = None) -> Job:
     """Scan the corpus window by window (the next window is read on a thread while this one's batches are
-    sent), plan each window, and ``send`` its batches (except ``skip``; workers embed them meanwhile); then save the scan, the plan and ``job.json``
-    (the caller checked ``resume_job`` first and the ids with ``check_unique_ids``). The plan is the same on every run, so an
-    ingest stopped midway finds its committed batches again. ``on_window(batches, rows)``: planned so far."""
+    sent), plan each window, and ``send`` its batches (except ``skip``; workers embed them meanwhile); then
+    save the scan, the plan and ``job.json`` (the caller checked ``resume_job`` first and the ids with
+    ``check_unique_ids``). The plan is the same on every run, so an ingest stopped midway finds its
+    committed batches again. ``on_window(batches, rows)``: planned so far."""
     c = cfg.corpus
     job_id = job_id_for(corpus, cfg, model_meta)
     out.make_dirs()
@@ -406,17 +407,17 @@ def _job_state(client: Any, job_id: str, plan: Plan | None, corpus: Corpus, meta
     still being planned; every committed part of this job counts)."""
     state = JobState(client, job_id)
     before, done_before = state.meta(), state.done()   # read before the folder: a part commits before its mark
+    committed = committed_parts(out, job_id, plan.n_batches if plan is not None else None)
+    stale = done_before - set(committed)
+    other = before.get("out")
+    if stale and other and other != str(out) and state.running():
+        raise InputError(f"job {job_id} (the same corpus, model and batch settings) is being embedded into "
+                         f"{other} through this broker right now: wait until it finishes, or change a batch "
+                         "setting (e.g. --batch-tokens) to make this a separate job")
     state.create({"n_batches": plan.n_batches if plan is not None else 0,
                   "planned_rows": plan.n_rows if plan is not None else 0, "out": str(out),
                   "model": meta.fingerprint, "max_seq_len": meta.max_seq_len, "corpus": corpus.uri}, tokenizer_json)
-    committed = committed_parts(out, job_id, plan.n_batches if plan is not None else None)
-    stale = done_before - set(committed)
     if stale:
-        other = before.get("out")
-        if other and other != str(out) and state.running():
-            raise InputError(f"job {job_id} (the same corpus, model and batch settings) is being embedded into "
-                             f"{other} through this broker right now: wait until it finishes, or change a batch "
-                             "setting (e.g. --batch-tokens) to make this a separate job")
         logger.warning("job %s: Redis held %d batches as done that %s does not hold (the same job sent to another "
                        "folder, or parts deleted): they are embedded again", job_id, len(stale), out)
         state.forget_progress()

@@ -108,6 +108,7 @@ def test_the_same_job_into_a_second_folder_is_embedded_again(cluster, template_o
     try:
         with pytest.raises(InputError, match=r"is being embedded into .*two"):
             _ingest(cluster, template_out, corpus, tmp_path / "three", batch_tokens=1024)
+        assert state.meta()["out"] == str(tmp_path / "two"), "the refused run left the running job's record alone"
     finally:
         state.r.hdel(state.k_running, "0")
 
