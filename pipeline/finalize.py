@@ -171,12 +171,17 @@ def _index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
                                                                                                  50 * nlist))}
 
 
+def _vectors(t: pa.Table) -> np.ndarray:
+    """A part table's ``embedding`` column as contiguous float32 ``[rows, dim]``."""
+    emb = t.column("embedding").combine_chunks()
+    v = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size).astype(np.float32, copy=False)
+    return np.ascontiguousarray(v)
+
+
 def _read_vectors(out: OutputDir, b: int) -> tuple[np.ndarray, np.ndarray]:
     """Part ``b``'s (row ids, float32 vectors ``[rows, dim]``)."""
     t = pq.read_table(out.vectors_part(b), columns=["row_id", "embedding"])
-    emb = t.column("embedding").combine_chunks()
-    v = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size).astype(np.float32, copy=False)
-    return t.column("row_id").to_numpy(), np.ascontiguousarray(v)
+    return t.column("row_id").to_numpy(), _vectors(t)
 
 
 def _iter_vectors(out: OutputDir, n_batches: int):
@@ -185,16 +190,16 @@ def _iter_vectors(out: OutputDir, n_batches: int):
             yield rows, v
 
 
-def _flat_shard(out: OutputDir, b: int, dim: int) -> tuple[Any, Any] | None:
-    """Batch ``b``'s FAISS shard, checked against its committed part, as (shard, the object that owns
-    it: ``downcast_index`` does not, so the caller keeps both referenced); None for an empty part."""
+def _flat_shard(out: OutputDir, b: int, dim: int, rows: np.ndarray, vecs: np.ndarray) -> tuple[Any, Any] | None:
+    """Batch ``b``'s FAISS shard, checked against its committed part's ``rows`` and ``vecs``, as (shard, the
+    object that owns it: ``downcast_index`` does not, so the caller keeps both referenced); None for an empty
+    part."""
     import faiss
 
-    raw = faiss.read_index(str(out.shard(b)))
-    shard = faiss.downcast_index(raw)
-    rows, vecs = _read_vectors(out, b)
     if not len(rows):
         return None
+    raw = faiss.read_index(str(out.shard(b)))
+    shard = faiss.downcast_index(raw)
     ok = shard.ntotal == len(rows) and shard.d == dim
     if ok:
         ok = np.array_equal(faiss.vector_to_array(shard.id_map), rows) and np.array_equal(
@@ -202,7 +207,7 @@ def _flat_shard(out: OutputDir, b: int, dim: int) -> tuple[Any, Any] | None:
     if not ok:  # a later duplicate delivery rewrote the shard: the committed part is the truth
         logger.warning("shard %s differs from its committed part: rebuilt from the part", out.shard(b).name)
         shard = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        shard.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), rows.astype(np.int64))
+        shard.add_with_ids(vecs, rows.astype(np.int64))
     return shard, raw
 
 
@@ -229,27 +234,32 @@ class PartFacts:
     sha256: str
 
 
-def read_part_facts(out: OutputDir, b: int, job: str) -> tuple[PartFacts, np.ndarray] | None:
-    """Part ``b``'s facts and its ids' keys (``read.id_hashes``); None when it is absent, not this job's
-    batch ``b`` (by its footer, read first) or was replaced while it was read."""
+def read_part_facts(out: OutputDir, b: int, job: str,
+                    vectors: bool = False) -> tuple[PartFacts, np.ndarray, np.ndarray | None] | None:
+    """Part ``b``'s facts, its ids' keys (``read.id_hashes``) and, with ``vectors``, its row ids and vectors
+    as ``_vectors`` gives them; None when it is absent, not this job's batch ``b`` (by its footer, checked
+    before the table is decoded) or was replaced while it was read. The file is read once: hashed, then
+    decoded from memory."""
     path = out.vectors_part(b)
     before = _stat_key(path)
     if before is None:
         return None
-    meta = read_part_meta(path) or {}
-    if meta.get("job") != job or meta.get("batch") != b:
-        return None
-    t = pq.read_table(path, columns=["row_id", "id", "n_tokens", "truncated", "repaired"])
-    digest = sha256_file(path)
+    data = path.read_bytes()
     if _stat_key(path) != before:
         return None
+    meta = read_part_meta(pa.BufferReader(data)) or {}
+    if meta.get("job") != job or meta.get("batch") != b:
+        return None
+    t = pq.read_table(pa.BufferReader(data), columns=["row_id", "id", "truncated", "repaired"]
+                      + (["embedding"] if vectors else []))
     rows = t.column("row_id").to_numpy()
+    vecs = (rows, _vectors(t)) if vectors else None
     if len(rows) and 0 <= rows.min() and rows.max() < 2**31:
         rows = rows.astype(np.int32)
     return PartFacts(before, meta, t.num_rows, rows,
                      int(np.count_nonzero(t.column("truncated").to_numpy(zero_copy_only=False))),
                      int(np.count_nonzero(t.column("repaired").to_numpy(zero_copy_only=False))),
-                     digest), id_hashes(t.column("id"))
+                     hashlib.sha256(data).hexdigest()), id_hashes(t.column("id")), vecs
 
 
 class PartLedger:
@@ -282,11 +292,12 @@ class PartLedger:
         return len(self.facts)
 
     def _one(self, b: int) -> tuple[PartFacts, np.ndarray, Any] | None:
-        got = read_part_facts(self.out, b, self.job)
+        got = read_part_facts(self.out, b, self.job, vectors=self.index is not None)
         if got is None:
             return None
-        shard = _flat_shard(self.out, b, self.dim) if self.index is not None else None
-        return got[0], got[1], shard
+        facts, id_hash, vecs = got
+        shard = _flat_shard(self.out, b, self.dim, *vecs) if vecs is not None else None
+        return facts, id_hash, shard
 
     def advance(self, stop: int | None = None, *, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Record parts from ``next_batch`` on, in order, up to ``stop`` (None: while parts are committed) or the

@@ -131,7 +131,7 @@ class OutputDir:
         return read_part_meta(self.vectors_part(batch))
 
 
-def read_part_meta(path: Path) -> dict | None:
+def read_part_meta(path: Path | pa.NativeFile) -> dict | None:
     try:
         md = pq.read_schema(path).metadata or {}
         return json.loads(md[META_KEY])
