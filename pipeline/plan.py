@@ -1,9 +1,10 @@
 """The length scan and the batch plan.
 
-``scan_windows`` streams the corpus once in windows (``window_end``: 4,096 rows, doubling up to
-``plan_window``) and tokenizes every text for its length (HF tokenizers, Rust); each window is
-planned on its own (``plan_window``), so its batches can be queued while the next window is read. ``scan_corpus`` is the same pass
-kept whole. What the job keeps is per-row arrays: ``n_tokens`` (int32, tokens after
+``scan_windows`` streams the corpus once in windows (``window_end``: ``plan_window`` rows; with a
+smaller first window, as the gpu target's ingest uses, they double up to ``plan_window``) and
+tokenizes every text for its length (HF tokenizers, Rust); each window is planned on its own
+(``plan_window``), so its batches can be queued while the next window is read. ``scan_corpus``
+is the same pass kept whole. What the job keeps is per-row arrays: ``n_tokens`` (int32, tokens after
 truncation, 0 where the row is quarantined) and ``id_hash`` (uint64, from the id column alone,
 for the uniqueness check and the final id oracle): 12 bytes a row, 1.2 GB for 100M rows. Null,
 empty, whitespace-only texts and texts that tokenize to nothing are quarantined here with a
