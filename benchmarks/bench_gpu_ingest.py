@@ -105,6 +105,11 @@ def long_corpus(data: Path, tokenizer_dir: Path, n_docs: int, path: Path) -> int
     return len(docs)
 
 
+def _key(mode: str, modes: list[str], name: str) -> str:
+    """A result's name: ``name``, prefixed with ``lengths=MODE`` when several modes run."""
+    return name if len(modes) == 1 else f"lengths={mode} {name}"
+
+
 def _summary(runs: list[dict], n: int, engine_s: float) -> dict:
     if not runs:
         return {}
@@ -134,6 +139,9 @@ def main() -> int:
     ap.add_argument("--service", action="store_true",
                     help="also time the ingest against services already running (ingest --broker)")
     ap.add_argument("--local-runs", type=int, default=None, help="local-mode runs per case (default: --runs)")
+    ap.add_argument("--lengths", default="auto",
+                    help="comma list of `ingest --lengths` modes (auto, exact, estimate): one fbas run set per mode, "
+                         "the runs of the modes alternating")
     ap.add_argument("--fbas-root", type=Path, default=None,
                     help="also time local mode from this other checkout (a baseline commit, same run)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -175,14 +183,17 @@ def main() -> int:
             eng = r["engine"]["model_s"]
             r["summary"] = {"tokens": r["engine"]["tokens"], "engine_docs_per_s": round(n / eng, 1),
                             "engine_with_tokenize_docs_per_s": round(n / (eng + r["engine"]["tokenize_s"]), 1)}
+            modes = args.lengths.split(",")
             for ic in args.instance_counts.split(","):
-                runs = r["fbas"][f"instances={ic}"] = []
+                local = {m: r["fbas"].setdefault(_key(m, modes, f"instances={ic}"), []) for m in modes}
                 for k in range(args.runs if args.local_runs is None else args.local_runs):
-                    runs.append(run_fbas(corpus, work / f"out-{case}-{ic}-{k}", env, args.precision,
-                                         flags + ("--instance-count", ic)))
-                    print(case, f"fbas instances={ic}", runs[-1], flush=True)
-                if runs:
-                    r["summary"][f"instances={ic}"] = _summary(runs, n, eng)
+                    for m, runs in local.items():
+                        runs.append(run_fbas(corpus, work / f"out-{case}-{ic}-{m}-{k}", env, args.precision,
+                                             flags + ("--instance-count", ic, "--lengths", m)))
+                        print(case, "fbas", _key(m, modes, f"instances={ic}"), runs[-1], flush=True)
+                for m, runs in local.items():
+                    if runs:
+                        r["summary"][_key(m, modes, f"instances={ic}")] = _summary(runs, n, eng)
                 if args.fbas_root:
                     base = r["fbas"][f"baseline instances={ic}"] = []
                     benv = {**env, "PYTHONPATH": os.pathsep.join([str(args.fbas_root), env["PYTHONPATH"]])}
@@ -192,13 +203,15 @@ def main() -> int:
                         print(case, f"baseline instances={ic}", base[-1], flush=True)
                     r["summary"][f"baseline instances={ic}"] = _summary(base, n, eng)
                 if args.service:
-                    svc = r["fbas"][f"service instances={ic}"] = []
+                    svc = {m: r["fbas"].setdefault(_key(m, modes, f"service instances={ic}"), []) for m in modes}
                     with running_service(built, work / f"svc-{case}-{ic}", args, max_len, int(ic)) as broker:
                         for k in range(args.runs):
-                            svc.append(run_fbas(corpus, work / f"svc-out-{case}-{ic}-{k}", env, args.precision,
-                                                flags + ("--broker", broker)))
-                            print(case, f"service instances={ic}", svc[-1], flush=True)
-                    r["summary"][f"service instances={ic}"] = _summary(svc, n, eng)
+                            for m, runs in svc.items():
+                                runs.append(run_fbas(corpus, work / f"svc-out-{case}-{ic}-{m}-{k}", env,
+                                                     args.precision, flags + ("--broker", broker, "--lengths", m)))
+                                print(case, _key(m, modes, f"service instances={ic}"), runs[-1], flush=True)
+                    for m, runs in svc.items():
+                        r["summary"][_key(m, modes, f"service instances={ic}")] = _summary(runs, n, eng)
             print(case, "summary", r["summary"], flush=True)
             res["cases"][case] = r
             if args.json:

@@ -5,8 +5,10 @@
 
 A new job first checks every id (id column only: null or duplicate ids stop it before anything
 starts). Then the corpus is read once in windows (``plan_window`` rows; for the gpu target the
-first is 4,096 rows and they double up to ``plan_window``): each window is tokenized for its
-lengths, planned on its own, and its batches are queued at once, so the workers embed while
+first is 4,096 rows and they double up to ``plan_window``): each window's token lengths are
+learned (``--lengths``: tokenized exactly, or, for the gpu target, estimated from character
+counts, so the host's cores tokenize each text once, in the workers), the window is planned on
+its own, and its batches are queued at once, so the workers embed while
 later windows are still being scanned, one window ahead on a thread (in local mode, the first
 window's scan overlaps Triton's start). Meanwhile another thread checks each committed part for
 finalize (``PartLedger``), which then reads only the last ones. ``scan.npz``, ``plan.npz`` and,
@@ -50,7 +52,7 @@ from pipeline.errors import ConfigError, FbasError, InputError, ServerUnavailabl
 from pipeline.finalize import (JOB_FILE, PENDING_FILE, SCAN_QUARANTINE, LedgerFeeder, PartLedger, committed_parts,
                                finalize)
 from pipeline.jobstate import JobState, connect
-from pipeline.plan import (FIRST_WINDOW, PLAN_VERSION, Plan, Scan, assemble_scan, check_unique_ids,
+from pipeline.plan import (FIRST_WINDOW, PLAN_VERSION, LengthEstimate, Plan, Scan, assemble_scan, check_unique_ids,
                            corpus_id_hashes, plan_window, scan_windows)
 from pipeline.produce import Sender, batch_messages, queue_length, window_messages
 from pipeline.read import Corpus, open_corpus, read_ahead
@@ -159,7 +161,7 @@ def job_id_for(corpus: Corpus, cfg: FbasConfig, model_meta: Any) -> str:
 def _batch_settings(cfg: FbasConfig) -> dict[str, int]:
     c = cfg.corpus
     return {"batch_tokens": c.batch_tokens, "batch_rows": c.batch_rows, "plan_window": c.plan_window,
-            "first_window": first_window(cfg),
+            "first_window": first_window(cfg), "lengths": length_mode(cfg),
             "plan_version": PLAN_VERSION}
 
 
@@ -169,6 +171,14 @@ def first_window(cfg: FbasConfig) -> int:
     if c.first_window:
         return min(c.first_window, c.plan_window)
     return min(FIRST_WINDOW, c.plan_window) if cfg.engine.target == "gpu" else c.plan_window
+
+
+def length_mode(cfg: FbasConfig) -> str:
+    """``exact`` or ``estimate`` (``corpus.lengths``; auto = estimate where the engine does not pad: gpu)."""
+    mode = cfg.corpus.lengths
+    if mode == "auto":
+        return "estimate" if cfg.engine.target == "gpu" else "exact"
+    return mode
 
 
 def resume_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any) -> Job | None:
@@ -214,7 +224,8 @@ def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: A
         json.dumps({"job": job_id, "corpus": corpus.uri}), encoding="utf-8"))
     windows, plans, n_batches, n_rows = [], [], 0, 0
     # the next window is read and tokenized while this one's batches wait for room in the queue
-    scan = scan_windows(corpus, tokenizer, c.plan_window, first_rows=first_window(cfg))
+    lengths = LengthEstimate.calibrate(corpus, tokenizer) if length_mode(cfg) == "estimate" else tokenizer
+    scan = scan_windows(corpus, lengths, c.plan_window, first_rows=first_window(cfg))
     for w in read_ahead(scan, name="scan-ahead"):
         wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
         for msg in window_messages(w, wplan, n_batches, job=job_id, out=str(out), model=model_meta.fingerprint,
@@ -253,8 +264,10 @@ def save_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, j
                   "normalize": m.normalize, "max_seq_len": m.max_seq_len, "precision": m.precision,
                   "target": m.target, "dir": f".fbas/{MODEL_SUBDIR}"},
         "settings": {**_batch_settings(cfg), "padding_ratio": round(plan.padding_ratio(), 4)},
-        "scan": {"seconds": round(scan.seconds, 3), "quarantined": len(scan.q_rows), "truncated": scan.n_truncated,
-                 "repaired": scan.n_repaired},
+        "scan": {"seconds": round(scan.seconds, 3), "quarantined": len(scan.q_rows), "repaired": scan.n_repaired,
+                 "lengths": length_mode(cfg),
+                 # estimated lengths cannot tell truncation; the manifest counts it from the parts either way
+                 "truncated": scan.n_truncated if length_mode(cfg) == "exact" else None},
     }
     OutputDir.write_atomic(out.state(JOB_FILE), lambda p: p.write_text(json.dumps(info, indent=2, sort_keys=True),
                                                                         encoding="utf-8"))

@@ -43,8 +43,8 @@ from pipeline.read import READ_BATCH_ROWS, Corpus, RowBatch, id_hashes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Scan", "Plan", "Window", "scan_corpus", "scan_windows", "corpus_id_hashes", "assemble_scan",
-           "plan_batches", "plan_window", "QUARANTINE_REASONS"]
+__all__ = ["Scan", "Plan", "Window", "LengthEstimate", "scan_corpus", "scan_windows", "corpus_id_hashes",
+           "assemble_scan", "plan_batches", "plan_window", "QUARANTINE_REASONS"]
 
 # Version of the windowing + planning rules: part of the job id, so a plan made by other rules is never
 # resumed as if it were this one (a rerun re-plans when job.json was not written yet).
@@ -143,14 +143,78 @@ def window_end(row: int, window_rows: int, first_rows: int = FIRST_WINDOW) -> in
     return end + ((row - end) // window_rows + 1) * window_rows
 
 
+class LengthEstimate:
+    """Token counts estimated from character counts, for plans that need no exact budgets (``--lengths estimate``).
+
+    Tokenizing every text in the producer only to learn its length costs as much host CPU as the workers'
+    own tokenization (measured: 4.2 s on 2 cores for 20,000 documents of 270 tokens, against 0.017 s for
+    this estimate). A text of ``c`` characters of which ``m`` are wide (3- and 4-byte UTF-8: CJK, which
+    BERT splits one token a character) is estimated at ``2 + m + ceil((c - m) * num / den)`` tokens, capped
+    at ``max_seq_len``; ``num / den`` is the ratio of word-piece tokens to other characters measured by
+    tokenizing the corpus's first ``CALIBRATION_TEXTS`` embeddable texts, in integers, so the estimate (and
+    the plan) is the same on every run and host. On STS-B text the sum over a 240-document batch came within
+    2% (long documents) to 20% (short sentences) of the exact count; each document within -13% .. +18%
+    (5th..95th percentile). Workers tokenize exactly; the Triton client splits any request over the server's
+    token limit, and a text that turns out to have no tokens is quarantined by its worker.
+    """
+
+    CALIBRATION_TEXTS = 2048
+    exact = False          # the scan counts truncated rows only from exact lengths
+
+    def __init__(self, num: int, den: int, max_seq_len: int) -> None:
+        self.num, self.den, self.max_seq_len = int(num), max(1, int(den)), max_seq_len
+
+    @classmethod
+    def calibrate(cls, corpus: Corpus, tokenizer) -> LengthEstimate:
+        """Measure the ratio on the corpus's first embeddable texts (``tokenizer``: ``workers.tokenize.Tokenizer``)."""
+        texts: list[str] = []
+        for rb in corpus.batches():
+            good, _ = _classify(rb.texts)
+            texts.extend(rb.texts[i] for i in good[:cls.CALIBRATION_TEXTS - len(texts)])
+            if len(texts) >= cls.CALIBRATION_TEXTS:
+                break
+        if not texts:
+            return cls(1, 1, tokenizer.max_seq_len)
+        _, full = tokenizer.lengths(texts)
+        chars, wide = _char_counts(texts)
+        num = int(full.sum(dtype=np.int64)) - 2 * len(texts) - int(wide.sum())
+        den = int((chars - wide).sum())
+        if num <= 0 or den <= 0:               # only wide characters, or pieces no longer than one each
+            num, den = 1, 1
+        est = cls(num, den, tokenizer.max_seq_len)
+        logger.info("token lengths estimated from characters: %.3f tokens a character (measured on the first %d "
+                    "texts)", num / den, len(texts))
+        return est
+
+    def lengths(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(int32 estimated tokens after truncation, int32 before it), as ``Tokenizer.lengths`` answers."""
+        chars, wide = _char_counts(texts)
+        full = 2 + wide + -(-(chars - wide) * self.num // self.den)
+        full = np.minimum(full, np.iinfo(np.int32).max)
+        return np.minimum(full, self.max_seq_len).astype(np.int32), full.astype(np.int32)
+
+
+def _char_counts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 characters, int64 wide characters) of each text; wide = 3- and 4-byte UTF-8 (CJK and beyond),
+    counted as (bytes - characters) / 2, which is exact where 2-byte characters are absent."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = pa.array(texts, pa.large_string())
+    chars = pc.utf8_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    nbytes = pc.binary_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    return chars, np.minimum((nbytes - chars) // 2, chars)
+
+
 def scan_windows(corpus: Corpus, tokenizer, window_rows: int, progress: Callable[[int], None] | None = None,
                  first_rows: int = FIRST_WINDOW) -> Iterator[Window]:
     """The corpus in windows (``window_end``: ``first_rows`` rows, doubling up to ``window_rows``; the last
     one shorter), each with its rows' token lengths and quarantine. The boundaries are arithmetic, whatever
     the files and record batches, so the windows (and the plan) are the same on every run.
 
-    ``tokenizer`` is a ``workers.tokenize.Tokenizer`` (truncates at the model's max_seq_len). Ids are
-    not checked here: ``corpus_id_hashes`` + ``check_unique_ids`` do that before anything is read.
+    ``tokenizer`` answers ``lengths(texts)``: a ``workers.tokenize.Tokenizer`` (exact; truncates at the
+    model's max_seq_len) or a ``LengthEstimate``. Ids are not checked here: ``corpus_id_hashes`` +
+    ``check_unique_ids`` do that before anything is read.
     """
     import time
 
@@ -197,7 +261,8 @@ def _scan_rows(rb: RowBatch, tokenizer, w: Window) -> None:
             bad.append((good[int(j)], "no_tokens"))
         keep = ~empty
         n_tokens[idx[keep]] = lens[keep]
-        w.n_truncated += int((full > lens)[keep].sum())
+        if getattr(tokenizer, "exact", True):
+            w.n_truncated += int((full > lens)[keep].sum())
     for i, reason in sorted(bad):
         w.q_rows.append(rb.row0 + i)
         w.q_ids.append(rb.ids[i])

@@ -23,7 +23,7 @@ from pipeline.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["encoder_for", "embed_checked", "Embedded"]
+__all__ = ["encoder_for", "embed_checked", "Embedded", "subset"]
 
 _ENCODERS: dict[tuple, Any] = {}
 
@@ -66,7 +66,8 @@ def _bad_outputs(v: np.ndarray) -> np.ndarray:
     return ~finite | (norm <= 1e-12)
 
 
-def _subset(token_ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def subset(token_ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Packed ids and lengths of documents ``rows`` (ascending) only; the inputs themselves when all are kept."""
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     if len(rows) == len(lengths):
         return token_ids, lengths
@@ -84,7 +85,7 @@ def embed_checked(engine: Any, token_ids: np.ndarray, lengths: np.ndarray, dim: 
     for _ in range(3):  # each round removes at least one rejected row, or ends
         if not len(todo):
             break
-        ids, lens = _subset(token_ids, lengths, todo)
+        ids, lens = subset(token_ids, lengths, todo)
         try:
             vecs = engine.embed(ids, lens)
         except BadRowsError as e:
@@ -103,7 +104,7 @@ def embed_checked(engine: Any, token_ids: np.ndarray, lengths: np.ndarray, dim: 
             # split in halves: a bad row is isolated in log2(n) rounds without retrying the same request
             half = len(todo) // 2
             for part in (todo[:half], todo[half:]):
-                sub = embed_checked(engine, *_subset(token_ids, lengths, part), dim)
+                sub = embed_checked(engine, *subset(token_ids, lengths, part), dim)
                 out.vectors[part] = sub.vectors
                 for r, reason in sub.failed.items():
                     out.failed[int(part[r])] = reason
@@ -122,7 +123,7 @@ def embed_checked(engine: Any, token_ids: np.ndarray, lengths: np.ndarray, dim: 
     if len(bad):
         logger.warning("%d rows gave NaN/Inf or zero-norm vectors: embedding them again on their own", len(bad))
         for r in bad:  # one by one, so a batch neighbour cannot be the cause
-            ids, lens = _subset(token_ids, lengths, np.array([r]))
+            ids, lens = subset(token_ids, lengths, np.array([r]))
             again = np.asarray(engine.embed(ids, lens), dtype=np.float32)
             if again.shape == (1, dim) and not _bad_outputs(again)[0]:
                 out.vectors[r] = again[0]

@@ -36,7 +36,7 @@ from pipeline.envs import read_env
 from pipeline.errors import InputError, PermanentError, TransientError
 from pipeline.jobstate import JobState, connect
 from workers.app import TASK_NAME, app, current_config
-from workers.infer import embed_checked, encoder_for
+from workers.infer import embed_checked, encoder_for, subset
 from workers.write import BatchOutput, OutputDir, write_batch
 
 logger = logging.getLogger(__name__)
@@ -144,16 +144,26 @@ def _all_quarantined(m: BatchMessage, dim: int, reason: str) -> BatchOutput:
 
 
 def run_batch(m: BatchMessage, engine: Any, tokenizer: Any, dim: int, attempt: int = 1) -> BatchOutput:
-    """Tokenize and embed one batch; rows the engine cannot embed go to the batch's quarantine."""
+    """Tokenize and embed one batch; rows the engine cannot embed go to the batch's quarantine, as do texts
+    with no tokens ([CLS] [SEP] only: control characters), which a producer that estimated lengths could
+    not see (``--lengths estimate``); an exact scan quarantines them before they are sent."""
     enc = tokenizer.encode(m.texts)
     _test_hooks(m, attempt)
-    res = embed_checked(engine, enc.token_ids, enc.lengths, dim)
-    ok = res.ok
+    has_tokens = enc.lengths > 2
+    failed: dict[int, str] = {int(r): "no_tokens" for r in np.flatnonzero(~has_tokens)}
+    vectors = np.zeros((len(m.row_ids), dim), dtype=np.float32)
+    send = np.flatnonzero(has_tokens)
+    if len(send):
+        res = embed_checked(engine, *subset(enc.token_ids, enc.lengths, send), dim)
+        vectors[send] = res.vectors
+        failed.update((int(send[r]), why) for r, why in res.failed.items())
+    ok = np.ones(len(m.row_ids), dtype=bool)
+    ok[list(failed)] = False
     q = np.flatnonzero(~ok)
     return BatchOutput(
         m.job, m.batch, m.model, dim, m.id_type, m.row_ids[ok], [i for i, k in zip(m.ids, ok) if k],
-        np.ascontiguousarray(res.vectors[ok]), enc.lengths[ok].astype(np.int32), enc.truncated[ok], m.repaired[ok],
-        m.row_ids[q], [m.ids[i] for i in q], [res.failed[int(i)] for i in q])
+        np.ascontiguousarray(vectors[ok]), enc.lengths[ok].astype(np.int32), enc.truncated[ok], m.repaired[ok],
+        m.row_ids[q], [m.ids[i] for i in q], [failed[int(i)] for i in q])
 
 
 def _backoff(retries: int) -> float:

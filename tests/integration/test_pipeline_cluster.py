@@ -113,7 +113,10 @@ def test_the_same_job_into_a_second_folder_is_embedded_again(cluster, template_o
         state.r.hdel(state.k_running, "0")
 
 
-def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, template_out, tmp_path):
+@pytest.mark.parametrize("lengths", ["exact", "estimate"])
+def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, template_out, tmp_path, lengths):
+    """With estimated lengths the producer cannot see that a text has no tokens: its worker quarantines it, with
+    the same reason, and everything else comes out the same."""
     good = ["A man is playing a guitar.", "Un homme joue de la guitare.", "一个男人在弹吉他。",
             "text with a NUL\x00 inside", "tabs\tand\nnewlines", "word " * 3000]
     texts: list = good + [None, "", "   \n\t ", "\x01\x02\x03", "fine again"]
@@ -123,9 +126,12 @@ def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, templa
     corpus = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"id": ids, "text": pa.array(raw, pa.binary())}), corpus)
     out = tmp_path / "out"
-    r = _ingest(cluster, template_out, corpus, out)
+    r = _ingest(cluster, template_out, corpus, out, lengths=lengths)
     m = check_oracle(out, ids)
     assert read_quarantine(out) == {6: "null_text", 7: "empty_text", 8: "whitespace_text", 9: "no_tokens"}
+    job = __import__("json").loads((out / ".fbas" / "job.json").read_text())
+    assert job["settings"]["lengths"] == job["scan"]["lengths"] == lengths
+    assert job["scan"]["quarantined"] == (4 if lengths == "exact" else 3)   # no_tokens: by the worker
     assert m["counts"]["truncated"] == 1 and m["counts"]["repaired"] == 1
     t = pq.read_table(out / "vectors").to_pydict()
     flags = {i: (n, tr, rep) for i, n, tr, rep in zip(t["id"], t["n_tokens"], t["truncated"], t["repaired"])}

@@ -244,3 +244,97 @@ def test_window_boundaries_grow_then_stay_at_the_plan_window():
     assert all(0 < b - a <= 65536 for a, b in zip([0] + ends, ends))
     assert all(window_end(r, 65536) > r for r in (0, 4095, 4096, 61439, 61440, 10**9))
     assert [window_end(r, 50) for r in (0, 49, 50, 51)] == [50, 50, 100, 100]   # plan_window <= first: fixed
+
+
+def _long_docs(sentences: list[str], n: int, seed: int) -> list[str]:
+    """Documents of 1..40 consecutive sentences (a long-text mix like benchmark 2's)."""
+    rng = np.random.default_rng(seed)
+    docs, i = [], 0
+    for _ in range(n):
+        k = int(rng.integers(1, 41))
+        docs.append(" ".join(sentences[(i + j) % len(sentences)] for j in range(k)))
+        i += k
+    return docs
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_estimated_lengths_track_the_tokenizer_on_real_text(tmp_path, built_fp32, stsb_en_test, stsb_zh_cnsd_test,
+                                                            language):
+    """``--lengths estimate``: calibrated on the corpus's first texts, the estimate of a batch's tokens stays
+    close to the exact count on real English and Chinese text, short sentences and long documents alike; it
+    is integer arithmetic (the same plan on every run) and never below [CLS] x [SEP] for a real text."""
+    from engine.model_dir import load_tokenizer
+    from pipeline.plan import LengthEstimate
+
+    pairs = stsb_en_test if language == "en" else stsb_zh_cnsd_test
+    sentences = [t for a, b, _ in pairs for t in (a, b)]
+    texts = sentences[:3000] + _long_docs(sentences, 1500, seed=5)
+    order = np.random.default_rng(7).permutation(len(texts))      # calibration sees both kinds
+    texts = [texts[i] for i in order]
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), p)
+    corpus = open_corpus(str(p), CorpusConfig())
+    tok = load_tokenizer(built_fp32)
+    est = LengthEstimate.calibrate(corpus, tok)
+    assert LengthEstimate.calibrate(corpus, tok).__dict__ == est.__dict__, "deterministic"
+    assert isinstance(est.num, int) and isinstance(est.den, int)
+    exact, exact_full = tok.lengths(texts)
+    guess, guess_full = est.lengths(texts)
+    assert guess.dtype == np.int32 and guess.max() <= tok.max_seq_len and guess.min() >= 3
+    assert np.array_equal(guess, np.minimum(guess_full, tok.max_seq_len))
+    per_doc = guess / exact - 1
+    assert abs(np.median(per_doc)) < 0.05
+    assert np.percentile(np.abs(per_doc), 90) < 0.35
+    # batches of the plan the estimate makes: their real token totals stay near the budget
+    plan = plan_batches(guess, 8192, 512)
+    real = np.array([exact[plan.rows(i)].sum() for i in range(plan.n_batches)])
+    big = plan.tokens >= 4096                                       # all but the leftovers of each length group
+    assert big.sum() >= 10
+    ratio = real[big] / plan.tokens[big]
+    assert 0.85 < np.median(ratio) < 1.15 and ratio.max() < 1.5, ratio
+    assert int(exact.sum()) == pytest.approx(int(guess.sum()), rel=0.08)
+
+
+def test_estimated_lengths_on_characters_of_every_width(built_fp32):
+    """Wide characters (CJK, emoji) count one token each, narrow ones by the ratio; a text is never estimated
+    below 3 tokens, and truncation caps it."""
+    from engine.model_dir import load_tokenizer
+    from pipeline.plan import LengthEstimate
+
+    est = LengthEstimate(1, 4, 16)                     # a token every 4 narrow characters
+    texts = ["abcd", "abcde", "一二三", "😀😀😀😀😀", "é", "x" * 1000, "ab 一"]
+    lens, full = est.lengths(texts)
+    assert full.tolist()[:5] == [3, 4, 5, 7, 3]
+    assert lens.tolist() == [3, 4, 5, 7, 3, 16, 4] and full[5] == 252
+    assert est.exact is False
+    assert getattr(load_tokenizer(built_fp32), "exact", True) is True
+
+
+def test_a_scan_on_estimated_lengths_quarantines_what_it_can_see_and_does_not_guess_truncation(tmp_path,
+                                                                                                built_fp32):
+    from engine.model_dir import load_tokenizer
+    from pipeline.plan import LengthEstimate, scan_windows
+
+    texts = ["a normal sentence", None, "", "   \t\n", "\x00\x01\x02", "word " * 2000, "ok"]
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), p)
+    corpus = open_corpus(str(p), CorpusConfig())
+    est = LengthEstimate.calibrate(corpus, load_tokenizer(built_fp32))
+    (w,) = list(scan_windows(corpus, est, 100))
+    assert dict(zip(w.q_rows, w.q_reasons)) == {1: "null_text", 2: "empty_text", 3: "whitespace_text"}
+    assert w.n_tokens[4] >= 3, "control characters only: sent, the worker finds no tokens and quarantines it"
+    assert w.n_tokens[5] == 256 and w.n_truncated == 0
+
+
+def test_the_length_mode_follows_the_target():
+    from pipeline.config import FbasConfig
+    from pipeline.ingest import length_mode
+
+    cfg = FbasConfig()
+    assert length_mode(cfg) == "exact"                             # onnx pads: exact lengths, least padding
+    cfg.engine.target = "gpu"
+    assert length_mode(cfg) == "estimate"
+    cfg.corpus.lengths = "exact"
+    assert length_mode(cfg) == "exact"
+    cfg.engine.target, cfg.corpus.lengths = "onnx", "estimate"
+    assert length_mode(cfg) == "estimate"
