@@ -72,7 +72,8 @@ def random_model(tokenizer_dir: Path, dest: Path, shape: str) -> Path:
 
 
 @contextmanager
-def running_service(built: Path, state: Path, args: argparse.Namespace, max_len: int, instances: int):
+def running_service(built: Path, state: Path, args: argparse.Namespace, max_len: int, instances: int,
+                    concurrency: int):
     """redis-server + tritonserver (model loaded, ``instances`` instances) + a Celery worker, up until the
     block ends; yields the broker URL to pass to ``ingest --broker``."""
     from pipeline.config import FbasConfig, apply_env
@@ -82,7 +83,7 @@ def running_service(built: Path, state: Path, args: argparse.Namespace, max_len:
     cfg = apply_env(FbasConfig(), read_env())   # FBAS_TRITONSERVER and the like, as the CLI reads them
     cfg.engine.target, cfg.engine.precision, cfg.engine.max_seq_len = args.target, args.precision, max_len
     cfg.serve.instance_count, cfg.serve.max_docs_per_request = instances, args.batch_rows
-    cfg.queue.concurrency = args.concurrency
+    cfg.queue.concurrency = concurrency
     cluster = LocalCluster(built, state, cfg)
     try:
         cluster.start()
@@ -138,12 +139,17 @@ def main() -> int:
                     "one fbas run set per count (2: one instance's host work overlaps the other's GPU work)")
     ap.add_argument("--service", action="store_true",
                     help="also time the ingest against services already running (ingest --broker)")
+    ap.add_argument("--service-concurrency", default=None,
+                    help="comma list of worker processes for the running service, one service per value "
+                         "(default: --concurrency)")
     ap.add_argument("--local-runs", type=int, default=None, help="local-mode runs per case (default: --runs)")
     ap.add_argument("--lengths", default="auto",
                     help="comma list of `ingest --lengths` modes (auto, exact, estimate): one fbas run set per mode, "
                          "the runs of the modes alternating")
     ap.add_argument("--fbas-root", type=Path, default=None,
                     help="also time local mode from this other checkout (a baseline commit, same run)")
+    ap.add_argument("--log-lines", type=int, default=0,
+                    help="keep the first N lines of the first service run's `ingest -v` log in the results")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
@@ -202,16 +208,19 @@ def main() -> int:
                                              flags + ("--instance-count", ic), root=args.fbas_root))
                         print(case, f"baseline instances={ic}", base[-1], flush=True)
                     r["summary"][f"baseline instances={ic}"] = _summary(base, n, eng)
-                if args.service:
-                    svc = {m: r["fbas"].setdefault(_key(m, modes, f"service instances={ic}"), []) for m in modes}
-                    with running_service(built, work / f"svc-{case}-{ic}", args, max_len, int(ic)) as broker:
+                for conc in (args.service_concurrency or str(args.concurrency)).split(",") if args.service else ():
+                    name = f"service instances={ic}" + (f" concurrency={conc}" if args.service_concurrency else "")
+                    svc = {m: r["fbas"].setdefault(_key(m, modes, name), []) for m in modes}
+                    with running_service(built, work / f"svc-{case}-{ic}-{conc}", args, max_len, int(ic),
+                                         int(conc)) as broker:
                         for k in range(args.runs):
                             for m, runs in svc.items():
-                                runs.append(run_fbas(corpus, work / f"svc-out-{case}-{ic}-{m}-{k}", env,
-                                                     args.precision, flags + ("--broker", broker, "--lengths", m)))
-                                print(case, _key(m, modes, f"service instances={ic}"), runs[-1], flush=True)
+                                runs.append(run_fbas(corpus, work / f"svc-out-{case}-{ic}-{conc}-{m}-{k}", env,
+                                                     args.precision, flags + ("--broker", broker, "--lengths", m),
+                                                     log_lines=args.log_lines if k == 0 else 0))
+                                print(case, _key(m, modes, name), runs[-1], flush=True)
                     for m, runs in svc.items():
-                        r["summary"][_key(m, modes, f"service instances={ic}")] = _summary(runs, n, eng)
+                        r["summary"][_key(m, modes, name)] = _summary(runs, n, eng)
             print(case, "summary", r["summary"], flush=True)
             res["cases"][case] = r
             if args.json:

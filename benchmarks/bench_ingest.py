@@ -82,11 +82,12 @@ def make_corpus(data: Path, repeat: int, path: Path) -> int:
 
 
 def run_fbas(corpus: Path, out: Path, env: dict, precision: str, extra: tuple[str, ...] = (),
-             root: Path = ROOT) -> dict:
+             root: Path = ROOT, log_lines: int = 0) -> dict:
     """``fbas-pipeline ingest`` as a user runs it (``extra``: more flags; ``root``: the checkout whose code
-    runs); wall time + manifest timings."""
+    runs); wall time + manifest timings (+ the first ``log_lines`` lines of its ``-v`` log, timestamped)."""
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", str(corpus), "--out", str(out),
+    verbose = ("-v",) if log_lines else ()
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", *verbose, "ingest", str(corpus), "--out", str(out),
                         "--precision", precision, "--no-progress", *extra], env=env, capture_output=True,
                        text=True, cwd=str(root))
     wall = time.perf_counter() - t0
@@ -97,7 +98,8 @@ def run_fbas(corpus: Path, out: Path, env: dict, precision: str, extra: tuple[st
     return {"wall_s": round(wall, 3), "embed_s": t.get("embed_s"), "ready_s": t.get("ready_s"),
             "scan_s": t.get("scan_s"), "finalize_s": t.get("finalize_s"),
             "engine_compute_s": t.get("engine_compute_s"), "docs": m["counts"]["embedded"],
-            "padding_ratio": m["settings"].get("padding_ratio"), "batches": m["counts"]["batches"]}
+            "padding_ratio": m["settings"].get("padding_ratio"), "batches": m["counts"]["batches"],
+            **({"log": p.stderr.splitlines()[:log_lines]} if log_lines else {})}
 
 
 def run_plain(corpus: Path, model_path: str, out: Path, env: dict) -> dict:

@@ -52,7 +52,7 @@ from pipeline.errors import ConfigError, FbasError, InputError, ServerUnavailabl
 from pipeline.finalize import (JOB_FILE, PENDING_FILE, SCAN_QUARANTINE, LedgerFeeder, PartLedger, committed_parts,
                                finalize)
 from pipeline.jobstate import JobState, connect
-from pipeline.plan import (FIRST_WINDOW, PLAN_VERSION, LengthEstimate, Plan, Scan, assemble_scan, check_unique_ids,
+from pipeline.plan import (FIRST_WINDOW, PLAN_VERSION, Plan, Scan, assemble_scan, check_unique_ids,
                            corpus_id_hashes, plan_window, scan_windows)
 from pipeline.produce import Sender, batch_messages, queue_length, window_messages
 from pipeline.read import Corpus, open_corpus, read_ahead
@@ -224,8 +224,8 @@ def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: A
         json.dumps({"job": job_id, "corpus": corpus.uri}), encoding="utf-8"))
     windows, plans, n_batches, n_rows = [], [], 0, 0
     # the next window is read and tokenized while this one's batches wait for room in the queue
-    lengths = LengthEstimate.calibrate(corpus, tokenizer) if length_mode(cfg) == "estimate" else tokenizer
-    scan = scan_windows(corpus, lengths, c.plan_window, first_rows=first_window(cfg))
+    scan = scan_windows(corpus, tokenizer, c.plan_window, first_rows=first_window(cfg),
+                        estimate=length_mode(cfg) == "estimate")
     for w in read_ahead(scan, name="scan-ahead"):
         wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
         for msg in window_messages(w, wplan, n_batches, job=job_id, out=str(out), model=model_meta.fingerprint,

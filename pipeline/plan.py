@@ -150,41 +150,45 @@ class LengthEstimate:
     own tokenization (measured: 4.2 s on 2 cores for 20,000 documents of 270 tokens, against 0.017 s for
     this estimate). A text of ``c`` characters of which ``m`` are wide (3- and 4-byte UTF-8: CJK, which
     BERT splits one token a character) is estimated at ``2 + m + ceil((c - m) * num / den)`` tokens, capped
-    at ``max_seq_len``; ``num / den`` is the ratio of word-piece tokens to other characters measured by
-    tokenizing the corpus's first ``CALIBRATION_TEXTS`` embeddable texts, in integers, so the estimate (and
-    the plan) is the same on every run and host. On STS-B text the sum over a 240-document batch came within
-    2% (long documents) to 20% (short sentences) of the exact count; each document within -13% .. +18%
-    (5th..95th percentile). Workers tokenize exactly; the Triton client splits any request over the server's
-    token limit, and a text that turns out to have no tokens is quarantined by its worker.
+    at ``max_seq_len``; ``num / den`` is the ratio of word-piece tokens to other characters, measured by
+    tokenizing the first embeddable texts of the corpus's first window (``CALIBRATION_TEXTS`` or
+    ``CALIBRATION_CHARS``), in integers, so the estimate (and the plan) is the same on every run and host.
+    On STS-B text the sum over a 240-document batch came within 2% (long documents) to 20% (short
+    sentences) of the exact count; each document within -13% .. +18% (5th..95th percentile). Workers
+    tokenize exactly; the Triton client splits any request over the server's token limit, and a text that
+    turns out to have no tokens is quarantined by its worker.
     """
 
-    CALIBRATION_TEXTS = 2048
+    CALIBRATION_TEXTS = 2048            # at most this many texts ...
+    CALIBRATION_CHARS = 1_000_000       # ... or characters (about 250,000 English tokens), whichever comes first
     exact = False          # the scan counts truncated rows only from exact lengths
 
     def __init__(self, num: int, den: int, max_seq_len: int) -> None:
         self.num, self.den, self.max_seq_len = int(num), max(1, int(den)), max_seq_len
 
     @classmethod
-    def calibrate(cls, corpus: Corpus, tokenizer) -> LengthEstimate:
-        """Measure the ratio on the corpus's first embeddable texts (``tokenizer``: ``workers.tokenize.Tokenizer``)."""
-        texts: list[str] = []
-        for rb in corpus.batches():
-            good, _ = _classify(rb.texts)
-            texts.extend(rb.texts[i] for i in good[:cls.CALIBRATION_TEXTS - len(texts)])
-            if len(texts) >= cls.CALIBRATION_TEXTS:
+    def calibrate(cls, texts: list, tokenizer) -> LengthEstimate:
+        """Measure the ratio on the first embeddable ones of ``texts`` (the corpus's first window, in row order;
+        ``tokenizer``: a ``workers.tokenize.Tokenizer``)."""
+        good, _ = _classify(texts)
+        sample: list[str] = []
+        n_chars = 0
+        for i in good:
+            if len(sample) >= cls.CALIBRATION_TEXTS or n_chars >= cls.CALIBRATION_CHARS:
                 break
-        if not texts:
+            sample.append(texts[i])
+            n_chars += len(texts[i])
+        if not sample:
             return cls(1, 1, tokenizer.max_seq_len)
-        _, full = tokenizer.lengths(texts)
-        chars, wide = _char_counts(texts)
-        num = int(full.sum(dtype=np.int64)) - 2 * len(texts) - int(wide.sum())
+        _, full = tokenizer.lengths(sample)
+        chars, wide = _char_counts(sample)
+        num = int(full.sum(dtype=np.int64)) - 2 * len(sample) - int(wide.sum())
         den = int((chars - wide).sum())
         if num <= 0 or den <= 0:               # only wide characters, or pieces no longer than one each
             num, den = 1, 1
-        est = cls(num, den, tokenizer.max_seq_len)
         logger.info("token lengths estimated from characters: %.3f tokens a character (measured on the first %d "
-                    "texts)", num / den, len(texts))
-        return est
+                    "texts)", num / den, len(sample))
+        return cls(num, den, tokenizer.max_seq_len)
 
     def lengths(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(int32 estimated tokens after truncation, int32 before it), as ``Tokenizer.lengths`` answers."""
@@ -207,33 +211,49 @@ def _char_counts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scan_windows(corpus: Corpus, tokenizer, window_rows: int, progress: Callable[[int], None] | None = None,
-                 first_rows: int = FIRST_WINDOW) -> Iterator[Window]:
+                 first_rows: int = FIRST_WINDOW, estimate: bool = False) -> Iterator[Window]:
     """The corpus in windows (``window_end``: ``first_rows`` rows, doubling up to ``window_rows``; the last
     one shorter), each with its rows' token lengths and quarantine. The boundaries are arithmetic, whatever
     the files and record batches, so the windows (and the plan) are the same on every run.
 
-    ``tokenizer`` answers ``lengths(texts)``: a ``workers.tokenize.Tokenizer`` (exact; truncates at the
-    model's max_seq_len) or a ``LengthEstimate``. Ids are not checked here: ``corpus_id_hashes`` +
-    ``check_unique_ids`` do that before anything is read.
+    ``tokenizer`` is a ``workers.tokenize.Tokenizer`` (truncates at the model's max_seq_len). Lengths are
+    exact, or with ``estimate`` a ``LengthEstimate`` calibrated on the first window's texts (held until that
+    window is read whole, so the sample is the same whatever the files and record batches). Ids are not
+    checked here: ``corpus_id_hashes`` + ``check_unique_ids`` do that before anything is read.
     """
     import time
 
+    lengths = None if estimate else tokenizer
+    held: list[RowBatch] = []        # the first window's rows while the estimate waits for them
     w: Window | None = None
     t = time.perf_counter()
+
+    def complete() -> Window:
+        nonlocal lengths
+        if lengths is None:
+            lengths = LengthEstimate.calibrate([x for rb in held for x in rb.texts], tokenizer)
+            for rb in held:
+                _scan_rows(rb, lengths, w)
+            held.clear()
+        w.seconds = time.perf_counter() - t
+        return w
+
     for whole in corpus.batches():
         for rb in _split_at(whole, window_rows, first_rows):
             if w is None:
                 w = Window(rb.row0, np.zeros(0, dtype=np.int32), [], [], np.zeros(0, dtype=bool))
-            _scan_rows(rb, tokenizer, w)
+                w_end = window_end(rb.row0, window_rows, first_rows)
+            if lengths is None:
+                held.append(rb)
+            else:
+                _scan_rows(rb, lengths, w)
             if progress:
                 progress(len(rb))
-            if w.row0 + len(w.texts) == window_end(w.row0, window_rows, first_rows):
-                w.seconds = time.perf_counter() - t
-                yield w
+            if rb.row0 + len(rb) == w_end:
+                yield complete()
                 w, t = None, time.perf_counter()   # the consumer's time between windows is not the scan's
     if w is not None:
-        w.seconds = time.perf_counter() - t
-        yield w
+        yield complete()
 
 
 def _split_at(rb: RowBatch, window_rows: int, first_rows: int = FIRST_WINDOW) -> Iterator[RowBatch]:

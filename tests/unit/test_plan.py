@@ -258,8 +258,7 @@ def _long_docs(sentences: list[str], n: int, seed: int) -> list[str]:
 
 
 @pytest.mark.parametrize("language", ["en", "zh"])
-def test_estimated_lengths_track_the_tokenizer_on_real_text(tmp_path, built_fp32, stsb_en_test, stsb_zh_cnsd_test,
-                                                            language):
+def test_estimated_lengths_track_the_tokenizer_on_real_text(built_fp32, stsb_en_test, stsb_zh_cnsd_test, language):
     """``--lengths estimate``: calibrated on the corpus's first texts, the estimate of a batch's tokens stays
     close to the exact count on real English and Chinese text, short sentences and long documents alike; it
     is integer arithmetic (the same plan on every run) and never below [CLS] x [SEP] for a real text."""
@@ -271,12 +270,9 @@ def test_estimated_lengths_track_the_tokenizer_on_real_text(tmp_path, built_fp32
     texts = sentences[:3000] + _long_docs(sentences, 1500, seed=5)
     order = np.random.default_rng(7).permutation(len(texts))      # calibration sees both kinds
     texts = [texts[i] for i in order]
-    p = tmp_path / "c.parquet"
-    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), p)
-    corpus = open_corpus(str(p), CorpusConfig())
     tok = load_tokenizer(built_fp32)
-    est = LengthEstimate.calibrate(corpus, tok)
-    assert LengthEstimate.calibrate(corpus, tok).__dict__ == est.__dict__, "deterministic"
+    est = LengthEstimate.calibrate(texts, tok)
+    assert LengthEstimate.calibrate(texts, tok).__dict__ == est.__dict__, "deterministic"
     assert isinstance(est.num, int) and isinstance(est.den, int)
     exact, exact_full = tok.lengths(texts)
     guess, guess_full = est.lengths(texts)
@@ -319,11 +315,37 @@ def test_a_scan_on_estimated_lengths_quarantines_what_it_can_see_and_does_not_gu
     p = tmp_path / "c.parquet"
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), p)
     corpus = open_corpus(str(p), CorpusConfig())
-    est = LengthEstimate.calibrate(corpus, load_tokenizer(built_fp32))
-    (w,) = list(scan_windows(corpus, est, 100))
+    (w,) = list(scan_windows(corpus, load_tokenizer(built_fp32), 100, estimate=True))
     assert dict(zip(w.q_rows, w.q_reasons)) == {1: "null_text", 2: "empty_text", 3: "whitespace_text"}
     assert w.n_tokens[4] >= 3, "control characters only: sent, the worker finds no tokens and quarantines it"
     assert w.n_tokens[5] == 256 and w.n_truncated == 0
+    assert w.ids == list(range(len(texts))) and w.texts == texts
+
+
+def test_the_estimate_is_calibrated_on_the_first_window_whatever_the_files(tmp_path, built_fp32, stsb_en_test):
+    """The calibration sample is the first window's texts, so files and row groups cut anywhere give the same
+    estimate, the same lengths and the same windows as one file."""
+    from engine.model_dir import load_tokenizer
+    from pipeline.plan import LengthEstimate, scan_windows
+
+    texts = _long_docs([t for a, b, _ in stsb_en_test for t in (a, b)], 700, seed=2)
+    tok = load_tokenizer(built_fp32)
+    one = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"id": list(range(700)), "text": texts}), one)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for k, (a, b) in enumerate([(0, 3), (3, 3), (3, 250), (250, 700)]):
+        pq.write_table(pa.table({"id": pa.array(range(a, b), pa.int64()), "text": pa.array(texts[a:b], pa.string())}),
+                       folder / f"p{k}.parquet", row_group_size=37)
+    runs = [list(scan_windows(open_corpus(str(c), CorpusConfig()), tok, 300, first_rows=100, estimate=True))
+            for c in (one, folder)]
+    assert [w.row0 for w in runs[0]] == [w.row0 for w in runs[1]] == [0, 100, 300, 600]
+    for a, b in zip(*runs):
+        assert np.array_equal(a.n_tokens, b.n_tokens)
+    want = LengthEstimate.calibrate(texts[:100], tok).lengths(texts)[0]
+    assert np.array_equal(np.concatenate([w.n_tokens for w in runs[0]]), want)
+    exact = np.concatenate([w.n_tokens for w in scan_windows(open_corpus(str(one), CorpusConfig()), tok, 300)])
+    assert not np.array_equal(exact, want) and abs(want.sum() / exact.sum() - 1) < 0.1
 
 
 def test_the_length_mode_follows_the_target():
