@@ -132,7 +132,7 @@ def main() -> int:
     ap.add_argument("--target", default="gpu", help="engine target (onnx: dry run of this script on a CPU)")
     ap.add_argument("--precision", default=None, help="engine precision (default: fp16 on gpu, fp32 on onnx)")
     ap.add_argument("--concurrency", type=int, default=0,
-                    help="Celery worker processes (default 0: local mode's sizing, all cores but 4 for a GPU)")
+                    help="Celery worker processes (default 0: local mode's sizing, the cores + 4 for a GPU)")
     ap.add_argument("--batch-tokens", type=int, default=65536, help="token budget of one queued batch")
     ap.add_argument("--batch-rows", type=int, default=4096, help="most rows in one queued batch")
     ap.add_argument("--instance-counts", default="2", help="Triton model instances on the GPU, comma list: "

@@ -52,6 +52,7 @@ def register_commands(sub: Any, cfg: FbasConfig, add_section_flags: Any) -> None
                                    "write the parts into each job's output folder (which this host must see).")
     add_section_flags(p, cfg, "serve", skip=_skip(cfg.serve, _SERVE_FOR_WORKER))
     add_section_flags(p, cfg, "queue", skip=("queue_depth",))
+    add_section_flags(p, cfg, "engine", skip=_skip(cfg.engine, ("target",)))   # sizes the pool (--concurrency 0)
     p.add_argument("--loglevel", default="INFO", help="Celery log level (default: INFO)")
     p.set_defaults(func=_cmd_worker)
 
@@ -99,7 +100,7 @@ def _cmd_ingest(args: argparse.Namespace, cfg: FbasConfig) -> int:
 
 def _cmd_worker(args: argparse.Namespace, cfg: FbasConfig) -> int:
     from pipeline.jobstate import redact_url
-    from pipeline.local import default_concurrency
+    from pipeline.local import pool_size
     from workers.app import QUEUE, configure
 
     if not cfg.queue.broker:
@@ -107,7 +108,7 @@ def _cmd_worker(args: argparse.Namespace, cfg: FbasConfig) -> int:
     app = configure(cfg)
     app.loader.import_default_modules()  # workers.task registers the batch task
 
-    conc = cfg.queue.concurrency or default_concurrency()
+    conc = pool_size(cfg)
     print(f"fbas worker: broker {redact_url(cfg.queue.broker)}, Triton {cfg.serve.triton}, {conc} processes",
           file=sys.stderr)
     app.worker_main(["worker", "-Q", QUEUE, "--pool", "prefork", "--concurrency", str(conc), "--prefetch-multiplier",

@@ -91,8 +91,8 @@ class QueueConfig:
 
     broker: str | None = _f(None, "Redis URL of the broker (redis://, rediss://); none = local mode "
                                   "(start redis-server, tritonserver and workers here)")
-    concurrency: int = _f(0, "worker processes per host; 0 = sized to the machine: half the cores (2 to 4), "
-                                "or in local mode with --target gpu all cores but 4 (at most 32)")
+    concurrency: int = _f(0, "worker processes per host; 0 = sized to the machine: half the cores (2 to 4) for "
+                                "the onnx target, the cores + 4 (at most 32) for gpu and tensorrt")
     visibility_timeout: float = _f(600.0, "seconds before an unacknowledged task is delivered again "
                                           "(must exceed task_time_limit)")
     task_time_limit: float = _f(300.0, "hard time limit of one batch task, seconds")

@@ -41,7 +41,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -52,10 +52,10 @@ from pipeline.errors import ConfigError, FbasError, InputError, ServerUnavailabl
 from pipeline.finalize import (JOB_FILE, PENDING_FILE, SCAN_QUARANTINE, LedgerFeeder, PartLedger, committed_parts,
                                finalize)
 from pipeline.jobstate import JobState, connect
-from pipeline.plan import (FIRST_WINDOW, PLAN_VERSION, Plan, Scan, assemble_scan, check_unique_ids,
+from pipeline.plan import (FIRST_WINDOW, PLAN_VERSION, Plan, Scan, Window, assemble_scan, check_unique_ids,
                            corpus_id_hashes, plan_window, scan_windows)
 from pipeline.produce import Sender, batch_messages, queue_length, window_messages
-from pipeline.read import Corpus, open_corpus, read_ahead
+from pipeline.read import Corpus, ReadAhead, open_corpus
 from workers.write import OutputDir
 
 logger = logging.getLogger(__name__)
@@ -208,25 +208,35 @@ def resume_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any)
     return None
 
 
+def start_scan(corpus: Corpus, cfg: FbasConfig, tokenizer: Any) -> ReadAhead[Window]:
+    """The corpus's windows (lengths by ``--lengths``), scanned on a thread from now on, one window ahead of
+    the consumer: ``ingest`` starts it as soon as the ids are checked, so the first window is read while
+    Celery and Redis are set up; close it (``with``) when done."""
+    return ReadAhead(scan_windows(corpus, tokenizer, cfg.corpus.plan_window, first_rows=first_window(cfg),
+                                  estimate=length_mode(cfg) == "estimate"), name="scan-ahead")
+
+
 def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, tokenizer: Any,
                   id_hash: np.ndarray, send: Callable[[dict], None], skip: set[int],
-                  on_window: Callable[[int, int], None] | None = None) -> Job:
+                  on_window: Callable[[int, int], None] | None = None,
+                  windows: Iterator[Window] | None = None) -> Job:
     """Scan the corpus window by window (the next window is read on a thread while this one's batches are
     sent), plan each window, and ``send`` its batches (except ``skip``; workers embed them meanwhile); then
     save the scan, the plan and ``job.json`` (the caller checked ``resume_job`` first and the ids with
     ``check_unique_ids``). The plan is the same on every run, so an ingest stopped midway finds its
-    committed batches again. ``on_window(batches, rows)``: planned so far."""
+    committed batches again. ``on_window(batches, rows)``: planned so far. ``windows``: a scan the caller
+    started (``start_scan``); None = start one here."""
+    if windows is None:
+        with start_scan(corpus, cfg, tokenizer) as started:
+            return scan_and_send(corpus, cfg, out, model_meta, tokenizer, id_hash, send, skip, on_window, started)
     c = cfg.corpus
     job_id = job_id_for(corpus, cfg, model_meta)
     out.make_dirs()
     # whose parts these will be, before the first one exists (job.json comes after the last window)
     OutputDir.write_atomic(out.state(PENDING_FILE), lambda p: p.write_text(
         json.dumps({"job": job_id, "corpus": corpus.uri}), encoding="utf-8"))
-    windows, plans, n_batches, n_rows = [], [], 0, 0
-    # the next window is read and tokenized while this one's batches wait for room in the queue
-    scan = scan_windows(corpus, tokenizer, c.plan_window, first_rows=first_window(cfg),
-                        estimate=length_mode(cfg) == "estimate")
-    for w in read_ahead(scan, name="scan-ahead"):
+    scanned, plans, n_batches, n_rows = [], [], 0, 0
+    for w in windows:    # the next window is read while this one's batches wait for room in the queue
         wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
         for msg in window_messages(w, wplan, n_batches, job=job_id, out=str(out), model=model_meta.fingerprint,
                                    dim=model_meta.dim, id_type=corpus.id_type, skip=skip):
@@ -235,9 +245,9 @@ def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: A
         if on_window:
             on_window(n_batches, n_rows)
         w.ids, w.texts = [], []            # sent: the job's files need only the lengths and the quarantine
-        windows.append(w)
+        scanned.append(w)
         plans.append(wplan)
-    return save_job(corpus, cfg, out, model_meta, job_id, assemble_scan(corpus, id_hash, windows), Plan.concat(plans))
+    return save_job(corpus, cfg, out, model_meta, job_id, assemble_scan(corpus, id_hash, scanned), Plan.concat(plans))
 
 
 def save_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, job_id: str, scan: Scan,
@@ -339,7 +349,7 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
     ``worker_env`` adds environment variables for local-mode workers (tests use it for hooks);
     ``on_cluster(cluster)`` is called once the local cluster has started (tests use it to kill parts).
     """
-    from engine.model_dir import read_meta
+    from engine.model_dir import load_tokenizer, read_meta
     from pipeline.local import LocalCluster
 
     t0 = time.perf_counter()
@@ -360,10 +370,11 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
             logger.info("job %s: every batch is committed already; finalizing", job.id)
             resumed = job.plan.n_batches
         else:
-            id_hash = None
+            id_hash = windows = None
             if job is None:  # a new job: null or duplicate ids stop it before anything starts or is read
                 id_hash = corpus_id_hashes(corpus)
                 check_unique_ids(corpus, id_hash)
+                windows = stack.enter_context(start_scan(corpus, cfg, load_tokenizer(model_dir, meta)))
             cluster = None
             if cfg.queue.broker is None:
                 cluster = LocalCluster(model_dir, out.state("local"), cfg, worker_env=worker_env)
@@ -382,7 +393,7 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
             stack.callback(feeder.stop)
             ready = _ReadyOnce(cluster, t0)
             job, sent, resumed, redelivered = _run_queue(corpus, cfg, out, job, id_hash, meta, model_dir, client,
-                                                         broker, cluster, progress, ready)
+                                                         broker, cluster, progress, ready, windows)
             ready()  # nothing needed sending: Triton still serves the statistics below
             timings["scan_s"] = round(job.scan.seconds, 3)
             timings["ready_s"] = ready.seconds
@@ -442,14 +453,14 @@ def _job_state(client: Any, job_id: str, plan: Plan | None, corpus: Corpus, meta
 
 def _run_queue(corpus: Corpus, cfg: FbasConfig, out: OutputDir, job: Job | None, id_hash: np.ndarray | None,
                meta: Any, model_dir: Path, client: Any, broker: str, cluster: Any, progress: bool,
-               ready: Callable[[], None]) -> tuple[Job, int, int, int]:
+               ready: Callable[[], None], windows: Iterator[Window] | None) -> tuple[Job, int, int, int]:
     """Enqueue the missing batches and wait for all of them; returns (job, sent, resumed, redelivered).
 
-    A new job (``job`` None) is scanned and planned here, window by window, its batches queued as each
-    window is planned; a resumed one re-reads the corpus for its missing batches."""
+    A new job (``job`` None) is planned here from its scan (``windows``, started by ``ingest``), window by
+    window, its batches queued as each window is planned; a resumed one re-reads the corpus for its missing
+    batches."""
     from dataclasses import replace
 
-    from engine.model_dir import load_tokenizer
     from workers.app import QUEUE, TASK_NAME, producer_app
 
     app = producer_app(FbasConfig(queue=replace(cfg.queue, broker=broker), serve=cfg.serve))
@@ -471,8 +482,8 @@ def _run_queue(corpus: Corpus, cfg: FbasConfig, out: OutputDir, job: Job | None,
                 state.set_planned(n_batches, n_rows)   # status shows the plan as it grows
                 watch.tick()                           # checks children and worker errors between sends too
 
-            job = scan_and_send(corpus, cfg, out, meta, load_tokenizer(model_dir, meta), id_hash, send,
-                                state.done(), on_window=on_window)
+            job = scan_and_send(corpus, cfg, out, meta, None, id_hash, send, state.done(), on_window=on_window,
+                                windows=windows)
             bar.set_total(job.plan.n_rows)
         else:
             for msg in batch_messages(corpus, job.plan, job=job.id, out=str(out), model=meta.fingerprint,

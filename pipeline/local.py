@@ -39,20 +39,26 @@ from pipeline.errors import ConfigError, FbasError, ServerUnavailableError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LocalCluster", "RedisServer", "CeleryWorker", "reap_stale", "default_concurrency"]
+__all__ = ["LocalCluster", "RedisServer", "CeleryWorker", "reap_stale", "default_concurrency", "pool_size"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIDS_FILE = "local-pids.json"
 
 
 def default_concurrency(gpu: bool = False) -> int:
-    """Worker processes for local mode. CPU engine: half the cores, 2 to 4 (the engine needs the rest;
-    one worker tokenizes and writes while another waits on Triton). GPU engine: every core but 4
-    (Triton, Redis and the producer), 2 to 32: the workers' tokenization is what feeds the GPU
-    (BENCHMARKS.md, "Whole ingest on one GPU host"; measured with 12 on 16 cores)."""
+    """Worker processes for a host. CPU engine: half the cores, 2 to 4 (the engine needs the rest; one worker
+    tokenizes and writes while another waits on Triton). GPU engine: the cores + 4, 2 to 32: the workers'
+    tokenization is what feeds the GPU, and each worker leaves its core idle while it waits for Triton
+    (BENCHMARKS.md, "Whole ingest on one GPU host": on 16 cores, 12 / 16 / 20 workers gave 0.78 / 0.81 /
+    0.82 of the engine's docs/s over a whole run against a running service)."""
     if gpu:
-        return max(2, min(32, cpu_count() - 4))
+        return max(2, min(32, cpu_count() + 4))
     return max(2, min(4, cpu_count() // 2))
+
+
+def pool_size(cfg: FbasConfig) -> int:
+    """Worker processes for ``cfg``: ``--concurrency``, or 0 = ``default_concurrency`` for its engine target."""
+    return cfg.queue.concurrency or default_concurrency(gpu=cfg.engine.target != "onnx")
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -234,8 +240,7 @@ class LocalCluster:
     def __init__(self, model_dir: Path, state_dir: Path, cfg: FbasConfig, *, concurrency: int | None = None,
                  worker_env: dict[str, str] | None = None) -> None:
         self.model_dir, self.state_dir, self.cfg = Path(model_dir), Path(state_dir), cfg
-        self.concurrency = (concurrency or cfg.queue.concurrency
-                            or default_concurrency(gpu=cfg.engine.target != "onnx"))
+        self.concurrency = concurrency or pool_size(cfg)
         self.worker_env = worker_env or {}
         self.log_dir = self.state_dir / "logs"
         self.redis: RedisServer | None = None

@@ -46,7 +46,8 @@ from pipeline.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Corpus", "CorpusFile", "RowBatch", "open_corpus", "id_hashes", "decode_texts", "read_ahead", "READ_BATCH_ROWS"]
+__all__ = ["Corpus", "CorpusFile", "RowBatch", "open_corpus", "id_hashes", "decode_texts", "read_ahead", "ReadAhead",
+           "READ_BATCH_ROWS"]
 
 READ_BATCH_ROWS = 32_768  # rows per record batch read from Parquet (a few MB of text)
 DEFAULT_ID_COLUMN = "id"
@@ -387,42 +388,65 @@ T = TypeVar("T")
 _END = object()
 
 
-def read_ahead(items: Iterable[T], depth: int = 1, name: str = "read-ahead") -> Iterator[T]:
-    """``items``, produced on a background thread: at most ``depth`` items wait for the consumer, plus the
-    one the producer is making (the ingest scans the next window while this one's batches wait for room in
-    the queue). What the producer raises is raised here, in order; closing this iterator early stops the
-    producer once its current item is made (closing waits for that)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+class ReadAhead(Iterator[T]):
+    """``items``, produced on a background thread that starts at once: at most ``depth`` items wait for the
+    consumer, plus the one the producer is making (the ingest scans its first window while Celery and Redis
+    are set up, and the next window while this one's batches wait for room in the queue). What the producer
+    raises is raised by ``next``, in order; ``close()`` (or leaving the ``with`` block) stops the producer
+    once its current item is made, and waits for that."""
 
-    def put(item: tuple) -> bool:
-        while not stop.is_set():
+    def __init__(self, items: Iterable[T], depth: int = 1, name: str = "read-ahead") -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._produce, args=(items,), name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, item: tuple) -> bool:
+        while not self._stop.is_set():
             try:
-                q.put(item, timeout=0.1)
+                self._q.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce() -> None:
+    def _produce(self, items: Iterable[T]) -> None:
         try:
             for x in items:
-                if not put((x, None)):
+                if not self._put((x, None)):
                     return
-            put((_END, None))
+            self._put((_END, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            put((_END, e))
+            self._put((_END, e))
 
-    thread = threading.Thread(target=produce, name=name, daemon=True)
-    thread.start()
+    def __next__(self) -> T:
+        if self._done:
+            raise StopIteration
+        x, err = self._q.get()
+        if x is _END:
+            self.close()
+            if err is not None:
+                raise err
+            raise StopIteration
+        return x
+
+    def close(self) -> None:
+        self._done = True
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> ReadAhead[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_ahead(items: Iterable[T], depth: int = 1, name: str = "read-ahead") -> Iterator[T]:
+    """``ReadAhead`` as a generator: the thread starts at the first ``next``; closing the generator closes it."""
+    it = ReadAhead(items, depth, name)
     try:
-        while True:
-            x, err = q.get()
-            if x is _END:
-                if err is not None:
-                    raise err
-                return
-            yield x
+        yield from it
     finally:
-        stop.set()
-        thread.join()
+        it.close()

@@ -69,9 +69,20 @@ def test_help_is_fast_and_documents_defaults():
 
 
 def test_local_worker_count_follows_the_engine_target(monkeypatch):
-    """CPU engine: 2 to 4 workers (the engine needs the cores); GPU engine: all cores but 4, at most 32."""
+    """CPU engine: 2 to 4 workers (the engine needs the cores); GPU engine: the cores + 4, at most 32."""
     from pipeline import local
 
-    for cores, cpu_engine, gpu_engine in ((2, 2, 2), (8, 4, 4), (16, 4, 12), (64, 4, 32)):
+    for cores, cpu_engine, gpu_engine in ((2, 2, 6), (8, 4, 12), (16, 4, 20), (64, 4, 32)):
         monkeypatch.setattr(local, "cpu_count", lambda c=cores: c)
         assert (local.default_concurrency(), local.default_concurrency(gpu=True)) == (cpu_engine, gpu_engine)
+
+
+def test_a_fleet_worker_is_told_the_engine_target_to_size_its_pool(monkeypatch):
+    """`fbas-pipeline worker --target gpu` sizes its pool as local mode does for a GPU (--concurrency 0)."""
+    from pipeline import local
+
+    monkeypatch.setattr(local, "cpu_count", lambda: 16)
+    for argv, want in ((["worker", "--broker", "redis://q:6379/0"], 4),
+                       (["worker", "--broker", "redis://q:6379/0", "--target", "gpu"], 20)):
+        assert local.pool_size(_config_from_args(build_parser().parse_args(argv))) == want
+    assert local.pool_size(_config_from_args(build_parser().parse_args(argv + ["--concurrency", "3"]))) == 3
