@@ -366,6 +366,7 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
         model_dir = ensure_model(cfg, out)
         meta = read_meta(model_dir)
         job = resume_job(corpus, cfg, out, meta)
+        logger.info("model and job folder ready after %.2fs", time.perf_counter() - t0)
         if job is not None and len(committed_parts(out, job.id, job.plan.n_batches)) == job.plan.n_batches:
             logger.info("job %s: every batch is committed already; finalizing", job.id)
             resumed = job.plan.n_batches
@@ -375,6 +376,7 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
                 id_hash = corpus_id_hashes(corpus)
                 check_unique_ids(corpus, id_hash)
                 windows = stack.enter_context(start_scan(corpus, cfg, load_tokenizer(model_dir, meta)))
+                logger.info("%d ids checked, scan started after %.2fs", corpus.n_rows, time.perf_counter() - t0)
             cluster = None
             if cfg.queue.broker is None:
                 cluster = LocalCluster(model_dir, out.state("local"), cfg, worker_env=worker_env)
@@ -467,6 +469,7 @@ def _run_queue(corpus: Corpus, cfg: FbasConfig, out: OutputDir, job: Job | None,
     tok_json = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
     job_id = job.id if job is not None else job_id_for(corpus, cfg, meta)
     state, committed = _job_state(client, job_id, job.plan if job is not None else None, corpus, meta, tok_json, out)
+    logger.info("job %s registered in Redis (%d batches committed already)", job_id, len(committed))
     bar = _Progress(job.plan.n_rows if job is not None else corpus.n_rows, progress)
     watch = _Watch(state, cluster, cfg, bar, client)
     sender = Sender(app, client, QUEUE, cfg.queue.queue_depth, TASK_NAME, on_wait=watch.tick)
