@@ -2,13 +2,16 @@
 
 ``scan_windows`` streams the corpus once in windows (``window_end``: ``plan_window`` rows; with a
 smaller first window, as the gpu target's ingest uses, they double up to ``plan_window``) and
-tokenizes every text for its length (HF tokenizers, Rust); each window is planned on its own
-(``plan_window``), so its batches can be queued while the next window is read. ``scan_corpus``
-is the same pass kept whole. What the job keeps is per-row arrays: ``n_tokens`` (int32, tokens after
-truncation, 0 where the row is quarantined) and ``id_hash`` (uint64, from the id column alone,
-for the uniqueness check and the final id oracle): 12 bytes a row, 1.2 GB for 100M rows. Null,
-empty, whitespace-only texts and texts that tokenize to nothing are quarantined here with a
-reason; null or duplicate ids stop the job before any text is read.
+learns every text's token count: tokenized exactly (HF tokenizers, Rust), or estimated from its
+characters (``LengthEstimate``: the gpu target's default, whose unpadded engine needs budgets, not
+exact lengths; the workers tokenize anyway). Each window is planned on its own (``plan_window``), so
+its batches can be queued while the next window is read. ``scan_corpus`` is the exact pass kept
+whole. What the job keeps is per-row arrays: ``n_tokens`` (int32, tokens after truncation, 0 where
+the row is quarantined) and ``id_hash`` (uint64, from the id column alone, for the uniqueness check
+and the final id oracle): 12 bytes a row, 1.2 GB for 100M rows. Null, empty and whitespace-only
+texts are quarantined here with a reason, and, with exact lengths, texts that tokenize to nothing
+(with estimated ones their worker quarantines them); null or duplicate ids stop the job before any
+text is read.
 
 ``plan_batches`` turns a window's lengths into batches that waste almost no padding, by a token
 budget rather than a row count (padded cost of a batch = rows x its longest row, as TEI's
