@@ -158,11 +158,13 @@ def job_id_for(corpus: Corpus, cfg: FbasConfig, model_meta: Any) -> str:
                         "settings": _batch_settings(cfg)})
 
 
-def _batch_settings(cfg: FbasConfig) -> dict[str, int]:
+def _batch_settings(cfg: FbasConfig) -> dict[str, int | str]:
     c = cfg.corpus
-    return {"batch_tokens": c.batch_tokens, "batch_rows": c.batch_rows, "plan_window": c.plan_window,
-            "first_window": first_window(cfg), "lengths": length_mode(cfg),
-            "plan_version": PLAN_VERSION}
+    settings = {"batch_tokens": c.batch_tokens, "batch_rows": c.batch_rows, "plan_window": c.plan_window,
+                "first_window": first_window(cfg), "plan_version": PLAN_VERSION}
+    if length_mode(cfg) == "estimate":   # named only then: jobs planned on exact lengths keep their ids
+        settings["lengths"] = "estimate"
+    return settings
 
 
 def first_window(cfg: FbasConfig) -> int:
@@ -225,7 +227,7 @@ def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: A
     save the scan, the plan and ``job.json`` (the caller checked ``resume_job`` first and the ids with
     ``check_unique_ids``). The plan is the same on every run, so an ingest stopped midway finds its
     committed batches again. ``on_window(batches, rows)``: planned so far. ``windows``: a scan the caller
-    started (``start_scan``); None = start one here."""
+    started (``start_scan``; ``tokenizer`` is then unused); None = start one here with ``tokenizer``."""
     if windows is None:
         with start_scan(corpus, cfg, tokenizer) as started:
             return scan_and_send(corpus, cfg, out, model_meta, tokenizer, id_hash, send, skip, on_window, started)
@@ -247,7 +249,8 @@ def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: A
         w.ids, w.texts = [], []            # sent: the job's files need only the lengths and the quarantine
         scanned.append(w)
         plans.append(wplan)
-    return save_job(corpus, cfg, out, model_meta, job_id, assemble_scan(corpus, id_hash, scanned), Plan.concat(plans))
+    scan = assemble_scan(corpus, id_hash, scanned, estimated=length_mode(cfg) == "estimate")
+    return save_job(corpus, cfg, out, model_meta, job_id, scan, Plan.concat(plans))
 
 
 def save_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, job_id: str, scan: Scan,
@@ -273,7 +276,9 @@ def save_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, j
         "model": {"name": m.name, "fingerprint": m.fingerprint, "dim": m.dim, "pooling": m.pooling,
                   "normalize": m.normalize, "max_seq_len": m.max_seq_len, "precision": m.precision,
                   "target": m.target, "dir": f".fbas/{MODEL_SUBDIR}"},
-        "settings": {**_batch_settings(cfg), "padding_ratio": round(plan.padding_ratio(), 4)},
+        # padding follows exact lengths only (the gpu engine, which estimates them, does not pad)
+        "settings": {**_batch_settings(cfg),
+                     "padding_ratio": round(plan.padding_ratio(), 4) if length_mode(cfg) == "exact" else None},
         "scan": {"seconds": round(scan.seconds, 3), "quarantined": len(scan.q_rows), "repaired": scan.n_repaired,
                  "lengths": length_mode(cfg),
                  # estimated lengths cannot tell truncation; the manifest counts it from the parts either way
@@ -393,6 +398,8 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
             feeder = LedgerFeeder(PartLedger(out, job_id_for(corpus, cfg, meta), meta.dim, cfg.output.index,
                                              job.scan.id_hash if job is not None else id_hash))
             stack.callback(feeder.stop)
+            if windows is not None:   # on an error the scan stops first (the stack closes it last, after the rest)
+                stack.callback(windows.cancel)
             ready = _ReadyOnce(cluster, t0)
             job, sent, resumed, redelivered = _run_queue(corpus, cfg, out, job, id_hash, meta, model_dir, client,
                                                          broker, cluster, progress, ready, windows)

@@ -61,12 +61,21 @@ def pool_size(cfg: FbasConfig) -> int:
     return cfg.queue.concurrency or default_concurrency(gpu=cfg.engine.target != "onnx")
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _libc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
-        pass
+        return None
+
+
+# loaded here, not in the child: a dlopen between fork and exec can deadlock on a loader lock that another
+# thread of this process (the ingest's scan, Triton's start-up wait) held at the fork
+_LIBC = _libc()
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     os.setsid()
 
 

@@ -431,6 +431,10 @@ class ReadAhead(Iterator[T]):
             raise StopIteration
         return x
 
+    def cancel(self) -> None:
+        """Ask the producer to stop after its current item, without waiting (``close`` waits)."""
+        self._stop.set()
+
     def close(self) -> None:
         self._done = True
         self._stop.set()

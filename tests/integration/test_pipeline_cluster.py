@@ -130,7 +130,8 @@ def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, templa
     m = check_oracle(out, ids)
     assert read_quarantine(out) == {6: "null_text", 7: "empty_text", 8: "whitespace_text", 9: "no_tokens"}
     job = __import__("json").loads((out / ".fbas" / "job.json").read_text())
-    assert job["settings"]["lengths"] == job["scan"]["lengths"] == lengths
+    assert job["settings"].get("lengths", "exact") == job["scan"]["lengths"] == lengths   # exact ids unchanged
+    assert (job["settings"]["padding_ratio"] is None) == (lengths == "estimate")
     assert job["scan"]["quarantined"] == (4 if lengths == "exact" else 3)   # no_tokens: by the worker
     assert m["counts"]["truncated"] == 1 and m["counts"]["repaired"] == 1
     t = pq.read_table(out / "vectors").to_pydict()

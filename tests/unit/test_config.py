@@ -82,7 +82,7 @@ def test_a_fleet_worker_is_told_the_engine_target_to_size_its_pool(monkeypatch):
     from pipeline import local
 
     monkeypatch.setattr(local, "cpu_count", lambda: 16)
-    for argv, want in ((["worker", "--broker", "redis://q:6379/0"], 4),
-                       (["worker", "--broker", "redis://q:6379/0", "--target", "gpu"], 20)):
+    worker = ["worker", "--broker", "redis://q:6379/0"]
+    for argv, want in ((worker, 4), (worker + ["--target", "gpu"], 20), (worker + ["--target", "gpu", "--concurrency",
+                                                                                    "3"], 3)):
         assert local.pool_size(_config_from_args(build_parser().parse_args(argv))) == want
-    assert local.pool_size(_config_from_args(build_parser().parse_args(argv + ["--concurrency", "3"]))) == 3

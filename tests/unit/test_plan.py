@@ -203,6 +203,41 @@ def test_read_ahead_produces_on_a_thread_in_order_and_stops_when_closed():
     assert n == len(produced) <= 3, "the producer stopped after at most one item beyond the queue"
 
 
+def test_a_started_scan_works_before_anyone_asks_and_stops_when_cancelled_or_closed():
+    """``ReadAhead`` (what ingest starts as soon as the ids are checked) produces from construction on, before the
+    first ``next``; ``cancel`` stops it without waiting, ``close`` (or ``with``) waits, both before any ``next``."""
+    import threading
+    import time
+
+    from pipeline.read import ReadAhead
+
+    started = threading.Event()
+    produced: list[int] = []
+
+    def gen(n):
+        started.set()
+        for i in range(n):
+            produced.append(i)
+            yield i
+
+    ahead = ReadAhead(gen(1000))
+    assert started.wait(5), "the producer started with no consumer yet"
+    time.sleep(0.1)
+    assert 1 <= len(produced) <= 3
+    ahead.cancel()
+    time.sleep(0.3)
+    n = len(produced)
+    assert n <= 3 and not ahead._thread.is_alive(), "cancel stopped it, without a next or a close"
+    ahead.close()
+    assert next(ahead, "end") == "end", "a closed scan yields nothing more"
+    produced.clear()
+    with ReadAhead(gen(5)) as it:
+        assert list(it) == [0, 1, 2, 3, 4]
+    with ReadAhead(gen(1000)) as it:
+        assert next(it) == 0
+    assert not it._thread.is_alive() and len(produced) <= 5 + 3
+
+
 def test_windows_start_at_multiples_of_the_window_whatever_the_files(tmp_path, built_fp32):
     """Window k holds rows k*W .. (k+1)*W - 1 across files of any size (an empty one too) and row groups,
     so a rerun finds the same windows; the rows and lengths equal the one-window scan's."""
@@ -360,3 +395,35 @@ def test_the_length_mode_follows_the_target():
     assert length_mode(cfg) == "exact"
     cfg.engine.target, cfg.corpus.lengths = "onnx", "estimate"
     assert length_mode(cfg) == "estimate"
+
+
+def test_the_estimate_has_a_fallback_when_the_first_window_cannot_measure_it(tmp_path, built_fp32, caplog):
+    """A first window with no text to embed gives the fallback ratio and a warning naming the cause; characters
+    that share tokens (emoji runs: one [UNK]) are measured with the rest; a corpus shorter than the first window
+    is calibrated on all of it. Every case plans every embeddable row."""
+    import logging
+
+    from engine.model_dir import load_tokenizer
+    from pipeline.plan import LengthEstimate, scan_windows
+
+    tok = load_tokenizer(built_fp32)
+    texts = [None] * 30 + ["", " "] * 5 + ["a short sentence about cats", "一个男人在弹吉他。"] * 40
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": pa.array(texts, pa.string())}), p)
+    with caplog.at_level(logging.WARNING, logger="pipeline.plan"):
+        windows = list(scan_windows(open_corpus(str(p), CorpusConfig()), tok, 64, first_rows=40, estimate=True))
+    assert "has no text to embed" in caplog.text
+    n_tokens = np.concatenate([w.n_tokens for w in windows])
+    assert (n_tokens > 0).sum() == 80 and (n_tokens[:40] == 0).all()
+    fb = LengthEstimate(*LengthEstimate.FALLBACK, tok.max_seq_len)
+    assert np.array_equal(n_tokens[40:], fb.lengths(texts[40:])[0])
+    emoji = ["so happy 😀😀😀😀😀😀", "🎉🎉🎉 party"] * 20
+    est = LengthEstimate.calibrate(emoji, tok)
+    assert est.wide_one is False
+    guess, exact = est.lengths(emoji)[0], tok.lengths(emoji)[0]
+    assert abs(guess.sum() / exact.sum() - 1) < 0.2
+    short = tmp_path / "short.parquet"
+    pq.write_table(pa.table({"id": [0, 1, 2], "text": ["one two three", "four", "五六七"]}), short)
+    (w,) = list(scan_windows(open_corpus(str(short), CorpusConfig()), tok, 4096, estimate=True))
+    assert np.array_equal(w.n_tokens, LengthEstimate.calibrate(["one two three", "four", "五六七"], tok).lengths(
+        ["one two three", "four", "五六七"])[0]) and (w.n_tokens >= 3).all()

@@ -1,0 +1,51 @@
+"""The batch task's own logic (workers/task.py run_batch), with the real tokenizer and a fake engine."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from workers.task import BatchMessage, run_batch
+
+
+class _Engine:
+    """Embeds each document as a one-hot of its first word piece; rejects documents whose text holds 'REJECT'."""
+
+    def __init__(self, dim: int, reject_id: int) -> None:
+        self.dim, self.reject_id, self.calls = dim, reject_id, []
+
+    def embed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        from workers.triton_client import BadRowsError
+
+        self.calls.append(lengths.copy())
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        bad = [r for r in range(len(lengths)) if self.reject_id in ids[offsets[r]:offsets[r + 1]]]
+        if bad:
+            raise BadRowsError(f"[fbas:bad_rows] rows {bad}", bad)
+        out = np.zeros((len(lengths), self.dim), np.float32)
+        out[np.arange(len(lengths)), ids[offsets[:-1] + 1] % self.dim] = 1.0
+        return out
+
+
+def test_rows_without_tokens_and_rejected_rows_are_quarantined_and_the_rest_line_up(built_fp32):
+    """With estimated lengths a text of control characters reaches a worker: it is quarantined as no_tokens and
+    never sent; a row the server rejects is quarantined with its reason; every other row keeps its own vector."""
+    from engine.model_dir import load_tokenizer
+
+    tok = load_tokenizer(built_fp32)
+    texts = ["alpha words", "\x01\x02", "beta REJECT", "gamma", "\x03", "delta epsilon"]
+    reject = tok.encode(["REJECT"]).token_ids[1]
+    m = BatchMessage("job", 3, "/out", "fp", "int64", 16, np.arange(100, 106), [f"d{i}" for i in range(6)], texts,
+                     np.zeros(6, bool))
+    engine = _Engine(16, int(reject))
+    out = run_batch(m, engine, tok, 16)
+    assert out.q_row_ids.tolist() == [101, 102, 104]
+    assert out.q_reasons[0] == out.q_reasons[2] == "no_tokens"
+    assert out.q_reasons[1].startswith("rejected by the model server")
+    assert out.row_ids.tolist() == [100, 103, 105] and out.ids == ["d0", "d3", "d5"]
+    enc = tok.encode([texts[i] for i in (0, 3, 5)])
+    offsets = np.concatenate([[0], np.cumsum(enc.lengths)])
+    want = np.zeros((3, 16), np.float32)
+    want[np.arange(3), enc.token_ids[offsets[:-1] + 1] % 16] = 1.0
+    assert np.array_equal(out.vectors, want), "each kept row has its own vector"
+    assert out.n_tokens.tolist() == enc.lengths.tolist()
+    assert all(2 not in c.tolist() for c in engine.calls), "no [CLS] [SEP]-only document was sent"
