@@ -319,12 +319,14 @@ def test_a_redis_that_lost_everything_mid_job_is_refilled(cluster, template_out,
     check_oracle(out, ids)
 
 
+@pytest.mark.parametrize("lengths", ["exact", "estimate"])
 def test_small_plan_windows_stream_and_a_rerun_without_the_job_file_finds_its_parts(cluster, template_out, tmp_path,
-                                                                                       stsb_en_test):
+                                                                                       stsb_en_test, lengths):
     """Six windows instead of one: the same rows and vectors, each batch inside one window. A producer that
     died before job.json was written (it is written after the last window) leaves committed parts and
-    job.pending: another job is refused on them, and the same job's rerun plans the same batches again,
-    finds every one committed and sends nothing."""
+    job.pending: another job is refused on them, and the same job's rerun plans the same batches again (with
+    estimated lengths too: calibrated again on the same first window), finds every one committed and sends
+    nothing."""
     import json
 
     texts = [a for a, _, _ in stsb_en_test[:600]]
@@ -333,7 +335,7 @@ def test_small_plan_windows_stream_and_a_rerun_without_the_job_file_finds_its_pa
     pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
     _ingest(cluster, template_out, corpus, tmp_path / "one", batch_rows=32)
     out = tmp_path / "windows"
-    r = _ingest(cluster, template_out, corpus, out, batch_rows=32, plan_window=100)
+    r = _ingest(cluster, template_out, corpus, out, batch_rows=32, plan_window=100, lengths=lengths)
     m = check_oracle(out, ids)
     job = json.loads((out / ".fbas" / "job.json").read_text())
     assert job["settings"]["plan_window"] == 100 and r.sent_batches == m["counts"]["batches"]
@@ -349,8 +351,8 @@ def test_small_plan_windows_stream_and_a_rerun_without_the_job_file_finds_its_pa
         (out / ".fbas" / name).unlink()
     parts = sorted(p.name for p in (out / "vectors").iterdir())
     with pytest.raises(InputError, match="stopped before its scan finished"):   # another job on these parts
-        _ingest(cluster, template_out, corpus, out, batch_rows=16, plan_window=100)
+        _ingest(cluster, template_out, corpus, out, batch_rows=16, plan_window=100, lengths=lengths)
     assert sorted(p.name for p in (out / "vectors").iterdir()) == parts
-    again = _ingest(cluster, template_out, corpus, out, batch_rows=32, plan_window=100)
+    again = _ingest(cluster, template_out, corpus, out, batch_rows=32, plan_window=100, lengths=lengths)
     assert again.sent_batches == 0 and again.resumed_batches == m["counts"]["batches"]
     check_oracle(out, ids)

@@ -344,7 +344,7 @@ def test_estimated_lengths_on_characters_of_every_width(built_fp32):
 def test_a_scan_on_estimated_lengths_quarantines_what_it_can_see_and_does_not_guess_truncation(tmp_path,
                                                                                                 built_fp32):
     from engine.model_dir import load_tokenizer
-    from pipeline.plan import LengthEstimate, scan_windows
+    from pipeline.plan import scan_windows
 
     texts = ["a normal sentence", None, "", "   \t\n", "\x00\x01\x02", "word " * 2000, "ok"]
     p = tmp_path / "c.parquet"
