@@ -96,7 +96,7 @@ def run_fbas(corpus: Path, out: Path, env: dict, precision: str, extra: tuple[st
     m = json.loads((out / "manifest.json").read_text())
     t = m["timings"]
     return {"wall_s": round(wall, 3), "embed_s": t.get("embed_s"), "ready_s": t.get("ready_s"),
-            "scan_s": t.get("scan_s"), "finalize_s": t.get("finalize_s"),
+            "scan_s": t.get("scan_s"), "finalize_s": t.get("finalize_s"), "index_s": t.get("index_s"),
             "engine_compute_s": t.get("engine_compute_s"), "docs": m["counts"]["embedded"],
             "padding_ratio": m["settings"].get("padding_ratio"), "batches": m["counts"]["batches"],
             **({"log": p.stderr.splitlines()[:log_lines]} if log_lines else {})}
