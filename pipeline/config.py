@@ -117,8 +117,8 @@ class CorpusConfig:
     lengths: str = _f("auto", "how the plan learns each text's token count: exact (the producer tokenizes every "
                               "text: exact budgets, least padding) | estimate (from character counts, with a "
                               "ratio measured on the first window's first 2,048 texts or 1,000,000 characters: far "
-                              "less producer CPU, budgets within a few percent; workers still tokenize exactly) | auto = estimate for the gpu "
-                              "target (its engine does not pad) and exact otherwise",
+                              "less producer CPU, budgets within a few percent; workers still tokenize exactly) | "
+                              "auto = estimate for the gpu target (its engine does not pad) and exact otherwise",
                       choices=("auto", "exact", "estimate"))
 
 

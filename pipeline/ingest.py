@@ -267,7 +267,7 @@ def save_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, j
         OutputDir.write_atomic(q_path, lambda p: pq.write_table(qt, p))
     else:
         q_path.unlink(missing_ok=True)
-    m = model_meta
+    m, lengths = model_meta, length_mode(cfg)
     info = {
         "job": job_id, "n_batches": plan.n_batches, "planned_rows": plan.n_rows,
         "corpus": {"uri": corpus.uri, "fingerprint": corpus.fingerprint, "rows": corpus.n_rows,
@@ -278,11 +278,11 @@ def save_job(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: Any, j
                   "target": m.target, "dir": f".fbas/{MODEL_SUBDIR}"},
         # padding follows exact lengths only (the gpu engine, which estimates them, does not pad)
         "settings": {**_batch_settings(cfg),
-                     "padding_ratio": round(plan.padding_ratio(), 4) if length_mode(cfg) == "exact" else None},
+                     "padding_ratio": round(plan.padding_ratio(), 4) if lengths == "exact" else None},
         "scan": {"seconds": round(scan.seconds, 3), "quarantined": len(scan.q_rows), "repaired": scan.n_repaired,
-                 "lengths": length_mode(cfg),
+                 "lengths": lengths,
                  # estimated lengths cannot tell truncation; the manifest counts it from the parts either way
-                 "truncated": scan.n_truncated if length_mode(cfg) == "exact" else None},
+                 "truncated": scan.n_truncated if lengths == "exact" else None},
     }
     OutputDir.write_atomic(out.state(JOB_FILE), lambda p: p.write_text(json.dumps(info, indent=2, sort_keys=True),
                                                                         encoding="utf-8"))

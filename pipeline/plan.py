@@ -193,13 +193,13 @@ class LengthEstimate:
             return cls(*cls.FALLBACK, tokenizer.max_seq_len)
         _, full = tokenizer.lengths(sample)
         chars, wide = _char_counts(sample)
-        num = int(full.sum(dtype=np.int64)) - 2 * len(sample) - int(wide.sum())
-        den = int((chars - wide).sum())
+        pieces = int(full.sum(dtype=np.int64)) - 2 * len(sample)      # word pieces, [CLS] and [SEP] left out
+        num, den = pieces - int(wide.sum()), int((chars - wide).sum())
         wide_one = True
         if den <= 0:                   # wide characters only: nothing to measure the others on
             num, den = cls.FALLBACK
         elif num <= 0:                 # wide characters that share tokens (emoji runs: one [UNK] a run)
-            num, den, wide_one = int(full.sum(dtype=np.int64)) - 2 * len(sample), int(chars.sum()), False
+            num, den, wide_one = pieces, int(chars.sum()), False
             if num <= 0:
                 num, den = cls.FALLBACK
         g = math.gcd(num, den)
@@ -334,14 +334,10 @@ def assemble_scan(corpus: Corpus, id_hash: np.ndarray, windows: list[Window], es
                 [i for w in windows for i in w.q_ids], [r for w in windows for r in w.q_reasons],
                 sum(w.n_truncated for w in windows), int(sum(int(w.repaired.sum()) for w in windows)),
                 sum(w.seconds for w in windows))
-    if estimated:
-        logger.info("scanned %d rows in %.1fs: %d to embed (about %d tokens), %d quarantined, %d repaired (workers "
-                    "count truncation and texts without tokens)", scan.n_rows, scan.seconds, scan.n_embeddable,
-                    int(n_tokens.sum(dtype=np.int64)), len(scan.q_rows), scan.n_repaired)
-    else:
-        logger.info("scanned %d rows in %.1fs: %d to embed (%d tokens), %d quarantined, %d truncated, %d repaired",
-                    scan.n_rows, scan.seconds, scan.n_embeddable, int(n_tokens.sum(dtype=np.int64)), len(scan.q_rows),
-                    scan.n_truncated, scan.n_repaired)
+    truncated = "workers count truncation and texts without tokens" if estimated else f"{scan.n_truncated} truncated"
+    logger.info("scanned %d rows in %.1fs: %d to embed (%s%d tokens), %d quarantined, %d repaired, %s", scan.n_rows,
+                scan.seconds, scan.n_embeddable, "about " if estimated else "", int(n_tokens.sum(dtype=np.int64)),
+                len(scan.q_rows), scan.n_repaired, truncated)
     return scan
 
 

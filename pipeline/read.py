@@ -46,7 +46,7 @@ from pipeline.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Corpus", "CorpusFile", "RowBatch", "open_corpus", "id_hashes", "decode_texts", "read_ahead", "ReadAhead",
+__all__ = ["Corpus", "CorpusFile", "RowBatch", "open_corpus", "id_hashes", "decode_texts", "ReadAhead",
            "READ_BATCH_ROWS"]
 
 READ_BATCH_ROWS = 32_768  # rows per record batch read from Parquet (a few MB of text)
@@ -446,11 +446,3 @@ class ReadAhead(Iterator[T]):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def read_ahead(items: Iterable[T], depth: int = 1, name: str = "read-ahead") -> Iterator[T]:
-    """``ReadAhead`` as a generator: the thread starts at the first ``next``; closing the generator closes it."""
-    it = ReadAhead(items, depth, name)
-    try:
-        yield from it
-    finally:
-        it.close()

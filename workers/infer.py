@@ -68,9 +68,9 @@ def _bad_outputs(v: np.ndarray) -> np.ndarray:
 
 def subset(token_ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Packed ids and lengths of documents ``rows`` (ascending) only; the inputs themselves when all are kept."""
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     if len(rows) == len(lengths):
         return token_ids, lengths
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     ids = np.concatenate([token_ids[offsets[r]:offsets[r + 1]] for r in rows]) if len(rows) else token_ids[:0]
     return ids, lengths[rows]
 

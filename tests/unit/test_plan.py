@@ -171,7 +171,7 @@ def test_read_ahead_produces_on_a_thread_in_order_and_stops_when_closed():
     import threading
     import time
 
-    from pipeline.read import read_ahead
+    from pipeline.read import ReadAhead
 
     produced: list[int] = []
     second_ready = threading.Event()
@@ -185,17 +185,17 @@ def test_read_ahead_produces_on_a_thread_in_order_and_stops_when_closed():
                 second_ready.set()
             yield i
 
-    it = read_ahead(gen(5))
+    it = ReadAhead(gen(5))
     assert next(it) == 0
     assert second_ready.wait(5), "item 1 was produced while the consumer held item 0"
     assert list(it) == [1, 2, 3, 4]
     got = []
     with pytest.raises(ValueError, match="window 3"):
-        for x in read_ahead(gen(10, fail_at=3)):
+        for x in ReadAhead(gen(10, fail_at=3)):
             got.append(x)
     assert got == [0, 1, 2]
     produced.clear()
-    it = read_ahead(gen(1000))
+    it = ReadAhead(gen(1000))
     assert next(it) == 0
     it.close()                                  # the consumer stopped (an error while sending, say)
     n = len(produced)
