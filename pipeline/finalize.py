@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from pipeline.envs import cpu_count
 from pipeline.errors import InputError, PermanentError
+from pipeline.flat_index import FlatIndexFile, layout_matches, read_shard
 from pipeline.plan import Plan, Scan
 from pipeline.read import id_hashes
 from workers.write import QUARANTINE, VECTORS, OutputDir, part_name, read_part_meta
@@ -47,6 +48,7 @@ __all__ = ["finalize", "committed_parts", "IncompleteJobError", "OracleError", "
            "MANIFEST", "JOB_FILE", "SCAN_QUARANTINE"]
 
 MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
 JOB_FILE = "job.json"
 PENDING_FILE = "job.pending"   # a new job's id while its scan runs (job.json is written after the last window)
 SCAN_QUARANTINE = "quarantine-scan.parquet"
@@ -190,25 +192,19 @@ def _iter_vectors(out: OutputDir, n_batches: int):
             yield rows, v
 
 
-def _flat_shard(out: OutputDir, b: int, dim: int, rows: np.ndarray, vecs: np.ndarray) -> tuple[Any, Any] | None:
-    """Batch ``b``'s FAISS shard, checked against its committed part's ``rows`` and ``vecs``, as (shard, the
-    object that owns it: ``downcast_index`` does not, so the caller keeps both referenced); None for an empty
-    part."""
-    import faiss
-
-    if not len(rows):
-        return None
-    raw = faiss.read_index(str(out.shard(b)))
-    shard = faiss.downcast_index(raw)
-    ok = shard.ntotal == len(rows) and shard.d == dim
-    if ok:
-        ok = np.array_equal(faiss.vector_to_array(shard.id_map), rows) and np.array_equal(
-            faiss.downcast_index(shard.index).reconstruct_n(0, shard.ntotal), vecs)
-    if not ok:  # a later duplicate delivery rewrote the shard: the committed part is the truth
-        logger.warning("shard %s differs from its committed part: rebuilt from the part", out.shard(b).name)
-        shard = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        shard.add_with_ids(vecs, rows.astype(np.int64))
-    return shard, raw
+def _shard_vectors(out: OutputDir, b: int, dim: int, rows: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+    """Batch ``b``'s vectors from its FAISS shard, which must hold exactly its committed part's ``rows`` and
+    ``vecs``; the part's own when it does not (a later duplicate delivery rewrote the shard: the committed
+    part is the truth)."""
+    try:
+        got = read_shard(out.shard(b).read_bytes(), dim)
+    except FileNotFoundError:
+        got = None
+    if got is not None and np.array_equal(got[0], rows) and np.array_equal(got[1], vecs):
+        return got[1]
+    logger.warning("shard %s is missing or differs from its committed part: the part's vectors are used",
+                   out.shard(b).name)
+    return vecs
 
 
 def _stat_key(path: Path) -> tuple[int, ...] | None:
@@ -265,45 +261,68 @@ def read_part_facts(out: OutputDir, b: int, job: str,
 class PartLedger:
     """Finalize's per-part work, done in batch order: each committed part is read once, its rows counted
     against the corpus's ids (``id_hash``: the id key of every input row), its facts (footer, row ids,
-    SHA-256) kept and, for a flat index, its vectors merged into the final index.
+    SHA-256) kept and, for a flat index, its shard's vectors appended to the index file
+    (``FlatIndexFile``; ``planned_rows``: the rows the plan holds, when known, else read from job.json
+    once it is written).
 
     ``finalize`` makes one and runs it over every part; ``ingest`` makes one when the job starts and feeds it
     (``LedgerFeeder``) while later batches are still embedding, so that finalize only reads the last parts.
     A part is recorded only when its footer names this job and batch. ``revalidate`` starts over when a
-    recorded part's file changed since it was read; ``changed`` tells whether one did.
+    recorded part's file changed since it was read; ``changed`` tells whether one did. ``discard`` removes
+    an index file that was not committed.
     """
 
-    def __init__(self, out: OutputDir, job: str, dim: int, index_type: str, id_hash: np.ndarray) -> None:
+    def __init__(self, out: OutputDir, job: str, dim: int, index_type: str, id_hash: np.ndarray,
+                 planned_rows: int | None = None) -> None:
         self.out, self.job, self.dim, self.index_type, self.id_hash = out, job, dim, index_type, id_hash
+        self.planned_rows = planned_rows
+        self.file: FlatIndexFile | None = None
+        self.spent = False       # the index file was committed: a later finalize needs a new ledger
+        self._streams: bool | None = None
         self._start()
 
     def _start(self) -> None:
         self.facts: list[PartFacts] = []
         self.counts = np.zeros(len(self.id_hash), dtype=np.uint16)   # times each input row was seen
         self.unexpected: list[str] = []
-        self._index = None
+        self.discard()
 
     @property
-    def index(self) -> Any:
-        """The flat index merged so far (None for other index types). Made on first use, so FAISS is imported
-        by the thread that merges rather than by ingest before its first batch is sent (0.65 s measured)."""
-        if self._index is None and self.index_type == "flat":
-            import faiss
+    def streams(self) -> bool:
+        """Whether this ledger writes the flat index file itself (FAISS imported here, on first use, so by the
+        thread that feeds the ledger rather than by ingest before its first batch: 0.65 s measured)."""
+        if self._streams is None:
+            self._streams = self.index_type == "flat" and layout_matches(self.dim)
+        return self._streams
 
-            self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        return self._index
+    def _planned(self) -> int | None:
+        if self.planned_rows is None:
+            path = self.out.state(JOB_FILE)
+            if path.exists():   # written once, last, when the plan is complete (atomically)
+                job = json.loads(path.read_text(encoding="utf-8"))
+                if job.get("job") == self.job:
+                    self.planned_rows = int(job["planned_rows"])
+        return self.planned_rows
+
+    def _append(self, rows: np.ndarray, vecs: np.ndarray) -> None:
+        if self.file is None:
+            self.file = FlatIndexFile(self.out.path(INDEX_FILE), self.dim)
+        if self.file.expected is None and self._planned() is not None:
+            self.file.expect(self.planned_rows)
+        self.file.add(rows, vecs)
 
     @property
     def next_batch(self) -> int:
         return len(self.facts)
 
-    def _one(self, b: int) -> tuple[PartFacts, np.ndarray, Any] | None:
-        got = read_part_facts(self.out, b, self.job, vectors=self.index_type == "flat")
+    def _one(self, b: int) -> tuple[PartFacts, np.ndarray, tuple[np.ndarray, np.ndarray] | None] | None:
+        got = read_part_facts(self.out, b, self.job, vectors=self.streams)
         if got is None:
             return None
         facts, id_hash, vecs = got
-        shard = _flat_shard(self.out, b, self.dim, *vecs) if vecs is not None else None
-        return facts, id_hash, shard
+        if vecs is not None:
+            vecs = (vecs[0], _shard_vectors(self.out, b, self.dim, *vecs))
+        return facts, id_hash, vecs
 
     def advance(self, stop: int | None = None, *, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Record parts from ``next_batch`` on, in order, up to ``stop`` (None: while parts are committed) or the
@@ -316,12 +335,25 @@ class PartLedger:
         for got in _in_order(self._one, stop - first, first):
             if got is None or should_stop():
                 break
-            facts, id_hash, shard = got
+            facts, id_hash, vecs = got
             _tally(self.counts, facts.rows, id_hash, self.id_hash, part_name(self.next_batch), self.unexpected)
-            if shard is not None:
-                self.index.merge_from(shard[0])
+            if vecs is not None and len(vecs[0]):
+                self._append(*vecs)
             self.facts.append(facts)
         return self.next_batch
+
+    def commit_index(self) -> str:
+        """Put the flat index file in place (an empty one when no part had vectors); returns its SHA-256."""
+        if self.file is None:
+            self.file = FlatIndexFile(self.out.path(INDEX_FILE), self.dim)
+        digest = self.file.commit()
+        self.file, self.spent = None, True
+        return digest
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.discard()
+            self.file = None
 
     def changed(self) -> int | None:
         """The first recorded part whose file changed since it was read, or None."""
@@ -360,13 +392,16 @@ class LedgerFeeder:
 
 
 def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int, n_rows: int) -> tuple[Any, dict[str, Any]]:
-    """An hnsw or ivfpq index over every committed part (``n`` vectors, row ids < ``n_rows``), in batch order
-    (a flat index is merged part by part by ``PartLedger``)."""
+    """An hnsw, ivfpq or flat index over every committed part (``n`` vectors, row ids < ``n_rows``), in batch
+    order (a flat index is written part by part by ``PartLedger`` unless FAISS's file layout is not the one
+    ``pipeline.flat_index`` knows)."""
     import faiss
 
     params = _index_params(kind, n, dim)
     ip = faiss.METRIC_INNER_PRODUCT
-    if kind == "hnsw":
+    if kind == "flat":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    elif kind == "hnsw":
         inner = faiss.IndexHNSWFlat(dim, params["M"], ip)
         inner.hnsw.efConstruction = params["efConstruction"]
         index = faiss.IndexIDMap2(inner)
@@ -399,8 +434,6 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
 
     ``ledger``: the parts already checked while the job ran (``LedgerFeeder``); any part whose file changed
     since, and every part after it, is read again."""
-    import faiss
-
     t0 = time.perf_counter()
     job = load_job(out)
     job_id, n_batches, dim = job["job"], int(job["n_batches"]), int(job["model"]["dim"])
@@ -408,9 +441,13 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
     plan = Plan.load(out.state("plan.npz"))
     if plan.n_batches != n_batches:
         raise InputError(f"{out}/.fbas/plan.npz does not match job.json: rerun the ingest")
-    if ledger is None or (ledger.job, ledger.dim, ledger.index_type) != (job_id, dim, index_type) \
+    if ledger is None or ledger.spent or (ledger.job, ledger.dim, ledger.index_type) != (job_id, dim, index_type) \
             or ledger.next_batch > n_batches or not np.array_equal(ledger.id_hash, scan.id_hash):
-        ledger = PartLedger(out, job_id, dim, index_type, scan.id_hash)
+        own = PartLedger(out, job_id, dim, index_type, scan.id_hash, job.get("planned_rows"))
+        try:
+            return finalize(out, index_type, timings=timings, redelivered=redelivered, ledger=own)
+        finally:
+            own.discard()   # its index file, unless committed (the caller discards a ledger it passed)
     ledger.revalidate()
     missing, stray = _check_folder(out, job_id, n_batches, {b: f.stat for b, f in enumerate(ledger.facts)})
     if stray:
@@ -482,20 +519,26 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
 
     t_index = time.perf_counter()
     embedded = sum(p["rows"] for p in parts)
-    if ledger.index is not None:
-        index, params = ledger.index, _index_params(index_type, embedded, dim)
+    if ledger.streams:
+        if ledger.file is not None and ledger.file.n != embedded:
+            raise OracleError(f"the index file holds {ledger.file.n} vectors, the parts {embedded}")
+        params, ntotal, index_sha = _index_params(index_type, embedded, dim), embedded, ledger.commit_index()
     else:
+        import faiss
+
         index, params = build_index(out, index_type, n_batches, dim, embedded, n)
-    if index.ntotal != embedded:
-        raise OracleError(f"the index holds {index.ntotal} vectors, the parts {embedded}")
-    digest: list[str] = []
+        if index.ntotal != embedded:
+            raise OracleError(f"the index holds {index.ntotal} vectors, the parts {embedded}")
+        digest: list[str] = []
 
-    def write_index(tmp: Path) -> None:  # streamed to the file: serialize_index's buffer took seconds more
-        faiss.write_index(index, str(tmp))
-        digest.append(sha256_file(tmp))   # of the bytes being committed
+        def write_index(tmp: Path) -> None:  # streamed to the file: serialize_index's buffer took seconds more
+            faiss.write_index(index, str(tmp))
+            digest.append(sha256_file(tmp))   # of the bytes being committed
 
-    OutputDir.write_atomic(out.path("index.faiss"), write_index)
-    index_sha = digest[-1]
+        OutputDir.write_atomic(out.path(INDEX_FILE), write_index)
+        ntotal, index_sha = int(index.ntotal), digest[-1]
+    for stale in out.root.glob(f"{INDEX_FILE}.tmp-*"):   # left by an ingest that was killed
+        stale.unlink(missing_ok=True)
     index_s = time.perf_counter() - t_index
 
     manifest = {
@@ -509,7 +552,7 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
                    "quarantine_reasons": reasons, "truncated": n_trunc, "repaired": n_rep, "tokens": tokens,
                    "batches": n_batches, "redelivered": redelivered},
         "oracle": {"lost": 0, "duplicated": 0, "unexpected": 0},
-        "index": {"file": "index.faiss", "type": index_type, "metric": "inner_product", "ntotal": int(index.ntotal),
+        "index": {"file": INDEX_FILE, "type": index_type, "metric": "inner_product", "ntotal": ntotal,
                   "params": params, "sha256": index_sha},
         "parts": parts,
         "quarantine": q_entry,
@@ -519,5 +562,5 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
     }
     _write_atomic_bytes(out.path(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
     logger.info("finalized %s: %d embedded, %d quarantined, index %s (%d vectors)", out, embedded,
-                manifest["counts"]["quarantined"], index_type, index.ntotal)
+                manifest["counts"]["quarantined"], index_type, ntotal)
     return manifest

@@ -395,8 +395,11 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
             client = connect(broker)
             stack.callback(client.close)
             # finalize's reading and checking of each part, done while later batches are still embedding
-            feeder = LedgerFeeder(PartLedger(out, job_id_for(corpus, cfg, meta), meta.dim, cfg.output.index,
-                                             job.scan.id_hash if job is not None else id_hash))
+            ledger = PartLedger(out, job_id_for(corpus, cfg, meta), meta.dim, cfg.output.index,
+                                job.scan.id_hash if job is not None else id_hash,
+                                job.plan.n_rows if job is not None else None)
+            stack.callback(ledger.discard)   # an index file not committed is removed, after the feeder stops
+            feeder = LedgerFeeder(ledger)
             stack.callback(feeder.stop)
             if windows is not None:   # on an error the scan stops first (the stack closes it last, after the rest)
                 stack.callback(windows.cancel)

@@ -113,7 +113,7 @@ def test_parts_checked_while_the_job_runs_give_the_same_outputs(tmp_path):
     for b in range(2, n - 1):
         _commit(out, plan, ids, vectors, b)
     assert ledger.advance() == n - 1
-    assert ledger.index.ntotal == sum(len(plan.rows(b)) for b in range(n - 1)) - 1
+    assert ledger.file.n == sum(len(plan.rows(b)) for b in range(n - 1)) - 1
     _commit(out, plan, ids, vectors, n - 1)
     ahead = finalize(out, "flat", ledger=ledger)
     assert ahead["timings"]["parts_checked_ahead"] == n - 1
@@ -172,6 +172,7 @@ def test_a_part_with_wrong_ids_fails_the_oracle(tmp_path):
     with pytest.raises(OracleError, match="unexpected 1"):
         finalize(out, "flat")
     assert not out.path("manifest.json").exists()
+    assert not list(out.root.glob("index.faiss*")), "the index file finalize had written is removed"
 
 
 def test_paths_stay_inside_the_output_folder(tmp_path):
@@ -285,3 +286,113 @@ def test_status_of_a_folder_whose_job_is_still_being_scanned(tmp_path):
     assert lines[0].startswith("job j1 in ") and "0 batches committed; its scan is running" in lines[0]
     (tmp_path / "empty").mkdir()
     assert job_status(out=str(tmp_path / "empty"), broker=None)["lines"] == [f"{tmp_path / 'empty'}: no fbas job here"]
+
+
+# --- the flat index file written part by part (pipeline/flat_index.py) ------------------------------
+
+@pytest.mark.parametrize("dim", [16, 384, 768])
+def test_the_installed_faiss_writes_flat_indexes_in_the_layout_we_stream(dim):
+    from pipeline.flat_index import layout_matches
+
+    assert layout_matches(dim), "FAISS changed its file layout: finalize would fall back to writing in memory"
+
+
+@pytest.mark.parametrize("case", ["expected", "fewer than expected", "expected late", "never expected", "empty"])
+def test_a_streamed_flat_index_is_byte_for_byte_what_faiss_writes(tmp_path, monkeypatch, case):
+    """However the count the hash assumed turns out (right, wrong, known late, never known), the committed
+    file is exactly FAISS's own file for the same vectors, its SHA-256 is the file's, and it is flushed to
+    disk along the way (the periodic sync runs here every few parts)."""
+    import hashlib
+
+    import faiss
+
+    import pipeline.flat_index as fi
+
+    monkeypatch.setattr(fi, "_SYNC_BYTES", 5000)
+    rng = np.random.default_rng(1)
+    sizes = [] if case == "empty" else [7, 0, 40, 13]
+    chunks = [(rng.permutation(1000)[:k].astype(np.int64), rng.standard_normal((k, DIM)).astype(np.float32))
+              for k in sizes]
+    n = sum(sizes)
+    f = fi.FlatIndexFile(tmp_path / "index.faiss", DIM)
+    if case in ("expected", "empty"):
+        f.expect(n)
+    elif case == "fewer than expected":
+        f.expect(n + 3)
+    for i, (ids, vecs) in enumerate(chunks):
+        f.add(ids, vecs)
+        if case == "expected late" and i == 2:
+            f.expect(n)
+    digest = f.commit()
+    want = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+    for ids, vecs in chunks:
+        want.add_with_ids(vecs, ids)
+    data = (tmp_path / "index.faiss").read_bytes()
+    assert data == faiss.serialize_index(want).tobytes()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert [p.name for p in tmp_path.iterdir()] == ["index.faiss"], "no temp file is left"
+    if n:
+        got = faiss.read_index(str(tmp_path / "index.faiss"))
+        _, found = got.search(chunks[2][1][:1], 1)
+        assert found[0, 0] == chunks[2][0][0]
+
+
+def test_a_shard_is_read_only_when_laid_out_as_faiss_writes_it():
+    import faiss
+
+    from pipeline.flat_index import read_shard
+
+    vecs = np.arange(3 * DIM, dtype=np.float32).reshape(3, DIM)
+    shard = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+    shard.add_with_ids(vecs, np.array([4, 9, 2], np.int64))
+    data = faiss.serialize_index(shard).tobytes()
+    ids, got = read_shard(data, DIM)
+    assert ids.tolist() == [4, 9, 2] and np.array_equal(got, vecs)
+    assert read_shard(data, DIM * 2) is None, "another dimension"
+    assert read_shard(data[:-8], DIM) is None, "cut short"
+    assert read_shard(b"", DIM) is None
+
+
+def test_finalize_writes_the_same_flat_index_when_faiss_lays_it_out_otherwise(tmp_path, monkeypatch):
+    """With a FAISS whose file layout is not the one we stream, the ledger only checks parts and finalize
+    builds the flat index in memory: the same file either way."""
+    import pipeline.finalize as fin
+
+    out, plan, ids, vectors = _job(tmp_path)
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b, bad_rows=(plan.rows(1)[2],) if b == 1 else ())
+    streamed = finalize(out, "flat")
+    data = out.path("index.faiss").read_bytes()
+    monkeypatch.setattr(fin, "layout_matches", lambda dim: False)
+    in_memory = finalize(out, "flat")
+    assert out.path("index.faiss").read_bytes() == data
+    assert in_memory["index"] == streamed["index"] and in_memory["counts"]["embedded"] == 297
+
+
+def test_an_unfinished_index_file_is_never_left_behind(tmp_path):
+    """A ledger's file is removed by ``discard`` (ingest's exit); a temp file left by a killed run stays
+    through a finalize that fails and is removed by the next one that succeeds. (A finalize that fails after
+    writing: test_a_part_with_wrong_ids_fails_the_oracle.)"""
+    from pipeline.finalize import PartLedger
+
+    out, plan, ids, vectors = _job(tmp_path)
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b)
+    ledger = PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash)
+    assert ledger.advance() == plan.n_batches
+    assert ledger.file is not None and ledger.file.tmp.exists() and ledger.file.expected == plan.n_rows
+    killed = ledger.file.tmp
+    ledger.file._f.close()
+    ledger.file = None   # as if the process had been killed: its temp file stays
+    os.unlink(out.vectors_part(3))
+    with pytest.raises(IncompleteJobError):
+        finalize(out, "flat")
+    assert sorted(p.name for p in out.root.glob("index.faiss*")) == [killed.name]
+    _commit(out, plan, ids, vectors, 3)
+    ledger = PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash)
+    ledger.advance()
+    tmp = ledger.file.tmp
+    ledger.discard()
+    assert not tmp.exists()
+    finalize(out, "flat")
+    assert [p.name for p in out.root.glob("index.faiss*")] == ["index.faiss"]
