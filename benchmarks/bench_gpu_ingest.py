@@ -93,6 +93,37 @@ def running_service(built: Path, state: Path, args: argparse.Namespace, max_len:
         cluster.stop()
 
 
+@contextmanager
+def gpu_trace(into: dict, bin_s: float = 0.5):
+    """Samples the GPU's utilization (``nvidia-smi``, every 100 ms) while the block runs; afterwards
+    ``into["gpu_util"]`` holds the mean % per ``bin_s`` seconds from the block's start (nothing without
+    nvidia-smi). Kernel-busy time, as the driver counts it: a coarse picture of when the GPU waited."""
+    import subprocess
+    from datetime import datetime
+
+    if not shutil.which("nvidia-smi"):
+        yield
+        return
+    start = time.time()
+    proc = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits",
+                             "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield
+    finally:
+        proc.terminate()
+        lines = proc.communicate()[0].splitlines()
+        bins: dict[int, list[int]] = {}
+        for line in lines:
+            try:
+                ts, util = (x.strip() for x in line.split(","))
+                t = datetime.strptime(ts, "%Y/%m/%d %H:%M:%S.%f").timestamp() - start
+                bins.setdefault(int(t // bin_s), []).append(int(util))
+            except ValueError:
+                continue
+        into["gpu_util"] = [round(sum(v) / len(v)) for _, v in sorted(bins.items()) if _ >= 0]
+        into["gpu_util_bin_s"] = bin_s
+
+
 def long_corpus(data: Path, tokenizer_dir: Path, n_docs: int, path: Path) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -147,7 +178,8 @@ def main() -> int:
                     help="comma list of `ingest --lengths` modes (auto, exact, estimate): one fbas run set per mode, "
                          "the runs of the modes alternating")
     ap.add_argument("--fbas-root", type=Path, default=None,
-                    help="also time local mode from this other checkout (a baseline commit, same run)")
+                    help="also time this other checkout's ingest (a baseline commit, same run): in local mode, "
+                         "and with --service its producer against the same running service, runs alternating")
     ap.add_argument("--log-lines", type=int, default=0,
                     help="keep the first N lines of the first service run's `ingest -v` log in the results")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -200,9 +232,10 @@ def main() -> int:
                 for m, runs in local.items():
                     if runs:
                         r["summary"][_key(m, modes, f"instances={ic}")] = _summary(runs, n, eng)
+                benv = {**env, "PYTHONPATH": os.pathsep.join([str(args.fbas_root), env["PYTHONPATH"]])} \
+                    if args.fbas_root else env
                 if args.fbas_root:
                     base = r["fbas"][f"baseline instances={ic}"] = []
-                    benv = {**env, "PYTHONPATH": os.pathsep.join([str(args.fbas_root), env["PYTHONPATH"]])}
                     for k in range(args.runs if args.local_runs is None else args.local_runs):
                         base.append(run_fbas(corpus, work / f"base-{case}-{ic}-{k}", benv, args.precision,
                                              flags + ("--instance-count", ic), root=args.fbas_root))
@@ -211,16 +244,26 @@ def main() -> int:
                 for conc in (args.service_concurrency or str(args.concurrency)).split(",") if args.service else ():
                     name = f"service instances={ic}" + (f" concurrency={conc}" if args.service_concurrency else "")
                     svc = {m: r["fbas"].setdefault(_key(m, modes, name), []) for m in modes}
+                    if args.fbas_root:   # the baseline checkout's producer, against the same running service
+                        svc["baseline"] = r["fbas"].setdefault(f"baseline {name}", [])
                     with running_service(built, work / f"svc-{case}-{ic}-{conc}", args, max_len, int(ic),
                                          int(conc)) as broker:
                         for k in range(args.runs):
                             for m, runs in svc.items():
-                                runs.append(run_fbas(corpus, work / f"svc-out-{case}-{ic}-{conc}-{m}-{k}", env,
-                                                     args.precision, flags + ("--broker", broker, "--lengths", m),
-                                                     log_lines=args.log_lines if k == 0 else 0))
-                                print(case, _key(m, modes, name), runs[-1], flush=True)
+                                base = m == "baseline"
+                                extra = ("--broker", broker) + (() if base else ("--lengths", m))
+                                trace: dict = {}
+                                with gpu_trace(trace):
+                                    got = run_fbas(corpus, work / f"svc-out-{case}-{ic}-{conc}-{m}-{k}",
+                                                   benv if base else env, args.precision, flags + extra,
+                                                   log_lines=args.log_lines if k == 0 else 0,
+                                                   root=args.fbas_root if base else ROOT)
+                                runs.append({**got, **trace})
+                                print(case, f"baseline {name}" if base else _key(m, modes, name), runs[-1],
+                                      flush=True)
                     for m, runs in svc.items():
-                        r["summary"][_key(m, modes, name)] = _summary(runs, n, eng)
+                        r["summary"][f"baseline {name}" if m == "baseline" else _key(m, modes, name)] = \
+                            _summary(runs, n, eng)
             print(case, "summary", r["summary"], flush=True)
             res["cases"][case] = r
             if args.json:

@@ -85,7 +85,7 @@ def run_fbas(corpus: Path, out: Path, env: dict, precision: str, extra: tuple[st
              root: Path = ROOT, log_lines: int = 0) -> dict:
     """``fbas-pipeline ingest`` as a user runs it (``extra``: more flags; ``root``: the checkout whose code
     runs); wall time + manifest timings (+ the first ``log_lines`` lines of its ``-v`` log, timestamped)."""
-    t0 = time.perf_counter()
+    t0, start = time.perf_counter(), time.time()
     verbose = ("-v",) if log_lines else ()
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", *verbose, "ingest", str(corpus), "--out", str(out),
                         "--precision", precision, "--no-progress", *extra], env=env, capture_output=True,
@@ -99,7 +99,23 @@ def run_fbas(corpus: Path, out: Path, env: dict, precision: str, extra: tuple[st
             "scan_s": t.get("scan_s"), "finalize_s": t.get("finalize_s"), "index_s": t.get("index_s"),
             "engine_compute_s": t.get("engine_compute_s"), "docs": m["counts"]["embedded"],
             "padding_ratio": m["settings"].get("padding_ratio"), "batches": m["counts"]["batches"],
+            "timeline": commit_timeline(out, start),
             **({"log": p.stderr.splitlines()[:log_lines]} if log_lines else {})}
+
+
+def commit_timeline(out: Path, start: float) -> dict:
+    """When the run's parts were committed (their files' mtimes), in seconds from the command's start: the
+    first, the 10/50/90% marks, the last, the longest pause between two commits and the manifest."""
+    import numpy as np
+
+    t = np.sort([f.stat().st_mtime for f in (out / "vectors").glob("part-*.parquet")]) - start
+    if not len(t):
+        return {}
+    q = np.quantile(t, [0.1, 0.5, 0.9])
+    return {"first_part_s": round(float(t[0]), 3), "p10_s": round(float(q[0]), 3), "p50_s": round(float(q[1]), 3),
+            "p90_s": round(float(q[2]), 3), "last_part_s": round(float(t[-1]), 3),
+            "longest_pause_s": round(float(np.diff(t).max()) if len(t) > 1 else 0.0, 3),
+            "manifest_s": round((out / "manifest.json").stat().st_mtime - start, 3)}
 
 
 def run_plain(corpus: Path, model_path: str, out: Path, env: dict) -> dict:
