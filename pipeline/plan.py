@@ -230,11 +230,10 @@ def _char_counts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.frombuffer(offset_buf, dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
     if data_buf is None or offsets[-1] == offsets[0]:
         return chars, wide
-    lead = (np.frombuffer(data_buf, dtype=np.uint8)[offsets[0]:offsets[-1]] >= 0xE0).view(np.uint8)
-    if not lead.any():
-        return chars, wide
-    nonempty = offsets[1:] > offsets[:-1]
-    wide[nonempty] = np.add.reduceat(lead, offsets[:-1][nonempty] - offsets[0], dtype=np.int64)
+    # the lead bytes' positions, then how many fall inside each text (few in most text: no per-byte sums)
+    lead = np.flatnonzero(np.frombuffer(data_buf, dtype=np.uint8)[offsets[0]:offsets[-1]] >= 0xE0)
+    if len(lead):
+        wide = np.diff(np.searchsorted(lead, offsets - offsets[0])).astype(np.int64)
     return chars, wide
 
 
