@@ -75,7 +75,7 @@ def random_model(tokenizer_dir: Path, dest: Path, shape: str) -> Path:
 def running_service(built: Path, state: Path, args: argparse.Namespace, max_len: int, instances: int,
                     concurrency: int):
     """redis-server + tritonserver (model loaded, ``instances`` instances) + a Celery worker, up until the
-    block ends; yields the broker URL to pass to ``ingest --broker``."""
+    block ends; yields the cluster (``broker_url`` to pass to ``ingest --broker``, ``engine_stats()``)."""
     from pipeline.config import FbasConfig, apply_env
     from pipeline.envs import read_env
     from pipeline.local import LocalCluster
@@ -88,7 +88,7 @@ def running_service(built: Path, state: Path, args: argparse.Namespace, max_len:
     try:
         cluster.start()
         cluster.wait_ready()
-        yield cluster.broker_url
+        yield cluster
     finally:
         cluster.stop()
 
@@ -247,17 +247,21 @@ def main() -> int:
                     if args.fbas_root:   # the baseline checkout's producer, against the same running service
                         svc["baseline"] = r["fbas"].setdefault(f"baseline {name}", [])
                     with running_service(built, work / f"svc-{case}-{ic}-{conc}", args, max_len, int(ic),
-                                         int(conc)) as broker:
+                                         int(conc)) as svc_cluster:
+                        broker = svc_cluster.broker_url
                         for k in range(args.runs):
                             for m, runs in svc.items():
                                 base = m == "baseline"
                                 extra = ("--broker", broker) + (() if base else ("--lengths", m))
                                 trace: dict = {}
+                                before = svc_cluster.engine_stats()
                                 with gpu_trace(trace):
                                     got = run_fbas(corpus, work / f"svc-out-{case}-{ic}-{conc}-{m}-{k}",
                                                    benv if base else env, args.precision, flags + extra,
                                                    log_lines=args.log_lines if k == 0 else 0,
                                                    root=args.fbas_root if base else ROOT)
+                                after = svc_cluster.engine_stats()   # Triton's account of this run
+                                trace["triton"] = {k: round(after[k] - before[k], 3) for k in after}
                                 runs.append({**got, **trace})
                                 print(case, f"baseline {name}" if base else _key(m, modes, name), runs[-1],
                                       flush=True)
