@@ -219,22 +219,19 @@ class LengthEstimate:
 
 def _char_counts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(int64 characters, int64 wide characters) of each text; wide = encoded in 3 or 4 bytes of UTF-8 (CJK,
-    emoji and beyond: U+0800 up), counted by their lead bytes (0xE0 and above) in the Arrow buffer."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    arr = pa.array(texts, pa.large_string())
-    chars = pc.utf8_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    emoji and beyond: U+0800 up), counted by their lead bytes (0xE0 and above). Pure-ASCII texts (a flag
+    Python keeps) are skipped; no Arrow array is made from the list, since pyarrow's first ``pa.array``
+    imports pandas where it is installed (1.0 s on the GPU host, on the way to the first batch)."""
+    chars = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     wide = np.zeros(len(texts), dtype=np.int64)
-    _, offset_buf, data_buf = arr.buffers()
-    offsets = np.frombuffer(offset_buf, dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
-    if data_buf is None or offsets[-1] == offsets[0]:
-        return chars, wide
-    # the lead bytes' positions, then how many fall inside each text (few in most text: no per-byte sums)
-    lead = np.flatnonzero(np.frombuffer(data_buf, dtype=np.uint8)[offsets[0]:offsets[-1]] >= 0xE0)
-    if len(lead):
-        wide = np.diff(np.searchsorted(lead, offsets - offsets[0])).astype(np.int64)
+    for i, t in enumerate(texts):
+        if not t.isascii():
+            b = t.encode("utf-8", "surrogatepass")
+            wide[i] = len(b) - len(b.translate(None, _WIDE_LEADS))
     return chars, wide
+
+
+_WIDE_LEADS = bytes(range(0xE0, 0x100))
 
 
 def scan_windows(corpus: Corpus, tokenizer, window_rows: int, progress: Callable[[int], None] | None = None,

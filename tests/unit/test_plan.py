@@ -339,18 +339,24 @@ def test_estimated_lengths_track_the_tokenizer_on_real_text(built_fp32, stsb_en_
     assert int(exact.sum()) == pytest.approx(int(guess.sum()), rel=0.08)
 
 
-def test_estimated_lengths_on_characters_of_every_width(built_fp32):
+def test_estimated_lengths_on_characters_of_every_width(built_fp32, monkeypatch):
     """Wide characters (CJK, emoji) count one token each, narrow ones by the ratio; a text is never estimated
     below 3 tokens, and truncation caps it."""
     from engine.model_dir import load_tokenizer
     from pipeline.plan import LengthEstimate
 
+    # no Arrow array is built from the texts: pyarrow's first pa.array imports pandas where it is installed
+    monkeypatch.setattr(pa, "array", lambda *a, **k: pytest.fail("pa.array called while estimating lengths"))
     est = LengthEstimate(1, 4, 16)                     # a token every 4 narrow characters
     texts = ["abcd", "abcde", "一二三", "😀😀😀😀😀", "é", "x" * 1000, "ab 一"]
     lens, full = est.lengths(texts)
     assert full.tolist()[:5] == [3, 4, 5, 7, 3]
     assert lens.tolist() == [3, 4, 5, 7, 3, 16, 4] and full[5] == 252
     assert est.exact is False
+    from pipeline.plan import _char_counts
+
+    chars, wide = _char_counts(["a", "é", "中", "😀😀", "", "x中😀é", "\ud800"])   # a lone surrogate too
+    assert chars.tolist() == [1, 1, 1, 2, 0, 4, 1] and wide.tolist() == [0, 0, 1, 2, 0, 2, 1]
     assert getattr(load_tokenizer(built_fp32), "exact", True) is True
 
 
