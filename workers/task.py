@@ -87,6 +87,9 @@ def _preload(**_: Any) -> None:
 
     for name in ("faiss", "pyarrow.parquet", "tokenizers", "workers.triton_client"):
         importlib.import_module(name)
+    # pyarrow imports pandas, where it is installed, on its first pa.array (1.0 s on the GPU host): now, not
+    # inside the first batch's write
+    importlib.import_module("pyarrow").array([0])
 
 
 def _redis(url: str) -> Any:
