@@ -180,6 +180,9 @@ def main() -> int:
     ap.add_argument("--fbas-root", type=Path, default=None,
                     help="also time this other checkout's ingest (a baseline commit, same run): in local mode, "
                          "and with --service its producer against the same running service, runs alternating")
+    ap.add_argument("--service-roots", default=None,
+                    help="comma list of NAME=CHECKOUT: other checkouts' producers, run against the same running "
+                         "service, alternating with this one (variants of a change, same run)")
     ap.add_argument("--log-lines", type=int, default=0,
                     help="keep the first N lines of the first service run's `ingest -v` log in the results")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -244,30 +247,34 @@ def main() -> int:
                 for conc in (args.service_concurrency or str(args.concurrency)).split(",") if args.service else ():
                     name = f"service instances={ic}" + (f" concurrency={conc}" if args.service_concurrency else "")
                     svc = {m: r["fbas"].setdefault(_key(m, modes, name), []) for m in modes}
+                    roots = dict(x.split("=", 1) for x in args.service_roots.split(",")) if args.service_roots else {}
                     if args.fbas_root:   # the baseline checkout's producer, against the same running service
-                        svc["baseline"] = r["fbas"].setdefault(f"baseline {name}", [])
+                        roots["baseline"] = str(args.fbas_root)
+                    for label in roots:
+                        svc[label] = r["fbas"].setdefault(f"{label} {name}", [])
                     with running_service(built, work / f"svc-{case}-{ic}-{conc}", args, max_len, int(ic),
                                          int(conc)) as svc_cluster:
                         broker = svc_cluster.broker_url
                         for k in range(args.runs):
                             for m, runs in svc.items():
-                                base = m == "baseline"
-                                extra = ("--broker", broker) + (() if base else ("--lengths", m))
+                                root = Path(roots[m]) if m in roots else ROOT
+                                renv = {**env, "PYTHONPATH": os.pathsep.join([str(root), env["PYTHONPATH"]])}
+                                extra = ("--broker", broker) + (() if m in roots else ("--lengths", m))
                                 trace: dict = {}
                                 before = svc_cluster.engine_stats()
                                 with gpu_trace(trace):
                                     got = run_fbas(corpus, work / f"svc-out-{case}-{ic}-{conc}-{m}-{k}",
-                                                   benv if base else env, args.precision, flags + extra,
-                                                   log_lines=args.log_lines if k == 0 else 0,
-                                                   root=args.fbas_root if base else ROOT)
+                                                   renv, args.precision, flags + extra,
+                                                   log_lines=args.log_lines if k == 0 else 0, root=root)
                                 after = svc_cluster.engine_stats()   # Triton's account of this run
                                 trace["triton"] = {k: round(after[k] - before[k], 3) for k in after}
                                 runs.append({**got, **trace})
-                                print(case, f"baseline {name}" if base else _key(m, modes, name), runs[-1],
-                                      flush=True)
-                    for m, runs in svc.items():
-                        r["summary"][f"baseline {name}" if m == "baseline" else _key(m, modes, name)] = \
-                            _summary(runs, n, eng)
+                                label = f"{m} {name}" if m in roots else _key(m, modes, name)
+                                print(case, label, runs[-1], flush=True)
+                                r["summary"][label] = _summary(runs, n, eng)
+                                if args.json:   # after every run: a run cut short keeps what it measured
+                                    args.json.write_text(json.dumps({**res, "cases": {**res["cases"], case: r}},
+                                                                    indent=2))
             print(case, "summary", r["summary"], flush=True)
             res["cases"][case] = r
             if args.json:
