@@ -63,7 +63,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["ingest", "IngestResult", "ensure_model", "scan_and_send", "save_job", "Job"]
 
 MODEL_SUBDIR = "model"
-FIRST_BATCH_SHARE = 4    # the first window's batches hold batch_tokens / this (see first_batch_tokens)
 MODEL_CACHE = Path.home() / ".cache" / "fbas" / "models"  # built engines, by model_key
 
 
@@ -165,8 +164,6 @@ def _batch_settings(cfg: FbasConfig) -> dict[str, int | str]:
                 "first_window": first_window(cfg), "plan_version": PLAN_VERSION}
     if length_mode(cfg) == "estimate":   # named only then: jobs planned on exact lengths keep their ids
         settings["lengths"] = "estimate"
-    if first_batch_tokens(cfg) != c.batch_tokens:   # likewise: one-window-size (CPU) jobs keep their ids
-        settings["first_batch_tokens"] = first_batch_tokens(cfg)
     return settings
 
 
@@ -176,14 +173,6 @@ def first_window(cfg: FbasConfig) -> int:
     if c.first_window:
         return min(c.first_window, c.plan_window)
     return min(FIRST_WINDOW, c.plan_window) if cfg.engine.target == "gpu" else c.plan_window
-
-
-def first_batch_tokens(cfg: FbasConfig) -> int:
-    """Token budget of the first window's batches: with growing windows (the gpu target), a quarter of
-    ``batch_tokens``, so that the GPU's first work waits for a worker to tokenize a quarter as much; the
-    later windows' batches are full size."""
-    c = cfg.corpus
-    return max(1, c.batch_tokens // FIRST_BATCH_SHARE) if first_window(cfg) < c.plan_window else c.batch_tokens
 
 
 def length_mode(cfg: FbasConfig) -> str:
@@ -250,8 +239,7 @@ def scan_and_send(corpus: Corpus, cfg: FbasConfig, out: OutputDir, model_meta: A
         json.dumps({"job": job_id, "corpus": corpus.uri}), encoding="utf-8"))
     scanned, plans, n_batches, n_rows = [], [], 0, 0
     for w in windows:    # the next window is read while this one's batches wait for room in the queue
-        budget = first_batch_tokens(cfg) if not plans else c.batch_tokens
-        wplan = plan_window(w.n_tokens, w.row0, budget, c.batch_rows)
+        wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
         for msg in window_messages(w, wplan, n_batches, job=job_id, out=str(out), model=model_meta.fingerprint,
                                    dim=model_meta.dim, id_type=corpus.id_type, skip=skip):
             send(msg)
