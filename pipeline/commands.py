@@ -87,7 +87,8 @@ def register_commands(sub: Any, cfg: FbasConfig, add_section_flags: Any) -> None
 
 # Modules the producer needs only once the ids are checked (the broker's client, Celery and what its first
 # send loads): imported on a thread from the start, beside pipeline.ingest's own imports and the id check. On
-# the GPU host these imports took 0.9 s between the id check and the first batch.
+# the GPU host these imports took 0.9 s between the id check and the first batch. (Importing workers.app there
+# makes its Celery app that thread's "current app"; the producer uses its own app, never current_app.)
 _PRODUCER_MODULES = ("redis", "workers.app", "kombu.transport.redis", "celery.app.amqp", "celery.app.routes")
 
 

@@ -193,9 +193,9 @@ def _iter_vectors(out: OutputDir, n_batches: int):
 
 
 def _shard_vectors(out: OutputDir, b: int, dim: int, rows: np.ndarray, vecs: np.ndarray) -> np.ndarray:
-    """Batch ``b``'s vectors from its FAISS shard, which must hold exactly its committed part's ``rows`` and
-    ``vecs``; the part's own when it does not (a later duplicate delivery rewrote the shard: the committed
-    part is the truth)."""
+    """Batch ``b``'s vectors for the index, after checking its FAISS shard against its committed part: the
+    shard must hold exactly the part's ``rows`` and ``vecs``. When it does not (missing, or rewritten by a later
+    duplicate delivery) a warning says so and the part's vectors are used: the committed part is the truth."""
     try:
         got = read_shard(out.shard(b).read_bytes(), dim)
     except FileNotFoundError:
@@ -269,7 +269,8 @@ class PartLedger:
     (``LedgerFeeder``) while later batches are still embedding, so that finalize only reads the last parts.
     A part is recorded only when its footer names this job and batch. ``revalidate`` starts over when a
     recorded part's file changed since it was read; ``changed`` tells whether one did. ``discard`` removes
-    an index file that was not committed.
+    an index file that was not committed; ``close`` does too and ends the ledger (a feeder still running
+    cannot start another file).
     """
 
     def __init__(self, out: OutputDir, job: str, dim: int, index_type: str, id_hash: np.ndarray,
@@ -278,7 +279,10 @@ class PartLedger:
         self.planned_rows = planned_rows
         self.file: FlatIndexFile | None = None
         self.spent = False       # the index file was committed: a later finalize needs a new ledger
+        self._closed = False
         self._streams: bool | None = None
+        self._born = time.time_ns()   # a job.json older than this is an earlier attempt's (at worst, one written
+        #                               within a clock tick of this is not trusted: the file is then hashed at commit)
         self._start()
 
     def _start(self) -> None:
@@ -290,21 +294,23 @@ class PartLedger:
     @property
     def streams(self) -> bool:
         """Whether this ledger writes the flat index file itself (FAISS imported here, on first use, so by the
-        thread that feeds the ledger rather than by ingest before its first batch: 0.65 s measured)."""
+        threads that read parts for the ledger rather than by ingest before its first batch: 0.65 s measured)."""
         if self._streams is None:
             self._streams = self.index_type == "flat" and layout_matches(self.dim)
         return self._streams
 
     def _planned(self) -> int | None:
         if self.planned_rows is None:
-            path = self.out.state(JOB_FILE)
-            if path.exists():   # written once, last, when the plan is complete (atomically)
+            path = self.out.state(JOB_FILE)   # written once, last, when the plan is complete (atomically)
+            if path.exists() and path.stat().st_mtime_ns >= self._born:
                 job = json.loads(path.read_text(encoding="utf-8"))
                 if job.get("job") == self.job:
                     self.planned_rows = int(job["planned_rows"])
         return self.planned_rows
 
     def _append(self, rows: np.ndarray, vecs: np.ndarray) -> None:
+        if self._closed:
+            raise RuntimeError("the ledger was closed")
         if self.file is None:
             self.file = FlatIndexFile(self.out.path(INDEX_FILE), self.dim)
         if self.file.expected is None and self._planned() is not None:
@@ -336,9 +342,9 @@ class PartLedger:
             if got is None or should_stop():
                 break
             facts, id_hash, vecs = got
-            _tally(self.counts, facts.rows, id_hash, self.id_hash, part_name(self.next_batch), self.unexpected)
             if vecs is not None and len(vecs[0]):
-                self._append(*vecs)
+                self._append(*vecs)   # first: if it fails, nothing of this part is recorded
+            _tally(self.counts, facts.rows, id_hash, self.id_hash, part_name(self.next_batch), self.unexpected)
             self.facts.append(facts)
         return self.next_batch
 
@@ -354,6 +360,10 @@ class PartLedger:
         if self.file is not None:
             self.file.discard()
             self.file = None
+
+    def close(self) -> None:
+        self._closed = True
+        self.discard()
 
     def changed(self) -> int | None:
         """The first recorded part whose file changed since it was read, or None."""
@@ -520,8 +530,9 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
     t_index = time.perf_counter()
     embedded = sum(p["rows"] for p in parts)
     if ledger.streams:
-        if ledger.file is not None and ledger.file.n != embedded:
-            raise OracleError(f"the index file holds {ledger.file.n} vectors, the parts {embedded}")
+        written = ledger.file.n if ledger.file is not None else 0
+        if written != embedded:
+            raise OracleError(f"the index file holds {written} vectors, the parts {embedded}")
         params, ntotal, index_sha = _index_params(index_type, embedded, dim), embedded, ledger.commit_index()
     else:
         import faiss

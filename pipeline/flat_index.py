@@ -66,7 +66,11 @@ def layout_matches(dim: int) -> bool:
 
 class FlatIndexFile:
     """A flat index being written to ``<final>.tmp-<host>-<pid>-<random>`` (``final``'s folder), vectors
-    appended as they arrive. Used by one thread at a time. ``commit`` finishes it and puts it in place."""
+    appended as they arrive. Used by one thread at a time. ``commit`` finishes it and puts it in place.
+
+    Every write goes to its place in the file (``pwrite``) and a part counts only once its vectors are written
+    (and synced, when a sync is due): an append that fails midway changes nothing that is counted, and the same
+    part appended again overwrites what the failed one left."""
 
     def __init__(self, final: Path, dim: int) -> None:
         self.final, self.dim = final, dim
@@ -76,39 +80,39 @@ class FlatIndexFile:
         self._ids: list[np.ndarray] = []
         self._hash = None               # of the bytes so far, with the prefix for ``expected`` rows
         self._unsynced = 0
-        self._f = open(self.tmp, "w+b")  # noqa: SIM115 - closed by commit or discard
-        self._f.write(_prefix(dim, 0))   # a placeholder of the right size: commit writes the real one
+        self._fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def _end(self) -> int:
+        return PREFIX_BYTES + self.n * self.dim * 4
 
     def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         """Append vectors ``[k, dim]`` (float32) with their ids."""
         if vecs.shape != (len(ids), self.dim) or vecs.dtype != np.float32:
             raise ValueError(f"vectors {vecs.shape} {vecs.dtype} for {len(ids)} ids of dim {self.dim}")
         data = memoryview(np.ascontiguousarray(vecs).reshape(-1)).cast("B")
-        self._f.write(data)
-        if self._hash is not None:
+        _pwrite_all(self._fd, data, self._end())
+        unsynced = self._unsynced + len(data)
+        if unsynced >= _SYNC_BYTES:
+            os.fdatasync(self._fd)
+            unsynced = 0
+        if self._hash is not None:       # from here on nothing can fail: the part is counted
             self._hash.update(data)
         self._ids.append(np.asarray(ids, np.int64))
         self.n += len(ids)
-        self._unsynced += len(data)
-        if self._unsynced >= _SYNC_BYTES:
-            self._f.flush()
-            os.fdatasync(self._f.fileno())
-            self._unsynced = 0
+        self._unsynced = unsynced
 
     def expect(self, n: int) -> None:
         """Start the hash, for a file of ``n`` vectors: the prefix, then the vectors written so far (read back)."""
-        if self.expected is not None:
-            return
-        self.expected = n
-        self._hash = self._hash_from(_prefix(self.dim, n))
+        if self.expected is None:
+            h = self._hash_from(_prefix(self.dim, n))
+            self._hash, self.expected = h, n
 
     def _hash_from(self, prefix: bytes):
         """SHA-256 of ``prefix`` and the vectors written so far."""
         h = hashlib.sha256(prefix)
-        self._f.flush()
-        end, pos, fd = PREFIX_BYTES + self.n * self.dim * 4, PREFIX_BYTES, self._f.fileno()
+        end, pos = self._end(), PREFIX_BYTES
         while pos < end:
-            block = os.pread(fd, min(_READ_BYTES, end - pos), pos)
+            block = os.pread(self._fd, min(_READ_BYTES, end - pos), pos)
             if not block:
                 raise OSError(f"{self.tmp} is shorter than what was written to it")
             h.update(block)
@@ -122,20 +126,29 @@ class FlatIndexFile:
         prefix = _prefix(self.dim, self.n)
         h = self._hash if self.expected == self.n else self._hash_from(prefix)
         ids = _ids_bytes(np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64))
+        end = self._end()
+        _pwrite_all(self._fd, ids, end)
+        os.ftruncate(self._fd, end + len(ids))     # anything a failed append left beyond the end goes
+        _pwrite_all(self._fd, prefix, 0)
         h.update(ids)
-        self._f.seek(0, os.SEEK_END)
-        self._f.write(ids)
-        self._f.seek(0)
-        self._f.write(prefix)
-        self._f.close()
+        os.close(self._fd)
+        self._fd = None
         OutputDir.write_atomic(self.final, lambda tmp: os.replace(self.tmp, tmp))  # fsync, then rename
         return h.hexdigest()
 
     def discard(self) -> None:
         """Close and remove the unfinished file (nothing happens after ``commit``)."""
-        if not self._f.closed:
-            self._f.close()
-        self.tmp.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self.tmp.unlink(missing_ok=True)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 def read_shard(data: bytes, dim: int) -> tuple[np.ndarray, np.ndarray] | None:

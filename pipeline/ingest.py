@@ -398,7 +398,7 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
             ledger = PartLedger(out, job_id_for(corpus, cfg, meta), meta.dim, cfg.output.index,
                                 job.scan.id_hash if job is not None else id_hash,
                                 job.plan.n_rows if job is not None else None)
-            stack.callback(ledger.discard)   # an index file not committed is removed, after the feeder stops
+            stack.callback(ledger.close)   # an index file not committed is removed, after the feeder stops
             feeder = LedgerFeeder(ledger)
             stack.callback(feeder.stop)
             if windows is not None:   # on an error the scan stops first (the stack closes it last, after the rest)
@@ -525,7 +525,7 @@ def _run_queue(corpus: Corpus, cfg: FbasConfig, out: OutputDir, job: Job | None,
     return job, sender.sent, len(committed), state.counters()["redelivered"]
 
 
-# how often the producer looks at the job's progress in Redis (three small reads): the end of a job is seen
+# how often the producer looks at the job's progress in Redis (a few small reads): the end of a job is seen
 # within this, so it is short (0.2 s before: up to 0.2 s between the last part's commit and finalize)
 _POLL_S = 0.05
 
