@@ -432,7 +432,14 @@ class ReadAhead(Iterator[T]):
     def __next__(self) -> T:
         if self._done:
             raise StopIteration
-        x, err = self._q.get()
+        while True:
+            try:
+                x, err = self._q.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._stop.is_set() and not self._thread.is_alive():   # cancelled: nothing more comes
+                    self._done = True
+                    raise StopIteration from None
         if x is _END:
             self.close()
             if err is not None:
@@ -441,7 +448,8 @@ class ReadAhead(Iterator[T]):
         return x
 
     def cancel(self) -> None:
-        """Ask the producer to stop after its current item, without waiting (``close`` waits)."""
+        """Ask the producer to stop after its current item, without waiting (``close`` waits); ``next`` then
+        gives what was already made, then stops."""
         self._stop.set()
 
     def close(self) -> None:

@@ -201,6 +201,13 @@ def test_read_ahead_produces_on_a_thread_in_order_and_stops_when_closed():
     n = len(produced)
     time.sleep(0.3)
     assert n == len(produced) <= 3, "the producer stopped after at most one item beyond the queue"
+    # cancelled but not closed: next() gives what was already made, then stops instead of waiting forever
+    it = ReadAhead(gen(1000))
+    assert next(it) == 0
+    it.cancel()
+    t0 = time.monotonic()
+    rest = list(it)
+    assert time.monotonic() - t0 < 5 and len(rest) <= 2 and rest == list(range(1, 1 + len(rest)))
 
 
 def test_a_started_scan_works_before_anyone_asks_and_stops_when_cancelled_or_closed():
