@@ -86,9 +86,11 @@ def register_commands(sub: Any, cfg: FbasConfig, add_section_flags: Any) -> None
 
 
 # Modules the producer needs only once the ids are checked (the broker's client, Celery and what its first
-# send loads): imported on a thread from the start, beside pipeline.ingest's own imports and the id check. On
-# the GPU host these imports took 0.9 s between the id check and the first batch. (Importing workers.app there
-# makes its Celery app that thread's "current app"; the producer uses its own app, never current_app.)
+# send loads): with --broker, imported on a thread from the start, beside pipeline.ingest's own imports and the
+# id check. Against a running service on the GPU host these imports took 0.9 s between the id check and the
+# first batch. Not in local mode: there the first batch waits for tritonserver anyway, whose start follows the
+# id check, which the thread would slow down. (Importing workers.app there makes its Celery app that thread's
+# "current app"; the producer uses its own app, never current_app.)
 _PRODUCER_MODULES = ("redis", "workers.app", "kombu.transport.redis", "celery.app.amqp", "celery.app.routes")
 
 
@@ -107,7 +109,8 @@ def _import_ahead(names: tuple[str, ...]) -> None:
 
 
 def _cmd_ingest(args: argparse.Namespace, cfg: FbasConfig) -> int:
-    _import_ahead(_PRODUCER_MODULES)
+    if cfg.queue.broker:
+        _import_ahead(_PRODUCER_MODULES)
     from pipeline.ingest import ingest
 
     r = ingest(args.corpus, cfg, progress=False if args.no_progress else None)

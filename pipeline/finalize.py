@@ -196,6 +196,8 @@ def _shard_vectors(out: OutputDir, b: int, dim: int, rows: np.ndarray, vecs: np.
     """Batch ``b``'s vectors for the index, after checking its FAISS shard against its committed part: the
     shard must hold exactly the part's ``rows`` and ``vecs``. When it does not (missing, or rewritten by a later
     duplicate delivery) a warning says so and the part's vectors are used: the committed part is the truth."""
+    if not len(rows):
+        return vecs
     try:
         got = read_shard(out.shard(b).read_bytes(), dim)
     except FileNotFoundError:
