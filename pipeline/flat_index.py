@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FlatIndexFile", "layout_matches", "PREFIX_BYTES"]
+__all__ = ["FlatIndexFile", "layout_matches", "read_shard", "PREFIX_BYTES"]
 
 _DUMMY = 1 << 20        # two int64 fields FAISS writes with this value and ignores on read
 _METRIC_IP = 0          # faiss.METRIC_INNER_PRODUCT
