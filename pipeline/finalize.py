@@ -313,8 +313,7 @@ class PartLedger:
     def _append(self, rows: np.ndarray, vecs: np.ndarray) -> None:
         if self._closed:
             raise RuntimeError("the ledger was closed")
-        if self.file is None:
-            self.file = FlatIndexFile(self.out.path(INDEX_FILE), self.dim)
+        self._open_file()
         if self.file.expected is None and self._planned() is not None:
             self.file.expect(self.planned_rows)
         self.file.add(rows, vecs)
@@ -352,11 +351,14 @@ class PartLedger:
 
     def commit_index(self) -> str:
         """Put the flat index file in place (an empty one when no part had vectors); returns its SHA-256."""
-        if self.file is None:
-            self.file = FlatIndexFile(self.out.path(INDEX_FILE), self.dim)
-        digest = self.file.commit()
+        digest = self._open_file().commit()
         self.file, self.spent = None, True
         return digest
+
+    def _open_file(self) -> FlatIndexFile:
+        if self.file is None:
+            self.file = FlatIndexFile(self.out.path(INDEX_FILE), self.dim)
+        return self.file
 
     def discard(self) -> None:
         if self.file is not None:

@@ -25,12 +25,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import socket
 import struct
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from workers.write import OutputDir
 
 __all__ = ["FlatIndexFile", "layout_matches", "read_shard", "PREFIX_BYTES"]
 
@@ -74,7 +74,7 @@ class FlatIndexFile:
 
     def __init__(self, final: Path, dim: int) -> None:
         self.final, self.dim = final, dim
-        self.tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.tmp = OutputDir.temp_path(final)
         self.n = 0
         self.expected: int | None = None
         self._ids: list[np.ndarray] = []
@@ -121,8 +121,6 @@ class FlatIndexFile:
 
     def commit(self) -> str:
         """Write the prefix and the ids, flush to disk and rename over ``final``; returns the file's SHA-256."""
-        from workers.write import OutputDir
-
         prefix = _prefix(self.dim, self.n)
         h = self._hash if self.expected == self.n else self._hash_from(prefix)
         ids = _ids_bytes(np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64))

@@ -97,6 +97,11 @@ class OutputDir:
             self.path(d).mkdir(parents=True, exist_ok=True)
 
     @staticmethod
+    def temp_path(final: Path) -> Path:
+        """A new temp name beside ``final``: ``<name>.tmp-<host>-<pid>-<random>`` (what cleanup looks for)."""
+        return final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+    @staticmethod
     def write_atomic(final: Path, write: Callable[[Path], None],
                      keep_existing: Callable[[Path], bool] | None = None) -> bool:
         """``write(tmp_path)``, fsync, then rename over ``final``; the temp file is removed on any failure.
@@ -105,7 +110,7 @@ class OutputDir:
         (hard link, which fails if the name exists, instead of rename): the first commit of a batch wins
         and later duplicate deliveries change nothing. Returns False when the existing file was kept."""
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = OutputDir.temp_path(final)
         try:
             write(tmp)
             fd = os.open(tmp, os.O_RDONLY)
