@@ -137,6 +137,11 @@ def long_corpus(data: Path, tokenizer_dir: Path, n_docs: int, path: Path) -> int
     return len(docs)
 
 
+def _checkout_env(env: dict, root: Path) -> dict:
+    """``env`` with ``root`` (a checkout whose producer runs) first on PYTHONPATH."""
+    return {**env, "PYTHONPATH": os.pathsep.join([str(root), env["PYTHONPATH"]])}
+
+
 def _key(mode: str, modes: list[str], name: str) -> str:
     """A result's name: ``name``, prefixed with ``lengths=MODE`` when several modes run."""
     return name if len(modes) == 1 else f"lengths={mode} {name}"
@@ -235,12 +240,11 @@ def main() -> int:
                 for m, runs in local.items():
                     if runs:
                         r["summary"][_key(m, modes, f"instances={ic}")] = _summary(runs, n, eng)
-                benv = {**env, "PYTHONPATH": os.pathsep.join([str(args.fbas_root), env["PYTHONPATH"]])} \
-                    if args.fbas_root else env
                 if args.fbas_root:
                     base = r["fbas"][f"baseline instances={ic}"] = []
                     for k in range(args.runs if args.local_runs is None else args.local_runs):
-                        base.append(run_fbas(corpus, work / f"base-{case}-{ic}-{k}", benv, args.precision,
+                        base.append(run_fbas(corpus, work / f"base-{case}-{ic}-{k}",
+                                             _checkout_env(env, args.fbas_root), args.precision,
                                              flags + ("--instance-count", ic), root=args.fbas_root))
                         print(case, f"baseline instances={ic}", base[-1], flush=True)
                     r["summary"][f"baseline instances={ic}"] = _summary(base, n, eng)
@@ -258,13 +262,12 @@ def main() -> int:
                         for k in range(args.runs):
                             for m, runs in svc.items():
                                 root = Path(roots[m]) if m in roots else ROOT
-                                renv = {**env, "PYTHONPATH": os.pathsep.join([str(root), env["PYTHONPATH"]])}
                                 extra = ("--broker", broker) + (() if m in roots else ("--lengths", m))
                                 trace: dict = {}
                                 before = svc_cluster.engine_stats()
                                 with gpu_trace(trace):
                                     got = run_fbas(corpus, work / f"svc-out-{case}-{ic}-{conc}-{m}-{k}",
-                                                   renv, args.precision, flags + extra,
+                                                   _checkout_env(env, root), args.precision, flags + extra,
                                                    log_lines=args.log_lines if k == 0 else 0, root=root)
                                 after = svc_cluster.engine_stats()   # Triton's account of this run
                                 trace["triton"] = {k: round(after[k] - before[k], 3) for k in after}
