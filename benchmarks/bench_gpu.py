@@ -21,9 +21,12 @@ import csv
 import json
 import logging
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +66,43 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # --- peak ------------------------------------------------------------------------------------
 
+@contextmanager
+def clock_trace(into: dict):
+    """The SM clock, power draw and throttle reasons while the block runs (``nvidia-smi`` every 200 ms;
+    nothing without it): the medians under load, next to the card's maximum clock and power limit, say
+    whether the matmul peak measured is the card's clock-limited one."""
+    if not shutil.which("nvidia-smi"):
+        yield
+        return
+    q = "clocks.sm,clocks.max.sm,power.draw,power.limit,utilization.gpu,clocks_event_reasons.active"
+    proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader,nounits", "-lms", "200"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield
+    finally:
+        proc.terminate()
+        rows = []
+        for line in proc.communicate()[0].splitlines():
+            f = [x.strip() for x in line.split(",")]
+            try:
+                if len(f) == 6 and int(f[4]) >= 90:   # samples while the GPU is busy
+                    rows.append((float(f[0]), float(f[1]), float(f[2]), float(f[3]), f[5]))
+            except ValueError:
+                continue
+        if rows:
+            med = lambda i: statistics.median(r[i] for r in rows)  # noqa: E731
+            reasons = sorted({r[4] for r in rows})
+            into["clocks"] = {"busy_samples": len(rows), "sm_mhz": med(0), "max_sm_mhz": med(1),
+                              "power_w": med(2), "power_limit_w": med(3), "throttle_reasons": reasons}
+            print("clocks under load:", into["clocks"], flush=True)
+
+
 def section_peak(res: dict) -> None:
+    with clock_trace(res):
+        _section_peak(res)
+
+
+def _section_peak(res: dict) -> None:
     n = 8192
     flops = 2 * n ** 3
     out = {}
@@ -103,6 +142,11 @@ def section_peak(res: dict) -> None:
         print(f"GEMM {name} {M}x{N}x{K} TFLOP/s:",
               {k: (round(v) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
     res["gemm_tflops"] = shapes
+    # a floor for any fp16 BERT-base forward that uses cuBLAS: its 12 layers' four GEMMs at the rates just
+    # measured, nothing else (no attention, LayerNorm, embeddings, launches)
+    ms = 12 * sum(2 * M * int(k.split("x")[1]) * int(k.split("x")[2]) / (r["fp16"] * 1e9) for k, r in shapes.items())
+    res["gemm_floor_ms"] = ms
+    print(f"BERT-base S=128 B=256: the fp16 GEMMs alone take {ms:.2f} ms a forward at these rates", flush=True)
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -177,6 +221,11 @@ def section_base(res: dict, variants: list[str], profile: bool = False) -> None:
     out["hf_sdpa_fp16"] = {"ms": ms, "seq_s": B / ms * 1e3, "tflops": flops * B / ms / 1e9}
     print(f"HF BertModel SDPA fp16: {ms:.2f} ms, {B / ms * 1e3:,.0f} seq/s, {flops * B / ms / 1e9:.0f} TFLOP/s",
           flush=True)
+    if "gemm_floor_ms" in res:   # what 1.5x HF leaves for everything but the GEMMs
+        out["ms_for_1_5x_hf"] = ms / 1.5
+        out["ms_left_beside_gemms"] = ms / 1.5 - res["gemm_floor_ms"]
+        print(f"1.5x HF is {ms / 1.5:.2f} ms a forward: {ms / 1.5 - res['gemm_floor_ms']:.2f} ms beside the GEMMs "
+              "for attention, LayerNorms, embeddings and pooling", flush=True)
     hf16 = None
     # the oracle for cosines: HF fp32 (TF32 off), mean pooling, the first 64 rows
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -235,8 +235,11 @@ def main() -> int:
                 for k in range(args.runs if args.local_runs is None else args.local_runs):
                     for m, runs in local.items():
                         runs.append(run_fbas(corpus, work / f"out-{case}-{ic}-{m}-{k}", env, args.precision,
-                                             flags + ("--instance-count", ic, "--lengths", m)))
+                                             flags + ("--instance-count", ic, "--lengths", m),
+                                             log_lines=args.log_lines))
                         print(case, "fbas", _key(m, modes, f"instances={ic}"), runs[-1], flush=True)
+                        if args.json:
+                            args.json.write_text(json.dumps({**res, "cases": {**res["cases"], case: r}}, indent=2))
                 for m, runs in local.items():
                     if runs:
                         r["summary"][_key(m, modes, f"instances={ic}")] = _summary(runs, n, eng)

@@ -100,7 +100,24 @@ def run_fbas(corpus: Path, out: Path, env: dict, precision: str, extra: tuple[st
             "engine_compute_s": t.get("engine_compute_s"), "docs": m["counts"]["embedded"],
             "padding_ratio": m["settings"].get("padding_ratio"), "batches": m["counts"]["batches"],
             "timeline": commit_timeline(out, start),
-            **({"log": p.stderr.splitlines()[:log_lines]} if log_lines else {})}
+            **({"log": p.stderr.splitlines()[:log_lines]} if log_lines else {}),
+            **({"service_logs": local_logs(out)} if log_lines and local_logs(out) else {})}
+
+
+def local_logs(out: Path) -> list[str]:
+    """Local mode's start, from its services' logs: tritonserver's own lines (timestamped; the table of
+    options left out) and the Celery worker's ready line."""
+    from workers.write import OutputDir
+
+    logs = OutputDir(out).state("local") / "logs"
+    keep = []
+    for name, wanted in (("tritonserver.log", ("I", "W", "E")), ("worker.log", ("[",))):
+        f = logs / name
+        if f.exists():
+            lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
+            keep += [f"{name}: {x[:240]}" for x in lines if x.startswith(wanted)
+                     and (name != "worker.log" or "ready" in x)][:60]
+    return keep
 
 
 def commit_timeline(out: Path, start: float) -> dict:

@@ -139,10 +139,14 @@ class TritonPythonModel:
                                   token_budget=int(_param(config, "token_budget", "2048")))
         if getattr(self.engine, "dim", meta.dim) != meta.dim:
             raise pb_utils.TritonModelException(f"engine dim {self.engine.dim} != fbas_model.json dim {meta.dim}")
+        t1 = time.perf_counter()
         self._warmup(meta, gpu=device is not None)
+        t2 = time.perf_counter()
+        # the split says where a slow start goes: the runtime's imports and weights, or the warm-up's
+        # first kernels and CUDA graphs
         self.logger.log_info(f"fbas: loaded {meta.name} ({meta.target}/{meta.precision}, dim {meta.dim}, "
                              f"fingerprint {meta.fingerprint}) from {engine_dir} on {device or 'cpu'} in "
-                             f"{time.perf_counter() - t0:.2f}s, pid {os.getpid()}")
+                             f"{t2 - t0:.2f}s (engine {t1 - t0:.2f}s, warm-up {t2 - t1:.2f}s), pid {os.getpid()}")
 
     def _warmup(self, meta, gpu: bool = False) -> None:
         """Run a few documents of different lengths so the first real request is not slow.
