@@ -84,7 +84,7 @@ def running_service(built: Path, state: Path, args: argparse.Namespace, max_len:
     cfg.engine.target, cfg.engine.precision, cfg.engine.max_seq_len = args.target, args.precision, max_len
     cfg.serve.instance_count, cfg.serve.max_docs_per_request = instances, args.batch_rows
     cfg.queue.concurrency = concurrency
-    cluster = LocalCluster(built, state, cfg)
+    cluster = LocalCluster(built, state, cfg, warmup="full")   # as `fbas-pipeline serve` loads the model
     try:
         cluster.start()
         cluster.wait_ready()
@@ -179,6 +179,8 @@ def main() -> int:
                     help="comma list of worker processes for the running service, one service per value "
                          "(default: --concurrency)")
     ap.add_argument("--local-runs", type=int, default=None, help="local-mode runs per case (default: --runs)")
+    ap.add_argument("--cold-run", action="store_true",
+                    help="one local run before the timed ones, reported apart (a fresh host's first start)")
     ap.add_argument("--lengths", default="auto",
                     help="comma list of `ingest --lengths` modes (auto, exact, estimate): one fbas run set per mode, "
                          "the runs of the modes alternating")
@@ -189,7 +191,8 @@ def main() -> int:
                     help="comma list of NAME=CHECKOUT: other checkouts' producers, run against the same running "
                          "service, alternating with this one (variants of a change, same run)")
     ap.add_argument("--log-lines", type=int, default=0,
-                    help="keep the first N lines of the first service run's `ingest -v` log in the results")
+                    help="keep the first N lines of each local run's and the first service run's `ingest -v` log "
+                         "in the results (local runs also keep tritonserver's and the worker's start lines)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
@@ -232,24 +235,31 @@ def main() -> int:
             modes = args.lengths.split(",")
             for ic in args.instance_counts.split(","):
                 local = {m: r["fbas"].setdefault(_key(m, modes, f"instances={ic}"), []) for m in modes}
-                for k in range(args.runs if args.local_runs is None else args.local_runs):
+                n_local = args.runs if args.local_runs is None else args.local_runs
+                base = r["fbas"].setdefault(f"baseline instances={ic}", []) if args.fbas_root else None
+                if args.cold_run and n_local:   # a fresh host's first start (caches cold), kept apart
+                    cold = r["fbas"][f"cold instances={ic}"] = [
+                        run_fbas(corpus, work / f"cold-{case}-{ic}", env, args.precision,
+                                 flags + ("--instance-count", ic), log_lines=args.log_lines)]
+                    print(case, "fbas cold", cold[-1], flush=True)
+                for k in range(n_local):
                     for m, runs in local.items():
                         runs.append(run_fbas(corpus, work / f"out-{case}-{ic}-{m}-{k}", env, args.precision,
                                              flags + ("--instance-count", ic, "--lengths", m),
                                              log_lines=args.log_lines))
                         print(case, "fbas", _key(m, modes, f"instances={ic}"), runs[-1], flush=True)
-                        if args.json:
-                            args.json.write_text(json.dumps({**res, "cases": {**res["cases"], case: r}}, indent=2))
+                    if base is not None:   # alternating with this checkout's runs, so a drifting host hits both
+                        base.append(run_fbas(corpus, work / f"base-{case}-{ic}-{k}",
+                                             _checkout_env(env, args.fbas_root), args.precision,
+                                             flags + ("--instance-count", ic), log_lines=args.log_lines,
+                                             root=args.fbas_root))
+                        print(case, f"baseline instances={ic}", base[-1], flush=True)
+                    if args.json:
+                        args.json.write_text(json.dumps({**res, "cases": {**res["cases"], case: r}}, indent=2))
                 for m, runs in local.items():
                     if runs:
                         r["summary"][_key(m, modes, f"instances={ic}")] = _summary(runs, n, eng)
-                if args.fbas_root:
-                    base = r["fbas"][f"baseline instances={ic}"] = []
-                    for k in range(args.runs if args.local_runs is None else args.local_runs):
-                        base.append(run_fbas(corpus, work / f"base-{case}-{ic}-{k}",
-                                             _checkout_env(env, args.fbas_root), args.precision,
-                                             flags + ("--instance-count", ic), root=args.fbas_root))
-                        print(case, f"baseline instances={ic}", base[-1], flush=True)
+                if base:
                     r["summary"][f"baseline instances={ic}"] = _summary(base, n, eng)
                 for conc in (args.service_concurrency or str(args.concurrency)).split(",") if args.service else ():
                     name = f"service instances={ic}" + (f" concurrency={conc}" if args.service_concurrency else "")

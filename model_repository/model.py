@@ -107,6 +107,16 @@ def check_request(token_ids: np.ndarray, lengths: np.ndarray, limits: dict) -> t
     return ids, lens
 
 
+def _test_load_delay() -> None:
+    """Test hook: ``FBAS_TEST_LOAD_DELAY=SECONDS`` makes each instance's load that much slower, so a test can
+    stop a local cluster while its model is still loading."""
+    from pipeline.envs import read_env
+
+    delay = read_env().get("test_load_delay")
+    if delay:
+        time.sleep(float(delay))
+
+
 class TritonPythonModel:
     """One instance per Triton model instance (``instance_group``); loads the engine once."""
 
@@ -135,28 +145,33 @@ class TritonPythonModel:
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         threads = int(_param(config, "threads", "0"))
         t0 = time.perf_counter()
+        _test_load_delay()
         self.engine = load_engine(engine_dir, threads=threads, device=device,
                                   token_budget=int(_param(config, "token_budget", "2048")))
         if getattr(self.engine, "dim", meta.dim) != meta.dim:
             raise pb_utils.TritonModelException(f"engine dim {self.engine.dim} != fbas_model.json dim {meta.dim}")
         t1 = time.perf_counter()
-        self._warmup(meta, gpu=device is not None)
+        n_warm = self._warmup(meta, gpu=device is not None, shapes=_param(config, "warmup", "full") == "full")
         t2 = time.perf_counter()
         # the split says where a slow start goes: the runtime's imports and weights, or the warm-up's
         # first kernels and CUDA graphs
         self.logger.log_info(f"fbas: loaded {meta.name} ({meta.target}/{meta.precision}, dim {meta.dim}, "
                              f"fingerprint {meta.fingerprint}) from {engine_dir} on {device or 'cpu'} in "
-                             f"{t2 - t0:.2f}s (engine {t1 - t0:.2f}s, warm-up {t2 - t1:.2f}s), pid {os.getpid()}")
+                             f"{t2 - t0:.2f}s (engine {t1 - t0:.2f}s, warm-up {t2 - t1:.2f}s: {n_warm} batches), "
+                             f"pid {os.getpid()}")
 
-    def _warmup(self, meta, gpu: bool = False) -> None:
-        """Run a few documents of different lengths so the first real request is not slow.
+    def _warmup(self, meta, gpu: bool = False, shapes: bool = True) -> int:
+        """Run a few documents of different lengths: the engine works, and the first request is not slow.
 
         On a GPU the engine captures one CUDA graph per padded batch shape the first time it sees
-        that shape, so a few representative batches are run too (one short document, many short
-        ones, a medium batch, a few long documents); other shapes are still captured on demand.
+        that shape, so with ``shapes`` (parameter ``warmup: full``, for a long-running server) a few
+        representative batches are run too (one short document, many short ones, a medium batch, a
+        few long documents); other shapes are captured on demand. ``warmup: check`` (a local cluster
+        that serves one job) runs the first batch only: the job's own shapes are captured when it
+        sends them, and the job waits for this load. Returns the number of batches run.
         """
         batches = [[3, 17, 64, 128]]
-        if gpu:
+        if gpu and shapes:
             batches += [[12], [24] * 16, [48] * 64, [meta.max_seq_len] * 8]
         rng = np.random.default_rng(0)
         low, high = min(1000, meta.vocab_size - 1), min(meta.vocab_size, 2000)
@@ -167,6 +182,7 @@ class TritonPythonModel:
             if out.shape != (len(lengths), meta.dim) or not np.isfinite(out).all():
                 raise pb_utils.TritonModelException(f"warmup produced {out.shape} / non-finite values: engine is "
                                                     "broken")
+        return len(batches)
 
     def execute(self, requests: list) -> list:
         """Validate each request, run the valid ones as one engine call, answer each request once."""

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,14 @@ def reap_stale(state_dir: Path) -> int:
     return n
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
+    """A port free on ``host`` now and not in ``avoid`` (ports handed to a server that has not bound them yet)."""
     from pipeline.serve import free_port as _fp
 
-    return _fp(host)
+    while True:
+        port = _fp(host)
+        if port not in avoid:
+            return port
 
 
 class RedisServer:
@@ -142,6 +147,10 @@ class RedisServer:
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        return self.launch().wait_ready()
+
+    def launch(self) -> RedisServer:
+        """Start the process on a free port without waiting for it (``wait_ready`` does)."""
         binary = shutil.which("redis-server")
         if not binary:
             raise ConfigError("redis-server not found on PATH: install Redis 6+ (apt install redis-server) or pass "
@@ -155,6 +164,9 @@ class RedisServer:
                     f"daemonize no\nloglevel warning\nlogfile {self.log_dir / 'redis.log'}\n")
         self.proc = subprocess.Popen([binary, str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        return self
+
+    def wait_ready(self) -> RedisServer:
         from pipeline.jobstate import connect
 
         deadline = time.monotonic() + 20
@@ -247,8 +259,9 @@ class LocalCluster:
     """Redis + Triton + a Celery worker for one ingest (see the module docstring)."""
 
     def __init__(self, model_dir: Path, state_dir: Path, cfg: FbasConfig, *, concurrency: int | None = None,
-                 worker_env: dict[str, str] | None = None) -> None:
+                 worker_env: dict[str, str] | None = None, warmup: str = "check") -> None:
         self.model_dir, self.state_dir, self.cfg = Path(model_dir), Path(state_dir), cfg
+        self.warmup = warmup   # the model's warm-up at load (ModelEntryOptions.warmup): one job needs only the check
         self.concurrency = concurrency or pool_size(cfg)
         self.worker_env = worker_env or {}
         self.log_dir = self.state_dir / "logs"
@@ -276,18 +289,24 @@ class LocalCluster:
         reap_stale(self.state_dir)
         self._work = Path(tempfile.mkdtemp(prefix="fbas-local-"))
         try:
-            self.redis = RedisServer(self._work, self.log_dir).start()
+            # tritonserver (seconds: the engine's imports, weights and kernels) starts first, redis-server beside
+            # it; every port is picked apart from the others, as neither server has bound its own yet
+            self.redis = RedisServer(self._work, self.log_dir).launch()
             repo = self._work / "models"
             opts = ModelEntryOptions.from_config(self.cfg)
+            opts.warmup = self.warmup
             write_model_repository(self.model_dir, repo, options=opts)
-            host = "127.0.0.1"
-            self.triton = TritonProcess(repo, model_name=opts.model_name, host=host, grpc_port=free_port(host),
-                                        http_port=free_port(host), metrics_port=free_port(host),
+            host, ports = "127.0.0.1", [self.redis.port]
+            for _ in range(3):
+                ports.append(free_port(host, avoid=ports))
+            self.triton = TritonProcess(repo, model_name=opts.model_name, host=host, grpc_port=ports[1],
+                                        http_port=ports[2], metrics_port=ports[3],
                                         ready_timeout=self.cfg.serve.ready_timeout,
                                         tritonserver=getattr(self.cfg.serve, "tritonserver", None),
                                         log_file=self.log_dir / "tritonserver.log")
             self._triton_thread = threading.Thread(target=self._start_triton, name="triton-start", daemon=True)
             self._triton_thread.start()
+            self.redis.wait_ready()
             q = self.cfg.queue
             env = {env_name("broker"): self.broker_url, env_name("triton"): self.triton_url,
                    env_name("model_name"): opts.model_name, env_name("ready_timeout"): str(self.cfg.serve.ready_timeout),
@@ -401,6 +420,8 @@ class LocalCluster:
         stopper = threading.Thread(target=stop_worker, name="stop-worker")
         stopper.start()
         if self._triton_thread and self._triton_thread.is_alive():
+            if self.triton is not None and self.triton.pid:   # still loading the model: no need to wait for it
+                self.triton.stop(kill=True)
             self._triton_thread.join(timeout=self.cfg.serve.ready_timeout)
         if self.triton is not None:
             try:

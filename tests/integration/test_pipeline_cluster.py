@@ -40,9 +40,7 @@ def template_out(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def cluster(template_out, tmp_path_factory):
-    from pipeline.local import LocalCluster
+def _need_services() -> None:
     from pipeline.serve import find_tritonserver
 
     if not shutil.which("redis-server"):
@@ -51,6 +49,13 @@ def cluster(template_out, tmp_path_factory):
         find_tritonserver()
     except ConfigError as e:
         pytest.skip(f"tritonserver is not installed: {e}")
+
+
+@pytest.fixture(scope="module")
+def cluster(template_out, tmp_path_factory):
+    from pipeline.local import LocalCluster
+
+    _need_services()
     cfg = FbasConfig()
     cfg.queue.task_time_limit, cfg.queue.visibility_timeout, cfg.queue.max_retries = 60.0, 120.0, 2
     c = LocalCluster(template_out / ".fbas" / "model", tmp_path_factory.mktemp("cluster"), cfg, concurrency=2,
@@ -356,3 +361,36 @@ def test_small_plan_windows_stream_and_a_rerun_without_the_job_file_finds_its_pa
     again = _ingest(cluster, template_out, corpus, out, batch_rows=32, plan_window=100, lengths=lengths)
     assert again.sent_batches == 0 and again.resumed_batches == m["counts"]["batches"]
     check_oracle(out, ids)
+
+
+def test_a_cluster_stopped_while_its_model_loads_stops_at_once(template_out, tmp_path, monkeypatch):
+    """Ctrl-C during local mode's start: tritonserver starts first and loads the model on a thread; stopping
+    the cluster then kills it instead of waiting for the load (here 120 s, from a test hook in model.py), and
+    leaves no process behind. Its four ports (Redis, Triton's gRPC, HTTP and metrics) are all different,
+    though Triton's are picked before Redis has bound its own."""
+    from pipeline.local import LocalCluster
+
+    _need_services()
+    monkeypatch.setenv("FBAS_TEST_LOAD_DELAY", "120")
+    cfg = FbasConfig()
+    cfg.serve.ready_timeout = 300
+    c = LocalCluster(template_out / ".fbas" / "model", tmp_path / "state", cfg, concurrency=1)
+    c.start()
+    try:
+        ports = [c.redis.port, *c.triton.ports.values()]
+        assert len(set(ports)) == 4, ports
+        log = tmp_path / "state" / "logs" / "tritonserver.log"
+        wait_for(lambda: log.exists() and "TRITONBACKEND_ModelInstanceInitialize" in log.read_text(), 60,
+                 "tritonserver to start loading the model")
+        pids = c.pids()
+        assert set(pids) == {"redis", "triton", "worker"}
+    finally:
+        t0 = time.monotonic()
+        c.stop()
+        took = time.monotonic() - t0
+    assert took < 60, f"stop waited {took:.0f}s: it waited for the model's load"
+    with pytest.raises(Exception, match="exited|not ready"):
+        c.wait_ready()
+    for name, pid in pids.items():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
