@@ -84,7 +84,7 @@ def running_service(built: Path, state: Path, args: argparse.Namespace, max_len:
     cfg.engine.target, cfg.engine.precision, cfg.engine.max_seq_len = args.target, args.precision, max_len
     cfg.serve.instance_count, cfg.serve.max_docs_per_request = instances, args.batch_rows
     cfg.queue.concurrency = concurrency
-    cluster = LocalCluster(built, state, cfg, warmup="full")   # as `fbas-pipeline serve` loads the model
+    cluster = LocalCluster(built, state, cfg)
     try:
         cluster.start()
         cluster.wait_ready()

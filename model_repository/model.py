@@ -151,27 +151,23 @@ class TritonPythonModel:
         if getattr(self.engine, "dim", meta.dim) != meta.dim:
             raise pb_utils.TritonModelException(f"engine dim {self.engine.dim} != fbas_model.json dim {meta.dim}")
         t1 = time.perf_counter()
-        n_warm = self._warmup(meta, gpu=device is not None, shapes=_param(config, "warmup", "full") == "full")
+        self._warmup(meta, gpu=device is not None)
         t2 = time.perf_counter()
         # the split says where a slow start goes: the runtime's imports and weights, or the warm-up's
         # first kernels and CUDA graphs
         self.logger.log_info(f"fbas: loaded {meta.name} ({meta.target}/{meta.precision}, dim {meta.dim}, "
                              f"fingerprint {meta.fingerprint}) from {engine_dir} on {device or 'cpu'} in "
-                             f"{t2 - t0:.2f}s (engine {t1 - t0:.2f}s, warm-up {t2 - t1:.2f}s: {n_warm} batches), "
-                             f"pid {os.getpid()}")
+                             f"{t2 - t0:.2f}s (engine {t1 - t0:.2f}s, warm-up {t2 - t1:.2f}s), pid {os.getpid()}")
 
-    def _warmup(self, meta, gpu: bool = False, shapes: bool = True) -> int:
-        """Run a few documents of different lengths: the engine works, and the first request is not slow.
+    def _warmup(self, meta, gpu: bool = False) -> None:
+        """Run a few documents of different lengths so the first real request is not slow.
 
         On a GPU the engine captures one CUDA graph per padded batch shape the first time it sees
-        that shape, so with ``shapes`` (parameter ``warmup: full``, for a long-running server) a few
-        representative batches are run too (one short document, many short ones, a medium batch, a
-        few long documents); other shapes are captured on demand. ``warmup: check`` (a local cluster
-        that serves one job) runs the first batch only: the job's own shapes are captured when it
-        sends them, and the job waits for this load. Returns the number of batches run.
+        that shape, so a few representative batches are run too (one short document, many short
+        ones, a medium batch, a few long documents); other shapes are still captured on demand.
         """
         batches = [[3, 17, 64, 128]]
-        if gpu and shapes:
+        if gpu:
             batches += [[12], [24] * 16, [48] * 64, [meta.max_seq_len] * 8]
         rng = np.random.default_rng(0)
         low, high = min(1000, meta.vocab_size - 1), min(meta.vocab_size, 2000)
@@ -182,7 +178,6 @@ class TritonPythonModel:
             if out.shape != (len(lengths), meta.dim) or not np.isfinite(out).all():
                 raise pb_utils.TritonModelException(f"warmup produced {out.shape} / non-finite values: engine is "
                                                     "broken")
-        return len(batches)
 
     def execute(self, requests: list) -> list:
         """Validate each request, run the valid ones as one engine call, answer each request once."""

@@ -259,9 +259,8 @@ class LocalCluster:
     """Redis + Triton + a Celery worker for one ingest (see the module docstring)."""
 
     def __init__(self, model_dir: Path, state_dir: Path, cfg: FbasConfig, *, concurrency: int | None = None,
-                 worker_env: dict[str, str] | None = None, warmup: str = "check") -> None:
+                 worker_env: dict[str, str] | None = None) -> None:
         self.model_dir, self.state_dir, self.cfg = Path(model_dir), Path(state_dir), cfg
-        self.warmup = warmup   # the model's warm-up at load (ModelEntryOptions.warmup): one job needs only the check
         self.concurrency = concurrency or pool_size(cfg)
         self.worker_env = worker_env or {}
         self.log_dir = self.state_dir / "logs"
@@ -294,7 +293,6 @@ class LocalCluster:
             self.redis = RedisServer(self._work, self.log_dir).launch()
             repo = self._work / "models"
             opts = ModelEntryOptions.from_config(self.cfg)
-            opts.warmup = self.warmup
             write_model_repository(self.model_dir, repo, options=opts)
             host, ports = "127.0.0.1", [self.redis.port]
             for _ in range(3):

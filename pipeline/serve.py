@@ -71,9 +71,6 @@ class ModelEntryOptions:
     token_budget: int = 2048            # engine's padded tokens per internal sub-batch
     max_docs_per_request: int = 1024    # documents per request; more is rejected as [fbas:oversize]
     max_tokens_per_request: int = 262144  # tokens per request (1 MiB of int32)
-    warmup: str = "full"                # full: a GPU instance also captures graphs for a few typical shapes
-                                        # at load; check: one small batch checks the engine, shapes are
-                                        # captured when a job first sends them (a one-job local cluster)
 
     @classmethod
     def from_config(cls, cfg: Any) -> ModelEntryOptions:
@@ -100,8 +97,6 @@ class ModelEntryOptions:
             raise ConfigError("max_tokens_per_request above 2**28 would exceed gRPC's message size: lower it")
         if self.instance_kind not in ("", "KIND_CPU", "KIND_GPU"):
             raise ConfigError(f"instance_kind {self.instance_kind!r} is not KIND_CPU or KIND_GPU")
-        if self.warmup not in ("full", "check"):
-            raise ConfigError(f"warmup {self.warmup!r} is not full or check")
         return self
 
 
@@ -124,7 +119,7 @@ def render_config(model_dir: str | Path, options: ModelEntryOptions) -> str:
         max_queue_delay_us=opts.max_queue_delay_us, instance_count=opts.instance_count, instance_kind=kind,
         threads=opts.threads, token_budget=opts.token_budget, max_docs_per_request=opts.max_docs_per_request,
         max_tokens_per_request=opts.max_tokens_per_request, max_seq_len=meta.max_seq_len,
-        vocab_size=meta.vocab_size, precision=meta.precision, warmup=opts.warmup)
+        vocab_size=meta.vocab_size, precision=meta.precision)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

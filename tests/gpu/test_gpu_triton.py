@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.pipeline_support import settled_statistics, wait_for
+from tests.pipeline_support import settled_statistics
 
 torch = pytest.importorskip("torch")
 
@@ -164,24 +164,17 @@ def docs(gpu_folder):
     return load_tokenizer(gpu_folder).encode(texts_for_test())
 
 
-@pytest.fixture(scope="module", params=["full", "check"])
-def served(request, gpu_folder, tritonserver_path, tmp_path_factory):
-    """tritonserver serving the gpu folder (KIND_GPU, device 0) on free loopback ports; yields (process, log).
-
-    Once per warm-up: ``full`` (a server: typical shapes' CUDA graphs captured at load) and ``check`` (a local
-    cluster: one batch at load, every request's shape captured when it first comes)."""
+@pytest.fixture(scope="module")
+def served(gpu_folder, tritonserver_path, tmp_path_factory):
+    """tritonserver serving the gpu folder (KIND_GPU, device 0) on free loopback ports; yields (process, log)."""
     from pipeline.serve import ModelEntryOptions, TritonProcess, write_model_repository
 
-    root = tmp_path_factory.mktemp(f"triton-gpu-{request.param}")
-    entry = write_model_repository(gpu_folder, root / "repo", options=ModelEntryOptions(max_queue_delay_us=5000,
-                                                                                         warmup=request.param))
+    root = tmp_path_factory.mktemp("triton-gpu")
+    entry = write_model_repository(gpu_folder, root / "repo", options=ModelEntryOptions(max_queue_delay_us=5000))
     assert re.search(r"kind:\s*KIND_GPU", (entry / "config.pbtxt").read_text(encoding="utf-8"))
     log = root / "tritonserver.log"
     proc = TritonProcess(root / "repo", ready_timeout=300, tritonserver=tritonserver_path, log_file=log)
     proc.start()  # raises with the server's log tail if the model fails to load
-    wait_for(lambda: "warm-up" in log.read_text(encoding="utf-8", errors="replace"), 10, "the model's load line")
-    batches = re.findall(r"warm-up [0-9.]+s: (\d+) batches", log.read_text(encoding="utf-8", errors="replace"))
-    assert batches == ["5" if request.param == "full" else "1"], (batches, proc.log_tail())
     yield proc, log
     proc.stop()
 

@@ -39,17 +39,11 @@ def test_entry_options_come_from_the_config(built_fp32: Path):
     cfg.runtime.threads = 3
     text = render_config(built_fp32, ModelEntryOptions.from_config(cfg))
     assert 'name: "enc"' in text and 'key: "threads",                value: { string_value: "3" }' in text
-    # a server warms its graphs up at load; the one-job local cluster only checks the engine
-    assert 'key: "warmup",                 value: { string_value: "full" }' in text
-    text = render_config(built_fp32, ModelEntryOptions(warmup="check"))
-    assert 'key: "warmup",                 value: { string_value: "check" }' in text
 
 
 def test_bad_options_are_refused(built_fp32: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match="output_dtype"):
         write_model_repository(built_fp32, tmp_path / "r", options=ModelEntryOptions(output_dtype="bf16"))
-    with pytest.raises(ConfigError, match="warmup 'fast' is not full or check"):
-        write_model_repository(built_fp32, tmp_path / "r", options=ModelEntryOptions(warmup="fast"))
     (tmp_path / "r" / "fbas_encoder").mkdir(parents=True)
     with pytest.raises(ConfigError, match="not a Triton model entry"):
         write_model_repository(built_fp32, tmp_path / "r")
