@@ -330,25 +330,26 @@ _FLASH_STATE = {"contiguous": False}  # set once if this PyTorch's flash kernel 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
                  scale: float) -> torch.Tensor:
-    """Flash attention on packed documents (``torch.nn.attention.varlen``); q, k, v ``[T, nh, hd]``
-    fp16/bf16 on CUDA, last dim contiguous. No host synchronization (CUDA-graph safe)."""
+    """Flash attention on packed documents; q, k, v ``[T, nh, hd]`` fp16/bf16 on CUDA, last dim contiguous.
+    No host synchronization (CUDA-graph safe).
+
+    Calls ``aten._flash_attention_forward``, the op that ``torch.nn.attention.varlen.varlen_attn`` runs on
+    Hopper, directly: that wrapper is a ``torch.library`` custom op, and its first call in a process imports
+    Dynamo, SymPy and FSDP, about 1.5 s of every Triton model instance's start on the H200 hosts."""
     kw = {} if abs(scale - q.shape[-1] ** -0.5) < 1e-9 else {"scale": scale}
     if _FLASH_STATE["contiguous"]:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    n = int(max_len)
     try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # older PyTorch: the aten op underneath
-        return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0,
-                                                       False, False, **kw)[0]
-    try:
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, int(max_len), int(max_len), **kw)
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, n, n, 0.0, False, False,
+                                                       **kw)[0]
     except RuntimeError as e:
         if _FLASH_STATE["contiguous"] or "stride" not in str(e).lower() and "contiguous" not in str(e).lower():
             raise
         logger.info("flash varlen attention needs contiguous q/k/v here (%s): copying them", e)
         _FLASH_STATE["contiguous"] = True
-        return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens, int(max_len),
-                           int(max_len), **kw)
+        return torch.ops.aten._flash_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens,
+                                                       cu_seqlens, n, n, 0.0, False, False, **kw)[0]
 
 
 def select_kernels(name: str, device: torch.device) -> TorchKernels:
