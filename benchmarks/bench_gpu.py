@@ -70,12 +70,12 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def clock_trace(into: dict):
     """The SM clock, power draw and throttle reasons while the block runs (``nvidia-smi`` every 200 ms;
     nothing without it): the medians under load, next to the card's maximum clock and power limit, say
-    whether the matmul peak measured is the card's clock-limited one."""
+    whether the matmul peak measured is the card's clock-limited one. GPU 0 only, the one benchmarked."""
     if not shutil.which("nvidia-smi"):
         yield
         return
     q = "clocks.sm,clocks.max.sm,power.draw,power.limit,utilization.gpu,clocks_event_reasons.active"
-    proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader,nounits", "-lms", "200"],
+    proc = subprocess.Popen(["nvidia-smi", "-i", "0", f"--query-gpu={q}", "--format=csv,noheader,nounits", "-lms", "200"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         yield

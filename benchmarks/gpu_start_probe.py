@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,9 +107,6 @@ def cluster_starts(built: Path, roots: dict[str, Path], rounds: int, work: Path)
 
 
 def main() -> int:
-    from bench_gpu_ingest import random_model
-    from bench_ingest import warm_model
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, type=Path, help="all-MiniLM-L6-v2 folder (its tokenizer)")
     ap.add_argument("--json", type=Path, default=None)
@@ -118,6 +116,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fbas-start-probe-"))
+    try:
+        return _run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, work: Path) -> int:
+    from bench_gpu_ingest import random_model
+    from bench_ingest import warm_model
+
     model = random_model(args.tokenizer, work / "model-base", "base")
     built = warm_model(work, "fp16", model=str(model), target="gpu", max_seq_len=512, pooling="mean",
                        normalize=True)

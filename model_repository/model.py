@@ -144,8 +144,8 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         threads = int(_param(config, "threads", "0"))
-        t0 = time.perf_counter()
         _test_load_delay()
+        t0 = time.perf_counter()
         self.engine = load_engine(engine_dir, threads=threads, device=device,
                                   token_budget=int(_param(config, "token_budget", "2048")))
         if getattr(self.engine, "dim", meta.dim) != meta.dim:

@@ -418,8 +418,8 @@ class LocalCluster:
         stopper = threading.Thread(target=stop_worker, name="stop-worker")
         stopper.start()
         if self._triton_thread and self._triton_thread.is_alive():
-            if self.triton is not None and self.triton.pid:   # still loading the model: no need to wait for it
-                self.triton.stop(kill=True)
+            if self.triton is not None:   # still starting (the model loading): kill it rather than wait for it
+                self.triton.abort()
             self._triton_thread.join(timeout=self.cfg.serve.ready_timeout)
         if self.triton is not None:
             try:

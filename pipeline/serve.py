@@ -242,6 +242,8 @@ class TritonProcess:
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self._proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
+        self._stop_lock = threading.Lock()      # stop() may run in two threads: a start that failed, and its owner
+        self._aborted = threading.Event()       # abort(): a start in another thread gives up for good
         # The Python backend's server<->stub shared-memory regions (/dev/shm/<prefix>*): named per
         # process so that stop() can remove the ones tritonserver leaves behind (it does, even on SIGTERM).
         self.shm_prefix = f"fbas_py_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
@@ -310,12 +312,16 @@ class TritonProcess:
                 self.ports[k] = free_port(self.host)
         self._tail.clear()
         sweep_stale_shm_regions()
+        if self._aborted.is_set():
+            raise ServerUnavailableError("tritonserver's start was aborted")
         logger.info("starting tritonserver: gRPC %s, HTTP %s, repository %s", self.grpc_url, self.http_url,
                     self.repo_dir)
-        self._proc = subprocess.Popen(self.command(), env=self.environment(), stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        self._reader = threading.Thread(target=self._pump, args=(self._proc,), name="tritonserver-log", daemon=True)
+        proc = self._proc = subprocess.Popen(self.command(), env=self.environment(), stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._pump, args=(proc,), name="tritonserver-log", daemon=True)
         self._reader.start()
+        if self._aborted.is_set():   # aborted while the process was being created
+            self._signal_group(proc, signal.SIGKILL)
         try:
             self.wait_ready(self.ready_timeout)
         except BaseException:
@@ -353,13 +359,14 @@ class TritonProcess:
         """Poll readiness every 0.1 s; raise ``ServerExitedError`` with the log tail if the server dies."""
         deadline = time.monotonic() + timeout
         while True:
-            code = self._proc.poll() if self._proc else -1
+            proc = self._proc   # read once: another thread's stop() sets it to None
+            code = proc.poll() if proc else -1
             if code is not None:
                 self._join_reader()
                 raise ServerExitedError(f"Server exited unexpectedly (exit code {code}) while starting. "
                                         f"Last lines of its log:\n{self.log_tail()}")
             if self.is_ready():
-                logger.info("tritonserver ready (pid %d), model %s", self._proc.pid, self.model_name)
+                logger.info("tritonserver ready (pid %d), model %s", proc.pid, self.model_name)
                 return
             if time.monotonic() > deadline:
                 raise ServerUnavailableError(f"tritonserver not ready after {timeout:.0f}s (model "
@@ -370,30 +377,41 @@ class TritonProcess:
         if self._reader:
             self._reader.join(timeout=2.0)
 
-    def _signal_group(self, sig: int) -> None:
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         try:
-            os.killpg(self._proc.pid, sig)  # the group we created: the server and its backend stubs
+            os.killpg(proc.pid, sig)  # the group we created: the server and its backend stubs
         except ProcessLookupError:
             pass
 
+    def abort(self) -> None:
+        """From another thread, while ``start()`` runs there (e.g. the model still loading): kill the server
+        now, without waiting; that ``start()`` then raises and cleans up. A start not begun yet gives up."""
+        self._aborted.set()
+        proc = self._proc
+        if proc is not None:
+            self._signal_group(proc, signal.SIGKILL)
+
     def stop(self, kill: bool = False) -> int | None:
         """SIGTERM (in-flight requests finish within ``exit_timeout``), then SIGKILL; return the exit code."""
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            self._signal_group(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.exit_timeout + 10)
-            except subprocess.TimeoutExpired:
-                logger.warning("tritonserver did not exit within %ds of SIGTERM: killing it", self.exit_timeout + 10)
-                self._signal_group(signal.SIGKILL)
-                proc.wait(timeout=10)
-        self._signal_group(signal.SIGKILL)  # stray backend stubs, if any
-        self._join_reader()
-        self._proc = None
-        self._remove_shm_regions()
-        return proc.returncode
+        with self._stop_lock:
+            proc = self._proc
+            if proc is None:
+                return None
+            if proc.poll() is None:
+                self._signal_group(proc, signal.SIGKILL if kill else signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self.exit_timeout + 10)
+                except subprocess.TimeoutExpired:
+                    logger.warning("tritonserver did not exit within %ds of SIGTERM: killing it",
+                                   self.exit_timeout + 10)
+                    self._signal_group(proc, signal.SIGKILL)
+                    proc.wait(timeout=10)
+            self._signal_group(proc, signal.SIGKILL)  # stray backend stubs, if any
+            self._join_reader()
+            self._proc = None
+            self._remove_shm_regions()
+            return proc.returncode
 
     def _remove_shm_regions(self) -> None:
         shm = Path("/dev/shm")

@@ -394,3 +394,11 @@ def test_a_cluster_stopped_while_its_model_loads_stops_at_once(template_out, tmp
     for name, pid in pids.items():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    def group_gone() -> bool:   # nor any of its backend stubs (tritonserver leads their group), once reaped
+        try:
+            os.killpg(pids["triton"], 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(group_gone, 10, "tritonserver's process group to be empty")
