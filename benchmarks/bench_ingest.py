@@ -95,13 +95,14 @@ def run_fbas(corpus: Path, out: Path, env: dict, precision: str, extra: tuple[st
         raise RuntimeError(f"fbas ingest failed:\n{p.stderr[-3000:]}")
     m = json.loads((out / "manifest.json").read_text())
     t = m["timings"]
+    services = local_logs(out) if log_lines else []
     return {"wall_s": round(wall, 3), "embed_s": t.get("embed_s"), "ready_s": t.get("ready_s"),
             "scan_s": t.get("scan_s"), "finalize_s": t.get("finalize_s"), "index_s": t.get("index_s"),
             "engine_compute_s": t.get("engine_compute_s"), "docs": m["counts"]["embedded"],
             "padding_ratio": m["settings"].get("padding_ratio"), "batches": m["counts"]["batches"],
             "timeline": commit_timeline(out, start),
             **({"log": p.stderr.splitlines()[:log_lines]} if log_lines else {}),
-            **({"service_logs": local_logs(out)} if log_lines and local_logs(out) else {})}
+            **({"service_logs": services} if services else {})}
 
 
 def local_logs(out: Path) -> list[str]:

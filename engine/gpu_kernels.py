@@ -340,16 +340,19 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     if _FLASH_STATE["contiguous"]:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     n = int(max_len)
-    try:
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, n, n, 0.0, False, False,
                                                        **kw)[0]
+
+    try:
+        return run(q, k, v)
     except RuntimeError as e:
         if _FLASH_STATE["contiguous"] or "stride" not in str(e).lower() and "contiguous" not in str(e).lower():
             raise
         logger.info("flash varlen attention needs contiguous q/k/v here (%s): copying them", e)
         _FLASH_STATE["contiguous"] = True
-        return torch.ops.aten._flash_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens,
-                                                       cu_seqlens, n, n, 0.0, False, False, **kw)[0]
+        return run(q.contiguous(), k.contiguous(), v.contiguous())
 
 
 def select_kernels(name: str, device: torch.device) -> TorchKernels:

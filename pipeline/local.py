@@ -288,8 +288,9 @@ class LocalCluster:
         reap_stale(self.state_dir)
         self._work = Path(tempfile.mkdtemp(prefix="fbas-local-"))
         try:
-            # tritonserver (seconds: the engine's imports, weights and kernels) starts first, redis-server beside
-            # it; every port is picked apart from the others, as neither server has bound its own yet
+            # redis-server is launched, then tritonserver (seconds: the engine's imports, weights and kernels)
+            # before Redis is waited for; every port is picked apart from the others, as neither server has
+            # bound its own yet
             self.redis = RedisServer(self._work, self.log_dir).launch()
             repo = self._work / "models"
             opts = ModelEntryOptions.from_config(self.cfg)

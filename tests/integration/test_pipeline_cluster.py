@@ -391,9 +391,10 @@ def test_a_cluster_stopped_while_its_model_loads_stops_at_once(template_out, tmp
     assert took < 60, f"stop waited {took:.0f}s: it waited for the model's load"
     with pytest.raises(Exception, match="exited|not ready"):
         c.wait_ready()
-    for name, pid in pids.items():
+    for pid in pids.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
     def group_gone() -> bool:   # nor any of its backend stubs (tritonserver leads their group), once reaped
         try:
             os.killpg(pids["triton"], 0)
