@@ -47,7 +47,7 @@ def best_time(fn, repeats: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both engines")
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="shared evaluation data folder")
+    ap.add_argument("--data", default=str(ROOT / "tests" / "data"), help="evaluation data folder (default: tests/data)")
     ap.add_argument("--n-short", type=int, default=2000)
     ap.add_argument("--n-long", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
@@ -61,8 +61,8 @@ def main() -> int:
 
     from engine.build import build_model
     from engine.model_dir import load_engine, load_tokenizer, read_meta
-    from pipeline.config import EngineSpec
-    from pipeline.embed_file import embed_texts
+    from core.config import EngineSpec
+    from pipeline.ingest.embed_file import embed_texts
 
     torch.set_num_threads(args.threads)
     texts = load_texts(Path(args.data), args.n_short, args.n_long)

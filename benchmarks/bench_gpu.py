@@ -324,7 +324,7 @@ def section_mix(res: dict, minilm: Path, data: Path, variants: list[str], work: 
     from engine.build import build_model
     from engine.model_dir import load_tokenizer, read_meta
     from engine.torch_gpu import load_gpu_engine
-    from pipeline.config import EngineSpec
+    from core.config import EngineSpec
 
     precisions = sorted({parse_variant(v)[0] for v in variants})
 

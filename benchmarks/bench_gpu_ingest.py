@@ -14,7 +14,7 @@ Both sides use the same built ``--target gpu`` model (fp16) on the same card:
 
 * **fbas, running service** (``--service``): the same ingest submitted with ``--broker`` to services
   that are already up (redis-server, tritonserver with the model loaded, the Celery worker; started
-  once by ``pipeline.local.LocalCluster`` with the same settings, as ``fbas-pipeline serve`` +
+  once by ``services.local.LocalCluster`` with the same settings, as ``fbas-pipeline serve`` +
   ``worker`` run on a fleet host): what a user of a running fbas service waits for. The engine side
   excludes its load and warm-up in both cases.
 
@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_ingest import make_corpus, run_engine, run_fbas, warm_model  # noqa: E402
-from pipeline.local import default_concurrency  # noqa: E402
+from services.local import default_concurrency
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -76,9 +76,9 @@ def running_service(built: Path, state: Path, args: argparse.Namespace, max_len:
                     concurrency: int):
     """redis-server + tritonserver (model loaded, ``instances`` instances) + a Celery worker, up until the
     block ends; yields the cluster (``broker_url`` to pass to ``ingest --broker``, ``engine_stats()``)."""
-    from pipeline.config import FbasConfig, apply_env
-    from pipeline.envs import read_env
-    from pipeline.local import LocalCluster
+    from core.config import FbasConfig, apply_env
+    from core.envs import read_env
+    from services.local import LocalCluster
 
     cfg = apply_env(FbasConfig(), read_env())   # FBAS_TRITONSERVER and the like, as the CLI reads them
     cfg.engine.target, cfg.engine.precision, cfg.engine.max_seq_len = args.target, args.precision, max_len
@@ -129,7 +129,7 @@ def long_corpus(data: Path, tokenizer_dir: Path, n_docs: int, path: Path) -> int
     import pyarrow.parquet as pq
 
     from bench_gpu import long_mix, stsb_sentences
-    from workers.tokenize import Tokenizer
+    from core.tokenize import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_dir / "tokenizer.json", 512)
     docs = long_mix(stsb_sentences(data / "stsb_multi_mt"), tok, n_docs)
@@ -159,8 +159,8 @@ def _summary(runs: list[dict], n: int, engine_s: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, type=Path, help="all-MiniLM-L6-v2 folder (tokenizer + config)")
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), type=Path,
-                    help="shared data folder (holds stsb_multi_mt/)")
+    ap.add_argument("--data", default=str(ROOT / "tests" / "data"), type=Path,
+                    help="evaluation data folder (holds stsb_multi_mt/)")
     ap.add_argument("--cases", default="minilm-stsb,base-long", help="comma list: minilm-stsb, base-long")
     ap.add_argument("--stsb-repeat", type=int, default=40, help="times the STS-B sentences repeat (minilm-stsb)")
     ap.add_argument("--long-docs", type=int, default=100_000, help="documents of the long mix (base-long)")

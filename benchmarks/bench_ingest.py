@@ -108,7 +108,7 @@ def run_fbas(corpus: Path, out: Path, env: dict, precision: str, extra: tuple[st
 def local_logs(out: Path) -> list[str]:
     """Local mode's start, from its services' logs: tritonserver's own lines (timestamped; the table of
     options left out) and the Celery worker's ready line."""
-    from workers.write import OutputDir
+    from core.layout import OutputDir
 
     logs = OutputDir(out).state("local") / "logs"
     keep = []
@@ -151,9 +151,9 @@ def run_plain(corpus: Path, model_path: str, out: Path, env: dict) -> dict:
 def warm_model(work: Path, precision: str, **engine) -> Path:
     """The built model fbas uses (through its per-user build cache, as every ingest after the first does);
     ``engine``: more ``cfg.engine`` fields, the same the ingest command is given."""
-    from pipeline.config import FbasConfig
-    from pipeline.ingest import ensure_model
-    from workers.write import OutputDir
+    from core.config import FbasConfig
+    from pipeline.ingest.model_cache import ensure_model
+    from core.layout import OutputDir
 
     cfg = FbasConfig()
     cfg.engine.precision = precision
@@ -186,7 +186,7 @@ def run_engine(corpus: Path, model_dir: Path, threads: int, device: str | None =
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="shared evaluation data folder")
+    ap.add_argument("--data", default=str(ROOT / "tests" / "data"), help="evaluation data folder (default: tests/data)")
     ap.add_argument("--repeat", type=int, default=8, help="times the STS-B sentences are repeated (distinct ids)")
     ap.add_argument("--runs", type=int, default=2, help="alternating runs of each side; the median counts")
     ap.add_argument("--threads", type=int, default=0, help="engine threads (0 = all cores, as fbas and torch use)")

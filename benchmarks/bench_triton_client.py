@@ -36,15 +36,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.serve import ModelEntryOptions, TritonProcess, write_model_repository  # noqa: E402
+from services.repository import ModelEntryOptions, write_model_repository
+from services.triton import TritonProcess
 from workers.triton_client import ClientOptions, TritonEncoder  # noqa: E402
 from workers.triton_wire import (build_infer_request, encode_http_request, output_array,  # noqa: E402
                                  parse_http_response, scan_infer_response)
 
 
 def real_sentences(n: int) -> list[str]:
-    """n real English sentences: STS-B test (shared data) when present, else the bundled calibration sample."""
-    path = ROOT.parent / "shared" / "data" / "stsb_multi_mt" / "stsb-en-test.csv"
+    """n real English sentences: STS-B test (tests/data) when present, else the bundled calibration sample."""
+    path = ROOT / "tests" / "data" / "stsb_multi_mt" / "stsb-en-test.csv"
     texts: list[str] = []
     if path.exists():
         with open(path, encoding="utf-8", newline="") as f:
@@ -57,7 +58,7 @@ def real_sentences(n: int) -> list[str]:
 
 def cpu_name() -> str:
     """CPU model and the cores this process may use, e.g. 'Intel(R) Xeon(R) Processor, 2 cores'."""
-    from pipeline.envs import cpu_count
+    from core.envs import cpu_count
 
     name = platform.machine()
     try:
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
     model_dir = Path(args.model_dir) if args.model_dir else None
     if model_dir is None:
         from engine.build import build_model
-        from pipeline.config import EngineSpec
+        from core.config import EngineSpec
 
         model_dir = build_model(EngineSpec(), tmp / "minilm")
     from engine.model_dir import load_tokenizer

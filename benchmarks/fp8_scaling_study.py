@@ -1,6 +1,6 @@
 """Which fp8 (e4m3) scaling keeps the embeddings within min cosine 0.999? A CPU emulation study.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/fp8_scaling_study.py [--data ../shared/data]
+    PYTHONPATH=. .venv/bin/python benchmarks/fp8_scaling_study.py [--data tests/data]
 
 The GPU engine's PyTorch twins quantize the fp8 GEMM operands exactly as the GPU path does
 (``engine.gpu_kernels.quantize_rows_fp8`` for activations, ``engine.torch_gpu._quantize_weight``
@@ -29,7 +29,7 @@ import engine.gpu_kernels as gk  # noqa: E402
 import engine.torch_gpu as tg  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.torch_gpu import GpuBertEngine, GpuOptions  # noqa: E402
-from workers.tokenize import Tokenizer, tokenizer_json_for  # noqa: E402
+from core.tokenize import Tokenizer, tokenizer_json_for
 
 FP8_MAX = gk.FP8_MAX
 
@@ -81,7 +81,7 @@ VARIANTS = [  # (label, activations, weights, GEMMs in fp8)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="holds stsb_multi_mt/")
+    ap.add_argument("--data", type=Path, default=ROOT / "tests" / "data", help="holds stsb_multi_mt/")
     args = ap.parse_args()
     ck = load_checkpoint(None)
 

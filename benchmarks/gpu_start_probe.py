@@ -75,9 +75,9 @@ print("STEPS " + json.dumps(steps))
 CLUSTER_CHILD = r"""
 import sys, time
 from pathlib import Path
-from pipeline.config import FbasConfig, apply_env
-from pipeline.envs import read_env
-from pipeline.local import LocalCluster
+from core.config import FbasConfig, apply_env
+from core.envs import read_env
+from services.local import LocalCluster
 cfg = apply_env(FbasConfig(), read_env())
 cfg.serve.instance_count = 2
 t0 = time.perf_counter()

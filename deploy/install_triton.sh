@@ -8,7 +8,7 @@
 #   VENV/triton/pytriton/tritonserver/bin/tritonserver        the server binary (+x)
 #   VENV/triton/pytriton/tritonserver/backends/python/        Python backend, with the stub for VENV's Python
 #   VENV/triton/nvidia_pytriton.libs/                         shared libraries (LD_LIBRARY_PATH)
-# pipeline/serve.py: find_tritonserver() looks here (or at $FBAS_TRITONSERVER).
+# services/triton.py: find_tritonserver() looks here (or at $FBAS_TRITONSERVER).
 set -euo pipefail
 
 VENV="${1:-.venv}"

@@ -96,7 +96,7 @@ class FusedLib:
             raise RuntimeError(f"{what} failed to launch: CUDA error {rc}")
 
     def _twin(self):
-        from engine.gpu_kernels import TorchKernels
+        from dll.twins import TorchKernels
 
         return TorchKernels()
 
@@ -129,7 +129,7 @@ class FusedLib:
         """act(x + bias) ``[T, C]``; act 0 erf-GELU, 1 tanh-GELU, 2 ReLU."""
         T, C = x.shape
         if x.dtype not in _DTYPES or C % 8 or bias.dtype != x.dtype or not _aligned(x, bias):
-            from engine.gpu_kernels import ACTS
+            from dll.twins import ACTS
 
             name = {v: k for k, v in ACTS.items()}[act]
             return self._twin().bias_act(x, bias, name)

@@ -18,14 +18,14 @@ import numpy as np
 
 from engine.checkpoint import Checkpoint, load_checkpoint
 from engine.model_dir import META_FILE, ModelMeta, write_meta
-from pipeline.config import EngineSpec
-from pipeline.errors import CheckpointError, ConfigError
+from core.config import EngineSpec
+from core.errors import CheckpointError, ConfigError
+from engine.calibration import calibration_texts
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_model", "resolve_spec", "calibration_texts"]
 
-CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.txt"
 
 
 def resolve_spec(spec: EngineSpec, ck: Checkpoint) -> tuple[str, bool, int]:
@@ -42,22 +42,13 @@ def resolve_spec(spec: EngineSpec, ck: Checkpoint) -> tuple[str, bool, int]:
     return pooling, normalize, max_len
 
 
-def calibration_texts(path: str | Path | None = None, limit: int = 256) -> list[str]:
-    """Real-text calibration sample: a user file (one text per line) or the bundled one."""
-    p = Path(path) if path else CALIBRATION_FILE
-    if not p.exists():
-        raise ConfigError(f"calibration file {p} does not exist")
-    texts = [t.strip() for t in p.read_text(encoding="utf-8").splitlines() if t.strip()]
-    if len(texts) < 16:
-        raise ConfigError(f"calibration file {p} has {len(texts)} texts; at least 16 are needed")
-    return texts[:limit]
 
 
 def build_model(spec: EngineSpec, out: str | Path, *, fusions: str = "all", threads: int = 0,
                 calibration: str | Path | None = None, calibration_size: int = 256, int8_target: float = 0.995,
                 progress: Callable[[int, int], None] | None = None) -> Path:
     """Build ``spec`` into the folder ``out`` (created or replaced) and return it."""
-    from workers.tokenize import Tokenizer, tokenizer_json_for
+    from core.tokenize import Tokenizer, tokenizer_json_for
 
     out = Path(out)
     ck = load_checkpoint(spec.model)

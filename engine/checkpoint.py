@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import CheckpointError
+from core.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import fingerprint
-from pipeline.errors import CheckpointError
+from core.config import fingerprint
+from core.errors import CheckpointError
 
 __all__ = ["ModelMeta", "META_FILE", "read_meta", "write_meta", "load_engine", "load_tokenizer"]
 
@@ -81,7 +81,7 @@ def read_meta(folder: str | Path) -> ModelMeta:
 
 def load_tokenizer(folder: str | Path, meta: ModelMeta | None = None):
     """The folder's tokenizer, truncating at the model's max_seq_len."""
-    from workers.tokenize import Tokenizer
+    from core.tokenize import Tokenizer
 
     meta = meta or read_meta(folder)
     return Tokenizer.from_file(Path(folder) / "tokenizer.json", meta.max_seq_len)

@@ -18,7 +18,7 @@ def session_options(threads: int):
     """ORT session options: all graph optimizations, ``threads`` intra-op threads, sequential."""
     import onnxruntime as ort
 
-    from pipeline.envs import cpu_count
+    from core.envs import cpu_count
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import CheckpointError
+from core.errors import CheckpointError
 
 __all__ = ["read_tf_checkpoint", "TFCheckpointMissingError", "TFCheckpointFormatError"]
 

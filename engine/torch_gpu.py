@@ -44,7 +44,9 @@ import torch.nn.functional as F
 
 from engine.base import packed_inputs
 from engine.checkpoint import BertShape
-from engine.gpu_kernels import ACTS, FP8_MAX, select_kernels
+from dll.twins import ACTS
+from dll.twins import FP8_MAX
+from engine.gpu_kernels import select_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -467,8 +469,8 @@ def load_gpu_engine(folder: str | Path, meta, device: str | torch.device | None 
     opts = GpuOptions.from_dict({**(meta.options or {}).get("gpu", {}), **options})
     calibration = None
     if meta.precision == "fp8" and opts.fp8_smooth > 0:     # real text for the fp8 smoothing factors
-        from engine.build import calibration_texts
-        from workers.tokenize import Tokenizer
+        from engine.calibration import calibration_texts
+        from core.tokenize import Tokenizer
 
         enc = Tokenizer.from_file(Path(folder) / "tokenizer.json", meta.max_seq_len).encode(calibration_texts())
         calibration = (enc.token_ids, enc.lengths)

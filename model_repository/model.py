@@ -1,6 +1,6 @@
 """Triton Python-backend model: a built fbas engine behind Triton's dynamic batcher.
 
-Copied by ``pipeline.serve.write_model_repository`` into ``REPO/<model>/1/model.py`` next to
+Copied by ``services.repository.write_model_repository`` into ``REPO/<model>/1/model.py`` next to
 the built model folder ``REPO/<model>/1/engine/`` (see ``model_repository/README.md``).
 
 Wire contract (one request = one group of documents, no padding anywhere):
@@ -110,7 +110,7 @@ def check_request(token_ids: np.ndarray, lengths: np.ndarray, limits: dict) -> t
 def _test_load_delay() -> None:
     """Test hook: ``FBAS_TEST_LOAD_DELAY=SECONDS`` makes each instance's load that much slower, so a test can
     stop a local cluster while its model is still loading."""
-    from pipeline.envs import read_env
+    from core.envs import read_env
 
     delay = read_env().get("test_load_delay")
     if delay:

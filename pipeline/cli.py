@@ -1,25 +1,43 @@
-"""`fbas-pipeline`: the command line. Flags are built from the config fields (pipeline/config.py).
+"""`fbas-pipeline`: the command line, every subcommand in this one module.
 
-Every flag can also be given as ``FBAS_<FIELD>`` in the environment; the flag wins. Heavy
-modules are imported inside each command so that ``--help`` is instant.
+    build   checkpoint -> built model folder          embed   texts -> .npy, in process
+    serve   tritonserver on a model repository        ingest  corpus -> vectors + index (local mode
+    worker  Celery worker for fleet hosts                     without --broker)
+    status  a job's progress                          search  nearest neighbours     eval  BEIR scores
+
+Flags are built from the config fields (``core/config.py``); every flag can also be given as
+``FBAS_<FIELD>`` in the environment, and the flag wins. Each command is thin: it parses, calls one
+function of a lower layer, and prints. Heavy modules are imported inside the commands so that
+``--help`` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from pipeline.config import FbasConfig, apply_env, set_field
-from pipeline.envs import env_name, read_env
-from pipeline.errors import FbasError
+from core.config import FbasConfig, apply_env, set_field
+from core.envs import env_name, read_env
+from core.errors import ConfigError, FbasError
 
 logger = logging.getLogger("fbas")
 
-def _add_section_flags(p: argparse.ArgumentParser, cfg: FbasConfig, section_name: str,
+Subparsers = Any  # argparse's _SubParsersAction, which it does not export
+
+_SERVE_FOR_WORKER = ("triton", "model_name", "ready_timeout", "shared_memory")
+_QUEUE_FOR_STATUS = ("broker",)
+
+
+def _skip(section: Any, keep: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(section) if f.name not in keep)
+
+
+def add_section_flags(p: argparse.ArgumentParser, cfg: FbasConfig, section_name: str,
                        skip: Sequence[str] = ()) -> None:
     section = getattr(cfg, section_name)
     group = p.add_argument_group(f"{section_name} options")
@@ -63,10 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    for add in (_add_build, _add_embed, _add_serve, _add_ingest, _add_worker, _add_status, _add_search, _add_eval):
+        add(sub, cfg)
+    return parser
+
+
+def _add_build(sub: Subparsers, cfg: FbasConfig) -> None:
     p = sub.add_parser("build", help="turn a checkpoint into a built model folder (ONNX fp32/int8, or GPU)",
                        description="Build an engine from a Hugging Face or Google TF BERT checkpoint into a model "
                                    "folder that `embed`, `serve` and `ingest` load.")
-    _add_section_flags(p, cfg, "engine")
+    add_section_flags(p, cfg, "engine")
     p.add_argument("--out", required=True, help="model folder to write (replaced if it is a built model folder)")
     p.add_argument("--fusions", default="all",
                    help="ONNX Runtime fused ops to use: all | none | comma list of embed_layernorm, attention, "
@@ -78,12 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-target", type=float, default=0.995,
                    help="int8: min cosine to fp32 the calibration sample must reach; more sensitive layers stay "
                         "in float until it does")
-    _add_section_flags(p, cfg, "runtime", skip=("token_budget", "max_batch_size"))
+    add_section_flags(p, cfg, "runtime", skip=("token_budget", "max_batch_size"))
     p.add_argument("--model-repository", dest="serve.model_repository", default=argparse.SUPPRESS,
                    help="also write the Triton model repository entry (config.pbtxt + model.py) here "
                         f"(env {env_name('model_repository')}; default: none)")
     p.set_defaults(func=_cmd_build)
 
+
+
+def _add_embed(sub: Subparsers, cfg: FbasConfig) -> None:
     p = sub.add_parser("embed", help="embed texts in-process with a built model folder (no server)",
                        description="Embed a text file (one text per line), a Parquet file or JSONL with a text "
                                    "column, in input order, into a float32 .npy of shape [n, dim].")
@@ -91,32 +118,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True, help="built model folder (from `fbas-pipeline build`)")
     p.add_argument("--out", required=True, help="output .npy file, float32 [n, dim]")
     p.add_argument("--text-column", default="text", help="column holding the text in Parquet/JSONL (default: text)")
-    _add_section_flags(p, cfg, "runtime")
+    add_section_flags(p, cfg, "runtime")
     p.set_defaults(func=_cmd_embed)
 
-    _add_late_commands(sub, cfg)
-    return parser
 
 
-def _add_late_commands(sub, cfg: FbasConfig) -> None:
-    """Commands whose implementation lives in other modules, registered if those modules exist."""
-    import importlib
+def _add_serve(sub: Subparsers, cfg: FbasConfig) -> None:
+    p = sub.add_parser("serve", help="serve a model repository with tritonserver (loopback by default)",
+                       description="Start tritonserver on --model-repository (model control mode none, loopback "
+                                   "unless --host says otherwise), wait until the model is ready, and serve until "
+                                   "Ctrl-C or SIGTERM. With --model-dir, first (re)write the repository entry from "
+                                   "that built model folder.")
+    p.add_argument("--model-dir", default=None,
+                   help="built model folder (from `fbas-pipeline build`) to write into the repository first")
+    add_section_flags(p, cfg, "serve", skip=("triton",))
+    p.set_defaults(func=_cmd_serve)
 
-    for mod_name in ("pipeline.serve", "pipeline.commands"):
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as e:
-            if e.name != mod_name:
-                raise
-            continue
-        register: Callable | None = getattr(mod, "register_commands", None)
-        if register:
-            register(sub, cfg, _add_section_flags)
+
+def _add_ingest(sub: Subparsers, cfg: FbasConfig) -> None:
+    p = sub.add_parser("ingest", help="embed a Parquet corpus into vectors + a FAISS index (local mode without "
+                                      "--broker)",
+                       description="Read a Parquet corpus (file, folder, glob or URI), validate it, plan token-budget "
+                                   "batches, embed them with Celery workers calling Triton, and write OUT/vectors/, "
+                                   "OUT/index.faiss and OUT/manifest.json. Without --broker it starts redis-server, "
+                                   "tritonserver and workers on loopback ports and stops them at the end (also on "
+                                   "Ctrl-C). Rerunning the same command resumes.")
+    p.add_argument("corpus", help="Parquet file, folder of Parquet files, glob, or object-store URI")
+    for section in ("engine", "runtime", "serve", "queue", "corpus", "output"):
+        skip: tuple[str, ...] = ()
+        if section == "serve":
+            skip = ("model_repository", "host", "grpc_port", "http_port", "metrics_port", "triton")
+        add_section_flags(p, cfg, section, skip=skip)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    p.set_defaults(func=_cmd_ingest)
+
+
+def _add_worker(sub: Subparsers, cfg: FbasConfig) -> None:
+    p = sub.add_parser("worker", help="run a Celery worker that embeds batches through Triton (fleet hosts)",
+                       description="Consume batch tasks from the broker, tokenize, call Triton at --triton, and "
+                                   "write the parts into each job's output folder (which this host must see).")
+    add_section_flags(p, cfg, "serve", skip=_skip(cfg.serve, _SERVE_FOR_WORKER))
+    add_section_flags(p, cfg, "queue", skip=("queue_depth",))
+    add_section_flags(p, cfg, "engine", skip=_skip(cfg.engine, ("target",)))   # sizes the pool (--concurrency 0)
+    p.add_argument("--loglevel", default="INFO", help="Celery log level (default: INFO)")
+    p.set_defaults(func=_cmd_worker)
+
+
+def _add_status(sub: Subparsers, cfg: FbasConfig) -> None:
+    p = sub.add_parser("status", help="show a job's progress (from Redis with --broker, else from the output folder)")
+    p.add_argument("out", nargs="?", default=None, help="output folder of the job (default: --out)")
+    add_section_flags(p, cfg, "queue", skip=_skip(cfg.queue, _QUEUE_FOR_STATUS))
+    add_section_flags(p, cfg, "output", skip=("index",))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_status)
+
+
+def _add_search(sub: Subparsers, cfg: FbasConfig) -> None:
+    p = sub.add_parser("search", help="nearest neighbours of a text (or of every query in a file)",
+                       description="Embed the query with the job's own model and search OUT/index.faiss.")
+    p.add_argument("out", help="output folder of a finished ingest")
+    p.add_argument("text", nargs="?", default=None, help="the query text")
+    p.add_argument("-k", type=int, default=10, help="neighbours to return (default: 10)")
+    p.add_argument("--json", action="store_true", help="one JSON object per hit: {\"id\": ..., \"score\": ...}")
+    p.add_argument("--queries", default=None, help="Parquet or JSONL file with id and text: one JSON line per query "
+                                                   "{\"query_id\": ..., \"hits\": [...]}")
+    add_section_flags(p, cfg, "runtime", skip=("token_budget", "max_batch_size"))
+    p.set_defaults(func=_cmd_search)
+
+
+def _add_eval(sub: Subparsers, cfg: FbasConfig) -> None:
+    p = sub.add_parser("eval", help="nDCG@10 and recall@100 on a BEIR-format query set",
+                       description="Search every query of --queries and score the results against --qrels.")
+    p.add_argument("out", help="output folder of a finished ingest")
+    p.add_argument("--queries", required=True, help="BEIR queries.jsonl (_id, text) or Parquet (id, text)")
+    p.add_argument("--qrels", required=True, help="BEIR qrels TSV: query-id, corpus-id, score")
+    p.add_argument("--keep-identical-ids", action="store_true",
+                   help="keep hits whose id equals the query id (BEIR drops them by default)")
+    add_section_flags(p, cfg, "runtime", skip=("token_budget", "max_batch_size"))
+    p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_build(args: argparse.Namespace, cfg: FbasConfig) -> int:
     from engine.build import build_model
-    from pipeline.progress import progress_bar
+    from pipeline.ingest.progress import progress_bar
 
     with progress_bar(total=None, desc="calibrating int8 (layers)", unit="layer",
                       disable=cfg.engine.precision != "int8") as bar:
@@ -133,7 +217,7 @@ def _cmd_build(args: argparse.Namespace, cfg: FbasConfig) -> int:
     print(f"built {meta.name} -> {out} (target {meta.target}, {meta.precision}, dim {meta.dim}, pooling "
           f"{meta.pooling}, normalize {meta.normalize}, max_seq_len {meta.max_seq_len}, fingerprint {meta.fingerprint})")
     if "serve.model_repository" in vars(args):
-        from pipeline.serve import write_model_repository
+        from services.repository import write_model_repository
 
         entry = write_model_repository(out, cfg.serve.model_repository, cfg)
         print(f"wrote the Triton model repository entry {entry}")
@@ -141,10 +225,116 @@ def _cmd_build(args: argparse.Namespace, cfg: FbasConfig) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace, cfg: FbasConfig) -> int:
-    from pipeline.embed_file import embed_file
+    from pipeline.ingest.embed_file import embed_file
 
     n, dim = embed_file(args.input, args.model_dir, args.out, cfg.runtime, text_column=args.text_column)
     print(f"wrote {n} x {dim} float32 embeddings to {args.out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace, cfg: FbasConfig) -> int:
+    from services.repository import write_model_repository
+    from services.serve import run_serve
+
+    if args.model_dir:
+        write_model_repository(args.model_dir, cfg.serve.model_repository, cfg)
+    return run_serve(cfg)
+
+
+# Modules the producer needs only once the ids are checked (the broker's client, Celery and what its first
+# send loads): with --broker, imported on a thread from the start, beside pipeline.ingest's own imports and the
+# id check. Against a running service on the GPU host these imports took 0.9 s between the id check and the
+# first batch. Not in local mode: there the first batch waits for tritonserver anyway, whose start follows the
+# id check, which the thread would slow down. (Importing workers.app there makes its Celery app that thread's
+# "current app"; the producer uses its own app, never current_app.)
+_PRODUCER_MODULES = ("redis", "workers.app", "kombu.transport.redis", "celery.app.amqp", "celery.app.routes")
+
+
+def _import_ahead(names: tuple[str, ...]) -> None:
+    import importlib
+    import threading
+
+    def run() -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the real import, later, reports it
+                return
+
+    threading.Thread(target=run, name="import-ahead", daemon=True).start()
+
+
+def _cmd_ingest(args: argparse.Namespace, cfg: FbasConfig) -> int:
+    if cfg.queue.broker:
+        _import_ahead(_PRODUCER_MODULES)
+    from pipeline.ingest.run import ingest
+
+    r = ingest(args.corpus, cfg, progress=False if args.no_progress else None)
+    c = r.manifest["counts"]
+    rate = c["embedded"] / r.seconds if r.seconds else 0.0
+    print(f"ingested {c['input_rows']} rows into {r.out}: {c['embedded']} embedded, {c['quarantined']} quarantined"
+          f"{' ' + json.dumps(c['quarantine_reasons']) if c['quarantine_reasons'] else ''}, {c['truncated']} "
+          f"truncated; index {r.manifest['index']['type']} ({r.manifest['index']['ntotal']} vectors); "
+          f"{r.seconds:.1f}s ({rate:.0f} docs/s){f', resumed {r.resumed_batches} batches' if r.resumed_batches else ''}")
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace, cfg: FbasConfig) -> int:
+    from core.redact import redact_url
+    from services.local import pool_size
+    from workers.app import QUEUE, configure
+
+    if not cfg.queue.broker:
+        raise ConfigError("worker needs --broker redis://HOST:PORT/DB (or FBAS_BROKER)")
+    app = configure(cfg)
+    app.loader.import_default_modules()  # workers.task registers the batch task
+
+    conc = pool_size(cfg)
+    print(f"fbas worker: broker {redact_url(cfg.queue.broker)}, Triton {cfg.serve.triton}, {conc} processes",
+          file=sys.stderr)
+    app.worker_main(["worker", "-Q", QUEUE, "--pool", "prefork", "--concurrency", str(conc), "--prefetch-multiplier",
+                     "1", "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat"])
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace, cfg: FbasConfig) -> int:
+    from output.status import job_status
+
+    info = job_status(args.out or cfg.output.out, cfg.queue.broker)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+        return 0
+    for line in info.get("lines", []):
+        print(line)
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace, cfg: FbasConfig) -> int:
+    from output.search import Searcher, read_queries, search_many
+
+    if (args.text is None) == (args.queries is None):
+        raise ConfigError("give either a query TEXT or --queries FILE")
+    s = Searcher(args.out, threads=cfg.runtime.threads)
+    if args.queries:
+        for qid, hits in search_many(s, read_queries(args.queries), args.k):
+            sys.stdout.write(json.dumps({"query_id": qid, "hits": [h.to_dict() for h in hits]}, ensure_ascii=False)
+                             + "\n")
+        return 0
+    hits = s.search([args.text], args.k)[0]
+    for rank, h in enumerate(hits, 1):
+        if args.json:
+            print(json.dumps(h.to_dict(), ensure_ascii=False))
+        else:
+            print(f"{rank:3d}  {h.score:.4f}  {h.id}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace, cfg: FbasConfig) -> int:
+    from output.evaluate import evaluate
+
+    result = evaluate(args.out, args.queries, args.qrels, threads=cfg.runtime.threads,
+                      ignore_identical_ids=not args.keep_identical_ids)
+    print(json.dumps(result, sort_keys=True))
     return 0
 
 
@@ -165,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fbas-pipeline {args.command}: interrupted", file=sys.stderr)
         return 130
+
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository root, the shared evaluation data, built model folders."""
+"""Shared fixtures: the repository root, the evaluation data (``tests/data``), built model folders."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 
+DATA = ROOT / "tests" / "data"   # real evaluation data, with sources and licences: tests/data/README.md
+
+
 def _shared_data() -> Path | None:
-    for cand in (os.environ.get("FBAS_SHARED_DATA"), ROOT.parent / "shared" / "data"):
+    for cand in (os.environ.get("FBAS_SHARED_DATA"), DATA):
         if cand and Path(cand, "stsb_en").is_dir():
             return Path(cand)
     return None
@@ -29,8 +32,7 @@ def _shared_data() -> Path | None:
 def shared_data() -> Path:
     path = _shared_data()
     if path is None:
-        pytest.skip("evaluation data not found: expected ../shared/data beside the checkout "
-                    "(or set FBAS_SHARED_DATA)")
+        pytest.fail(f"evaluation data not found: {DATA} is part of the repository (or set FBAS_SHARED_DATA)")
     return path
 
 
@@ -72,7 +74,7 @@ def default_checkpoint():
 def built_fp32(tmp_path_factory) -> Path:
     """The default model (all-MiniLM-L6-v2) built for the ONNX target in fp32."""
     from engine.build import build_model
-    from pipeline.config import EngineSpec
+    from core.config import EngineSpec
 
     return build_model(EngineSpec(), tmp_path_factory.mktemp("models") / "minilm-fp32")
 
@@ -81,7 +83,7 @@ def built_fp32(tmp_path_factory) -> Path:
 def built_int8(tmp_path_factory) -> Path:
     """The default model built in int8 with the bundled calibration sample (about a minute on 2 cores)."""
     from engine.build import build_model
-    from pipeline.config import EngineSpec
+    from core.config import EngineSpec
 
     return build_model(EngineSpec(precision="int8"), tmp_path_factory.mktemp("models") / "minilm-int8",
                        int8_target=0.998, calibration_size=128)

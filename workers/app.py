@@ -15,7 +15,7 @@ Settings (Celery ``userguide/tasks.rst``, ``configuration.rst``, kombu's Redis t
 * ``visibility_timeout`` (seconds) above the task's hard time limit: kombu redelivers an
   unacknowledged message only after it, so a running batch is not handed out twice unless a
   whole worker died.
-* no result backend (``task_ignore_result``): job progress lives in ``pipeline.jobstate``.
+* no result backend (``task_ignore_result``): job progress lives in ``workers.jobstate``.
 
 The settings come from one ``FbasConfig`` (``configure(cfg)``); importing this module builds
 that config from ``FBAS_*`` variables, so ``celery -A workers.app`` and worker children see
@@ -30,9 +30,9 @@ from typing import Any
 
 from celery import Celery
 
-from pipeline.config import FbasConfig, apply_env
-from pipeline.envs import read_env
-from pipeline.jobstate import redact_url
+from core.config import FbasConfig, apply_env
+from core.envs import read_env
+from core.redact import redact_url
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InvalidRequestError
+from core.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The batch task: tokenize, embed through Triton, write the part and the shard, record it done.
 
-Message (msgpack, one per planned batch; ``pipeline.produce`` builds it):
+Message (msgpack, one per planned batch; ``pipeline.ingest.produce`` builds it):
 
     {"v": 1, "job": str, "batch": int, "out": str, "model": str (model fingerprint), "dim": int,
      "id_type": "int64" | "string", "row_ids": [int], "ids": [int | str], "texts": [str],
@@ -32,12 +32,13 @@ import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 
-from pipeline.envs import read_env
-from pipeline.errors import InputError, PermanentError, TransientError
-from pipeline.jobstate import JobState, connect
+from core.envs import read_env
+from core.errors import InputError, PermanentError, TransientError
+from workers.jobstate import JobState, connect
 from workers.app import TASK_NAME, app, current_config
 from workers.infer import embed_checked, encoder_for, subset
-from workers.write import BatchOutput, OutputDir, write_batch
+from workers.write import BatchOutput, write_batch
+from core.layout import OutputDir
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def _redis(url: str) -> Any:
 
 
 def _tokenizer(state: JobState, job: str, max_seq_len: int) -> Any:
-    from workers.tokenize import Tokenizer
+    from core.tokenize import Tokenizer
 
     tok = _TOKENIZERS.get(job)
     if tok is None:

@@ -21,7 +21,7 @@ What it guarantees:
   then raised as ``ServerUnavailableError`` / ``TransientError``. INVALID_ARGUMENT is never
   retried as is: an oversized request is split in halves, bad rows raise ``BadRowsError``
   naming them, anything else raises ``InvalidRequestError``.
-* Errors: only this module sees ``grpc.RpcError``; it raises ``pipeline.errors`` types ``from None``.
+* Errors: only this module sees ``grpc.RpcError``; it raises ``core.errors`` types ``from None``.
   A missing or malformed output raises ``ResponseFormatError``, never returns None.
 
 One ``TritonEncoder`` may be shared by threads (gRPC channels are thread-safe; the HTTP path
@@ -42,8 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import (FbasError, InvalidRequestError, PermanentError, ServerUnavailableError,
-                             TransientError)
+from core.errors import FbasError, InvalidRequestError, PermanentError, ServerUnavailableError, TransientError
 from workers.triton_wire import (DTYPES, ResponseFormatError, build_infer_request, encode_http_request,
                                  output_array, parse_http_response, scan_infer_response)
 

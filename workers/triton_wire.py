@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PermanentError
+from core.errors import PermanentError
 
 __all__ = ["ResponseFormatError", "OutputView", "ResponseView", "DTYPES", "decode_varint", "scan_infer_response",
            "output_array", "build_infer_request", "encode_http_request", "parse_http_response"]

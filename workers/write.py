@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,119 +25,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from core.layout import FORMAT, META_KEY, OutputDir, read_part_meta, vectors_schema
 
-from pipeline.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OutputDir", "BatchOutput", "write_batch", "part_name", "FORMAT", "META_KEY", "vectors_schema"]
-
-FORMAT = 1
-META_KEY = b"fbas"
-VECTORS, STATE, SHARDS, QUARANTINE = "vectors", ".fbas", ".fbas/shards", ".fbas/quarantine"
+__all__ = ["OutputDir", "BatchOutput", "write_batch", "FORMAT", "META_KEY", "vectors_schema"]
 
 
-def part_name(batch: int, suffix: str = ".parquet") -> str:
-    """``part-000123.parquet``: six digits or more, so names sort in batch order up to a million batches."""
-    if batch < 0:
-        raise ValueError(f"batch index {batch} < 0")
-    return f"part-{batch:06d}{suffix}"
 
 
-def vectors_schema(dim: int, id_type: str, meta: dict | None = None) -> pa.Schema:
-    fields = [pa.field("row_id", pa.int64(), nullable=False),
-              pa.field("id", pa.int64() if id_type == "int64" else pa.string(), nullable=False),
-              pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
-              pa.field("n_tokens", pa.int32(), nullable=False),
-              pa.field("truncated", pa.bool_(), nullable=False),
-              pa.field("repaired", pa.bool_(), nullable=False)]
-    return pa.schema(fields, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()} if meta else None)
 
 
-class OutputDir:
-    """A local (or shared-filesystem) output folder with confined paths and atomic writes."""
-
-    def __init__(self, root: str | Path) -> None:
-        s = str(root)
-        if s.startswith("file://"):
-            s = s[len("file://"):]
-        elif "://" in s:
-            raise ConfigError(f"output {s!r}: object-store outputs are not supported yet; write to a local or shared "
-                              "folder (every worker must see the same path)")
-        self.root = Path(s).expanduser().resolve()
-
-    def __str__(self) -> str:
-        return str(self.root)
-
-    def path(self, rel: str) -> Path:
-        """``root/rel``, refusing anything that would leave the output folder."""
-        p = (self.root / rel).resolve()
-        if p != self.root and self.root not in p.parents:
-            raise InputError(f"path {rel!r} would leave the output folder {self.root}: refused")
-        return p
-
-    def vectors_part(self, batch: int) -> Path:
-        return self.path(f"{VECTORS}/{part_name(batch)}")
-
-    def shard(self, batch: int) -> Path:
-        return self.path(f"{SHARDS}/{part_name(batch, '.faiss')}")
-
-    def quarantine_part(self, batch: int) -> Path:
-        return self.path(f"{QUARANTINE}/{part_name(batch)}")
-
-    def state(self, name: str) -> Path:
-        return self.path(f"{STATE}/{name}")
-
-    def make_dirs(self) -> None:
-        for d in (VECTORS, SHARDS, QUARANTINE):
-            self.path(d).mkdir(parents=True, exist_ok=True)
-
-    @staticmethod
-    def temp_path(final: Path) -> Path:
-        """A new temp name beside ``final``: ``<name>.tmp-<host>-<pid>-<random>`` (what cleanup looks for)."""
-        return final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-    @staticmethod
-    def write_atomic(final: Path, write: Callable[[Path], None],
-                     keep_existing: Callable[[Path], bool] | None = None) -> bool:
-        """``write(tmp_path)``, fsync, then rename over ``final``; the temp file is removed on any failure.
-
-        With ``keep_existing``, the commit never replaces a file for which ``keep_existing(final)`` is true
-        (hard link, which fails if the name exists, instead of rename): the first commit of a batch wins
-        and later duplicate deliveries change nothing. Returns False when the existing file was kept."""
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = OutputDir.temp_path(final)
-        try:
-            write(tmp)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if keep_existing is None:
-                os.replace(tmp, final)
-                return True
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                if keep_existing(final):
-                    return False
-                os.replace(tmp, final)  # a stray file from another job under our name: ours replaces it
-            return True
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def read_part_meta(self, batch: int) -> dict | None:
-        """The ``fbas`` footer metadata of a committed vectors part, or None if absent or unreadable."""
-        return read_part_meta(self.vectors_part(batch))
 
 
-def read_part_meta(path: Path | pa.NativeFile) -> dict | None:
-    try:
-        md = pq.read_schema(path).metadata or {}
-        return json.loads(md[META_KEY])
-    except (OSError, KeyError, ValueError, pa.ArrowInvalid):
-        return None
+
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from pipeline.config import FbasConfig
+from core.config import FbasConfig
 from tests.pipeline_support import (check_oracle, count_parts, pid_alive, read_vectors, seed_model, wait_for,
                                     write_stsb_corpus)
 
@@ -35,7 +35,7 @@ def stsb_corpus(stsb_en_test, tmp_path_factory) -> tuple[Path, list]:
 @pytest.fixture(scope="module")
 def clean_run(stsb_corpus, tmp_path_factory):
     """One uninterrupted local-mode ingest of the STS-B test sentences (the reference for the resume test)."""
-    from pipeline.ingest import ingest
+    from pipeline.ingest.run import ingest
 
     corpus, _ = stsb_corpus
     cfg = FbasConfig()
@@ -58,7 +58,7 @@ def test_stsb_spearman_of_stored_vectors(clean_run, stsb_corpus):
 
 
 def test_search_returns_the_brute_force_neighbours(clean_run, stsb_corpus, tmp_path):
-    from pipeline.search import Searcher
+    from output.search import Searcher
 
     _, pairs = stsb_corpus
     rows, ids, vecs = read_vectors(clean_run.out)
@@ -96,7 +96,7 @@ def test_search_returns_the_brute_force_neighbours(clean_run, stsb_corpus, tmp_p
 def test_eval_on_a_beir_format_set(clean_run, stsb_corpus, tmp_path):
     """Paraphrase retrieval built from STS-B: sentence 1 of each near-identical pair should find sentence 2.
     The query ids are the corpus ids of sentence 1, so BEIR's ignore_identical_ids drops the self-hit."""
-    from pipeline.evaluate import evaluate
+    from output.evaluate import evaluate
 
     _, pairs = stsb_corpus
     n = len(pairs)

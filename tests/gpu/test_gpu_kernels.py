@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.gpu_kernels import TorchKernels, TritonKernels, flash_varlen
+from dll.twins import TorchKernels
+from engine.gpu_kernels import TritonKernels, flash_varlen
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on an H100/H200)")
 DEV = torch.device("cuda")

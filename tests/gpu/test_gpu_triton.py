@@ -88,7 +88,7 @@ def write_random_bert(folder: Path, texts: list[str], seed: int = 0) -> Path:
 def _source_model(tmp: Path, texts: list[str], real: bool) -> tuple[str, dict]:
     """(checkpoint folder, EngineSpec overrides): $FBAS_GPU_TEST_MODEL, the bundled model, or random weights."""
     from engine.checkpoint import default_model_path
-    from pipeline.errors import CheckpointError
+    from core.errors import CheckpointError
 
     if real and os.environ.get("FBAS_GPU_TEST_MODEL"):
         return os.environ["FBAS_GPU_TEST_MODEL"], {}
@@ -103,7 +103,7 @@ def _source_model(tmp: Path, texts: list[str], real: bool) -> tuple[str, dict]:
 
 def build_gpu_folder(tmp: Path, texts: list[str], real: bool = True) -> Path:
     from engine.build import build_model
-    from pipeline.config import EngineSpec
+    from core.config import EngineSpec
 
     model, extra = _source_model(tmp, texts, real)
     return build_model(EngineSpec(model=model, target="gpu", precision="fp16", **extra), tmp / "gpu-fp16")
@@ -111,7 +111,7 @@ def build_gpu_folder(tmp: Path, texts: list[str], real: bool = True) -> Path:
 
 def texts_for_test() -> list[str]:
     """Real text (the bundled calibration sample) plus long documents made by joining it."""
-    from engine.build import calibration_texts
+    from engine.calibration import calibration_texts
 
     texts = calibration_texts(limit=1000)
     return texts + [" ".join(texts[i * 12:(i + 1) * 12]) for i in range(16)]
@@ -123,7 +123,7 @@ def texts_for_test() -> list[str]:
 
 def test_gpu_folder_gets_kind_gpu(tmp_path):
     """A gpu-target folder is written with a KIND_GPU instance group (instance_kind overrides it)."""
-    from pipeline.serve import ModelEntryOptions, write_model_repository
+    from services.repository import ModelEntryOptions, write_model_repository
 
     folder = build_gpu_folder(tmp_path, texts_for_test()[:64], real=False)
     entry = write_model_repository(folder, tmp_path / "repo", options=ModelEntryOptions())
@@ -141,8 +141,8 @@ def test_gpu_folder_gets_kind_gpu(tmp_path):
 
 @pytest.fixture(scope="module")
 def tritonserver_path() -> str | None:
-    from pipeline.errors import ConfigError
-    from pipeline.serve import find_tritonserver
+    from core.errors import ConfigError
+    from services.triton import find_tritonserver
 
     explicit = os.environ.get("FBAS_TRITONSERVER") or None
     try:
@@ -167,7 +167,8 @@ def docs(gpu_folder):
 @pytest.fixture(scope="module")
 def served(gpu_folder, tritonserver_path, tmp_path_factory):
     """tritonserver serving the gpu folder (KIND_GPU, device 0) on free loopback ports; yields (process, log)."""
-    from pipeline.serve import ModelEntryOptions, TritonProcess, write_model_repository
+    from services.repository import ModelEntryOptions, write_model_repository
+    from services.triton import TritonProcess
 
     root = tmp_path_factory.mktemp("triton-gpu")
     entry = write_model_repository(gpu_folder, root / "repo", options=ModelEntryOptions(max_queue_delay_us=5000))

@@ -28,8 +28,9 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def triton_repo(built_fp32: Path, tmp_path_factory) -> Path:
-    from pipeline.errors import ConfigError
-    from pipeline.serve import ModelEntryOptions, find_tritonserver, write_model_repository
+    from core.errors import ConfigError
+    from services.repository import ModelEntryOptions, write_model_repository
+    from services.triton import find_tritonserver
 
     try:
         find_tritonserver()
@@ -45,7 +46,7 @@ def triton_repo(built_fp32: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def triton(triton_repo: Path, tmp_path_factory):
     """A running tritonserver on free loopback ports (shared by the session's tests)."""
-    from pipeline.serve import TritonProcess
+    from services.triton import TritonProcess
 
     log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
     proc = TritonProcess(triton_repo, ready_timeout=180, log_file=log)

@@ -9,7 +9,7 @@ from engine.model_dir import load_engine, load_tokenizer, read_meta
 from engine.onnx_build import Fusions, GraphSpec, build_onnx
 from engine.onnx_engine import OnnxEngine
 from engine.reference import ReferenceBert
-from workers.tokenize import Tokenizer, tokenizer_json_for
+from core.tokenize import Tokenizer, tokenizer_json_for
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import FbasConfig
-from pipeline.errors import ConfigError, InputError
+from core.config import FbasConfig
+from core.errors import ConfigError, InputError
 from tests.pipeline_support import check_oracle, read_quarantine, read_vectors, seed_model, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -32,8 +32,8 @@ CRASH_TAG = "crash-me"
 @pytest.fixture(scope="module")
 def template_out(tmp_path_factory) -> Path:
     """An output folder holding the built default model (copied into each job's folder)."""
-    from pipeline.ingest import ensure_model
-    from workers.write import OutputDir
+    from pipeline.ingest.model_cache import ensure_model
+    from core.layout import OutputDir
 
     out = tmp_path_factory.mktemp("template")
     ensure_model(FbasConfig(), OutputDir(out))
@@ -41,7 +41,7 @@ def template_out(tmp_path_factory) -> Path:
 
 
 def _need_services() -> None:
-    from pipeline.serve import find_tritonserver
+    from services.triton import find_tritonserver
 
     if not shutil.which("redis-server"):
         pytest.skip("redis-server is not on PATH (apt install redis-server)")
@@ -53,7 +53,7 @@ def _need_services() -> None:
 
 @pytest.fixture(scope="module")
 def cluster(template_out, tmp_path_factory):
-    from pipeline.local import LocalCluster
+    from services.local import LocalCluster
 
     _need_services()
     cfg = FbasConfig()
@@ -78,7 +78,7 @@ def _cfg(cluster, out: Path, **corpus) -> FbasConfig:
 
 
 def _ingest(cluster, template_out, corpus: Path, out: Path, **corpus_kw):
-    from pipeline.ingest import ingest
+    from pipeline.ingest.run import ingest
 
     seed_model(out, template_out)
     return ingest(str(corpus), _cfg(cluster, out, **corpus_kw), progress=False)
@@ -106,7 +106,7 @@ def test_the_same_job_into_a_second_folder_is_embedded_again(cluster, template_o
     v1, v2 = read_vectors(tmp_path / "one")[2], read_vectors(tmp_path / "two")[2]
     assert v1.shape == v2.shape and np.min(np.sum(v1 * v2, axis=1)) > 0.99999
     # while a batch of the job is running for folder "two", the same job into a third folder is refused
-    from pipeline.jobstate import JobState, connect
+    from workers.jobstate import JobState, connect
 
     state = JobState(connect(cluster.broker_url), first.job)
     state.r.hset(state.k_running, "0", "a worker elsewhere")
@@ -149,7 +149,7 @@ def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, templa
     assert np.min(np.sum(ref * vecs, axis=1)) > 0.9999, "vectors equal the in-process engine's"
     assert r.resumed_batches == 0
 
-    from pipeline.jobstate import job_status
+    from output.status import job_status
 
     st = job_status(str(out), cluster.broker_url)
     assert st["folder"]["done_batches"] == st["folder"]["planned_batches"] and st["folder"]["finished"]
@@ -158,7 +158,7 @@ def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, templa
 
 
 def test_invalid_corpora_are_refused_before_anything_is_enqueued(cluster, template_out, tmp_path):
-    from pipeline.jobstate import connect, list_jobs
+    from workers.jobstate import connect, list_jobs
     from workers.app import QUEUE
 
     client = connect(cluster.broker_url)
@@ -220,7 +220,7 @@ def test_a_pickle_message_is_refused_and_never_deserialized(cluster, template_ou
 def _ingest_in_background(cluster, template_out, corpus, out):
     """Start an ingest (batches of 32 rows) in a thread; returns (join, job id, Redis client) once the job is
     in Redis. ``join()`` waits for the ingest and re-raises its error."""
-    from pipeline.jobstate import connect, list_jobs
+    from workers.jobstate import connect, list_jobs
 
     client = connect(cluster.broker_url)
     before = set(list_jobs(client))
@@ -246,7 +246,7 @@ def _ingest_in_background(cluster, template_out, corpus, out):
 
 
 def test_killing_a_worker_child_mid_batch_redelivers_the_batch(cluster, template_out, tmp_path, stsb_en_test):
-    from pipeline.jobstate import JobState
+    from workers.jobstate import JobState
 
     texts = [a for a, _, _ in stsb_en_test[:300]]
     ids = list(range(1000, 1000 + len(texts)))
@@ -368,7 +368,7 @@ def test_a_cluster_stopped_while_its_model_loads_stops_at_once(template_out, tmp
     the cluster then kills it instead of waiting for the load (here 120 s, from a test hook in model.py), and
     leaves no process behind. Its four ports (Redis, Triton's gRPC, HTTP and metrics) are all different,
     though Triton's are picked before Redis has bound its own."""
-    from pipeline.local import LocalCluster
+    from services.local import LocalCluster
 
     _need_services()
     monkeypatch.setenv("FBAS_TEST_LOAD_DELAY", "120")

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline.errors import InvalidRequestError
+from core.errors import InvalidRequestError
 from workers.triton_client import BadRowsError, ClientOptions, TritonEncoder
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import FbasConfig
-from pipeline.errors import ConfigError
-from pipeline.serve import (ModelEntryOptions, ServerExitedError, TritonProcess, find_tritonserver, render_config,
-                            run_serve, write_model_repository)
+from core.config import FbasConfig
+from core.errors import ConfigError
+from services.repository import ModelEntryOptions, render_config, write_model_repository
+from services.triton import ServerExitedError, TritonProcess, find_tritonserver
+from services.serve import run_serve
 
 
 def test_entry_layout_and_config(built_fp32: Path, tmp_path: Path):
@@ -118,7 +119,7 @@ def test_serve_command_serves_until_sigterm(triton_repo: Path, tmp_path: Path):
 def test_stale_backend_regions_of_dead_owners_are_swept():
     import subprocess
 
-    from pipeline.serve import sweep_stale_shm_regions
+    from services.triton import sweep_stale_shm_regions
 
     dead = subprocess.Popen(["true"])
     dead.wait()

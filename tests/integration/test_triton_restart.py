@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.errors import ServerUnavailableError
-from pipeline.serve import TritonProcess, free_port
+from core.errors import ServerUnavailableError
+from services.triton import TritonProcess, free_port
 from workers.triton_client import ClientOptions, TritonEncoder
 
 N_REQUESTS = 40

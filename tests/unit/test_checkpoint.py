@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from engine.checkpoint import expected_shapes, load_checkpoint
-from pipeline.errors import CheckpointError
+from core.errors import CheckpointError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -22,10 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from engine.checkpoint import BertShape, load_checkpoint  # noqa: E402
-from engine.gpu_kernels import TorchKernels, quantize_rows_fp8  # noqa: E402
+from dll.twins import TorchKernels
+from engine.gpu_kernels import quantize_rows_fp8
 from engine.reference import ReferenceBert, pad_tokens  # noqa: E402
 from engine.torch_gpu import GpuBertEngine, GpuOptions, static_plan, token_bucket  # noqa: E402
-from workers.tokenize import Tokenizer, tokenizer_json_for  # noqa: E402
+from core.tokenize import Tokenizer, tokenizer_json_for
 
 STSB = ROOT.parent / "shared" / "data" / "stsb_multi_mt" / "stsb-en-test.csv"
 CALIBRATION = ROOT / "engine" / "data" / "calibration.txt"
@@ -156,7 +157,7 @@ def test_bad_inputs_are_rejected_with_a_message(minilm):
 
 def test_fp8_emulation_with_smoothing_calibration(minilm, encoded):
     """fp8 on the CPU: the twins quantize GEMM operands (per token x per channel) as the GPU does."""
-    from engine.build import calibration_texts
+    from engine.calibration import calibration_texts
 
     ck, tok = minilm
     cal = tok.encode(calibration_texts())

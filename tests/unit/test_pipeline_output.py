@@ -15,12 +15,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.evaluate import evaluate_run, ndcg_at_k, recall_at_k
-from pipeline.finalize import IncompleteJobError, OracleError, finalize
-from pipeline.plan import Scan, plan_batches
-from pipeline.read import id_hashes
-from workers.write import BatchOutput, OutputDir, write_batch
+from core.errors import InputError
+from output.evaluate import evaluate_run, ndcg_at_k, recall_at_k
+from output.check import IncompleteJobError, OracleError
+from output.finalize import finalize
+from core.formats import Scan
+from pipeline.ingest.plan import plan_batches
+from core.ids import id_hashes
+from workers.write import BatchOutput, write_batch
+from core.layout import OutputDir
 
 DIM = 16
 
@@ -102,7 +105,7 @@ def _without_timings(m):
 def test_parts_checked_while_the_job_runs_give_the_same_outputs(tmp_path):
     """A ledger fed as parts commit (out of order, with gaps) stops at the first gap, and finalize with it
     writes exactly what finalize from scratch writes, reading only the parts it had not checked."""
-    from pipeline.finalize import PartLedger
+    from output.ledger import PartLedger
 
     out, plan, ids, vectors = _job(tmp_path)
     n = plan.n_batches
@@ -127,7 +130,7 @@ def test_parts_checked_while_the_job_runs_give_the_same_outputs(tmp_path):
 def test_a_part_replaced_after_it_was_checked_is_checked_again(tmp_path):
     """The ledger's record of a part is trusted only while the file is unchanged: a part swapped in behind
     it (here batch 2's file under batch 1's name) is refused, as without a ledger."""
-    from pipeline.finalize import LedgerFeeder, PartLedger
+    from output.ledger import LedgerFeeder, PartLedger
 
     out, plan, ids, vectors = _job(tmp_path)
     feeder = LedgerFeeder(PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash),
@@ -256,13 +259,13 @@ def test_parts_are_read_ahead_on_threads_but_used_in_order():
     import random
     import time as _time
 
-    from pipeline.finalize import _in_order
+    from output.ledger import in_order
 
     def slow(b):
         _time.sleep(random.random() * 0.003)
         return b * b
 
-    assert list(_in_order(slow, 50)) == [b * b for b in range(50)]
+    assert list(in_order(slow, 50)) == [b * b for b in range(50)]
 
     def bad(b):
         if b == 7:
@@ -271,14 +274,14 @@ def test_parts_are_read_ahead_on_threads_but_used_in_order():
 
     got = []
     with pytest.raises(ValueError, match="part 7"):
-        for x in _in_order(bad, 20):
+        for x in in_order(bad, 20):
             got.append(x)
     assert got == list(range(7))
 
 
 def test_status_of_a_folder_whose_job_is_still_being_scanned(tmp_path):
     """Before job.json exists (it is written after the last window), status says so instead of 'no job'."""
-    from pipeline.jobstate import job_status
+    from output.status import job_status
 
     (tmp_path / "out" / ".fbas").mkdir(parents=True)
     (tmp_path / "out" / ".fbas" / "job.pending").write_text('{"job": "j1", "corpus": "c.parquet"}')
@@ -292,7 +295,7 @@ def test_status_of_a_folder_whose_job_is_still_being_scanned(tmp_path):
 
 @pytest.mark.parametrize("dim", [16, 384, 768])
 def test_the_installed_faiss_writes_flat_indexes_in_the_layout_we_stream(dim):
-    from pipeline.flat_index import layout_matches
+    from output.flat_index import layout_matches
 
     assert layout_matches(dim), "FAISS changed its file layout: finalize would fall back to writing in memory"
 
@@ -306,7 +309,7 @@ def test_a_streamed_flat_index_is_byte_for_byte_what_faiss_writes(tmp_path, monk
 
     import faiss
 
-    import pipeline.flat_index as fi
+    import output.flat_index as fi
 
     monkeypatch.setattr(fi, "_SYNC_BYTES", 5000)
     rng = np.random.default_rng(1)
@@ -340,7 +343,7 @@ def test_a_streamed_flat_index_is_byte_for_byte_what_faiss_writes(tmp_path, monk
 def test_a_shard_is_read_only_when_laid_out_as_faiss_writes_it():
     import faiss
 
-    from pipeline.flat_index import read_shard
+    from output.flat_index import read_shard
 
     vecs = np.arange(3 * DIM, dtype=np.float32).reshape(3, DIM)
     shard = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
@@ -356,7 +359,7 @@ def test_a_shard_is_read_only_when_laid_out_as_faiss_writes_it():
 def test_finalize_writes_the_same_flat_index_when_faiss_lays_it_out_otherwise(tmp_path, monkeypatch):
     """With a FAISS whose file layout is not the one we stream, the ledger only checks parts and finalize
     builds the flat index in memory: the same file either way."""
-    import pipeline.finalize as fin
+    import output.ledger as fin
 
     out, plan, ids, vectors = _job(tmp_path)
     for b in range(plan.n_batches):
@@ -373,7 +376,7 @@ def test_an_unfinished_index_file_is_never_left_behind(tmp_path):
     """A ledger's file is removed by ``discard`` (ingest's exit); a temp file left by a killed run stays
     through a finalize that fails and is removed by the next one that succeeds. (A finalize that fails after
     writing: test_a_part_with_wrong_ids_fails_the_oracle.)"""
-    from pipeline.finalize import PartLedger
+    from output.ledger import PartLedger
 
     out, plan, ids, vectors = _job(tmp_path)
     for b in range(plan.n_batches):
@@ -403,8 +406,8 @@ def test_an_append_that_fails_midway_is_redone_cleanly(tmp_path, monkeypatch):
     """A write that fails halfway through a part (disk full, say), or a sync that fails after it, counts
     nothing of that part: the ledger reads it again and the index is byte for byte the one a clean run writes,
     with no row counted twice."""
-    import pipeline.flat_index as fi
-    from pipeline.finalize import PartLedger
+    import output.flat_index as fi
+    from output.ledger import PartLedger
 
     out, plan, ids, vectors = _job(tmp_path)
     for b in range(plan.n_batches):

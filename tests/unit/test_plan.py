@@ -1,4 +1,4 @@
-"""The length scan and the token-budget planner (pipeline/plan.py), and batch assembly (pipeline/produce.py)."""
+"""The length scan and the token-budget planner (pipeline/ingest/plan.py), and batch assembly (pipeline/ingest/produce.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import CorpusConfig
-from pipeline.errors import InputError
-from pipeline.plan import plan_batches, scan_corpus
-from pipeline.produce import batch_messages
-from pipeline.read import open_corpus
+from core.config import CorpusConfig
+from core.errors import InputError
+from pipeline.ingest.plan import plan_batches, scan_corpus
+from pipeline.ingest.produce import batch_messages
+from pipeline.ingest.read import open_corpus
 
 
 def _check_plan(n_tokens: np.ndarray, budget: int, max_rows: int):
@@ -98,10 +98,11 @@ def test_batches_go_out_while_later_windows_are_still_unread(tmp_path, built_fp3
     """scan_and_send plans each window alone and sends its batches before reading the next window; the
     saved plan is the concatenation, the same on a rerun, and matches what was sent, row for row."""
     from engine.model_dir import load_tokenizer, read_meta
-    from pipeline.config import FbasConfig
-    from pipeline.ingest import resume_job, scan_and_send
-    from pipeline.plan import corpus_id_hashes
-    from workers.write import OutputDir
+    from core.config import FbasConfig
+    from pipeline.ingest.job import JobContext, resume_job
+    from pipeline.ingest.stream import scan_and_send, start_scan
+    from pipeline.ingest.plan import corpus_id_hashes
+    from core.layout import OutputDir
 
     rng = np.random.default_rng(2)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
@@ -118,8 +119,13 @@ def test_batches_go_out_while_later_windows_are_still_unread(tmp_path, built_fp3
     tok.lengths = lambda batch: (read_rows.append(len(batch)), real_lengths(batch))[1]
     sent: list[tuple[dict, int]] = []   # (message, texts read when it was sent)
     out = OutputDir(tmp_path / "out")
-    job = scan_and_send(corpus, cfg, out, meta, tok, corpus_id_hashes(corpus),
-                        lambda m: sent.append((m, sum(read_rows))), skip={3})
+
+    def send_all(out: OutputDir, send, skip: set[int]):
+        ctx = JobContext(corpus, cfg, out, meta)
+        with start_scan(ctx, tok) as windows:
+            return scan_and_send(ctx, windows, corpus_id_hashes(corpus), send, skip)
+
+    job = send_all(out, lambda m: sent.append((m, sum(read_rows))), skip={3})
     plan = job.plan
     assert [m["batch"] for m, _ in sent] == [b for b in range(plan.n_batches) if b != 3]
     assert sent[0][1] <= 600                     # the first window's batches left before the rest was read
@@ -131,18 +137,16 @@ def test_batches_go_out_while_later_windows_are_still_unread(tmp_path, built_fp3
         assert max(m["row_ids"]) - min(m["row_ids"]) < 200   # a batch never spans two windows
     assert sorted(np.concatenate([plan.order, job.scan.q_rows]).tolist()) == list(range(700))
     assert job.scan.q_rows.tolist() == [5, 402]
-    again = resume_job(corpus, cfg, out, meta)                # what a rerun finds in the folder
+    again = resume_job(JobContext(corpus, cfg, out, meta))                # what a rerun finds in the folder
     assert again is not None and again.id == job.id
     assert np.array_equal(again.plan.order, plan.order) and np.array_equal(again.plan.offsets, plan.offsets)
     # a run stopped before job.json was written plans again from scratch: the same batches
-    fresh = scan_and_send(corpus, cfg, OutputDir(tmp_path / "out2"), meta, tok, corpus_id_hashes(corpus),
-                          lambda m: None, skip=set())
+    fresh = send_all(OutputDir(tmp_path / "out2"), lambda m: None, skip=set())
     assert np.array_equal(fresh.plan.order, plan.order) and np.array_equal(fresh.plan.offsets, plan.offsets)
     # growing windows (--first-window 50: rows 0-49, 50-149, 150-349, then 200 each): batches stay inside them
     cfg.corpus.first_window = 50
     grown_sent: list[dict] = []
-    grown = scan_and_send(corpus, cfg, OutputDir(tmp_path / "out3"), meta, tok, corpus_id_hashes(corpus),
-                          grown_sent.append, skip=set())
+    grown = send_all(OutputDir(tmp_path / "out3"), grown_sent.append, skip=set())
     assert grown.id != job.id, "the window schedule is part of the job's identity"
     bounds = [0, 50, 150, 350, 550, 700]
     for m in grown_sent:
@@ -152,8 +156,8 @@ def test_batches_go_out_while_later_windows_are_still_unread(tmp_path, built_fp3
 
 
 def test_the_first_window_is_small_only_for_the_unpadded_gpu_target():
-    from pipeline.config import FbasConfig
-    from pipeline.ingest import first_window
+    from core.config import FbasConfig
+    from pipeline.ingest.job import first_window
 
     cfg = FbasConfig()
     assert first_window(cfg) == cfg.corpus.plan_window == 65536      # onnx pads: one size of window
@@ -171,7 +175,7 @@ def test_read_ahead_produces_on_a_thread_in_order_and_stops_when_closed():
     import threading
     import time
 
-    from pipeline.read import ReadAhead
+    from pipeline.ingest.read import ReadAhead
 
     produced: list[int] = []
     second_ready = threading.Event()
@@ -216,7 +220,7 @@ def test_a_started_scan_works_before_anyone_asks_and_stops_when_cancelled_or_clo
     import threading
     import time
 
-    from pipeline.read import ReadAhead
+    from pipeline.ingest.read import ReadAhead
 
     started = threading.Event()
     produced: list[int] = []
@@ -249,7 +253,7 @@ def test_windows_start_at_multiples_of_the_window_whatever_the_files(tmp_path, b
     """Window k holds rows k*W .. (k+1)*W - 1 across files of any size (an empty one too) and row groups,
     so a rerun finds the same windows; the rows and lengths equal the one-window scan's."""
     from engine.model_dir import load_tokenizer
-    from pipeline.plan import scan_windows
+    from pipeline.ingest.plan import scan_windows
 
     rng = np.random.default_rng(3)
     folder = tmp_path / "corpus"
@@ -279,7 +283,7 @@ def test_windows_start_at_multiples_of_the_window_whatever_the_files(tmp_path, b
 
 
 def test_window_boundaries_grow_then_stay_at_the_plan_window():
-    from pipeline.plan import window_end
+    from pipeline.ingest.plan import window_end
 
     ends = sorted({window_end(r, 65536) for r in range(0, 300_000, 512)})
     assert ends[:6] == [4096, 12288, 28672, 61440, 126976, 192512]
@@ -305,7 +309,7 @@ def test_estimated_lengths_track_the_tokenizer_on_real_text(built_fp32, stsb_en_
     close to the exact count on real English and Chinese text, short sentences and long documents alike; it
     is integer arithmetic (the same plan on every run) and never below [CLS] x [SEP] for a real text."""
     from engine.model_dir import load_tokenizer
-    from pipeline.plan import LengthEstimate
+    from pipeline.ingest.plan import LengthEstimate
 
     pairs = stsb_en_test if language == "en" else stsb_zh_cnsd_test
     sentences = [t for a, b, _ in pairs for t in (a, b)]
@@ -337,7 +341,7 @@ def test_estimated_lengths_on_characters_of_every_width(built_fp32, monkeypatch)
     """Wide characters (CJK, emoji) count one token each, narrow ones by the ratio; a text is never estimated
     below 3 tokens, and truncation caps it."""
     from engine.model_dir import load_tokenizer
-    from pipeline.plan import LengthEstimate
+    from pipeline.ingest.plan import LengthEstimate
 
     # no Arrow array is built from the texts: pyarrow's first pa.array imports pandas where it is installed
     monkeypatch.setattr(pa, "array", lambda *a, **k: pytest.fail("pa.array called while estimating lengths"))
@@ -347,7 +351,7 @@ def test_estimated_lengths_on_characters_of_every_width(built_fp32, monkeypatch)
     assert full.tolist()[:5] == [3, 4, 5, 7, 3]
     assert lens.tolist() == [3, 4, 5, 7, 3, 16, 4] and full[5] == 252
     assert est.exact is False
-    from pipeline.plan import _char_counts
+    from pipeline.ingest.plan import _char_counts
 
     chars, wide = _char_counts(["a", "é", "中", "😀😀", "", "x中😀é", "\ud800"])   # a lone surrogate too
     assert chars.tolist() == [1, 1, 1, 2, 0, 4, 1] and wide.tolist() == [0, 0, 1, 2, 0, 2, 1]
@@ -357,7 +361,7 @@ def test_estimated_lengths_on_characters_of_every_width(built_fp32, monkeypatch)
 def test_a_scan_on_estimated_lengths_quarantines_what_it_can_see_and_does_not_guess_truncation(tmp_path,
                                                                                                 built_fp32):
     from engine.model_dir import load_tokenizer
-    from pipeline.plan import scan_windows
+    from pipeline.ingest.plan import scan_windows
 
     texts = ["a normal sentence", None, "", "   \t\n", "\x00\x01\x02", "word " * 2000, "ok"]
     p = tmp_path / "c.parquet"
@@ -374,7 +378,7 @@ def test_the_estimate_is_calibrated_on_the_first_window_whatever_the_files(tmp_p
     """The calibration sample is the first window's texts, so files and row groups cut anywhere give the same
     estimate, the same lengths and the same windows as one file."""
     from engine.model_dir import load_tokenizer
-    from pipeline.plan import LengthEstimate, scan_windows
+    from pipeline.ingest.plan import LengthEstimate, scan_windows
 
     texts = _long_docs([t for a, b, _ in stsb_en_test for t in (a, b)], 700, seed=2)
     tok = load_tokenizer(built_fp32)
@@ -397,8 +401,8 @@ def test_the_estimate_is_calibrated_on_the_first_window_whatever_the_files(tmp_p
 
 
 def test_the_length_mode_follows_the_target():
-    from pipeline.config import FbasConfig
-    from pipeline.ingest import length_mode
+    from core.config import FbasConfig
+    from pipeline.ingest.job import length_mode
 
     cfg = FbasConfig()
     assert length_mode(cfg) == "exact"                             # onnx pads: exact lengths, least padding
@@ -417,13 +421,13 @@ def test_the_estimate_has_a_fallback_when_the_first_window_cannot_measure_it(tmp
     import logging
 
     from engine.model_dir import load_tokenizer
-    from pipeline.plan import LengthEstimate, scan_windows
+    from pipeline.ingest.plan import LengthEstimate, scan_windows
 
     tok = load_tokenizer(built_fp32)
     texts = [None] * 30 + ["", " "] * 5 + ["a short sentence about cats", "一个男人在弹吉他。"] * 40
     p = tmp_path / "c.parquet"
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": pa.array(texts, pa.string())}), p)
-    with caplog.at_level(logging.WARNING, logger="pipeline.plan"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.ingest.plan"):
         windows = list(scan_windows(open_corpus(str(p), CorpusConfig()), tok, 64, first_rows=40, estimate=True))
     assert "has no text to embed" in caplog.text
     n_tokens = np.concatenate([w.n_tokens for w in windows])

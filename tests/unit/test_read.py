@@ -1,4 +1,4 @@
-"""Corpus reading and validation (pipeline/read.py): layouts, schema errors that name the fix, ids, UTF-8."""
+"""Corpus reading and validation (pipeline/ingest/read.py): layouts, schema errors that name the fix, ids, UTF-8."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import CorpusConfig
-from pipeline.errors import InputError
-from pipeline.read import decode_texts, id_hashes, open_corpus
+from core.config import CorpusConfig
+from core.errors import InputError
+from pipeline.ingest.read import decode_texts, open_corpus
+from core.ids import id_hashes
 
 
 def _rows(corpus):

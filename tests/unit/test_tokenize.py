@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.tokenize import Tokenizer, build_tokenizer_json, tokenizer_json_for
+from core.tokenize import Tokenizer, build_tokenizer_json, tokenizer_json_for
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -295,7 +295,7 @@ def test_server_error_tags():
 
 
 def test_client_options_from_config_bound_retries_below_the_task_limit():
-    from pipeline.config import FbasConfig
+    from core.config import FbasConfig
     from workers.triton_client import ClientOptions
 
     cfg = FbasConfig()

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from pipeline.errors import ServerUnavailableError
-from pipeline.serve import ServerExitedError, TritonProcess
+from core.errors import ServerUnavailableError
+from services.triton import ServerExitedError, TritonProcess
 
 
 @pytest.fixture()

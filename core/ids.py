@@ -1,0 +1,71 @@
+"""Id keys: a 64-bit key per input id (``id_hashes``), how finalize checks that every committed row carries
+the id of its input row without keeping the ids themselves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from core.errors import InputError
+
+__all__ = ["id_hashes"]
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def id_hashes(arr: pa.Array | pa.ChunkedArray | Sequence | None, row0: int = 0, n: int | None = None) -> np.ndarray:
+    """uint64 [n]: a 64-bit key per id. Integer ids map to themselves (no collisions); strings hash their
+    UTF-8 bytes (vectorized polynomial hash, then splitmix64); ``None`` means row-position ids."""
+    if arr is None:
+        return np.arange(row0, row0 + (n or 0), dtype=np.int64).view(np.uint64)
+    if not isinstance(arr, (pa.Array, pa.ChunkedArray)):
+        arr = pa.array(list(arr))
+    if isinstance(arr, pa.ChunkedArray):
+        arr = pa.concat_arrays(arr.chunks) if arr.num_chunks != 1 else arr.chunk(0)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if arr.null_count:
+        raise InputError(f"the id column has {arr.null_count} null id(s) (first at row "
+                         f"{row0 + int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])}): every row "
+                         "needs a unique id; fill them, or drop --id-column to use row positions")
+    if pa.types.is_integer(arr.type):
+        if pa.types.is_unsigned_integer(arr.type):
+            return arr.cast(pa.uint64()).to_numpy().astype(np.uint64)
+        return arr.cast(pa.int64()).to_numpy().view(np.uint64)
+    if not pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.large_string())
+    count = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + count + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    start = int(offsets[0])
+    data = data[start:int(offsets[-1])].astype(np.uint64)
+    h = np.zeros(count, dtype=np.uint64)
+    if data.size:
+        owner = np.repeat(np.arange(count), lengths)
+        from_end = (offsets[1:] - start)[owner] - 1 - np.arange(data.size)  # 0 for each string's last byte
+        maxlen = int(lengths.max())
+        powers = np.empty(maxlen, dtype=np.uint64)
+        powers[0] = 1
+        with np.errstate(over="ignore"):
+            p = np.uint64(0x100000001B3)
+            for k in range(1, maxlen):
+                powers[k] = powers[k - 1] * p
+            terms = (data + np.uint64(1)) * powers[from_end]
+        nonempty = lengths > 0
+        sums = np.add.reduceat(terms, (offsets[:-1] - start)[nonempty])
+        h[nonempty] = sums
+    with np.errstate(over="ignore"):
+        h ^= lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return _splitmix64(h)

@@ -1,0 +1,165 @@
+"""The output folder: every file name under OUT/, confined paths and atomic writes.
+
+    OUT/manifest.json                         written last by finalize: the job's record and checksums
+    OUT/index.faiss                           the merged index (ids = row_id)
+    OUT/quarantine.parquet                    row_id, id, reason (only when rows were not embedded)
+    OUT/vectors/part-000123.parquet           row_id int64, id, embedding fixed_size_list<float32>[dim],
+                                              n_tokens int32, truncated bool, repaired bool
+    OUT/.fbas/shards/part-000123.faiss        IndexIDMap2(IndexFlatIP) over the same rows, ids = row_id
+    OUT/.fbas/quarantine/part-000123.parquet  the batch's quarantined rows (only when it has some)
+    OUT/.fbas/job.json, scan.npz, plan.npz    what a rerun resumes (``core.formats``); job.pending while
+                                              a new job's scan runs; quarantine-scan.parquet
+    OUT/.fbas/model/, model.spec, local/      the built model, its build key, local mode's services
+
+Part names are a pure function of the batch index, so a batch delivered twice writes the same
+files. Every file is written to ``<name>.tmp-<host>-<pid>-<random>`` in the same folder,
+flushed to disk and renamed over the final name (``os.replace``): a reader sees the old file,
+the new one, or nothing, never half a file. A vectors part's Parquet footer (``fbas`` key) says
+which job and batch it belongs to, so files from another run are recognised and never merged.
+Every path is built inside the output folder and checked to stay inside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.errors import ConfigError, InputError
+
+__all__ = ["OutputDir", "part_name", "read_part_meta", "vectors_schema", "FORMAT", "META_KEY", "VECTORS", "STATE",
+           "SHARDS", "QUARANTINE", "MANIFEST", "INDEX_FILE", "JOB_FILE", "PENDING_FILE", "SCAN_QUARANTINE",
+           "SCAN_FILE", "PLAN_FILE", "QUARANTINE_FILE", "MODEL_SUBDIR", "MODEL_SPEC", "LOCAL_SUBDIR", "PART_RE"]
+
+FORMAT = 1                 # the parts' footer format
+META_KEY = b"fbas"         # the Parquet footer key of a part's metadata
+
+# folders under OUT/
+VECTORS, STATE, SHARDS, QUARANTINE = "vectors", ".fbas", ".fbas/shards", ".fbas/quarantine"
+# files under OUT/
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+QUARANTINE_FILE = "quarantine.parquet"
+# files under OUT/.fbas/
+JOB_FILE = "job.json"
+PENDING_FILE = "job.pending"   # a new job's id while its scan runs (job.json is written after the last window)
+SCAN_FILE = "scan.npz"
+PLAN_FILE = "plan.npz"
+SCAN_QUARANTINE = "quarantine-scan.parquet"
+MODEL_SUBDIR = "model"         # the built model the job serves
+MODEL_SPEC = "model.spec"      # its build key
+LOCAL_SUBDIR = "local"         # local mode's services: logs, pids, Redis's files
+
+PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
+
+
+def part_name(batch: int, suffix: str = ".parquet") -> str:
+    """``part-000123.parquet``: six digits or more, so names sort in batch order up to a million batches."""
+    if batch < 0:
+        raise ValueError(f"batch index {batch} < 0")
+    return f"part-{batch:06d}{suffix}"
+
+
+def vectors_schema(dim: int, id_type: str, meta: dict | None = None) -> pa.Schema:
+    fields = [pa.field("row_id", pa.int64(), nullable=False),
+              pa.field("id", pa.int64() if id_type == "int64" else pa.string(), nullable=False),
+              pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+              pa.field("n_tokens", pa.int32(), nullable=False),
+              pa.field("truncated", pa.bool_(), nullable=False),
+              pa.field("repaired", pa.bool_(), nullable=False)]
+    return pa.schema(fields, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()} if meta else None)
+
+
+class OutputDir:
+    """A local (or shared-filesystem) output folder with confined paths and atomic writes."""
+
+    def __init__(self, root: str | Path) -> None:
+        s = str(root)
+        if s.startswith("file://"):
+            s = s[len("file://"):]
+        elif "://" in s:
+            raise ConfigError(f"output {s!r}: object-store outputs are not supported yet; write to a local or shared "
+                              "folder (every worker must see the same path)")
+        self.root = Path(s).expanduser().resolve()
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def path(self, rel: str) -> Path:
+        """``root/rel``, refusing anything that would leave the output folder."""
+        p = (self.root / rel).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise InputError(f"path {rel!r} would leave the output folder {self.root}: refused")
+        return p
+
+    def vectors_part(self, batch: int) -> Path:
+        return self.path(f"{VECTORS}/{part_name(batch)}")
+
+    def shard(self, batch: int) -> Path:
+        return self.path(f"{SHARDS}/{part_name(batch, '.faiss')}")
+
+    def quarantine_part(self, batch: int) -> Path:
+        return self.path(f"{QUARANTINE}/{part_name(batch)}")
+
+    def state(self, name: str) -> Path:
+        return self.path(f"{STATE}/{name}")
+
+    def make_dirs(self) -> None:
+        for d in (VECTORS, SHARDS, QUARANTINE):
+            self.path(d).mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def temp_path(final: Path) -> Path:
+        """A new temp name beside ``final``: ``<name>.tmp-<host>-<pid>-<random>`` (what cleanup looks for)."""
+        return final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+    @staticmethod
+    def write_atomic(final: Path, write: Callable[[Path], None],
+                     keep_existing: Callable[[Path], bool] | None = None) -> bool:
+        """``write(tmp_path)``, fsync, then rename over ``final``; the temp file is removed on any failure.
+
+        With ``keep_existing``, the commit never replaces a file for which ``keep_existing(final)`` is true
+        (hard link, which fails if the name exists, instead of rename): the first commit of a batch wins
+        and later duplicate deliveries change nothing. Returns False when the existing file was kept."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = OutputDir.temp_path(final)
+        try:
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if keep_existing is None:
+                os.replace(tmp, final)
+                return True
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                if keep_existing(final):
+                    return False
+                os.replace(tmp, final)  # a stray file from another job under our name: ours replaces it
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_part_meta(self, batch: int) -> dict | None:
+        """The ``fbas`` footer metadata of a committed vectors part, or None if absent or unreadable."""
+        return read_part_meta(self.vectors_part(batch))
+
+
+def read_part_meta(path: Path | pa.NativeFile) -> dict | None:
+    try:
+        md = pq.read_schema(path).metadata or {}
+        return json.loads(md[META_KEY])
+    except (OSError, KeyError, ValueError, pa.ArrowInvalid):
+        return None
+
+

@@ -1,0 +1,163 @@
+"""``index.faiss`` for a flat index, written part by part while the job runs, hashed as it is written.
+
+FAISS stores ``IndexIDMap2(IndexFlatIP(d))`` as three runs of bytes:
+
+    prefix   "IxM2" + header(d, n) + "IxFI" + header(d, n) + uint64 n*d      (82 bytes)
+    vectors  n x d float32, in the order they were added
+    ids      uint64 n + n int64 ids
+
+where header(d, n) is ``int32 d, int64 n, int64 2**20, int64 2**20, uint8 is_trained, int32 metric``.
+Only the prefix depends on the final count, and it has a fixed size: so the vectors can go to the file
+as each part is checked (during the job, on finalize's ledger thread) and finalize only writes the
+prefix and the ids, instead of writing and hashing the whole index at the end (about 600 MB for
+200,000 vectors of 768).
+
+The SHA-256 in the manifest is of the whole file, prefix first, so it is computed ahead on the count
+the plan expects (``expect``: the planned rows; workers quarantine a few rows only on bad input). When
+the count differs at the end, the prefix is rewritten and the file hashed again from the start.
+
+``layout_matches`` checks these bytes against FAISS's own writer, once per dimension; when a FAISS
+version writes something else, finalize builds the index in memory and lets FAISS write it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from core.layout import OutputDir
+
+__all__ = ["FlatIndexFile", "layout_matches", "read_shard", "PREFIX_BYTES"]
+
+_DUMMY = 1 << 20        # two int64 fields FAISS writes with this value and ignores on read
+_METRIC_IP = 0          # faiss.METRIC_INNER_PRODUCT
+PREFIX_BYTES = 2 * (4 + 33) + 8
+_SYNC_BYTES = 128 << 20  # flush to disk every 128 MB, so the final fsync has little left to write
+_READ_BYTES = 8 << 20
+
+
+def _prefix(dim: int, n: int) -> bytes:
+    header = struct.pack("<iqqq?i", dim, n, _DUMMY, _DUMMY, True, _METRIC_IP)
+    return b"IxM2" + header + b"IxFI" + header + struct.pack("<Q", n * dim)
+
+
+def _ids_bytes(ids: np.ndarray) -> bytes:
+    return struct.pack("<Q", len(ids)) + np.ascontiguousarray(ids, dtype="<i8").tobytes()
+
+
+@functools.cache
+def layout_matches(dim: int) -> bool:
+    """Whether the installed FAISS writes a flat ``IndexIDMap2`` of ``dim`` exactly as this module does."""
+    import faiss
+
+    rng = np.random.default_rng(dim)
+    vecs = rng.standard_normal((3, dim)).astype(np.float32)
+    ids = np.array([5, 0, 2**40], np.int64)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    index.add_with_ids(vecs, ids)
+    ours = _prefix(dim, 3) + vecs.tobytes() + _ids_bytes(ids)
+    return faiss.serialize_index(index).tobytes() == ours
+
+
+class FlatIndexFile:
+    """A flat index being written to ``<final>.tmp-<host>-<pid>-<random>`` (``final``'s folder), vectors
+    appended as they arrive. Used by one thread at a time. ``commit`` finishes it and puts it in place.
+
+    Every write goes to its place in the file (``pwrite``) and a part counts only once its vectors are written
+    (and synced, when a sync is due): an append that fails midway changes nothing that is counted, and the same
+    part appended again overwrites what the failed one left."""
+
+    def __init__(self, final: Path, dim: int) -> None:
+        self.final, self.dim = final, dim
+        self.tmp = OutputDir.temp_path(final)
+        self.n = 0
+        self.expected: int | None = None
+        self._ids: list[np.ndarray] = []
+        self._hash = None               # of the bytes so far, with the prefix for ``expected`` rows
+        self._unsynced = 0
+        self._fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def _end(self) -> int:
+        return PREFIX_BYTES + self.n * self.dim * 4
+
+    def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """Append vectors ``[k, dim]`` (float32) with their ids."""
+        if vecs.shape != (len(ids), self.dim) or vecs.dtype != np.float32:
+            raise ValueError(f"vectors {vecs.shape} {vecs.dtype} for {len(ids)} ids of dim {self.dim}")
+        data = memoryview(np.ascontiguousarray(vecs).reshape(-1)).cast("B")
+        _pwrite_all(self._fd, data, self._end())
+        unsynced = self._unsynced + len(data)
+        if unsynced >= _SYNC_BYTES:
+            os.fdatasync(self._fd)
+            unsynced = 0
+        if self._hash is not None:       # from here on nothing can fail: the part is counted
+            self._hash.update(data)
+        self._ids.append(np.asarray(ids, np.int64))
+        self.n += len(ids)
+        self._unsynced = unsynced
+
+    def expect(self, n: int) -> None:
+        """Start the hash, for a file of ``n`` vectors: the prefix, then the vectors written so far (read back)."""
+        if self.expected is None:
+            h = self._hash_from(_prefix(self.dim, n))
+            self._hash, self.expected = h, n
+
+    def _hash_from(self, prefix: bytes):
+        """SHA-256 of ``prefix`` and the vectors written so far."""
+        h = hashlib.sha256(prefix)
+        end, pos = self._end(), PREFIX_BYTES
+        while pos < end:
+            block = os.pread(self._fd, min(_READ_BYTES, end - pos), pos)
+            if not block:
+                raise OSError(f"{self.tmp} is shorter than what was written to it")
+            h.update(block)
+            pos += len(block)
+        return h
+
+    def commit(self) -> str:
+        """Write the prefix and the ids, flush to disk and rename over ``final``; returns the file's SHA-256."""
+        prefix = _prefix(self.dim, self.n)
+        h = self._hash if self.expected == self.n else self._hash_from(prefix)
+        ids = _ids_bytes(np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64))
+        end = self._end()
+        _pwrite_all(self._fd, ids, end)
+        os.ftruncate(self._fd, end + len(ids))     # anything a failed append left beyond the end goes
+        _pwrite_all(self._fd, prefix, 0)
+        h.update(ids)
+        os.close(self._fd)
+        self._fd = None
+        OutputDir.write_atomic(self.final, lambda tmp: os.replace(self.tmp, tmp))  # fsync, then rename
+        return h.hexdigest()
+
+    def discard(self) -> None:
+        """Close and remove the unfinished file (nothing happens after ``commit``)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self.tmp.unlink(missing_ok=True)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def read_shard(data: bytes, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A worker's one-batch flat index file (``data``: its bytes) as (ids, vectors ``[n, dim]``), views of
+    ``data``; None when it is not laid out as this module writes (another dimension, cut short)."""
+    row = 4 * dim + 8
+    n, rest = divmod(len(data) - PREFIX_BYTES - 8, row)
+    if n < 0 or rest or data[:PREFIX_BYTES] != _prefix(dim, n):
+        return None
+    end = PREFIX_BYTES + 4 * n * dim
+    if struct.unpack_from("<Q", data, end)[0] != n:
+        return None
+    vecs = np.frombuffer(data, "<f4", n * dim, PREFIX_BYTES).reshape(n, dim)
+    return np.frombuffer(data, "<i8", n, end + 8), vecs

@@ -1,0 +1,106 @@
+"""The job's FAISS index when it is not written part by part: flat, hnsw (M=32) or ivfpq (trained on a
+fixed sample of the vectors); ids are row_ids."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from core.errors import InputError, PermanentError
+from core.layout import INDEX_FILE, OutputDir
+from output.check import OracleError
+from output.ledger import PartLedger, in_order, part_vectors
+from output.manifest import sha256_file
+
+__all__ = ["index_params", "build_index", "write_index"]
+
+
+def index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
+    if kind == "flat":
+        return {}
+    if kind == "hnsw":
+        return {"M": 32, "efConstruction": 200, "efSearch": 128}
+    nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), max(1, n // 39)))
+    m = next(c for c in (dim // 8, dim // 4, dim // 2, dim, 1) if c >= 1 and dim % c == 0)
+    nbits = 8 if n >= 256 * 39 else max(4, min(8, int(math.log2(max(16, n // 39)))))
+    return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(nlist, 16), "train_size": min(n, max(256 * 39,
+                                                                                                 50 * nlist))}
+
+
+def read_vectors(out: OutputDir, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Part ``b``'s (row ids, float32 vectors ``[rows, dim]``)."""
+    t = pq.read_table(out.vectors_part(b), columns=["row_id", "embedding"])
+    return t.column("row_id").to_numpy(), part_vectors(t)
+
+
+def iter_vectors(out: OutputDir, n_batches: int):
+    for rows, v in in_order(lambda b: read_vectors(out, b), n_batches):
+        if len(rows):
+            yield rows, v
+
+
+def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int, n_rows: int) -> tuple[Any, dict[str, Any]]:
+    """An hnsw, ivfpq or flat index over every committed part (``n`` vectors, row ids < ``n_rows``), in batch
+    order (a flat index is written part by part by ``PartLedger`` unless FAISS's file layout is not the one
+    ``output.flat_index`` knows)."""
+    import faiss
+
+    params = index_params(kind, n, dim)
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    elif kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, params["M"], ip)
+        inner.hnsw.efConstruction = params["efConstruction"]
+        index = faiss.IndexIDMap2(inner)
+    elif kind == "ivfpq":
+        quant = faiss.IndexFlatIP(dim)
+        ivf = faiss.IndexIVFPQ(quant, dim, params["nlist"], params["m"], params["nbits"], ip)
+        rng = np.random.default_rng(0)
+        take = rng.random(n_rows) < min(1.0, params["train_size"] / max(n, 1))  # a fixed sample: deterministic
+        sample = [v[take[r]] for r, v in iter_vectors(out, n_batches)]
+        xt = np.concatenate(sample) if sample else np.zeros((0, dim), np.float32)
+        if len(xt) < params["nlist"]:
+            raise PermanentError(f"ivfpq needs at least {params['nlist']} vectors to train: use --index flat")
+        ivf.train(xt)
+        params["trained_on"] = len(xt)
+        index = ivf  # faiss's Python wrapper keeps the quantizer alive with the index
+    else:
+        raise InputError(f"index type {kind!r} is not flat, hnsw or ivfpq")
+    for rows, v in iter_vectors(out, n_batches):
+        index.add_with_ids(v, rows.astype(np.int64))
+    return index, params
+
+
+def write_index(out: OutputDir, ledger: PartLedger, kind: str, n_batches: int, dim: int, embedded: int,
+                n_rows: int) -> dict[str, Any]:
+    """Put ``OUT/index.faiss`` in place: the flat index file the ledger wrote part by part, or an index built
+    now from the parts; returns the manifest's ``index`` entry. Either way it must hold every embedded row."""
+    if ledger.streams:
+        written = ledger.file.n if ledger.file is not None else 0
+        if written != embedded:
+            raise OracleError(f"the index file holds {written} vectors, the parts {embedded}")
+        params, ntotal, digest = index_params(kind, embedded, dim), embedded, ledger.commit_index()
+    else:
+        import faiss
+
+        index, params = build_index(out, kind, n_batches, dim, embedded, n_rows)
+        if index.ntotal != embedded:
+            raise OracleError(f"the index holds {index.ntotal} vectors, the parts {embedded}")
+        digests: list[str] = []
+
+        def write(tmp: Path) -> None:  # streamed to the file rather than through serialize_index's buffer
+            faiss.write_index(index, str(tmp))
+            digests.append(sha256_file(tmp))   # of the bytes being committed
+
+        OutputDir.write_atomic(out.path(INDEX_FILE), write)
+        ntotal, digest = int(index.ntotal), digests[-1]
+    for stale in out.root.glob(f"{INDEX_FILE}.tmp-*"):   # left by an ingest that was killed
+        stale.unlink(missing_ok=True)
+    return {"file": INDEX_FILE, "type": kind, "metric": "inner_product", "ntotal": ntotal, "params": params,
+            "sha256": digest}

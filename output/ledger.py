@@ -1,0 +1,259 @@
+"""The ledger of committed parts: each part read once, in batch order, its rows counted against the corpus's
+ids and, for a flat index, its vectors appended to the index file while later batches still embed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.envs import cpu_count
+from core.ids import id_hashes
+from core.layout import INDEX_FILE, JOB_FILE, OutputDir, part_name, read_part_meta
+from output.check import stat_key, tally
+from output.flat_index import FlatIndexFile, layout_matches, read_shard
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PartLedger", "LedgerFeeder", "PartFacts", "read_part_facts", "in_order", "part_vectors"]
+
+
+def in_order(fn: Callable[[int], Any], n: int, start: int = 0) -> Iterator[Any]:
+    """``fn(start), fn(start + 1), ... fn(start + n - 1)`` in order, computed ahead on threads (the per-part reads,
+    decompression and hashing release the GIL; a GPU host's ingest has hundreds of parts). At most
+    ``2 * workers + 1`` results are held at once; on an error or an early stop the calls not yet
+    started are cancelled."""
+    workers = max(1, min(8, cpu_count()))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="finalize")
+    try:
+        ahead: deque = deque()
+        for b in range(start, start + n):
+            ahead.append(pool.submit(fn, b))
+            if len(ahead) > 2 * workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def part_vectors(t: pa.Table) -> np.ndarray:
+    """A part table's ``embedding`` column as contiguous float32 ``[rows, dim]``."""
+    emb = t.column("embedding").combine_chunks()
+    v = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size).astype(np.float32, copy=False)
+    return np.ascontiguousarray(v)
+
+
+def shard_vectors(out: OutputDir, b: int, dim: int, rows: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+    """Batch ``b``'s vectors for the index, after checking its FAISS shard against its committed part: the
+    shard must hold exactly the part's ``rows`` and ``vecs``. When it does not (missing, or rewritten by a later
+    duplicate delivery) a warning says so and the part's vectors are used: the committed part is the truth."""
+    if not len(rows):
+        return vecs
+    try:
+        got = read_shard(out.shard(b).read_bytes(), dim)
+    except FileNotFoundError:
+        got = None
+    if got is not None and np.array_equal(got[0], rows) and np.array_equal(got[1], vecs):
+        return got[1]
+    logger.warning("shard %s is missing or differs from its committed part: the part's vectors are used",
+                   out.shard(b).name)
+    return vecs
+
+
+@dataclass
+class PartFacts:
+    """What finalize keeps of one committed vectors part (its rows are counted and its vectors merged as it is
+    read)."""
+    stat: tuple[int, ...]
+    meta: dict[str, Any]
+    n_read: int                  # rows in the file (the footer's ``rows`` must agree)
+    rows: np.ndarray             # row ids (int32 while they fit), for the plan check
+    truncated: int
+    repaired: int
+    sha256: str
+
+
+def read_part_facts(out: OutputDir, b: int, job: str,
+                    vectors: bool = False) -> tuple[PartFacts, np.ndarray, np.ndarray | None] | None:
+    """Part ``b``'s facts, its ids' keys (``read.id_hashes``) and, with ``vectors``, its row ids and vectors
+    as ``part_vectors`` gives them; None when it is absent, not this job's batch ``b`` (by its footer, checked
+    before the table is decoded) or was replaced while it was read. The file is read once: hashed, then
+    decoded from memory."""
+    path = out.vectors_part(b)
+    before = stat_key(path)
+    if before is None:
+        return None
+    data = path.read_bytes()
+    if stat_key(path) != before:
+        return None
+    meta = read_part_meta(pa.BufferReader(data)) or {}
+    if meta.get("job") != job or meta.get("batch") != b:
+        return None
+    t = pq.read_table(pa.BufferReader(data), columns=["row_id", "id", "truncated", "repaired"]
+                      + (["embedding"] if vectors else []))
+    rows = t.column("row_id").to_numpy()
+    vecs = (rows, part_vectors(t)) if vectors else None
+    if len(rows) and 0 <= rows.min() and rows.max() < 2**31:
+        rows = rows.astype(np.int32)
+    return PartFacts(before, meta, t.num_rows, rows,
+                     int(np.count_nonzero(t.column("truncated").to_numpy(zero_copy_only=False))),
+                     int(np.count_nonzero(t.column("repaired").to_numpy(zero_copy_only=False))),
+                     hashlib.sha256(data).hexdigest()), id_hashes(t.column("id")), vecs
+
+
+class PartLedger:
+    """Finalize's per-part work, done in batch order: each committed part is read once, its rows counted
+    against the corpus's ids (``id_hash``: the id key of every input row), its facts (footer, row ids,
+    SHA-256) kept and, for a flat index, its shard's vectors appended to the index file
+    (``FlatIndexFile``; ``planned_rows``: the rows the plan holds, when known, else read from job.json
+    once it is written).
+
+    ``finalize`` makes one and runs it over every part; ``ingest`` makes one when the job starts and feeds it
+    (``LedgerFeeder``) while later batches are still embedding, so that finalize only reads the last parts.
+    A part is recorded only when its footer names this job and batch. ``revalidate`` starts over when a
+    recorded part's file changed since it was read; ``changed`` tells whether one did. ``discard`` removes
+    an index file that was not committed; ``close`` does too and ends the ledger (a feeder still running
+    cannot start another file).
+    """
+
+    def __init__(self, out: OutputDir, job: str, dim: int, index_type: str, id_hash: np.ndarray,
+                 planned_rows: int | None = None) -> None:
+        self.out, self.job, self.dim, self.index_type, self.id_hash = out, job, dim, index_type, id_hash
+        self.planned_rows = planned_rows
+        self.file: FlatIndexFile | None = None
+        self.spent = False       # the index file was committed: a later finalize needs a new ledger
+        self._closed = False
+        self._streams: bool | None = None
+        self._born = time.time_ns()   # a job.json older than this is an earlier attempt's (at worst, one written
+        #                               within a clock tick of this is not trusted: the file is then hashed at commit)
+        self._start()
+
+    def _start(self) -> None:
+        self.facts: list[PartFacts] = []
+        self.counts = np.zeros(len(self.id_hash), dtype=np.uint16)   # times each input row was seen
+        self.unexpected: list[str] = []
+        self.discard()
+
+    @property
+    def streams(self) -> bool:
+        """Whether this ledger writes the flat index file itself (FAISS imported here, on first use, so by the
+        threads that read parts for the ledger rather than by ingest before its first batch: 0.65 s measured)."""
+        if self._streams is None:
+            self._streams = self.index_type == "flat" and layout_matches(self.dim)
+        return self._streams
+
+    def _planned(self) -> int | None:
+        if self.planned_rows is None:
+            path = self.out.state(JOB_FILE)   # written once, last, when the plan is complete (atomically)
+            if path.exists() and path.stat().st_mtime_ns >= self._born:
+                job = json.loads(path.read_text(encoding="utf-8"))
+                if job.get("job") == self.job:
+                    self.planned_rows = int(job["planned_rows"])
+        return self.planned_rows
+
+    def _append(self, rows: np.ndarray, vecs: np.ndarray) -> None:
+        if self._closed:
+            raise RuntimeError("the ledger was closed")
+        self._open_file()
+        if self.file.expected is None and self._planned() is not None:
+            self.file.expect(self.planned_rows)
+        self.file.add(rows, vecs)
+
+    @property
+    def next_batch(self) -> int:
+        return len(self.facts)
+
+    def _one(self, b: int) -> tuple[PartFacts, np.ndarray, tuple[np.ndarray, np.ndarray] | None] | None:
+        got = read_part_facts(self.out, b, self.job, vectors=self.streams)
+        if got is None:
+            return None
+        facts, id_hash, vecs = got
+        if vecs is not None:
+            vecs = (vecs[0], shard_vectors(self.out, b, self.dim, *vecs))
+        return facts, id_hash, vecs
+
+    def advance(self, stop: int | None = None, *, should_stop: Callable[[], bool] = lambda: False) -> int:
+        """Record parts from ``next_batch`` on, in order, up to ``stop`` (None: while parts are committed) or the
+        first part that is absent or not this job's; returns ``next_batch``."""
+        first = self.next_batch
+        if stop is None:  # the committed run from here (parts are committed roughly in order)
+            stop = first
+            while self.out.vectors_part(stop).exists():
+                stop += 1
+        for got in in_order(self._one, stop - first, first):
+            if got is None or should_stop():
+                break
+            facts, id_hash, vecs = got
+            if vecs is not None and len(vecs[0]):
+                self._append(*vecs)   # first: if it fails, nothing of this part is recorded
+            tally(self.counts, facts.rows, id_hash, self.id_hash, part_name(self.next_batch), self.unexpected)
+            self.facts.append(facts)
+        return self.next_batch
+
+    def commit_index(self) -> str:
+        """Put the flat index file in place (an empty one when no part had vectors); returns its SHA-256."""
+        digest = self._open_file().commit()
+        self.file, self.spent = None, True
+        return digest
+
+    def _open_file(self) -> FlatIndexFile:
+        if self.file is None:
+            self.file = FlatIndexFile(self.out.path(INDEX_FILE), self.dim)
+        return self.file
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.discard()
+            self.file = None
+
+    def close(self) -> None:
+        self._closed = True
+        self.discard()
+
+    def changed(self) -> int | None:
+        """The first recorded part whose file changed since it was read, or None."""
+        return next((b for b, f in enumerate(self.facts) if stat_key(self.out.vectors_part(b)) != f.stat), None)
+
+    def revalidate(self) -> None:
+        """Start over if a recorded part's file changed since it was read (a flat index cannot drop a tail)."""
+        changed = self.changed()
+        if changed is not None:
+            logger.warning("part %s changed after it was checked: checking every part again", part_name(changed))
+            self._start()
+
+
+class LedgerFeeder:
+    """Feeds a ``PartLedger`` on a background thread while a job runs (every ``interval`` seconds); ``stop()``
+    waits for it and returns the ledger. Errors are logged and end the feeding: finalize redoes that work."""
+
+    def __init__(self, ledger: PartLedger, interval: float = 0.25) -> None:
+        self.ledger, self.interval = ledger, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="finalize-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.ledger.advance(should_stop=self._stop.is_set)
+                self._stop.wait(self.interval)
+        except Exception as e:  # noqa: BLE001 - finalize reads the parts again and reports what is wrong
+            logger.warning("checking parts ahead of finalize stopped (finalize will read them): %s", e)
+
+    def stop(self) -> PartLedger:
+        self._stop.set()
+        self._thread.join()
+        return self.ledger

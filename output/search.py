@@ -1,0 +1,164 @@
+"""`fbas-pipeline search`: embed queries with the job's own engine, search the FAISS index, map row ids to ids.
+
+    s = Searcher("out/")                       # reads manifest.json, index.faiss, the model in out/.fbas/model
+    s.search(["a question"], k=10)             # [[Hit(id, score, row_id), ...]]
+
+Queries are embedded in-process with the model the manifest records (its fingerprint is
+checked), so they get the same tokenizer, pooling, normalization and max_seq_len as the
+corpus. Scores are inner products (cosine for normalized models). ``--queries FILE`` reads
+Parquet or JSONL with ``id`` (or BEIR's ``_id``) and ``text`` and writes one JSON line per
+query: ``{"query_id": ..., "hits": [{"id": ..., "score": ...}, ...]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.errors import CheckpointError, InputError
+from core.jsonl import iter_jsonl
+from core.layout import OutputDir
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Searcher", "Hit", "read_queries"]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One neighbour: the corpus id, its score (inner product) and its row position."""
+
+    id: Any
+    score: float
+    row_id: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "score": round(float(self.score), 6)}
+
+
+class Searcher:
+    """An output folder opened for queries (see the module docstring)."""
+
+    def __init__(self, out: str | Path, threads: int = 0) -> None:
+        import faiss
+
+        self.out = OutputDir(out)
+        mpath = self.out.path("manifest.json")
+        if not mpath.exists():
+            raise InputError(f"{self.out} has no manifest.json: it is not a finished ingest (run or rerun "
+                             f"`fbas-pipeline ingest ... --out {self.out}`)")
+        self.manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        idx = self.manifest["index"]
+        self.index = faiss.read_index(str(self.out.path(idx["file"])))
+        params = idx.get("params", {})
+        if idx["type"] == "ivfpq":
+            faiss.extract_index_ivf(self.index).nprobe = int(params.get("nprobe", 16))
+        elif idx["type"] == "hnsw":
+            faiss.downcast_index(faiss.downcast_index(self.index).index).hnsw.efSearch = int(params.get("efSearch",
+                                                                                                       128))
+        self.threads = threads
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._row_ids: np.ndarray | None = None
+        self._ids: Any = None
+
+    # -- the engine, loaded on first use
+    def _load_engine(self) -> None:
+        from engine.model_dir import load_engine, load_tokenizer, read_meta
+
+        m = self.manifest["model"]
+        model_dir = self.out.path(m["dir"])
+        meta = read_meta(model_dir)
+        if meta.fingerprint != m["fingerprint"]:
+            raise CheckpointError(f"{model_dir} holds model {meta.fingerprint}, the index was built with "
+                                  f"{m['fingerprint']}: the folder was changed; rerun the ingest")
+        self._engine = load_engine(model_dir, threads=self.threads)
+        self._tokenizer = load_tokenizer(model_dir, meta)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """float32 [n, dim]: the queries, embedded exactly as the corpus was."""
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise InputError(f"query {i + 1} is empty: give a text to search for")
+        if self._engine is None:
+            self._load_engine()
+        enc = self._tokenizer.encode(texts)
+        return np.ascontiguousarray(self._engine.embed(enc.token_ids, enc.lengths), dtype=np.float32)
+
+    # -- row id -> id
+    def _load_ids(self) -> None:
+        rows, ids = [], []
+        for p in self.manifest["parts"]:
+            t = pq.read_table(self.out.path(p["file"]), columns=["row_id", "id"])
+            rows.append(t.column("row_id").to_numpy())
+            ids.append(t.column("id").combine_chunks())
+        row_ids = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        order = np.argsort(row_ids, kind="stable")
+        self._row_ids = row_ids[order]
+        all_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.int64())
+        self._ids = all_ids.take(pa.array(order))
+
+    def ids_of(self, row_ids: np.ndarray) -> list:
+        if self._row_ids is None:
+            self._load_ids()
+        pos = np.searchsorted(self._row_ids, row_ids)
+        pos = np.clip(pos, 0, max(0, len(self._row_ids) - 1))
+        if len(row_ids) and not np.array_equal(self._row_ids[pos], row_ids):
+            raise CheckpointError("the index holds row ids that no vectors part has: rerun the ingest's finalize")
+        return self._ids.take(pa.array(pos)).to_pylist()
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        if k < 1:
+            raise InputError(f"-k {k}: ask for at least one neighbour")
+        scores, rows = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        out = []
+        for s_row, r_row in zip(scores, rows):
+            keep = r_row >= 0
+            ids = self.ids_of(r_row[keep])
+            out.append([Hit(i, float(s), int(r)) for i, s, r in zip(ids, s_row[keep], r_row[keep])])
+        return out
+
+    def search(self, texts: list[str], k: int = 10) -> list[list[Hit]]:
+        """The ``k`` nearest corpus rows for each text, best first."""
+        return self.search_vectors(self.embed(texts), k)
+
+
+def read_queries(path: str | Path) -> list[tuple[Any, str]]:
+    """(query id, text) from Parquet or JSONL with ``id``/``_id`` and ``text``."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"queries file {p} does not exist")
+    rows: list[tuple[Any, str]] = []
+    if p.suffix.lower() in (".parquet", ".pq"):
+        t = pq.read_table(p)
+        idc = "id" if "id" in t.column_names else "_id" if "_id" in t.column_names else None
+        if idc is None or "text" not in t.column_names:
+            raise InputError(f"{p} needs columns 'id' (or '_id') and 'text' (has {', '.join(t.column_names)})")
+        rows = list(zip(t.column(idc).to_pylist(), t.column("text").to_pylist()))
+    else:
+        for n, obj in iter_jsonl(p):
+            qid = obj.get("id", obj.get("_id")) if isinstance(obj, dict) else None
+            if qid is None or not isinstance(obj.get("text"), str):
+                raise InputError(f"{p}:{n}: each line needs 'id' (or '_id') and a string 'text'")
+            rows.append((qid, obj["text"]))
+    for qid, text in rows:
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{p}: query {qid!r} has an empty text")
+    return rows
+
+
+def search_many(searcher: Searcher, queries: list[tuple[Any, str]], k: int,
+                chunk: int = 256) -> Iterator[tuple[Any, list[Hit]]]:
+    """(query id, hits) per query, embedding ``chunk`` queries per engine call."""
+    for start in range(0, len(queries), chunk):
+        part = queries[start:start + chunk]
+        hits = searcher.search([t for _, t in part], k)
+        yield from zip((q for q, _ in part), hits)

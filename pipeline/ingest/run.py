@@ -1,0 +1,253 @@
+"""`fbas-pipeline ingest`: ids -> scan + plan + enqueue, window by window, with backpressure -> wait
+(progress bar) -> finalize.
+
+    result = ingest("corpus.parquet", cfg)          # local mode when cfg.queue.broker is None
+
+A new job first checks every id (id column only: null or duplicate ids stop it before anything
+starts). Then the corpus is read once in windows (``plan_window`` rows; for the gpu target the
+first is 4,096 rows and they double up to ``plan_window``): each window's token lengths are
+learned (``--lengths``: tokenized exactly, or, for the gpu target, estimated from character
+counts, so the host's cores tokenize each text once, in the workers), the window is planned on
+its own, and its batches are queued at once, so the workers embed while
+later windows are still being scanned, one window ahead on a thread (in local mode, the first
+window's scan overlaps Triton's start). Meanwhile another thread checks each committed part for
+finalize (``PartLedger``), which then reads only the last ones. ``scan.npz``, ``plan.npz`` and,
+last, ``job.json`` are written after the last window; until then ``job.pending`` names the job,
+so no other job is started on its parts.
+
+The job id is a fingerprint of the corpus (file names, sizes, row counts, columns), the
+model (its engine fingerprint) and the batch settings. ``OUT/.fbas/`` holds what a rerun
+needs: ``job.json``, ``scan.npz``, ``plan.npz``, the scan's quarantine, the built model.
+Rerunning the same command resumes: the scan is reused, parts already committed are kept
+(Redis is told so), only missing batches are enqueued, then the job is finalized. A run that
+stopped before ``job.json`` was written scans again; the plan is the same on every run, so
+its committed parts are found and kept. An output folder that holds another job is refused.
+
+While waiting, the producer watches for a Redis that lost the job (restarted without
+persistence: the job is written again and missing batches re-enqueued), for a job that
+stopped moving with an empty queue (missing batches re-enqueued after ``visibility_timeout``),
+for errors workers report, and, in local mode, for a child process that died.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from core.config import FbasConfig
+from core.errors import FbasError
+from core.layout import LOCAL_SUBDIR, OutputDir
+from output.check import committed_parts
+from output.finalize import finalize
+from output.ledger import LedgerFeeder, PartLedger
+from pipeline.ingest.job import Job, JobContext, register_job, resume_job
+from pipeline.ingest.model_cache import ensure_model
+from pipeline.ingest.plan import Window, check_unique_ids, corpus_id_hashes
+from pipeline.ingest.produce import Sender, batch_messages
+from pipeline.ingest.progress import IngestProgress
+from pipeline.ingest.read import ReadAhead, open_corpus
+from pipeline.ingest.stream import scan_and_send, start_scan
+from pipeline.ingest.watch import POLL_S, ReadyOnce, Watch, sigterm_as_interrupt
+from workers.jobstate import connect
+
+if TYPE_CHECKING:
+    import redis
+
+    from services.local import LocalCluster
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ingest", "IngestResult"]
+
+
+@dataclass
+class IngestResult:
+    """What an ingest did (the manifest has the details)."""
+
+    out: Path
+    job: str
+    manifest: dict
+    seconds: float
+    resumed_batches: int
+    sent_batches: int
+
+
+@dataclass
+class _NewScan:
+    """A new job's checked ids and its scan, started as soon as the ids were checked."""
+
+    id_hash: np.ndarray
+    windows: ReadAhead[Window]
+
+
+@dataclass
+class _Running:
+    """A job whose batches are being sent: its context, its broker and, in local mode, its cluster."""
+
+    ctx: JobContext
+    model_dir: Path
+    client: redis.Redis
+    broker: str
+    cluster: LocalCluster | None
+    progress: bool
+    ready: ReadyOnce
+
+    def messages(self, plan: Any, skip: set[int]) -> Any:
+        """The task messages of ``plan``'s batches not in ``skip`` (their texts read again from the corpus)."""
+        ctx = self.ctx
+        return batch_messages(ctx.corpus, plan, job=ctx.job_id, out=str(ctx.out), model=ctx.meta.fingerprint,
+                              dim=ctx.meta.dim, skip=skip)
+
+
+def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
+           worker_env: dict[str, str] | None = None,
+           on_cluster: Callable[[LocalCluster], None] | None = None) -> IngestResult:
+    """Run (or resume) an ingest; local mode when ``cfg.queue.broker`` is None. See the module docstring.
+
+    ``worker_env`` adds environment variables for local-mode workers (tests use it for hooks);
+    ``on_cluster(cluster)`` is called once the local cluster has started (tests use it to kill parts).
+    """
+    from engine.model_dir import load_tokenizer, read_meta
+
+    t0 = time.perf_counter()
+    out = OutputDir(cfg.output.out)
+    corpus = open_corpus(corpus_uri, cfg.corpus)
+    out.state("").mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    sent = resumed = redelivered = 0
+    manifest: dict | None = None
+    with ExitStack() as stack, sigterm_as_interrupt():
+        model_dir = ensure_model(cfg, out)
+        ctx = JobContext(corpus, cfg, out, read_meta(model_dir))
+        job = resume_job(ctx)
+        logger.info("model and job folder ready after %.2fs", time.perf_counter() - t0)
+        if job is not None and len(committed_parts(out, job.id, job.plan.n_batches)) == job.plan.n_batches:
+            logger.info("job %s: every batch is committed already; finalizing", job.id)
+            resumed = job.plan.n_batches
+        else:
+            new = None
+            if job is None:  # a new job: null or duplicate ids stop it before anything starts or is read
+                id_hash = corpus_id_hashes(corpus)
+                check_unique_ids(corpus, id_hash)
+                new = _NewScan(id_hash, stack.enter_context(start_scan(ctx, load_tokenizer(model_dir, ctx.meta))))
+                logger.info("%d ids checked, scan started after %.2fs", corpus.n_rows, time.perf_counter() - t0)
+            run = _start_services(stack, ctx, model_dir, progress, t0, worker_env, on_cluster)
+            feeder = _start_ledger(stack, ctx, job, new)
+            job, sent, resumed, redelivered = _run_queue(run, job, new)
+            run.ready()  # nothing needed sending: Triton still serves the statistics below
+            timings = _timings(run, job, t0)
+            manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered,
+                                ledger=feeder.stop())
+    if manifest is None:  # every batch was committed already: nothing was started
+        manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered)
+    return IngestResult(out.root, job.id, manifest, time.perf_counter() - t0, resumed, sent)
+
+
+def _start_services(stack: ExitStack, ctx: JobContext, model_dir: Path, progress: bool | None, t0: float,
+                    worker_env: dict[str, str] | None,
+                    on_cluster: Callable[[LocalCluster], None] | None) -> _Running:
+    """Connect to the broker; in local mode, start the local cluster first (stopped by ``stack``)."""
+    cluster = None
+    if ctx.cfg.queue.broker is None:
+        from services.local import LocalCluster
+
+        cluster = LocalCluster(model_dir, ctx.out.state(LOCAL_SUBDIR), ctx.cfg, worker_env=worker_env)
+        stack.callback(cluster.stop)
+        cluster.start()
+        broker = cluster.broker_url
+        if on_cluster:
+            on_cluster(cluster)
+    else:
+        broker = ctx.cfg.queue.broker
+    client = connect(broker)
+    stack.callback(client.close)
+    return _Running(ctx, model_dir, client, broker, cluster, sys.stderr.isatty() if progress is None else progress,
+                    ReadyOnce(cluster, t0))
+
+
+def _start_ledger(stack: ExitStack, ctx: JobContext, job: Job | None, new: _NewScan | None) -> LedgerFeeder:
+    """Finalize's reading and checking of each part, done while later batches are still embedding."""
+    id_hash = job.scan.id_hash if job is not None else new.id_hash if new is not None else None
+    ledger = PartLedger(ctx.out, ctx.job_id, ctx.meta.dim, ctx.cfg.output.index, id_hash,
+                        job.plan.n_rows if job is not None else None)
+    stack.callback(ledger.close)   # an index file not committed is removed, after the feeder stops
+    feeder = LedgerFeeder(ledger)
+    stack.callback(feeder.stop)
+    if new is not None:   # on an error the scan stops first (the stack closes it last, after the rest)
+        stack.callback(new.windows.cancel)
+    return feeder
+
+
+def _timings(run: _Running, job: Job, t0: float) -> dict[str, float]:
+    """The run's timings for the manifest; in local mode also Triton's, then the cluster stops in the
+    background while finalize runs (the exit stack waits for it)."""
+    ready_s = run.ready.seconds or 0.0
+    timings = {"scan_s": round(job.scan.seconds, 3), "ready_s": ready_s,
+               "embed_s": round(time.perf_counter() - t0 - ready_s, 3)}
+    if run.cluster is not None:
+        try:
+            timings.update(run.cluster.engine_stats())
+        except FbasError as e:
+            logger.info("no Triton statistics: %s", e)
+        run.cluster.stop_in_background()
+    return timings
+
+
+def _run_queue(run: _Running, job: Job | None, new: _NewScan | None) -> tuple[Job, int, int, int]:
+    """Enqueue the missing batches and wait for all of them; returns (job, sent, resumed, redelivered).
+
+    A new job (``job`` None) is planned here from its scan (``new``, started by ``ingest``), window by
+    window, its batches queued as each window is planned; a resumed one re-reads the corpus for its missing
+    batches."""
+    from workers.app import QUEUE, TASK_NAME, producer_app
+
+    ctx, cfg = run.ctx, run.ctx.cfg
+    app = producer_app(FbasConfig(queue=replace(cfg.queue, broker=run.broker), serve=cfg.serve))
+    tok_json = (run.model_dir / "tokenizer.json").read_text(encoding="utf-8")
+    state, committed = register_job(ctx, run.client, job.plan if job is not None else None, tok_json)
+    logger.info("job %s registered in Redis (%d batches committed already)", ctx.job_id, len(committed))
+    bar = IngestProgress(job.plan.n_rows if job is not None else ctx.corpus.n_rows, run.progress)
+    watch = Watch(state, run.cluster, cfg, bar, run.client)
+    sender = Sender(app, run.client, QUEUE, cfg.queue.queue_depth, TASK_NAME, on_wait=watch.tick)
+
+    def send(msg: dict) -> None:
+        run.ready()
+        sender.send(msg)
+
+    def on_window(n_batches: int, n_rows: int) -> None:
+        state.set_planned(n_batches, n_rows)   # status shows the plan as it grows
+        watch.tick()                           # checks children and worker errors between sends too
+
+    try:
+        watch.tick(force=True)
+        if job is None:
+            assert new is not None
+            job = scan_and_send(ctx, new.windows, new.id_hash, send, state.done(), on_window=on_window)
+            bar.set_total(job.plan.n_rows)
+        else:
+            for msg in run.messages(job.plan, state.done()):
+                send(msg)
+        while watch.tick() < job.plan.n_batches:
+            action = watch.needs_reenqueue(QUEUE)
+            if action:
+                if action == "lost":
+                    state, _ = register_job(ctx, run.client, job.plan, tok_json)
+                    watch.state = state
+                done = state.done()
+                logger.warning("re-enqueueing %d batches (%s)", job.plan.n_batches - len(done), action)
+                for msg in run.messages(job.plan, done):
+                    sender.send(msg)
+            time.sleep(POLL_S)
+        watch.tick(force=True)
+    finally:
+        bar.close()
+        app.close()
+    return job, sender.sent, len(committed), state.counters()["redelivered"]

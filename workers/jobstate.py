@@ -1,0 +1,214 @@
+"""Job state in Redis, namespaced by job id (a fingerprint of corpus + model + settings).
+
+    fbas:jobs                       set of job ids this Redis knows (for `fbas-pipeline status`)
+    fbas:job:<id>:meta              hash: planned batches/rows, out, model fingerprint, max_seq_len, created
+    fbas:job:<id>:tokenizer         string: the model's tokenizer.json (workers need nothing but broker + Triton)
+    fbas:job:<id>:done              set of finished batch indices (parts committed)
+    fbas:job:<id>:counters          hash: docs, tokens, quarantined, redelivered, retries (batches done once each)
+    fbas:job:<id>:attempts          hash: batch -> deliveries started (bounds poison batches)
+    fbas:job:<id>:running           hash: batch -> "host:pid" of the worker child that runs it now
+    fbas:job:<id>:errors            list: job-level errors workers report (e.g. wrong model behind Triton)
+
+Counters move only when a batch enters ``done`` for the first time (one Lua script), so a
+batch delivered twice is counted once. Redis is a cache of progress, not the source of
+truth: the committed parts in the output folder are; ``reconcile`` rebuilds ``done`` from
+them after Redis lost its data. This module is the Redis boundary: redis-py errors leave it
+as ``ServerUnavailableError``, and no URL with a password is ever logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from core.errors import ServerUnavailableError
+from core.redact import redact_url
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["JobState", "connect", "redact_url", "list_jobs"]
+
+PREFIX = "fbas:job:"
+JOBS_KEY = "fbas:jobs"
+COUNTERS = ("docs", "tokens", "quarantined", "redelivered", "retries")
+
+_MARK_DONE = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'docs', ARGV[2])
+  redis.call('HINCRBY', KEYS[2], 'tokens', ARGV[3])
+  redis.call('HINCRBY', KEYS[2], 'quarantined', ARGV[4])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  return 1
+end
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 0
+"""
+
+
+
+
+def connect(url: str, timeout: float = 10.0):
+    """A redis-py client for a ``redis://`` / ``rediss://`` / ``unix://`` URL, checked with PING."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                      health_check_interval=30, retry_on_timeout=True)
+        client.ping()
+    except redis.AuthenticationError:
+        raise ServerUnavailableError(f"Redis at {redact_url(url)} refused the credentials: check the user and "
+                                     "password in --broker") from None
+    except redis.RedisError as e:
+        raise ServerUnavailableError(f"Redis at {redact_url(url)} is not reachable ({type(e).__name__}): start it "
+                                     "or check --broker") from None
+    return client
+
+
+def _guard(fn):
+    """Translate redis-py errors into ServerUnavailableError (this module is the boundary)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, *a, **kw):
+        import redis
+
+        try:
+            return fn(self, *a, **kw)
+        except redis.RedisError as e:
+            raise ServerUnavailableError(f"Redis error in job {self.job_id}: {type(e).__name__}: "
+                                         f"{redact_url(str(e))}") from None
+    return wrapper
+
+
+class JobState:
+    """One job's keys in Redis."""
+
+    def __init__(self, client: Any, job_id: str) -> None:
+        self.r, self.job_id = client, job_id
+        base = PREFIX + job_id
+        self.k_meta, self.k_tok, self.k_done = base + ":meta", base + ":tokenizer", base + ":done"
+        self.k_counters, self.k_attempts = base + ":counters", base + ":attempts"
+        self.k_running, self.k_errors = base + ":running", base + ":errors"
+        self._mark = client.register_script(_MARK_DONE)
+
+    # -- producer side
+    @_guard
+    def create(self, meta: dict[str, Any], tokenizer_json: str) -> None:
+        """Write (or refresh) the job's metadata and tokenizer; keeps progress already recorded."""
+        p = self.r.pipeline()
+        p.hset(self.k_meta, mapping={k: str(v) for k, v in meta.items()})
+        p.hsetnx(self.k_meta, "created", str(time.time()))
+        p.set(self.k_tok, tokenizer_json)
+        p.sadd(JOBS_KEY, self.job_id)
+        p.delete(self.k_errors)
+        p.execute()
+
+    @_guard
+    def set_planned(self, n_batches: int, n_rows: int) -> None:
+        """The batches and rows planned so far (a new job is planned window by window)."""
+        self.r.hset(self.k_meta, mapping={"n_batches": str(n_batches), "planned_rows": str(n_rows)})
+
+    @_guard
+    def exists(self) -> bool:
+        return bool(self.r.exists(self.k_meta)) and bool(self.r.exists(self.k_tok))
+
+    @_guard
+    def forget_progress(self) -> None:
+        """Drop the job's progress (done batches, counters, attempts, running batches): used when Redis
+        holds batches as done that the output folder lacks (the same job sent to another folder, or parts
+        deleted); the producer skips done batches, so those would never be embedded into this folder."""
+        self.r.delete(self.k_done, self.k_counters, self.k_running, self.k_attempts)
+
+    @_guard
+    def reconcile(self, committed: dict[int, tuple[int, int, int]]) -> int:
+        """Mark batches found committed in the output folder as done: ``{batch: (docs, tokens, quarantined)}``.
+        Returns how many were new to Redis."""
+        new = 0
+        items = list(committed.items())
+        for start in range(0, len(items), 1000):
+            p = self.r.pipeline(transaction=False)
+            for batch, (docs, tokens, quarantined) in items[start:start + 1000]:
+                self._mark(keys=[self.k_done, self.k_counters, self.k_running],
+                           args=[batch, docs, tokens, quarantined], client=p)
+            new += sum(int(x) for x in p.execute())
+        return new
+
+    @_guard
+    def done(self) -> set[int]:
+        return {int(x) for x in self.r.smembers(self.k_done)}
+
+    @_guard
+    def n_done(self) -> int:
+        return int(self.r.scard(self.k_done))
+
+    @_guard
+    def counters(self) -> dict[str, int]:
+        raw = self.r.hgetall(self.k_counters)
+        return {c: int(raw.get(c.encode(), 0)) for c in COUNTERS}
+
+    @_guard
+    def meta(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.r.hgetall(self.k_meta).items()}
+
+    @_guard
+    def errors(self) -> list[str]:
+        return [e.decode("utf-8", "replace") for e in self.r.lrange(self.k_errors, 0, 20)]
+
+    @_guard
+    def running(self) -> dict[int, str]:
+        return {int(k): v.decode() for k, v in self.r.hgetall(self.k_running).items()}
+
+    # -- worker side
+    @_guard
+    def tokenizer_json(self) -> str | None:
+        raw = self.r.get(self.k_tok)
+        return raw.decode("utf-8") if raw is not None else None
+
+    @_guard
+    def begin(self, batch: int, where: str) -> int:
+        """Record that a delivery of ``batch`` starts on ``where`` (host:pid); return its attempt number (1 = first)."""
+        p = self.r.pipeline()
+        p.hincrby(self.k_attempts, str(batch), 1)
+        p.hset(self.k_running, str(batch), where)
+        return int(p.execute()[0])
+
+    @_guard
+    def is_done(self, batch: int) -> bool:
+        return bool(self.r.sismember(self.k_done, batch))
+
+    @_guard
+    def mark_done(self, batch: int, docs: int, tokens: int, quarantined: int) -> bool:
+        """Commit ``batch`` as done; counters move only the first time. True if it was new."""
+        return bool(self._mark(keys=[self.k_done, self.k_counters, self.k_running],
+                               args=[batch, docs, tokens, quarantined]))
+
+    @_guard
+    def count(self, name: str, n: int = 1) -> None:
+        self.r.hincrby(self.k_counters, name, n)
+
+    @_guard
+    def report_error(self, message: str) -> None:
+        p = self.r.pipeline()
+        p.lpush(self.k_errors, message)
+        p.ltrim(self.k_errors, 0, 99)
+        p.execute()
+
+    @_guard
+    def delete(self) -> None:
+        self.r.delete(self.k_meta, self.k_tok, self.k_done, self.k_counters, self.k_attempts, self.k_running,
+                      self.k_errors)
+        self.r.srem(JOBS_KEY, self.job_id)
+
+
+def list_jobs(client: Any) -> Iterable[str]:
+    """Job ids this Redis holds state for."""
+    import redis
+
+    try:
+        return sorted(j.decode() for j in client.smembers(JOBS_KEY))
+    except redis.RedisError as e:
+        raise ServerUnavailableError(f"Redis error: {type(e).__name__}") from None
+
+
