@@ -1,6 +1,10 @@
 # faster-bert-as-service: setup, run, test.
-#   make run    set up .venv, ingest the bundled sample corpus in local mode, run a query
-#   make test   set up .venv (with the test extras), run the whole test suite
+#   make run               set up .venv, ingest the bundled sample corpus in local mode, run a query
+#   make test              set up .venv (with the test extras), run the whole test suite
+#   make test-unit         the unit tier: builds no model, starts no server
+#   make test-integration  real Redis, Triton and Celery workers; e2e runs of the CLI
+#   make test-gpu          the GPU tier (skipped as a whole without CUDA)
+#   make lint              ruff (lint + format), import-linter's layer contracts, mypy
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +12,7 @@ PIP    := $(PY) -m pip
 FBAS   := $(VENV)/bin/fbas-pipeline
 OUT    ?= out/sample
 
-.PHONY: setup setup-test run test test-unit bench clean dll
+.PHONY: setup setup-test run test test-unit test-integration test-gpu lint bench clean dll
 
 setup: $(VENV)/.setup-done
 $(VENV)/.setup-done: pyproject.toml deploy/install_triton.sh
@@ -25,7 +29,7 @@ $(VENV)/.setup-done: pyproject.toml deploy/install_triton.sh
 setup-test: setup $(VENV)/.setup-test-done
 $(VENV)/.setup-test-done: pyproject.toml
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,lint]"
 	touch $@
 
 run: setup
@@ -36,7 +40,19 @@ test: setup-test
 	$(PY) -m pytest tests -q -ra --durations=15
 
 test-unit: setup-test
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/unit -q -ra
+
+test-integration: setup-test
+	$(PY) -m pytest tests/integration tests/e2e -q -ra --durations=15
+
+test-gpu: setup-test
+	$(PY) -m pytest tests/gpu -q -ra
+
+lint: setup-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 bench: setup-test
 	$(PY) benchmarks/bench_engine.py

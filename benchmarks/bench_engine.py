@@ -30,7 +30,7 @@ def load_texts(data: Path, n_short: int, n_long: int) -> dict[str, list[str]]:
     rows = list(csv.reader(open(data / "stsb_multi_mt" / "stsb-en-test.csv", encoding="utf-8")))
     sents = [r[0] for r in rows] + [r[1] for r in rows]
     short = sents[:n_short]
-    long = [" ".join(sents[i:i + 25]) for i in range(0, 25 * n_long, 25)]
+    long = [" ".join(sents[i : i + 25]) for i in range(0, 25 * n_long, 25)]
     return {"stsb_sentences": short, "long_256": long}
 
 
@@ -59,9 +59,9 @@ def main() -> int:
     import torch
     from sentence_transformers import SentenceTransformer
 
+    from core.config import EngineSpec
     from engine.build import build_model
     from engine.model_dir import load_engine, load_tokenizer, read_meta
-    from core.config import EngineSpec
     from pipeline.ingest.embed_file import embed_texts
 
     torch.set_num_threads(args.threads)
@@ -70,10 +70,10 @@ def main() -> int:
     folders = {}
     for fu in args.fusions.split(","):
         folders[("fp32", fu)] = build_model(EngineSpec(), tmp / f"fp32-{fu}", fusions=fu, threads=args.threads)
-    folders[("int8", "attention")] = build_model(EngineSpec(precision="int8"), tmp / "int8", fusions="attention",
-                                                 threads=args.threads)
-    st = SentenceTransformer(str(read_meta(folders[("fp32", "attention")]).source),
-                             device="cpu")
+    folders[("int8", "attention")] = build_model(
+        EngineSpec(precision="int8"), tmp / "int8", fusions="attention", threads=args.threads
+    )
+    st = SentenceTransformer(str(read_meta(folders[("fp32", "attention")]).source), device="cpu")
     results = []
     for name, tx in texts.items():
         t_st = best_time(lambda: st.encode(tx, batch_size=32, convert_to_numpy=True), args.repeats)
@@ -87,15 +87,29 @@ def main() -> int:
                 t = best_time(lambda: embed_texts(tx, eng, tok), args.repeats)
                 got = embed_texts(tx, eng, tok)
                 cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
-                r = {"precision": prec, "fusions": fu, "token_budget": budget, "docs_s": len(tx) / t,
-                     "ratio_vs_st": t_st / t, "min_cos_vs_st": float(cos.min())}
+                r = {
+                    "precision": prec,
+                    "fusions": fu,
+                    "token_budget": budget,
+                    "docs_s": len(tx) / t,
+                    "ratio_vs_st": t_st / t,
+                    "min_cos_vs_st": float(cos.min()),
+                }
                 row["fbas"].append(r)
-                print(f"  fbas {prec} fusions={fu:<10} budget={budget:5d} {len(tx) / t:8.1f} docs/s  "
-                      f"x{t_st / t:4.2f}  min cos {cos.min():.6f}")
+                print(
+                    f"  fbas {prec} fusions={fu:<10} budget={budget:5d} {len(tx) / t:8.1f} docs/s  "
+                    f"x{t_st / t:4.2f}  min cos {cos.min():.6f}"
+                )
         results.append(row)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-            "cpu_cores": os.cpu_count(), "threads": args.threads, "command": " ".join(sys.argv),
-            "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__}
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "threads": args.threads,
+        "command": " ".join(sys.argv),
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "torch": torch.__version__,
+    }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -66,6 +66,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # --- peak ------------------------------------------------------------------------------------
 
+
 @contextmanager
 def clock_trace(into: dict):
     """The SM clock, power draw and throttle reasons while the block runs (``nvidia-smi`` every 200 ms;
@@ -75,8 +76,12 @@ def clock_trace(into: dict):
         yield
         return
     q = "clocks.sm,clocks.max.sm,power.draw,power.limit,utilization.gpu,clocks_event_reasons.active"
-    proc = subprocess.Popen(["nvidia-smi", "-i", "0", f"--query-gpu={q}", "--format=csv,noheader,nounits", "-lms", "200"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        ["nvidia-smi", "-i", "0", f"--query-gpu={q}", "--format=csv,noheader,nounits", "-lms", "200"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         yield
     finally:
@@ -85,15 +90,21 @@ def clock_trace(into: dict):
         for line in proc.communicate()[0].splitlines():
             f = [x.strip() for x in line.split(",")]
             try:
-                if len(f) == 6 and int(f[4]) >= 90:   # samples while the GPU is busy
+                if len(f) == 6 and int(f[4]) >= 90:  # samples while the GPU is busy
                     rows.append((float(f[0]), float(f[1]), float(f[2]), float(f[3]), f[5]))
             except ValueError:
                 continue
         if rows:
             med = lambda i: statistics.median(r[i] for r in rows)  # noqa: E731
             reasons = sorted({r[4] for r in rows})
-            into["clocks"] = {"busy_samples": len(rows), "sm_mhz": med(0), "max_sm_mhz": med(1),
-                              "power_w": med(2), "power_limit_w": med(3), "throttle_reasons": reasons}
+            into["clocks"] = {
+                "busy_samples": len(rows),
+                "sm_mhz": med(0),
+                "max_sm_mhz": med(1),
+                "power_w": med(2),
+                "power_limit_w": med(3),
+                "throttle_reasons": reasons,
+            }
             print("clocks under load:", into["clocks"], flush=True)
 
 
@@ -104,7 +115,7 @@ def section_peak(res: dict) -> None:
 
 def _section_peak(res: dict) -> None:
     n = 8192
-    flops = 2 * n ** 3
+    flops = 2 * n**3
     out = {}
     for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         a, b = torch.randn(n, n, device="cuda", dtype=dt), torch.randn(n, n, device="cuda", dtype=dt)
@@ -113,8 +124,13 @@ def _section_peak(res: dict) -> None:
         a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
         b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()
         one = torch.ones((), device="cuda")
-        out["fp8"] = flops / bench_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one,
-                                                               out_dtype=torch.bfloat16, use_fast_accum=True)) / 1e9
+        out["fp8"] = (
+            flops
+            / bench_ms(
+                lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True)
+            )
+            / 1e9
+        )
     res["peak_tflops"] = out
     print("matmul 8192^3 TFLOP/s:", {k: round(v, 1) for k, v in out.items()}, flush=True)
     # the BERT-base GEMMs of section base (M = 256 x 128 tokens), fp16 and fp8 (tensor-wise, row-wise)
@@ -122,25 +138,31 @@ def _section_peak(res: dict) -> None:
     M = 256 * 128
     for name, (N, K) in {"qkv": (2304, 768), "out": (768, 768), "ffn1": (3072, 768), "ffn2": (768, 3072)}.items():
         f = 2 * M * N * K
-        a, w = torch.randn(M, K, device="cuda", dtype=torch.float16), torch.randn(N, K, device="cuda",
-                                                                              dtype=torch.float16)
+        a, w = (
+            torch.randn(M, K, device="cuda", dtype=torch.float16),
+            torch.randn(N, K, device="cuda", dtype=torch.float16),
+        )
         r = {"fp16": f / bench_ms(lambda: torch.mm(a, w.t())) / 1e9}
         if torch.cuda.get_device_capability() >= (8, 9):
             aq, wq = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
             one = torch.ones((), device="cuda")
             sa, sw = torch.rand(M, 1, device="cuda") + 0.5, torch.rand(1, N, device="cuda") + 0.5
-            for label, kw in (("fp8_tensor", dict(scale_a=one, scale_b=one)),
-                              ("fp8_row", dict(scale_a=sa, scale_b=sw)),
-                              ("fp8_row_noacc", dict(scale_a=sa, scale_b=sw, use_fast_accum=False))):
+            for label, kw in (
+                ("fp8_tensor", dict(scale_a=one, scale_b=one)),
+                ("fp8_row", dict(scale_a=sa, scale_b=sw)),
+                ("fp8_row_noacc", dict(scale_a=sa, scale_b=sw, use_fast_accum=False)),
+            ):
                 kw.setdefault("use_fast_accum", True)
                 try:
-                    r[label] = f / bench_ms(lambda: torch._scaled_mm(aq, wq.t(), out_dtype=torch.bfloat16,
-                                                                     **kw)) / 1e9
+                    r[label] = f / bench_ms(lambda: torch._scaled_mm(aq, wq.t(), out_dtype=torch.bfloat16, **kw)) / 1e9
                 except RuntimeError as e:
                     r[label] = repr(e)[:120]
         shapes[f"{name} {M}x{N}x{K}"] = r
-        print(f"GEMM {name} {M}x{N}x{K} TFLOP/s:",
-              {k: (round(v) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        print(
+            f"GEMM {name} {M}x{N}x{K} TFLOP/s:",
+            {k: (round(v) if isinstance(v, float) else v) for k, v in r.items()},
+            flush=True,
+        )
     res["gemm_tflops"] = shapes
     # a floor for any fp16 BERT-base forward that uses cuBLAS: its 12 layers' four GEMMs at the rates just
     # measured, nothing else (no attention, LayerNorm, embeddings, launches)
@@ -151,15 +173,25 @@ def _section_peak(res: dict) -> None:
 
 # --- models ----------------------------------------------------------------------------------
 
+
 def random_bert(vocab: int, seed: int = 0, config: Path | None = None):
     """A BERT-base-shaped HF BertModel (or the shape of ``config``, a config.json) with HF's random
     init (std 0.02), fp32 on the CPU."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    cfg = BertConfig.from_json_file(str(config)) if config else BertConfig(
-        vocab_size=vocab, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-        intermediate_size=3072, max_position_embeddings=512)
+    cfg = (
+        BertConfig.from_json_file(str(config))
+        if config
+        else BertConfig(
+            vocab_size=vocab,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+        )
+    )
     try:
         model = BertModel._from_config(cfg, attn_implementation="sdpa")
     except (AttributeError, TypeError, ValueError):
@@ -194,8 +226,10 @@ def parse_variant(v: str) -> tuple[str, dict]:
     precision, _, rest = v.partition(":")
     opts = dict(kv.split("=") for kv in rest.split(",") if kv) if rest else {}
     flags = ("gelu_epilogue", "cuda_graphs", "fp8_fast_accum", "residual_in_gemm")
-    return precision, {k: (val == "1" if k in flags else float(val) if k == "fp8_smooth" else val.replace("+", ","))
-                       for k, val in opts.items()}
+    return precision, {
+        k: (val == "1" if k in flags else float(val) if k == "fp8_smooth" else val.replace("+", ","))
+        for k, val in opts.items()
+    }
 
 
 def section_base(res: dict, variants: list[str], profile: bool = False) -> None:
@@ -205,8 +239,9 @@ def section_base(res: dict, variants: list[str], profile: bool = False) -> None:
     B, S = 256, 128
     hf32 = random_bert(21128)
     weights = canonical(hf32)
-    shape = BertShape(vocab_size=21128, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
-                      max_position=512)
+    shape = BertShape(
+        vocab_size=21128, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, max_position=512
+    )
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, 21128, (B, S), generator=g)
     ids[:, 0], ids[:, -1] = 101, 102
@@ -219,13 +254,18 @@ def section_base(res: dict, variants: list[str], profile: bool = False) -> None:
     with torch.inference_mode():
         ms = bench_ms(lambda: hf16(input_ids=ids_d, attention_mask=mask_d))
     out["hf_sdpa_fp16"] = {"ms": ms, "seq_s": B / ms * 1e3, "tflops": flops * B / ms / 1e9}
-    print(f"HF BertModel SDPA fp16: {ms:.2f} ms, {B / ms * 1e3:,.0f} seq/s, {flops * B / ms / 1e9:.0f} TFLOP/s",
-          flush=True)
-    if "gemm_floor_ms" in res:   # what 1.5x HF leaves for everything but the GEMMs
+    print(
+        f"HF BertModel SDPA fp16: {ms:.2f} ms, {B / ms * 1e3:,.0f} seq/s, {flops * B / ms / 1e9:.0f} TFLOP/s",
+        flush=True,
+    )
+    if "gemm_floor_ms" in res:  # what 1.5x HF leaves for everything but the GEMMs
         out["ms_for_1_5x_hf"] = ms / 1.5
         out["ms_left_beside_gemms"] = ms / 1.5 - res["gemm_floor_ms"]
-        print(f"1.5x HF is {ms / 1.5:.2f} ms a forward: {ms / 1.5 - res['gemm_floor_ms']:.2f} ms beside the GEMMs "
-              "for attention, LayerNorms, embeddings and pooling", flush=True)
+        print(
+            f"1.5x HF is {ms / 1.5:.2f} ms a forward: {ms / 1.5 - res['gemm_floor_ms']:.2f} ms beside the GEMMs "
+            "for attention, LayerNorms, embeddings and pooling",
+            flush=True,
+        )
     hf16 = None
     # the oracle for cosines: HF fp32 (TF32 off), mean pooling, the first 64 rows
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -240,33 +280,58 @@ def section_base(res: dict, variants: list[str], profile: bool = False) -> None:
     for v in variants:
         precision, opts = parse_variant(v)
         try:
-            eng = GpuBertEngine(shape, weights, pooling="mean", normalize=False, max_seq_len=512,
-                                precision=precision, device="cuda", options=GpuOptions(**opts),
-                                calibration=(packed[:16 * S], lens[:16]))
+            eng = GpuBertEngine(
+                shape,
+                weights,
+                pooling="mean",
+                normalize=False,
+                max_seq_len=512,
+                precision=precision,
+                device="cuda",
+                options=GpuOptions(**opts),
+                calibration=(packed[: 16 * S], lens[:16]),
+            )
             run = eng.prepare(packed, lens)
             if profile:
-                eager = GpuBertEngine(shape, weights, pooling="mean", normalize=False, max_seq_len=512,
-                                      precision=precision, device="cuda",
-                                      options=GpuOptions(**{**opts, "cuda_graphs": False}),
-                                      calibration=(packed[:16 * S], lens[:16]))
+                eager = GpuBertEngine(
+                    shape,
+                    weights,
+                    pooling="mean",
+                    normalize=False,
+                    max_seq_len=512,
+                    precision=precision,
+                    device="cuda",
+                    options=GpuOptions(**{**opts, "cuda_graphs": False}),
+                    calibration=(packed[: 16 * S], lens[:16]),
+                )
                 table = profile_top(eager.prepare(packed, lens))
                 print(f"--- profile {v} (eager, 3 forwards) ---\n{table}", flush=True)
                 out.setdefault("profiles", {})[v] = table
                 del eager
             ms = bench_ms(run)
             emb_ms = wall_ms(lambda: eng.embed(packed, lens))
-            got = eng.embed(packed[:64 * S], lens[:64])
+            got = eng.embed(packed[: 64 * S], lens[:64])
             cos = cosines(got.astype(np.float64), h)
         except Exception as e:  # noqa: BLE001 - a benchmark variant that fails is reported, not fatal
             logger.exception("variant %s failed", v)
             out[v] = {"error": repr(e)}
             continue
-        r = {"ms": ms, "seq_s": B / ms * 1e3, "tflops": flops * B / ms / 1e9, "embed_ms": emb_ms,
-             "embed_seq_s": B / emb_ms * 1e3, "min_cos_vs_hf_fp32": float(cos.min()), "kernels": eng.kernels.name}
+        r = {
+            "ms": ms,
+            "seq_s": B / ms * 1e3,
+            "tflops": flops * B / ms / 1e9,
+            "embed_ms": emb_ms,
+            "embed_seq_s": B / emb_ms * 1e3,
+            "min_cos_vs_hf_fp32": float(cos.min()),
+            "kernels": eng.kernels.name,
+        }
         r["x_hf"] = r["seq_s"] / out["hf_sdpa_fp16"]["seq_s"]
         out[v] = r
-        print(f"ours {v:28s} [{eng.kernels.name}]: {ms:.2f} ms, {r['seq_s']:,.0f} seq/s ({r['x_hf']:.2f}x HF), "
-              f"{r['tflops']:.0f} TFLOP/s; embed() {emb_ms:.2f} ms; min cos {cos.min():.6f}", flush=True)
+        print(
+            f"ours {v:28s} [{eng.kernels.name}]: {ms:.2f} ms, {r['seq_s']:,.0f} seq/s ({r['x_hf']:.2f}x HF), "
+            f"{r['tflops']:.0f} TFLOP/s; embed() {emb_ms:.2f} ms; min cos {cos.min():.6f}",
+            flush=True,
+        )
         eng = run = None
         torch.cuda.empty_cache()
     peak = res.get("peak_tflops", {}).get("fp16")
@@ -278,6 +343,7 @@ def section_base(res: dict, variants: list[str], profile: bool = False) -> None:
 
 
 # --- real length mixes -----------------------------------------------------------------------
+
 
 def stsb_sentences(data: Path) -> list[str]:
     texts = []
@@ -321,16 +387,16 @@ def st_encode(model_dir: Path, texts: list[str], dtype: torch.dtype, batch: int,
 
 
 def section_mix(res: dict, minilm: Path, data: Path, variants: list[str], work: Path) -> None:
+    from core.config import EngineSpec
     from engine.build import build_model
     from engine.model_dir import load_tokenizer, read_meta
     from engine.torch_gpu import load_gpu_engine
-    from core.config import EngineSpec
 
     precisions = sorted({parse_variant(v)[0] for v in variants})
 
     sentences = stsb_sentences(data)
     models = {"all-MiniLM-L6-v2": minilm}
-    base_dir = work / "bert_base_random"                                       # BERT-base shape, vocab 30522
+    base_dir = work / "bert_base_random"  # BERT-base shape, vocab 30522
     if not base_dir.exists():
         m = random_bert(30522, seed=2)
         m.save_pretrained(base_dir, safe_serialization=True)
@@ -340,16 +406,25 @@ def section_mix(res: dict, minilm: Path, data: Path, variants: list[str], work: 
     models["bert-base (random, vocab 30522)"] = base_dir
     out: dict = {}
     for mname, mdir in models.items():
-        folders = {p: build_model(EngineSpec(model=str(mdir), target="gpu", precision=p, max_seq_len=512,
-                                             pooling="mean"), work / f"{mdir.name}_{p}") for p in precisions}
+        folders = {
+            p: build_model(
+                EngineSpec(model=str(mdir), target="gpu", precision=p, max_seq_len=512, pooling="mean"),
+                work / f"{mdir.name}_{p}",
+            )
+            for p in precisions
+        }
         tok = load_tokenizer(folders[precisions[0]])
         mixes = {"stsb": sentences, "long": long_mix(sentences, tok, 2000)}
         for xname, texts in mixes.items():
             key = f"{mname} / {xname}"
             enc = tok.encode(texts)
             n_tok = int(enc.lengths.sum())
-            r: dict = {"docs": len(texts), "tokens": n_tok, "mean_len": n_tok / len(texts),
-                       "max_len": int(enc.lengths.max())}
+            r: dict = {
+                "docs": len(texts),
+                "tokens": n_tok,
+                "mean_len": n_tok / len(texts),
+                "max_len": int(enc.lengths.max()),
+            }
             st_vecs = None
             for bs in (32, 128):
                 ms, vecs = st_encode(mdir, texts, torch.float16, bs, 512)
@@ -365,23 +440,31 @@ def section_mix(res: dict, minilm: Path, data: Path, variants: list[str], work: 
                 try:
                     eng = load_gpu_engine(folders[p], read_meta(folders[p]), device="cuda", **opts)
                     t_tok = wall_ms(lambda: tok.encode(texts), reps=3)
-                    ms = wall_ms(lambda: eng.embed(enc.token_ids, enc.lengths), reps=3)   # warm: graphs captured
+                    ms = wall_ms(lambda: eng.embed(enc.token_ids, enc.lengths), reps=3)  # warm: graphs captured
                     vecs = eng.embed(enc.token_ids, enc.lengths)
                 except Exception as e:  # noqa: BLE001 - a variant that fails is reported, not fatal
                     logger.exception("mix variant %s failed", v)
                     r[f"ours {v}"] = {"error": repr(e)}
                     continue
-                rr = {"embed_ms": ms, "tokenize_ms": t_tok, "tok_s": n_tok / ms * 1e3,
-                      "tok_s_with_tokenize": n_tok / (ms + t_tok) * 1e3,
-                      "min_cos_vs_st_fp16": float(cosines(vecs, st_vecs).min()), "graphs": len(eng._graphs)}
+                rr = {
+                    "embed_ms": ms,
+                    "tokenize_ms": t_tok,
+                    "tok_s": n_tok / ms * 1e3,
+                    "tok_s_with_tokenize": n_tok / (ms + t_tok) * 1e3,
+                    "min_cos_vs_st_fp16": float(cosines(vecs, st_vecs).min()),
+                    "graphs": len(eng._graphs),
+                }
                 if st32 is not None:
                     rr["min_cos_vs_st_fp32"] = float(cosines(vecs, st32).min())
                 rr["x_st_best"] = rr["tok_s_with_tokenize"] / best_st
                 r[f"ours {v}"] = rr
-                print(f"{key:45s} ours {v}: {rr['tok_s']:,.0f} tok/s engine, {rr['tok_s_with_tokenize']:,.0f} with "
-                      f"tokenize ({rr['x_st_best']:.2f}x best ST fp16 {best_st:,.0f}); min cos vs ST "
-                      f"{rr['min_cos_vs_st_fp16']:.5f}" + (f" / fp32 {rr['min_cos_vs_st_fp32']:.5f}"
-                                                          if st32 is not None else ""), flush=True)
+                print(
+                    f"{key:45s} ours {v}: {rr['tok_s']:,.0f} tok/s engine, {rr['tok_s_with_tokenize']:,.0f} with "
+                    f"tokenize ({rr['x_st_best']:.2f}x best ST fp16 {best_st:,.0f}); min cos vs ST "
+                    f"{rr['min_cos_vs_st_fp16']:.5f}"
+                    + (f" / fp32 {rr['min_cos_vs_st_fp32']:.5f}" if st32 is not None else ""),
+                    flush=True,
+                )
                 eng = None
                 torch.cuda.empty_cache()
             out[key] = r
@@ -394,25 +477,34 @@ def main() -> None:
     ap.add_argument("--data", required=True, type=Path, help="folder with stsb-en-*.csv (stsb_multi_mt)")
     ap.add_argument("--out", type=Path, default=Path("bench_gpu.json"), help="results JSON")
     ap.add_argument("--sections", default="peak,base,mix", help="peak,base,mix")
-    ap.add_argument("--base-variants", default="fp16;fp16:gelu_epilogue=0;fp16:residual_in_gemm=1;"
-                                               "fp16:kernels=cuda,residual_in_gemm=1;bf16;fp8",
-                    help="our variants for section base, ';'-separated: precision[:option=value,...] "
-                         "(GpuOptions fields; '+' for ',' inside a value)")
+    ap.add_argument(
+        "--base-variants",
+        default="fp16;fp16:gelu_epilogue=0;fp16:residual_in_gemm=1;fp16:kernels=cuda,residual_in_gemm=1;bf16;fp8",
+        help="our variants for section base, ';'-separated: precision[:option=value,...] "
+        "(GpuOptions fields; '+' for ',' inside a value)",
+    )
     ap.add_argument("--mix-variants", default="fp16;bf16;fp8", help="our variants for section mix (same form)")
     ap.add_argument("--profile", action="store_true", help="print each base variant's top kernels (eager)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sections = set(args.sections.split(","))
-    res: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(),
-                 "capability": list(torch.cuda.get_device_capability()), "torch": torch.__version__,
-                 "command": " ".join(sys.argv)}
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": torch.cuda.get_device_name(),
+        "capability": list(torch.cuda.get_device_capability()),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+    }
     try:
         import sentence_transformers
         import transformers
         import triton
 
-        res["versions"] = {"transformers": transformers.__version__, "triton": triton.__version__,
-                           "sentence_transformers": sentence_transformers.__version__}
+        res["versions"] = {
+            "transformers": transformers.__version__,
+            "triton": triton.__version__,
+            "sentence_transformers": sentence_transformers.__version__,
+        }
     except ImportError:
         pass
     print(res, flush=True)

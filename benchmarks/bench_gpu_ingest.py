@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_ingest import make_corpus, run_engine, run_fbas, warm_model  # noqa: E402
+
 from services.local import default_concurrency
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -58,7 +59,6 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 def random_model(tokenizer_dir: Path, dest: Path, shape: str) -> Path:
     """A Hugging Face BERT folder with random weights: MiniLM's shape (its config.json) or BERT-base's."""
     import torch
-
     from bench_gpu import random_bert
 
     if not dest.exists():
@@ -72,15 +72,14 @@ def random_model(tokenizer_dir: Path, dest: Path, shape: str) -> Path:
 
 
 @contextmanager
-def running_service(built: Path, state: Path, args: argparse.Namespace, max_len: int, instances: int,
-                    concurrency: int):
+def running_service(built: Path, state: Path, args: argparse.Namespace, max_len: int, instances: int, concurrency: int):
     """redis-server + tritonserver (model loaded, ``instances`` instances) + a Celery worker, up until the
     block ends; yields the cluster (``broker_url`` to pass to ``ingest --broker``, ``engine_stats()``)."""
     from core.config import FbasConfig, apply_env
     from core.envs import read_env
     from services.local import LocalCluster
 
-    cfg = apply_env(FbasConfig(), read_env())   # FBAS_TRITONSERVER and the like, as the CLI reads them
+    cfg = apply_env(FbasConfig(), read_env())  # FBAS_TRITONSERVER and the like, as the CLI reads them
     cfg.engine.target, cfg.engine.precision, cfg.engine.max_seq_len = args.target, args.precision, max_len
     cfg.serve.instance_count, cfg.serve.max_docs_per_request = instances, args.batch_rows
     cfg.queue.concurrency = concurrency
@@ -105,8 +104,12 @@ def gpu_trace(into: dict, bin_s: float = 0.5):
         yield
         return
     start = time.time()
-    proc = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits",
-                             "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         yield
     finally:
@@ -127,8 +130,8 @@ def gpu_trace(into: dict, bin_s: float = 0.5):
 def long_corpus(data: Path, tokenizer_dir: Path, n_docs: int, path: Path) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from bench_gpu import long_mix, stsb_sentences
+
     from core.tokenize import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_dir / "tokenizer.json", 512)
@@ -152,49 +155,81 @@ def _summary(runs: list[dict], n: int, engine_s: float) -> dict:
         return {}
     wall = statistics.median(x["wall_s"] for x in runs)
     embed = statistics.median(x["embed_s"] for x in runs)
-    return {"fbas_docs_per_s": round(n / wall, 1), "efficiency": round(engine_s / wall, 3),
-            "steady_state_efficiency": round(engine_s / embed, 3)}
+    return {
+        "fbas_docs_per_s": round(n / wall, 1),
+        "efficiency": round(engine_s / wall, 3),
+        "steady_state_efficiency": round(engine_s / embed, 3),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, type=Path, help="all-MiniLM-L6-v2 folder (tokenizer + config)")
-    ap.add_argument("--data", default=str(ROOT / "tests" / "data"), type=Path,
-                    help="evaluation data folder (holds stsb_multi_mt/)")
+    ap.add_argument(
+        "--data", default=str(ROOT / "tests" / "data"), type=Path, help="evaluation data folder (holds stsb_multi_mt/)"
+    )
     ap.add_argument("--cases", default="minilm-stsb,base-long", help="comma list: minilm-stsb, base-long")
     ap.add_argument("--stsb-repeat", type=int, default=40, help="times the STS-B sentences repeat (minilm-stsb)")
     ap.add_argument("--long-docs", type=int, default=100_000, help="documents of the long mix (base-long)")
     ap.add_argument("--runs", type=int, default=1, help="fbas runs per case; the median counts")
     ap.add_argument("--target", default="gpu", help="engine target (onnx: dry run of this script on a CPU)")
     ap.add_argument("--precision", default=None, help="engine precision (default: fp16 on gpu, fp32 on onnx)")
-    ap.add_argument("--concurrency", type=int, default=0,
-                    help="Celery worker processes (default 0: local mode's sizing, the cores + 4 for a GPU)")
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="Celery worker processes (default 0: local mode's sizing, the cores + 4 for a GPU)",
+    )
     ap.add_argument("--batch-tokens", type=int, default=65536, help="token budget of one queued batch")
     ap.add_argument("--batch-rows", type=int, default=4096, help="most rows in one queued batch")
-    ap.add_argument("--instance-counts", default="2", help="Triton model instances on the GPU, comma list: "
-                    "one fbas run set per count (2: one instance's host work overlaps the other's GPU work)")
-    ap.add_argument("--service", action="store_true",
-                    help="also time the ingest against services already running (ingest --broker)")
-    ap.add_argument("--service-concurrency", default=None,
-                    help="comma list of worker processes for the running service, one service per value "
-                         "(default: --concurrency)")
+    ap.add_argument(
+        "--instance-counts",
+        default="2",
+        help="Triton model instances on the GPU, comma list: "
+        "one fbas run set per count (2: one instance's host work overlaps the other's GPU work)",
+    )
+    ap.add_argument(
+        "--service", action="store_true", help="also time the ingest against services already running (ingest --broker)"
+    )
+    ap.add_argument(
+        "--service-concurrency",
+        default=None,
+        help="comma list of worker processes for the running service, one service per value (default: --concurrency)",
+    )
     ap.add_argument("--local-runs", type=int, default=None, help="local-mode runs per case (default: --runs)")
-    ap.add_argument("--cold-run", action="store_true",
-                    help="one local run before the timed ones, reported apart: the first local run of this "
-                         "benchmark (on a fresh host its start is cold; after the in-process engine run, which "
-                         "compiles the kernels of its own shapes)")
-    ap.add_argument("--lengths", default="auto",
-                    help="comma list of `ingest --lengths` modes (auto, exact, estimate): one fbas run set per mode, "
-                         "the runs of the modes alternating")
-    ap.add_argument("--fbas-root", type=Path, default=None,
-                    help="also time this other checkout's ingest (a baseline commit, same run): in local mode, "
-                         "and with --service its producer against the same running service, runs alternating")
-    ap.add_argument("--service-roots", default=None,
-                    help="comma list of NAME=CHECKOUT: other checkouts' producers, run against the same running "
-                         "service, alternating with this one (variants of a change, same run)")
-    ap.add_argument("--log-lines", type=int, default=0,
-                    help="keep the first N lines of each local run's and the first service run's `ingest -v` log "
-                         "in the results (local runs also keep tritonserver's and the worker's start lines)")
+    ap.add_argument(
+        "--cold-run",
+        action="store_true",
+        help="one local run before the timed ones, reported apart: the first local run of this "
+        "benchmark (on a fresh host its start is cold; after the in-process engine run, which "
+        "compiles the kernels of its own shapes)",
+    )
+    ap.add_argument(
+        "--lengths",
+        default="auto",
+        help="comma list of `ingest --lengths` modes (auto, exact, estimate): one fbas run set per mode, "
+        "the runs of the modes alternating",
+    )
+    ap.add_argument(
+        "--fbas-root",
+        type=Path,
+        default=None,
+        help="also time this other checkout's ingest (a baseline commit, same run): in local mode, "
+        "and with --service its producer against the same running service, runs alternating",
+    )
+    ap.add_argument(
+        "--service-roots",
+        default=None,
+        help="comma list of NAME=CHECKOUT: other checkouts' producers, run against the same running "
+        "service, alternating with this one (variants of a change, same run)",
+    )
+    ap.add_argument(
+        "--log-lines",
+        type=int,
+        default=0,
+        help="keep the first N lines of each local run's and the first service run's `ingest -v` log "
+        "in the results (local runs also keep tritonserver's and the worker's start lines)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
@@ -202,10 +237,19 @@ def main() -> int:
     device = "cuda:0" if args.target == "gpu" else None
     args.precision = args.precision or ("fp16" if device else "fp32")
     args.concurrency = args.concurrency or default_concurrency(gpu=device is not None)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    res: dict = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-                 "cores": os.cpu_count(), "command": " ".join(sys.argv), "cases": {}}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "command": " ".join(sys.argv),
+        "cases": {},
+    }
     if device:
         import torch
 
@@ -223,40 +267,84 @@ def main() -> int:
                 n, max_len = make_corpus(args.data, args.stsb_repeat, corpus), 256
             else:
                 n, max_len = long_corpus(args.data, args.tokenizer, args.long_docs, corpus), 512
-            engine_spec = {"model": str(model), "target": args.target, "max_seq_len": max_len,
-                           "pooling": "mean", "normalize": True}
+            engine_spec = {
+                "model": str(model),
+                "target": args.target,
+                "max_seq_len": max_len,
+                "pooling": "mean",
+                "normalize": True,
+            }
             built = warm_model(work / case, args.precision, **engine_spec)
-            flags = ("--model", str(model), "--target", args.target, "--max-seq-len", str(max_len),
-                     "--pooling", "mean", "--normalize", "--concurrency", str(args.concurrency),
-                     "--batch-tokens", str(args.batch_tokens), "--batch-rows", str(args.batch_rows),
-                     "--max-docs-per-request", str(args.batch_rows))
+            flags = (
+                "--model",
+                str(model),
+                "--target",
+                args.target,
+                "--max-seq-len",
+                str(max_len),
+                "--pooling",
+                "mean",
+                "--normalize",
+                "--concurrency",
+                str(args.concurrency),
+                "--batch-tokens",
+                str(args.batch_tokens),
+                "--batch-rows",
+                str(args.batch_rows),
+                "--max-docs-per-request",
+                str(args.batch_rows),
+            )
             r: dict = {"docs": n, "engine": run_engine(corpus, built, 0, device=device), "fbas": {}}
             print(case, "engine", r["engine"], flush=True)
             eng = r["engine"]["model_s"]
-            r["summary"] = {"tokens": r["engine"]["tokens"], "engine_docs_per_s": round(n / eng, 1),
-                            "engine_with_tokenize_docs_per_s": round(n / (eng + r["engine"]["tokenize_s"]), 1)}
+            r["summary"] = {
+                "tokens": r["engine"]["tokens"],
+                "engine_docs_per_s": round(n / eng, 1),
+                "engine_with_tokenize_docs_per_s": round(n / (eng + r["engine"]["tokenize_s"]), 1),
+            }
             modes = args.lengths.split(",")
             for ic in args.instance_counts.split(","):
                 local = {m: r["fbas"].setdefault(_key(m, modes, f"instances={ic}"), []) for m in modes}
                 n_local = args.runs if args.local_runs is None else args.local_runs
                 base = r["fbas"].setdefault(f"baseline instances={ic}", []) if args.fbas_root else None
-                if args.cold_run and n_local and not cold_done:   # the host's first start (caches cold), kept apart
+                if args.cold_run and n_local and not cold_done:  # the host's first start (caches cold), kept apart
                     cold_done = True
                     cold = r["fbas"][f"cold instances={ic}"] = [
-                        run_fbas(corpus, work / f"cold-{case}-{ic}", env, args.precision,
-                                 flags + ("--instance-count", ic), log_lines=args.log_lines)]
+                        run_fbas(
+                            corpus,
+                            work / f"cold-{case}-{ic}",
+                            env,
+                            args.precision,
+                            flags + ("--instance-count", ic),
+                            log_lines=args.log_lines,
+                        )
+                    ]
                     print(case, "fbas cold", cold[-1], flush=True)
                 for k in range(n_local):
                     for m, runs in local.items():
-                        runs.append(run_fbas(corpus, work / f"out-{case}-{ic}-{m}-{k}", env, args.precision,
-                                             flags + ("--instance-count", ic, "--lengths", m),
-                                             log_lines=args.log_lines))
+                        runs.append(
+                            run_fbas(
+                                corpus,
+                                work / f"out-{case}-{ic}-{m}-{k}",
+                                env,
+                                args.precision,
+                                flags + ("--instance-count", ic, "--lengths", m),
+                                log_lines=args.log_lines,
+                            )
+                        )
                         print(case, "fbas", _key(m, modes, f"instances={ic}"), runs[-1], flush=True)
-                    if base is not None:   # alternating with this checkout's runs, so a drifting host hits both
-                        base.append(run_fbas(corpus, work / f"base-{case}-{ic}-{k}",
-                                             _checkout_env(env, args.fbas_root), args.precision,
-                                             flags + ("--instance-count", ic), log_lines=args.log_lines,
-                                             root=args.fbas_root))
+                    if base is not None:  # alternating with this checkout's runs, so a drifting host hits both
+                        base.append(
+                            run_fbas(
+                                corpus,
+                                work / f"base-{case}-{ic}-{k}",
+                                _checkout_env(env, args.fbas_root),
+                                args.precision,
+                                flags + ("--instance-count", ic),
+                                log_lines=args.log_lines,
+                                root=args.fbas_root,
+                            )
+                        )
                         print(case, f"baseline instances={ic}", base[-1], flush=True)
                     if args.json:
                         args.json.write_text(json.dumps({**res, "cases": {**res["cases"], case: r}}, indent=2))
@@ -269,12 +357,13 @@ def main() -> int:
                     name = f"service instances={ic}" + (f" concurrency={conc}" if args.service_concurrency else "")
                     svc = {m: r["fbas"].setdefault(_key(m, modes, name), []) for m in modes}
                     roots = dict(x.split("=", 1) for x in args.service_roots.split(",")) if args.service_roots else {}
-                    if args.fbas_root:   # the baseline checkout's producer, against the same running service
+                    if args.fbas_root:  # the baseline checkout's producer, against the same running service
                         roots["baseline"] = str(args.fbas_root)
                     for label in roots:
                         svc[label] = r["fbas"].setdefault(f"{label} {name}", [])
-                    with running_service(built, work / f"svc-{case}-{ic}-{conc}", args, max_len, int(ic),
-                                         int(conc)) as svc_cluster:
+                    with running_service(
+                        built, work / f"svc-{case}-{ic}-{conc}", args, max_len, int(ic), int(conc)
+                    ) as svc_cluster:
                         broker = svc_cluster.broker_url
                         for k in range(args.runs):
                             for m, runs in svc.items():
@@ -283,18 +372,25 @@ def main() -> int:
                                 trace: dict = {}
                                 before = svc_cluster.engine_stats()
                                 with gpu_trace(trace):
-                                    got = run_fbas(corpus, work / f"svc-out-{case}-{ic}-{conc}-{m}-{k}",
-                                                   _checkout_env(env, root), args.precision, flags + extra,
-                                                   log_lines=args.log_lines if k == 0 else 0, root=root)
-                                after = svc_cluster.engine_stats()   # Triton's account of this run
+                                    got = run_fbas(
+                                        corpus,
+                                        work / f"svc-out-{case}-{ic}-{conc}-{m}-{k}",
+                                        _checkout_env(env, root),
+                                        args.precision,
+                                        flags + extra,
+                                        log_lines=args.log_lines if k == 0 else 0,
+                                        root=root,
+                                    )
+                                after = svc_cluster.engine_stats()  # Triton's account of this run
                                 trace["triton"] = {k: round(after[k] - before[k], 3) for k in after}
                                 runs.append({**got, **trace})
                                 label = f"{m} {name}" if m in roots else _key(m, modes, name)
                                 print(case, label, runs[-1], flush=True)
                                 r["summary"][label] = _summary(runs, n, eng)
-                                if args.json:   # after every run: a run cut short keeps what it measured
-                                    args.json.write_text(json.dumps({**res, "cases": {**res["cases"], case: r}},
-                                                                    indent=2))
+                                if args.json:  # after every run: a run cut short keeps what it measured
+                                    args.json.write_text(
+                                        json.dumps({**res, "cases": {**res["cases"], case: r}}, indent=2)
+                                    )
             print(case, "summary", r["summary"], flush=True)
             res["cases"][case] = r
             if args.json:

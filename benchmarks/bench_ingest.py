@@ -81,28 +81,60 @@ def make_corpus(data: Path, repeat: int, path: Path) -> int:
     return len(ids)
 
 
-def run_fbas(corpus: Path, out: Path, env: dict, precision: str, extra: tuple[str, ...] = (),
-             root: Path = ROOT, log_lines: int = 0) -> dict:
+def run_fbas(
+    corpus: Path,
+    out: Path,
+    env: dict,
+    precision: str,
+    extra: tuple[str, ...] = (),
+    root: Path = ROOT,
+    log_lines: int = 0,
+) -> dict:
     """``fbas-pipeline ingest`` as a user runs it (``extra``: more flags; ``root``: the checkout whose code
     runs); wall time + manifest timings (+ the first ``log_lines`` lines of its ``-v`` log, timestamped)."""
     t0, start = time.perf_counter(), time.time()
     verbose = ("-v",) if log_lines else ()
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", *verbose, "ingest", str(corpus), "--out", str(out),
-                        "--precision", precision, "--no-progress", *extra], env=env, capture_output=True,
-                       text=True, cwd=str(root))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            *verbose,
+            "ingest",
+            str(corpus),
+            "--out",
+            str(out),
+            "--precision",
+            precision,
+            "--no-progress",
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=str(root),
+    )
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"fbas ingest failed:\n{p.stderr[-3000:]}")
     m = json.loads((out / "manifest.json").read_text())
     t = m["timings"]
     services = local_logs(out) if log_lines else []
-    return {"wall_s": round(wall, 3), "embed_s": t.get("embed_s"), "ready_s": t.get("ready_s"),
-            "scan_s": t.get("scan_s"), "finalize_s": t.get("finalize_s"), "index_s": t.get("index_s"),
-            "engine_compute_s": t.get("engine_compute_s"), "docs": m["counts"]["embedded"],
-            "padding_ratio": m["settings"].get("padding_ratio"), "batches": m["counts"]["batches"],
-            "timeline": commit_timeline(out, start),
-            **({"log": p.stderr.splitlines()[:log_lines]} if log_lines else {}),
-            **({"service_logs": services} if services else {})}
+    return {
+        "wall_s": round(wall, 3),
+        "embed_s": t.get("embed_s"),
+        "ready_s": t.get("ready_s"),
+        "scan_s": t.get("scan_s"),
+        "finalize_s": t.get("finalize_s"),
+        "index_s": t.get("index_s"),
+        "engine_compute_s": t.get("engine_compute_s"),
+        "docs": m["counts"]["embedded"],
+        "padding_ratio": m["settings"].get("padding_ratio"),
+        "batches": m["counts"]["batches"],
+        "timeline": commit_timeline(out, start),
+        **({"log": p.stderr.splitlines()[:log_lines]} if log_lines else {}),
+        **({"service_logs": services} if services else {}),
+    }
 
 
 def local_logs(out: Path) -> list[str]:
@@ -116,8 +148,9 @@ def local_logs(out: Path) -> list[str]:
         f = logs / name
         if f.exists():
             lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
-            keep += [f"{name}: {x[:240]}" for x in lines if x.startswith(wanted)
-                     and (name != "worker.log" or "ready" in x)][:60]
+            keep += [
+                f"{name}: {x[:240]}" for x in lines if x.startswith(wanted) and (name != "worker.log" or "ready" in x)
+            ][:60]
     return keep
 
 
@@ -130,16 +163,22 @@ def commit_timeline(out: Path, start: float) -> dict:
     if not len(t):
         return {}
     q = np.quantile(t, [0.1, 0.5, 0.9])
-    return {"first_part_s": round(float(t[0]), 3), "p10_s": round(float(q[0]), 3), "p50_s": round(float(q[1]), 3),
-            "p90_s": round(float(q[2]), 3), "last_part_s": round(float(t[-1]), 3),
-            "longest_pause_s": round(float(np.diff(t).max()) if len(t) > 1 else 0.0, 3),
-            "manifest_s": round((out / "manifest.json").stat().st_mtime - start, 3)}
+    return {
+        "first_part_s": round(float(t[0]), 3),
+        "p10_s": round(float(q[0]), 3),
+        "p50_s": round(float(q[1]), 3),
+        "p90_s": round(float(q[2]), 3),
+        "last_part_s": round(float(t[-1]), 3),
+        "longest_pause_s": round(float(np.diff(t).max()) if len(t) > 1 else 0.0, 3),
+        "manifest_s": round((out / "manifest.json").stat().st_mtime - start, 3),
+    }
 
 
 def run_plain(corpus: Path, model_path: str, out: Path, env: dict) -> dict:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", PLAIN_SCRIPT, str(corpus), model_path, str(out)], env=env,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", PLAIN_SCRIPT, str(corpus), model_path, str(out)], env=env, capture_output=True, text=True
+    )
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"plain script failed:\n{p.stderr[-3000:]}")
@@ -152,8 +191,8 @@ def warm_model(work: Path, precision: str, **engine) -> Path:
     """The built model fbas uses (through its per-user build cache, as every ingest after the first does);
     ``engine``: more ``cfg.engine`` fields, the same the ingest command is given."""
     from core.config import FbasConfig
-    from pipeline.ingest.model_cache import ensure_model
     from core.layout import OutputDir
+    from pipeline.ingest.model_cache import ensure_model
 
     cfg = FbasConfig()
     cfg.engine.precision = precision
@@ -176,12 +215,16 @@ def run_engine(corpus: Path, model_dir: Path, threads: int, device: str | None =
     tok_s = time.perf_counter() - t0
     engine = load_engine(model_dir, threads=threads, device=device)
     n_warm = len(enc.lengths) if device else 64
-    engine.embed(enc.token_ids[:int(enc.lengths[:n_warm].sum())], enc.lengths[:n_warm])  # warm-up
+    engine.embed(enc.token_ids[: int(enc.lengths[:n_warm].sum())], enc.lengths[:n_warm])  # warm-up
     t0 = time.perf_counter()
     engine.embed(enc.token_ids, enc.lengths)
     model_s = time.perf_counter() - t0
-    return {"model_s": round(model_s, 3), "tokenize_s": round(tok_s, 3), "docs": len(texts),
-            "tokens": int(enc.lengths.sum())}
+    return {
+        "model_s": round(model_s, 3),
+        "tokenize_s": round(tok_s, 3),
+        "docs": len(texts),
+        "tokens": int(enc.lengths.sum()),
+    }
 
 
 def main() -> int:
@@ -201,9 +244,15 @@ def main() -> int:
 
     model_path = str(default_model_path())
     precisions = args.precisions.split(",")
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-                     "cores": os.cpu_count(), "load_before": os.getloadavg(), "plain": [],
-                     **{f"fbas_{p}": [] for p in precisions}, **{f"engine_{p}": [] for p in precisions}}
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_before": os.getloadavg(),
+        "plain": [],
+        **{f"fbas_{p}": [] for p in precisions},
+        **{f"engine_{p}": [] for p in precisions},
+    }
     Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.work) as tmp:
         work = Path(tmp)
@@ -228,17 +277,24 @@ def main() -> int:
     summary: dict = {"docs": n}
     pl_wall = med(x["wall_s"] for x in results["plain"]) if results["plain"] else None
     if pl_wall:
-        summary["plain"] = {"wall_s": round(pl_wall, 2), "docs_per_s": round(n / pl_wall, 1),
-                            "encode_docs_per_s": round(n / med(x["encode_s"] for x in results["plain"]), 1)}
+        summary["plain"] = {
+            "wall_s": round(pl_wall, 2),
+            "docs_per_s": round(n / pl_wall, 1),
+            "encode_docs_per_s": round(n / med(x["encode_s"] for x in results["plain"]), 1),
+        }
     for p in precisions:
         fb = results[f"fbas_{p}"]
         wall, embed = med(x["wall_s"] for x in fb), med(x["embed_s"] for x in fb)
         compute = med(x["engine_compute_s"] or 0 for x in fb)
         eng = med(x["model_s"] for x in results[f"engine_{p}"])
-        summary[p] = {"fbas_wall_s": round(wall, 2), "fbas_docs_per_s": round(n / wall, 1),
-                      "engine_docs_per_s": round(n / eng, 1), "efficiency": round(eng / wall, 3),
-                      "steady_state_efficiency": round(eng / embed, 3),
-                      "triton_busy_share_of_wall": round(compute / wall, 3) if compute else None}
+        summary[p] = {
+            "fbas_wall_s": round(wall, 2),
+            "fbas_docs_per_s": round(n / wall, 1),
+            "engine_docs_per_s": round(n / eng, 1),
+            "efficiency": round(eng / wall, 3),
+            "steady_state_efficiency": round(eng / embed, 3),
+            "triton_busy_share_of_wall": round(compute / wall, 3) if compute else None,
+        }
         if pl_wall:
             summary[p]["speedup_vs_plain"] = round(pl_wall / wall, 2)
     results["summary"] = summary

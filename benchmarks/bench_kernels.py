@@ -36,13 +36,17 @@ def main() -> None:
         nbytes = T * C * (2 + (1 if fp8 else 2))
         for rows in (1, 2, 4):
             for warps in (2, 4, 8, 16):
+
                 def run():
-                    tk._bias_act_kernel[(triton.cdiv(T, rows),)](x, b, q, q, s, b, T, C, ACT=0, ROWS=rows,
-                                                                 BLOCK_C=4096, FP8=fp8, SMOOTH=False,
-                                                                 num_warps=warps)
+                    tk._bias_act_kernel[(triton.cdiv(T, rows),)](
+                        x, b, q, q, s, b, T, C, ACT=0, ROWS=rows, BLOCK_C=4096, FP8=fp8, SMOOTH=False, num_warps=warps
+                    )
+
                 us = triton.testing.do_bench(run) * 1e3
-                print(f"bias_act fp8={fp8} rows={rows} warps={warps}: {us:7.1f} us {nbytes / us / 1e6:6.2f} TB/s",
-                      flush=True)
+                print(
+                    f"bias_act fp8={fp8} rows={rows} warps={warps}: {us:7.1f} us {nbytes / us / 1e6:6.2f} TB/s",
+                    flush=True,
+                )
         H = 768
         a, r = torch.randn(T, H, device=dev, dtype=dt), torch.randn(T, H, device=dev, dtype=dt)
         g, be = torch.ones(H, device=dev), torch.zeros(H, device=dev)
@@ -51,14 +55,35 @@ def main() -> None:
         nbytes = T * H * (2 * 3 + (1 if fp8 else 0))
         for rows in (1, 2, 4, 8):
             for warps in (1, 2, 4, 8):
+
                 def run():
-                    tk._residual_ln_kernel[(triton.cdiv(T, rows),)](a, b, r, g, be, y, q2, s, g, T, H, 1e-12,
-                                                                    HAS_BIAS=True, HAS_RES=True, ROWS=rows,
-                                                                    BLOCK_H=1024, FP8=fp8, SMOOTH=False,
-                                                                    num_warps=warps)
+                    tk._residual_ln_kernel[(triton.cdiv(T, rows),)](
+                        a,
+                        b,
+                        r,
+                        g,
+                        be,
+                        y,
+                        q2,
+                        s,
+                        g,
+                        T,
+                        H,
+                        1e-12,
+                        HAS_BIAS=True,
+                        HAS_RES=True,
+                        ROWS=rows,
+                        BLOCK_H=1024,
+                        FP8=fp8,
+                        SMOOTH=False,
+                        num_warps=warps,
+                    )
+
                 us = triton.testing.do_bench(run) * 1e3
-                print(f"residual_ln fp8={fp8} rows={rows} warps={warps}: {us:7.1f} us {nbytes / us / 1e6:6.2f} TB/s",
-                      flush=True)
+                print(
+                    f"residual_ln fp8={fp8} rows={rows} warps={warps}: {us:7.1f} us {nbytes / us / 1e6:6.2f} TB/s",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

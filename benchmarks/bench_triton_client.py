@@ -39,8 +39,13 @@ sys.path.insert(0, str(ROOT))
 from services.repository import ModelEntryOptions, write_model_repository
 from services.triton import TritonProcess
 from workers.triton_client import ClientOptions, TritonEncoder  # noqa: E402
-from workers.triton_wire import (build_infer_request, encode_http_request, output_array,  # noqa: E402
-                                 parse_http_response, scan_infer_response)
+from workers.triton_wire import (  # noqa: E402
+    build_infer_request,
+    encode_http_request,
+    output_array,
+    parse_http_response,
+    scan_infer_response,
+)
 
 
 def real_sentences(n: int) -> list[str]:
@@ -100,8 +105,9 @@ def http_body(url: str, ids: np.ndarray, lens: np.ndarray, binary: bool) -> tupl
         h2 = json.dumps(header).encode()
         body, hlen = h2 + body[hlen:], len(h2)
     c = http.client.HTTPConnection(host, int(port), timeout=600)
-    c.request("POST", "/v2/models/fbas_encoder/infer", body=body,
-              headers={"Inference-Header-Content-Length": str(hlen)})
+    c.request(
+        "POST", "/v2/models/fbas_encoder/infer", body=body, headers={"Inference-Header-Content-Length": str(hlen)}
+    )
     r = c.getresponse()
     data = r.read()
     if r.status != 200:
@@ -120,12 +126,34 @@ def synthetic(emb: np.ndarray) -> dict:
     o.name, o.datatype = "embedding", "FP32"
     o.shape.extend(emb.shape)
     r.raw_output_contents.append(emb.tobytes())
-    header = json.dumps({"model_name": "fbas_encoder", "model_version": "1", "outputs": [
-        {"name": "embedding", "datatype": "FP32", "shape": list(emb.shape),
-         "parameters": {"binary_data_size": emb.nbytes}}]}).encode()
-    js = json.dumps({"model_name": "fbas_encoder", "model_version": "1", "outputs": [
-        {"name": "embedding", "datatype": "FP32", "shape": list(emb.shape),
-         "data": [float(x) for x in emb.ravel()]}]}).encode()
+    header = json.dumps(
+        {
+            "model_name": "fbas_encoder",
+            "model_version": "1",
+            "outputs": [
+                {
+                    "name": "embedding",
+                    "datatype": "FP32",
+                    "shape": list(emb.shape),
+                    "parameters": {"binary_data_size": emb.nbytes},
+                }
+            ],
+        }
+    ).encode()
+    js = json.dumps(
+        {
+            "model_name": "fbas_encoder",
+            "model_version": "1",
+            "outputs": [
+                {
+                    "name": "embedding",
+                    "datatype": "FP32",
+                    "shape": list(emb.shape),
+                    "data": [float(x) for x in emb.ravel()],
+                }
+            ],
+        }
+    ).encode()
     return {"grpc": r.SerializeToString(), "http": (header + emb.tobytes(), len(header)), "json": (js, None)}
 
 
@@ -159,9 +187,13 @@ def decoders(resp: dict) -> dict:
     ref = ours_grpc()
     for f in (ours_http, tc_grpc, tc_http, tc_json):
         np.testing.assert_allclose(f(), ref, rtol=1e-6, atol=1e-7)  # every decoder reads the same numbers
-    return {"ours gRPC (scan + frombuffer)": ours_grpc, "ours HTTP binary": ours_http,
-            "tritonclient gRPC (FromString + as_numpy)": tc_grpc, "tritonclient HTTP binary": tc_http,
-            "tritonclient HTTP JSON output": tc_json}
+    return {
+        "ours gRPC (scan + frombuffer)": ours_grpc,
+        "ours HTTP binary": ours_http,
+        "tritonclient gRPC (FromString + as_numpy)": tc_grpc,
+        "tritonclient HTTP binary": tc_http,
+        "tritonclient HTTP JSON output": tc_json,
+    }
 
 
 # -- main
@@ -185,16 +217,15 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
     """Measure everything (see the module docstring); ``tmp`` holds the model and the repository."""
     model_dir = Path(args.model_dir) if args.model_dir else None
     if model_dir is None:
-        from engine.build import build_model
         from core.config import EngineSpec
+        from engine.build import build_model
 
         model_dir = build_model(EngineSpec(), tmp / "minilm")
     from engine.model_dir import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     write_model_repository(model_dir, tmp / "repo", options=ModelEntryOptions())
-    results: dict = {"machine": cpu_name(), "date": time.strftime("%Y-%m-%d"),
-                     "overhead": {}, "decode": {}}
+    results: dict = {"machine": cpu_name(), "date": time.strftime("%Y-%m-%d"), "overhead": {}, "decode": {}}
 
     with TritonProcess(tmp / "repo", ready_timeout=300) as server:
         # part 2 first (needs the server): overhead per round trip
@@ -222,9 +253,15 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
                         t_dec = timeit(lambda: parse_http_response(hb, hl)[1]["embedding"][0], 200)
                 share = (t_enc["median_us"] + t_dec["median_us"]) / round_trip_us
                 results["overhead"][f"{proto} {n} docs"] = {
-                    "docs": n, "tokens": int(ids.size), "round_trip_ms": round_trip_us / 1e3,
-                    "encode_us": t_enc["median_us"], "decode_us": t_dec["median_us"], "share_pct": 100 * share,
-                    "client_thread_cpu_us": thread_cpu_us, "thread_cpu_share_pct": 100 * thread_cpu_us / round_trip_us}
+                    "docs": n,
+                    "tokens": int(ids.size),
+                    "round_trip_ms": round_trip_us / 1e3,
+                    "encode_us": t_enc["median_us"],
+                    "decode_us": t_dec["median_us"],
+                    "share_pct": 100 * share,
+                    "client_thread_cpu_us": thread_cpu_us,
+                    "thread_cpu_share_pct": 100 * thread_cpu_us / round_trip_us,
+                }
         # real 1024 x 384 responses, captured for part 1
         enc_txt = tok.encode(real_sentences(1024))
         with TritonEncoder(ClientOptions(url=server.grpc_url)) as enc:
@@ -234,8 +271,10 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
 
     # part 1: decode, server stopped
     rng = np.random.default_rng(0)
-    cases = {"1024 x 384 (captured from Triton)": real384,
-             "1024 x 768 (same wire format)": synthetic(rng.standard_normal((1, 1024, 768)).astype(np.float32))}
+    cases = {
+        "1024 x 384 (captured from Triton)": real384,
+        "1024 x 768 (same wire format)": synthetic(rng.standard_normal((1, 1024, 768)).astype(np.float32)),
+    }
     for label, resp in cases.items():
         row = {}
         for name, fn in decoders(resp).items():
@@ -255,12 +294,16 @@ def report(results: dict) -> None:
         for name, r in row.items():
             print(f"| {name} | {r['median_us']:.1f} | {r['min_us']:.1f} | {r['speedup_vs_tritonclient_grpc']:.1f}x |")
         print()
-    print("## Client overhead per round trip\n\n| path | docs | tokens | round trip ms | encode us | decode us | "
-          "share | client thread CPU us | share |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "## Client overhead per round trip\n\n| path | docs | tokens | round trip ms | encode us | decode us | "
+        "share | client thread CPU us | share |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for label, r in results["overhead"].items():
-        print(f"| {label.split()[0]} | {r['docs']} | {r['tokens']} | {r['round_trip_ms']:.1f} | {r['encode_us']:.1f} | "
-              f"{r['decode_us']:.1f} | {r['share_pct']:.3f}% | {r['client_thread_cpu_us']:.0f} | "
-              f"{r['thread_cpu_share_pct']:.3f}% |")
+        print(
+            f"| {label.split()[0]} | {r['docs']} | {r['tokens']} | {r['round_trip_ms']:.1f} | {r['encode_us']:.1f} | "
+            f"{r['decode_us']:.1f} | {r['share_pct']:.3f}% | {r['client_thread_cpu_us']:.0f} | "
+            f"{r['thread_cpu_share_pct']:.3f}% |"
+        )
 
 
 if __name__ == "__main__":

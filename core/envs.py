@@ -13,6 +13,10 @@ from collections.abc import Mapping
 
 PREFIX = "FBAS_"
 
+# FBAS_* variables that are not config fields: where the test data is, and hooks the tests use to pause, crash
+# or slow a worker or the Triton model (``tests/``, ``workers/task.py``, ``model_repository/model.py``).
+NOT_SETTINGS = frozenset({"shared_data", "gpu_test_model", "test_pause", "test_crash", "test_load_delay"})
+
 
 def env_name(field_name: str) -> str:
     """The environment variable that sets a config field, e.g. ``max_seq_len`` -> ``FBAS_MAX_SEQ_LEN``."""
@@ -22,7 +26,7 @@ def env_name(field_name: str) -> str:
 def read_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """All ``FBAS_*`` variables, keyed by lower-case field name (``FBAS_MAX_SEQ_LEN`` -> ``max_seq_len``)."""
     source = os.environ if environ is None else environ
-    return {k[len(PREFIX):].lower(): v for k, v in source.items() if k.startswith(PREFIX) and v != ""}
+    return {k[len(PREFIX) :].lower(): v for k, v in source.items() if k.startswith(PREFIX) and v != ""}
 
 
 def cpu_count() -> int:

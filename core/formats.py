@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 __all__ = ["Scan", "Plan"]
 
 
@@ -19,14 +18,14 @@ class Scan:
     """What one pass over the corpus learned, per row (arrays of length ``n_rows``)."""
 
     n_rows: int
-    n_tokens: np.ndarray                 # int32 [N]: tokens after truncation, [CLS]/[SEP] included (estimated with
-                                         # --lengths estimate); 0 = quarantined
-    id_hash: np.ndarray                  # uint64 [N]: see pipeline.ingest.read.id_hashes
-    q_rows: np.ndarray                   # int64 [Q]: quarantined row ids, ascending
+    n_tokens: np.ndarray  # int32 [N]: tokens after truncation, [CLS]/[SEP] included (estimated with
+    # --lengths estimate); 0 = quarantined
+    id_hash: np.ndarray  # uint64 [N]: see pipeline.ingest.read.id_hashes
+    q_rows: np.ndarray  # int64 [Q]: quarantined row ids, ascending
     q_ids: list = field(default_factory=list)
     q_reasons: list[str] = field(default_factory=list)
-    n_truncated: int = 0                 # rows longer than max_seq_len (embedded truncated)
-    n_repaired: int = 0                  # rows whose invalid UTF-8 was replaced
+    n_truncated: int = 0  # rows longer than max_seq_len (embedded truncated)
+    n_repaired: int = 0  # rows whose invalid UTF-8 was replaced
     seconds: float = 0.0
 
     @property
@@ -35,25 +34,40 @@ class Scan:
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, n_rows=self.n_rows, n_tokens=self.n_tokens, id_hash=self.id_hash, q_rows=self.q_rows,
-                 n_truncated=self.n_truncated, n_repaired=self.n_repaired)
+        np.savez(
+            tmp,
+            n_rows=self.n_rows,
+            n_tokens=self.n_tokens,
+            id_hash=self.id_hash,
+            q_rows=self.q_rows,
+            n_truncated=self.n_truncated,
+            n_repaired=self.n_repaired,
+        )
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> Scan:
         with np.load(path) as z:
-            return cls(int(z["n_rows"]), z["n_tokens"], z["id_hash"], z["q_rows"], [], [],
-                       int(z["n_truncated"]), int(z["n_repaired"]))
+            return cls(
+                int(z["n_rows"]),
+                z["n_tokens"],
+                z["id_hash"],
+                z["q_rows"],
+                [],
+                [],
+                int(z["n_truncated"]),
+                int(z["n_repaired"]),
+            )
 
 
 @dataclass
 class Plan:
     """Batches as row-id lists: batch ``i`` is ``order[offsets[i]:offsets[i + 1]]`` (ascending row ids)."""
 
-    order: np.ndarray       # int64 [R]: row ids, batch after batch
-    offsets: np.ndarray     # int64 [B + 1]
+    order: np.ndarray  # int64 [R]: row ids, batch after batch
+    offsets: np.ndarray  # int64 [B + 1]
     padded_len: np.ndarray  # int32 [B]: longest row of each batch (tokens)
-    tokens: np.ndarray      # int64 [B]: real tokens of each batch
+    tokens: np.ndarray  # int64 [B]: real tokens of each batch
 
     @property
     def n_batches(self) -> int:
@@ -64,7 +78,7 @@ class Plan:
         return int(self.offsets[-1])
 
     def rows(self, i: int) -> np.ndarray:
-        return self.order[self.offsets[i]:self.offsets[i + 1]]
+        return self.order[self.offsets[i] : self.offsets[i + 1]]
 
     def sizes(self) -> np.ndarray:
         return np.diff(self.offsets)
@@ -97,7 +111,9 @@ class Plan:
         if not plans:
             return cls(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64))
         sizes = np.concatenate([p.sizes() for p in plans])
-        return cls(np.concatenate([p.order for p in plans]).astype(np.int64),
-                   np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-                   np.concatenate([p.padded_len for p in plans]).astype(np.int32),
-                   np.concatenate([p.tokens for p in plans]).astype(np.int64))
+        return cls(
+            np.concatenate([p.order for p in plans]).astype(np.int64),
+            np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+            np.concatenate([p.padded_len for p in plans]).astype(np.int32),
+            np.concatenate([p.tokens for p in plans]).astype(np.int64),
+        )

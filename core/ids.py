@@ -29,28 +29,30 @@ def id_hashes(arr: pa.Array | pa.ChunkedArray | Sequence | None, row0: int = 0, 
     UTF-8 bytes (vectorized polynomial hash, then splitmix64); ``None`` means row-position ids."""
     if arr is None:
         return np.arange(row0, row0 + (n or 0), dtype=np.int64).view(np.uint64)
-    if not isinstance(arr, (pa.Array, pa.ChunkedArray)):
-        arr = pa.array(list(arr))
-    if isinstance(arr, pa.ChunkedArray):
-        arr = pa.concat_arrays(arr.chunks) if arr.num_chunks != 1 else arr.chunk(0)
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    if arr.null_count:
-        raise InputError(f"the id column has {arr.null_count} null id(s) (first at row "
-                         f"{row0 + int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])}): every row "
-                         "needs a unique id; fill them, or drop --id-column to use row positions")
-    if pa.types.is_integer(arr.type):
-        if pa.types.is_unsigned_integer(arr.type):
-            return arr.cast(pa.uint64()).to_numpy().astype(np.uint64)
-        return arr.cast(pa.int64()).to_numpy().view(np.uint64)
-    if not pa.types.is_large_string(arr.type):
-        arr = arr.cast(pa.large_string())
-    count = len(arr)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + count + 1]
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    # pyarrow ships no stubs, so isinstance cannot narrow ``arr``: ``col`` is always an Arrow array
+    col: pa.Array = arr if isinstance(arr, (pa.Array, pa.ChunkedArray)) else pa.array(list(arr))
+    if isinstance(col, pa.ChunkedArray):
+        col = pa.concat_arrays(col.chunks) if col.num_chunks != 1 else col.chunk(0)
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if col.null_count:
+        raise InputError(
+            f"the id column has {col.null_count} null id(s) (first at row "
+            f"{row0 + int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])}): every row "
+            "needs a unique id; fill them, or drop --id-column to use row positions"
+        )
+    if pa.types.is_integer(col.type):
+        if pa.types.is_unsigned_integer(col.type):
+            return col.cast(pa.uint64()).to_numpy().astype(np.uint64)
+        return col.cast(pa.int64()).to_numpy().view(np.uint64)
+    if not pa.types.is_large_string(col.type):
+        col = col.cast(pa.large_string())
+    count = len(col)
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + count + 1]
+    data = np.frombuffer(col.buffers()[2], dtype=np.uint8) if col.buffers()[2] is not None else np.zeros(0, np.uint8)
     lengths = np.diff(offsets)
     start = int(offsets[0])
-    data = data[start:int(offsets[-1])].astype(np.uint64)
+    data = data[start : int(offsets[-1])].astype(np.uint64)
     h = np.zeros(count, dtype=np.uint64)
     if data.size:
         owner = np.repeat(np.arange(count), lengths)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-
 from core.errors import InputError
 
 __all__ = ["iter_jsonl"]

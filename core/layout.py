@@ -25,6 +25,8 @@ import json
 import os
 import re
 import socket
+import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -33,13 +35,37 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import ConfigError, InputError
+from core.processes import pid_alive
 
-__all__ = ["OutputDir", "part_name", "read_part_meta", "vectors_schema", "FORMAT", "META_KEY", "VECTORS", "STATE",
-           "SHARDS", "QUARANTINE", "MANIFEST", "INDEX_FILE", "JOB_FILE", "PENDING_FILE", "SCAN_QUARANTINE",
-           "SCAN_FILE", "PLAN_FILE", "QUARANTINE_FILE", "MODEL_SUBDIR", "MODEL_SPEC", "LOCAL_SUBDIR", "PART_RE"]
+__all__ = [
+    "OutputDir",
+    "part_name",
+    "read_part_meta",
+    "vectors_schema",
+    "FORMAT",
+    "META_KEY",
+    "VECTORS",
+    "STATE",
+    "SHARDS",
+    "QUARANTINE",
+    "MANIFEST",
+    "INDEX_FILE",
+    "JOB_FILE",
+    "PENDING_FILE",
+    "SCAN_QUARANTINE",
+    "SCAN_FILE",
+    "PLAN_FILE",
+    "QUARANTINE_FILE",
+    "MODEL_SUBDIR",
+    "MODEL_SPEC",
+    "LOCAL_SUBDIR",
+    "LOCK_FILE",
+    "FolderLock",
+    "PART_RE",
+]
 
-FORMAT = 1                 # the parts' footer format
-META_KEY = b"fbas"         # the Parquet footer key of a part's metadata
+FORMAT = 1  # the parts' footer format
+META_KEY = b"fbas"  # the Parquet footer key of a part's metadata
 
 # folders under OUT/
 VECTORS, STATE, SHARDS, QUARANTINE = "vectors", ".fbas", ".fbas/shards", ".fbas/quarantine"
@@ -49,13 +75,14 @@ INDEX_FILE = "index.faiss"
 QUARANTINE_FILE = "quarantine.parquet"
 # files under OUT/.fbas/
 JOB_FILE = "job.json"
-PENDING_FILE = "job.pending"   # a new job's id while its scan runs (job.json is written after the last window)
+PENDING_FILE = "job.pending"  # a new job's id while its scan runs (job.json is written after the last window)
 SCAN_FILE = "scan.npz"
 PLAN_FILE = "plan.npz"
 SCAN_QUARANTINE = "quarantine-scan.parquet"
-MODEL_SUBDIR = "model"         # the built model the job serves
-MODEL_SPEC = "model.spec"      # its build key
-LOCAL_SUBDIR = "local"         # local mode's services: logs, pids, Redis's files
+MODEL_SUBDIR = "model"  # the built model the job serves
+MODEL_SPEC = "model.spec"  # its build key
+LOCAL_SUBDIR = "local"  # local mode's services: logs, pids, Redis's files
+LOCK_FILE = "lock"  # the owner lock of a running job (FolderLock)
 
 PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
 
@@ -68,12 +95,14 @@ def part_name(batch: int, suffix: str = ".parquet") -> str:
 
 
 def vectors_schema(dim: int, id_type: str, meta: dict | None = None) -> pa.Schema:
-    fields = [pa.field("row_id", pa.int64(), nullable=False),
-              pa.field("id", pa.int64() if id_type == "int64" else pa.string(), nullable=False),
-              pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
-              pa.field("n_tokens", pa.int32(), nullable=False),
-              pa.field("truncated", pa.bool_(), nullable=False),
-              pa.field("repaired", pa.bool_(), nullable=False)]
+    fields = [
+        pa.field("row_id", pa.int64(), nullable=False),
+        pa.field("id", pa.int64() if id_type == "int64" else pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("truncated", pa.bool_(), nullable=False),
+        pa.field("repaired", pa.bool_(), nullable=False),
+    ]
     return pa.schema(fields, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()} if meta else None)
 
 
@@ -83,10 +112,12 @@ class OutputDir:
     def __init__(self, root: str | Path) -> None:
         s = str(root)
         if s.startswith("file://"):
-            s = s[len("file://"):]
+            s = s[len("file://") :]
         elif "://" in s:
-            raise ConfigError(f"output {s!r}: object-store outputs are not supported yet; write to a local or shared "
-                              "folder (every worker must see the same path)")
+            raise ConfigError(
+                f"output {s!r}: object-store outputs are not supported yet; write to a local or shared "
+                "folder (every worker must see the same path)"
+            )
         self.root = Path(s).expanduser().resolve()
 
     def __str__(self) -> str:
@@ -115,14 +146,30 @@ class OutputDir:
         for d in (VECTORS, SHARDS, QUARANTINE):
             self.path(d).mkdir(parents=True, exist_ok=True)
 
+    def lock(self) -> FolderLock:
+        """The folder's owner lock (``OUT/.fbas/lock``): take it with ``with out.lock():`` for a job's life."""
+        return FolderLock(self.state(LOCK_FILE))
+
+    @staticmethod
+    def stale_temp(path: Path) -> bool:
+        """Whether a temp file (``temp_path``'s name) is provably abandoned: written by a process of this host
+        that no longer runs. A live writer's file, or another host's, is never called stale."""
+        _, sep, suffix = path.name.rpartition(".tmp-")
+        parts = suffix.rsplit("-", 2)
+        if not sep or len(parts) != 3 or not parts[1].isdigit():
+            return False
+        host, pid = parts[0], int(parts[1])
+        return host == socket.gethostname() and pid != os.getpid() and not pid_alive(pid)
+
     @staticmethod
     def temp_path(final: Path) -> Path:
         """A new temp name beside ``final``: ``<name>.tmp-<host>-<pid>-<random>`` (what cleanup looks for)."""
         return final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
     @staticmethod
-    def write_atomic(final: Path, write: Callable[[Path], None],
-                     keep_existing: Callable[[Path], bool] | None = None) -> bool:
+    def write_atomic(
+        final: Path, write: Callable[[Path], object], keep_existing: Callable[[Path], bool] | None = None
+    ) -> bool:
         """``write(tmp_path)``, fsync, then rename over ``final``; the temp file is removed on any failure.
 
         With ``keep_existing``, the commit never replaces a file for which ``keep_existing(final)`` is true
@@ -163,3 +210,57 @@ def read_part_meta(path: Path | pa.NativeFile) -> dict | None:
         return None
 
 
+class FolderLock:
+    """One owner per output folder: an exclusive ``flock`` on ``OUT/.fbas/lock``, held for the job's life.
+
+    The kernel drops the lock when its holder exits, however it exits (``kill -9`` included), so a lock is
+    stale exactly when its holder is dead and needs no clean-up. The file names the holder (pid, host,
+    command, start time), for the refusal a second job gets."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            os.close(fd)
+            raise InputError(
+                f"{self.path.parent.parent} is in use by another job ({_describe(other)}): wait for it to finish, "
+                "or write to another --out"
+            ) from None
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": " ".join(os.path.basename(a) for a in sys.argv[:2]),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _describe(holder: str) -> str:
+    try:
+        h = json.loads(holder)
+        return f"pid {h['pid']} on host {h['host']}, {h.get('command', '?')}, since {h.get('since', '?')}"
+    except (ValueError, KeyError, TypeError):
+        return "its holder did not say who it is"

@@ -1,16 +1,70 @@
-"""Secrets never reach logs or errors: ``redact_url`` hides a URL's password."""
+"""Secrets never reach logs, errors or ``status``: ``redact_url`` hides every credential a broker URL can carry.
+
+redis-py takes a password in a URL's userinfo (``redis://:PASS@host``, ``redis://user:PASS@host``, also with
+``@`` or ``:`` inside the password, percent-encoded or not) and in its query string (``?password=PASS``);
+``redact`` also scrubs those values wherever else they turn up in a text (an error message that quotes them).
+"""
 
 from __future__ import annotations
 
 import re
+from urllib.parse import parse_qsl, unquote
+
+__all__ = ["redact_url", "redact", "url_secrets"]
+
+MASK = "***"
+_SECRET_KEYS = re.compile(r"pass|secret|token|key", re.IGNORECASE)  # query parameters whose values are secret
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<netloc>[^/?#]*)(?P<rest>.*)$", re.DOTALL)
 
 
-
-__all__ = ["redact_url"]
+def _split_userinfo(netloc: str) -> tuple[str | None, str]:
+    """(userinfo or None, host[:port]); the host follows the *last* ``@`` (a password may hold one)."""
+    if "@" not in netloc:
+        return None, netloc
+    userinfo, _, host = netloc.rpartition("@")
+    return userinfo, host
 
 
 def redact_url(url: str | None) -> str:
-    """The URL with any password replaced by ``***`` (safe for logs and errors)."""
+    """The URL with its password (userinfo or query string) replaced by ``***``."""
     if not url:
         return str(url)
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    m = _URL.match(url)
+    if not m:
+        return redact(url)
+    userinfo, host = _split_userinfo(m["netloc"])
+    if userinfo is not None:
+        user, sep, _ = userinfo.partition(":")
+        userinfo = f"{user}:{MASK}" if sep else MASK  # a lone userinfo may be a password: hide it too
+        host = f"{userinfo}@{host}"
+    rest = re.sub(
+        r"([?&;])([^=&;#]*)=([^&;#]*)",
+        lambda q: f"{q[1]}{q[2]}={MASK}" if _SECRET_KEYS.search(q[2]) else q[0],
+        m["rest"],
+    )
+    return f"{m['scheme']}{host}{rest}"
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """Every secret value a URL carries (raw and percent-decoded), to scrub from other texts."""
+    m = _URL.match(url or "")
+    if not m:
+        return []
+    found: list[str] = []
+    userinfo, _ = _split_userinfo(m["netloc"])
+    if userinfo:
+        user, sep, password = userinfo.partition(":")
+        found.append(password if sep else user)
+    query = m["rest"].partition("?")[2].partition("#")[0]
+    found += [v for k, v in parse_qsl(query, keep_blank_values=False) if _SECRET_KEYS.search(k)]
+    found += [v for k, v in re.findall(r"([^=&;]*)=([^&;]*)", query) if _SECRET_KEYS.search(k)]  # as written
+    found += [unquote(s) for s in found]
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def redact(text: str, url: str | None = None) -> str:
+    """``text`` with every URL in it redacted, and the secrets of ``url`` masked wherever they appear."""
+    text = re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda u: redact_url(u[0]) if _URL.match(u[0]) else u[0], text)
+    for secret in url_secrets(url):
+        text = text.replace(secret, MASK)
+    return text

@@ -28,7 +28,7 @@ class Encoded:
     """Texts as the engine takes them (packed tokens, no padding) plus what truncation did."""
 
     token_ids: np.ndarray  # int32 [T], every text's ids back to back, [CLS] ... [SEP]
-    lengths: np.ndarray    # int32 [B], tokens per text after truncation
+    lengths: np.ndarray  # int32 [B], tokens per text after truncation
     truncated: np.ndarray  # bool  [B], True where the text had more than max_seq_len tokens
     n_tokens_full: np.ndarray  # int32 [B], tokens the text would have had without truncation
 
@@ -36,8 +36,9 @@ class Encoded:
         return len(self.lengths)
 
 
-def build_tokenizer_json(vocab_file: str, lowercase: bool, strip_accents: bool | None,
-                         tokenize_chinese_chars: bool = True) -> str:
+def build_tokenizer_json(
+    vocab_file: str, lowercase: bool, strip_accents: bool | None, tokenize_chinese_chars: bool = True
+) -> str:
     """A ``tokenizer.json`` for a plain BERT WordPiece vocab, as Google's BERT tokenizes."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
@@ -45,19 +46,22 @@ def build_tokenizer_json(vocab_file: str, lowercase: bool, strip_accents: bool |
     vocab: dict[str, int] = {}
     with open(vocab_file, encoding="utf-8") as f:
         for i, line in enumerate(f):
-            tok = line.rstrip("\n")
-            if tok:
-                vocab.setdefault(tok, i)
+            word = line.rstrip("\n")
+            if word:
+                vocab.setdefault(word, i)
     for special in ("[UNK]", "[CLS]", "[SEP]"):
         if special not in vocab:
             raise CheckpointError(f"{vocab_file} lacks {special}: not a BERT vocabulary")
     tok = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=tokenize_chinese_chars,
-                                                strip_accents=strip_accents, lowercase=lowercase)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=tokenize_chinese_chars, strip_accents=strip_accents, lowercase=lowercase
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
     tok.decoder = decoders.WordPiece(prefix="##")
     return tok.to_str()
 
@@ -99,7 +103,7 @@ class Tokenizer:
         lengths, full = self._lengths_of(encs)
         sep = [self.sep_id]
         # a truncated text keeps [CLS] + its first n-2 word pieces + [SEP], as BERT truncation does
-        seqs = (e.ids if n == f else e.ids[:n - 1] + sep for e, n, f in zip(encs, lengths.tolist(), full.tolist()))
+        seqs = (e.ids if n == f else e.ids[: n - 1] + sep for e, n, f in zip(encs, lengths.tolist(), full.tolist()))
         ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=int(lengths.sum()))
         return Encoded(ids, lengths, full > lengths, full)
 

@@ -77,8 +77,10 @@ class FusedLib:
         c_i64, c_int, c_f, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
         lib.fbas_abi_version.restype = c_int
         if lib.fbas_abi_version() != ABI_VERSION:
-            raise OSError(f"{path} has ABI version {lib.fbas_abi_version()}, expected {ABI_VERSION}: "
-                          "rebuild with bash dll/build.sh")
+            raise OSError(
+                f"{path} has ABI version {lib.fbas_abi_version()}, expected {ABI_VERSION}: "
+                "rebuild with bash dll/build.sh"
+            )
         lib.fbas_residual_layernorm.argtypes = [vp, vp, vp, vp, vp, vp, c_i64, c_int, c_f, c_int, vp]
         lib.fbas_embed_layernorm.argtypes = [vp, vp, vp, vp, vp, vp, vp, vp, c_i64, c_int, c_f, c_int, vp]
         lib.fbas_bias_act.argtypes = [vp, vp, vp, c_i64, c_int, c_int, c_int, vp]
@@ -103,26 +105,65 @@ class FusedLib:
     def residual_layernorm(self, x, bias, residual, gamma, beta, eps: float) -> torch.Tensor:
         """LN(x + bias + residual) ``[T, H]`` (fp16/bf16, gamma/beta float32; bias, residual may be None)."""
         T, H = x.shape
-        if (x.dtype not in _DTYPES or (residual is not None and x.dtype != residual.dtype) or H % 8 or H > 4096
-                or (bias is not None and bias.dtype != x.dtype) or not _aligned(x, bias, residual)):
+        if (
+            x.dtype not in _DTYPES
+            or (residual is not None and x.dtype != residual.dtype)
+            or H % 8
+            or H > 4096
+            or (bias is not None and bias.dtype != x.dtype)
+            or not _aligned(x, bias, residual)
+        ):
             return self._twin().bias_residual_layernorm(x, bias, residual, gamma, beta, eps)
         y = torch.empty_like(x)
-        self._check(self._lib.fbas_residual_layernorm(_ptr(y), _ptr(x), _ptr(bias), _ptr(residual), _ptr(gamma),
-                                                      _ptr(beta), T, H, eps, _DTYPES[x.dtype], self._stream(x)),
-                    "fbas_residual_layernorm")
+        self._check(
+            self._lib.fbas_residual_layernorm(
+                _ptr(y),
+                _ptr(x),
+                _ptr(bias),
+                _ptr(residual),
+                _ptr(gamma),
+                _ptr(beta),
+                T,
+                H,
+                eps,
+                _DTYPES[x.dtype],
+                self._stream(x),
+            ),
+            "fbas_residual_layernorm",
+        )
         return y
 
     def embed_layernorm(self, ids, pos, word, posw, type0, gamma, beta, eps: float) -> torch.Tensor:
         """LN(word[ids] + posw[pos] + type0) ``[T, H]`` in word's dtype (ids, pos int32)."""
         T, H = ids.shape[0], word.shape[1]
-        if (word.dtype not in _DTYPES or H % 8 or H > 4096 or ids.dtype != torch.int32 or pos.dtype != torch.int32
-                or not _aligned(word, posw, type0)):
+        if (
+            word.dtype not in _DTYPES
+            or H % 8
+            or H > 4096
+            or ids.dtype != torch.int32
+            or pos.dtype != torch.int32
+            or not _aligned(word, posw, type0)
+        ):
             return self._twin().embed_layernorm(ids, pos, word, posw, type0, gamma, beta, eps)
         y = torch.empty(T, H, dtype=word.dtype, device=word.device)
-        self._check(self._lib.fbas_embed_layernorm(_ptr(y), _ptr(ids), _ptr(pos), _ptr(word), _ptr(posw),
-                                                   _ptr(type0), _ptr(gamma), _ptr(beta), T, H, eps,
-                                                   _DTYPES[word.dtype], self._stream(word)),
-                    "fbas_embed_layernorm")
+        self._check(
+            self._lib.fbas_embed_layernorm(
+                _ptr(y),
+                _ptr(ids),
+                _ptr(pos),
+                _ptr(word),
+                _ptr(posw),
+                _ptr(type0),
+                _ptr(gamma),
+                _ptr(beta),
+                T,
+                H,
+                eps,
+                _DTYPES[word.dtype],
+                self._stream(word),
+            ),
+            "fbas_embed_layernorm",
+        )
         return y
 
     def bias_act(self, x, bias, act: int) -> torch.Tensor:
@@ -134,6 +175,8 @@ class FusedLib:
             name = {v: k for k, v in ACTS.items()}[act]
             return self._twin().bias_act(x, bias, name)
         y = torch.empty_like(x)
-        self._check(self._lib.fbas_bias_act(_ptr(y), _ptr(x), _ptr(bias), T, C, act, _DTYPES[x.dtype],
-                                            self._stream(x)), "fbas_bias_act")
+        self._check(
+            self._lib.fbas_bias_act(_ptr(y), _ptr(x), _ptr(bias), T, C, act, _DTYPES[x.dtype], self._stream(x)),
+            "fbas_bias_act",
+        )
         return y

@@ -37,8 +37,9 @@ def _row_tile(T, C, ROWS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _ln_store(x, rows, cols, rm, cm, H, eps, g_ptr, b_ptr, y_ptr, q_ptr, s_ptr, sm_ptr, FP8: tl.constexpr,
-              SMOOTH: tl.constexpr):
+def _ln_store(
+    x, rows, cols, rm, cm, H, eps, g_ptr, b_ptr, y_ptr, q_ptr, s_ptr, sm_ptr, FP8: tl.constexpr, SMOOTH: tl.constexpr
+):
     """LayerNorm of the float32 tile ``x [ROWS, BLOCK_H]`` (masked), then store y (and q, scale)."""
     m = rm[:, None] & cm[None, :]
     mean = tl.sum(x, axis=1) / H
@@ -68,9 +69,26 @@ def _quant_store(y, offs, rows, cols, rm, cm, q_ptr, s_ptr, sm_ptr, SMOOTH: tl.c
 
 
 @triton.jit
-def _embed_ln_kernel(ids_ptr, pos_ptr, word_ptr, posw_ptr, type_ptr, g_ptr, b_ptr, y_ptr, q_ptr, s_ptr, sm_ptr,
-                     T, H, eps, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr,
-                     SMOOTH: tl.constexpr):
+def _embed_ln_kernel(
+    ids_ptr,
+    pos_ptr,
+    word_ptr,
+    posw_ptr,
+    type_ptr,
+    g_ptr,
+    b_ptr,
+    y_ptr,
+    q_ptr,
+    s_ptr,
+    sm_ptr,
+    T,
+    H,
+    eps,
+    ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    FP8: tl.constexpr,
+    SMOOTH: tl.constexpr,
+):
     rows, cols, rm, cm, m = _row_tile(T, H, ROWS, BLOCK_H)
     tok = tl.load(ids_ptr + rows, mask=rm, other=0).to(tl.int64)
     pos = tl.load(pos_ptr + rows, mask=rm, other=0).to(tl.int64)
@@ -81,9 +99,26 @@ def _embed_ln_kernel(ids_ptr, pos_ptr, word_ptr, posw_ptr, type_ptr, g_ptr, b_pt
 
 
 @triton.jit
-def _residual_ln_kernel(x_ptr, bias_ptr, r_ptr, g_ptr, b_ptr, y_ptr, q_ptr, s_ptr, sm_ptr, T, H, eps,
-                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr,
-                        SMOOTH: tl.constexpr):
+def _residual_ln_kernel(
+    x_ptr,
+    bias_ptr,
+    r_ptr,
+    g_ptr,
+    b_ptr,
+    y_ptr,
+    q_ptr,
+    s_ptr,
+    sm_ptr,
+    T,
+    H,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    FP8: tl.constexpr,
+    SMOOTH: tl.constexpr,
+):
     rows, cols, rm, cm, m = _row_tile(T, H, ROWS, BLOCK_H)
     offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -105,8 +140,21 @@ def _gelu_tanh_fast(x):
 
 
 @triton.jit
-def _bias_act_kernel(x_ptr, bias_ptr, y_ptr, q_ptr, s_ptr, sm_ptr, T, C, ACT: tl.constexpr, ROWS: tl.constexpr,
-                     BLOCK_C: tl.constexpr, FP8: tl.constexpr, SMOOTH: tl.constexpr):
+def _bias_act_kernel(
+    x_ptr,
+    bias_ptr,
+    y_ptr,
+    q_ptr,
+    s_ptr,
+    sm_ptr,
+    T,
+    C,
+    ACT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FP8: tl.constexpr,
+    SMOOTH: tl.constexpr,
+):
     rows, cols, rm, cm, m = _row_tile(T, C, ROWS, BLOCK_C)
     offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -123,7 +171,7 @@ def _bias_act_kernel(x_ptr, bias_ptr, y_ptr, q_ptr, s_ptr, sm_ptr, T, C, ACT: tl
     elif ACT == 1:  # tanh GELU ("gelu_new"); tanh(z) = 1 - 2 / (exp(2z) + 1)
         z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         y = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
-    else:           # relu
+    else:  # relu
         y = tl.maximum(x, 0.0)
     if FP8:
         _quant_store(y, offs, rows, cols, rm, cm, q_ptr, s_ptr, sm_ptr, SMOOTH)
@@ -132,8 +180,17 @@ def _bias_act_kernel(x_ptr, bias_ptr, y_ptr, q_ptr, s_ptr, sm_ptr, T, C, ACT: tl
 
 
 @triton.jit
-def _pool_kernel(x_ptr, cu_ptr, out_ptr, H, N_BLOCKS: tl.constexpr, MODE: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_H: tl.constexpr):
+def _pool_kernel(
+    x_ptr,
+    cu_ptr,
+    out_ptr,
+    H,
+    N_BLOCKS: tl.constexpr,
+    MODE: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """One program per document: rows cu[b]..cu[b+1] of x -> out[b] (float32); every length <= N_BLOCKS * BLOCK_R."""
     b = tl.program_id(0)
     start = tl.load(cu_ptr + b)
@@ -181,9 +238,27 @@ def embed_layernorm(ids, pos, word, posw, type0, gamma, beta, eps: float, fp8: b
     s = torch.empty(T, 1, dtype=torch.float32, device=word.device) if fp8 else gamma
     block = triton.next_power_of_2(H)
     rows, warps = _rows_and_warps(block)
-    _embed_ln_kernel[(triton.cdiv(T, rows),)](ids, pos, word, posw, type0, gamma, beta, y, q, s,
-                                              gamma if smooth is None else smooth, T, H, eps, ROWS=rows,
-                                              BLOCK_H=block, FP8=fp8, SMOOTH=smooth is not None, num_warps=warps)
+    _embed_ln_kernel[(triton.cdiv(T, rows),)](
+        ids,
+        pos,
+        word,
+        posw,
+        type0,
+        gamma,
+        beta,
+        y,
+        q,
+        s,
+        gamma if smooth is None else smooth,
+        T,
+        H,
+        eps,
+        ROWS=rows,
+        BLOCK_H=block,
+        FP8=fp8,
+        SMOOTH=smooth is not None,
+        num_warps=warps,
+    )
     return (y, q, s) if fp8 else (y, None, None)
 
 
@@ -195,11 +270,27 @@ def residual_layernorm(x, bias, residual, gamma, beta, eps: float, fp8: bool = F
     s = torch.empty(T, 1, dtype=torch.float32, device=x.device) if fp8 else gamma
     block = triton.next_power_of_2(H)
     rows, warps = _rows_and_warps(block)
-    _residual_ln_kernel[(triton.cdiv(T, rows),)](x, gamma if bias is None else bias,
-                                                 x if residual is None else residual, gamma, beta, y, q,
-                                                 s, gamma if smooth is None else smooth, T, H, eps,
-                                                 HAS_BIAS=bias is not None, HAS_RES=residual is not None, ROWS=rows, BLOCK_H=block, FP8=fp8,
-                                                 SMOOTH=smooth is not None, num_warps=warps)
+    _residual_ln_kernel[(triton.cdiv(T, rows),)](
+        x,
+        gamma if bias is None else bias,
+        x if residual is None else residual,
+        gamma,
+        beta,
+        y,
+        q,
+        s,
+        gamma if smooth is None else smooth,
+        T,
+        H,
+        eps,
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        ROWS=rows,
+        BLOCK_H=block,
+        FP8=fp8,
+        SMOOTH=smooth is not None,
+        num_warps=warps,
+    )
     return (y, q, s) if fp8 else (y, None, None)
 
 
@@ -216,9 +307,22 @@ def bias_act(x, bias, act: int, fp8: bool = False, smooth=None):
         q, s = y, bias
     block = triton.next_power_of_2(C)
     rows, warps = _rows_and_warps(block, 4096)
-    _bias_act_kernel[(triton.cdiv(T, rows),)](x, bias, y, q, s, bias if smooth is None else smooth, T, C, ACT=act,
-                                              ROWS=rows, BLOCK_C=block, FP8=fp8, SMOOTH=smooth is not None,
-                                              num_warps=warps)
+    _bias_act_kernel[(triton.cdiv(T, rows),)](
+        x,
+        bias,
+        y,
+        q,
+        s,
+        bias if smooth is None else smooth,
+        T,
+        C,
+        ACT=act,
+        ROWS=rows,
+        BLOCK_C=block,
+        FP8=fp8,
+        SMOOTH=smooth is not None,
+        num_warps=warps,
+    )
     return (None, q, s) if fp8 else (y, None, None)
 
 
@@ -231,6 +335,16 @@ def pool(x, cu_seqlens, mode: int, normalize: bool, max_len: int):
     out = torch.empty(n, H, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(H)
     block_r = max(1, 4096 // block)
-    _pool_kernel[(n,)](x, cu_seqlens, out, H, N_BLOCKS=triton.cdiv(max(max_len, 1), block_r), MODE=mode,
-                       NORM=normalize, BLOCK_R=block_r, BLOCK_H=block, num_warps=4)
+    _pool_kernel[(n,)](
+        x,
+        cu_seqlens,
+        out,
+        H,
+        N_BLOCKS=triton.cdiv(max(max_len, 1), block_r),
+        MODE=mode,
+        NORM=normalize,
+        BLOCK_R=block_r,
+        BLOCK_H=block,
+        num_warps=4,
+    )
     return out

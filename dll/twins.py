@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 
-
-
 import torch
 import torch.nn.functional as F
 
@@ -52,8 +50,17 @@ class TorchKernels:
     name = "torch"
 
     # --- embeddings --------------------------------------------------------------------------
-    def embed_layernorm(self, ids: torch.Tensor, pos: torch.Tensor, word: torch.Tensor, posw: torch.Tensor,
-                        type0: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    def embed_layernorm(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        word: torch.Tensor,
+        posw: torch.Tensor,
+        type0: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
         """ids, pos int32 ``[T]``; word ``[V, H]``, posw ``[P, H]``, type0 ``[H]`` -> LN(sum) ``[T, H]`` word.dtype."""
         return self._embed32(ids, pos, word, posw, type0, gamma, beta, eps).to(word.dtype)
 
@@ -64,13 +71,21 @@ class TorchKernels:
 
     @staticmethod
     def _embed32(ids, pos, word, posw, type0, gamma, beta, eps) -> torch.Tensor:
-        x = (word.index_select(0, ids.long()).float() + posw.index_select(0, pos.long()).float()
-             + type0.float()[None])                                                  # [T, H]
+        x = (
+            word.index_select(0, ids.long()).float() + posw.index_select(0, pos.long()).float() + type0.float()[None]
+        )  # [T, H]
         return _layer_norm32(x, gamma, beta, eps)
 
     # --- residual + LayerNorm ----------------------------------------------------------------
-    def bias_residual_layernorm(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-                                gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    def bias_residual_layernorm(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor,
+        gamma: torch.Tensor,
+        beta: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
         """LN(x + bias + residual) ``[T, H]``, in residual's dtype (x may be another float dtype);
         residual None: LN(x + bias) in x's dtype (the residual was added by the GEMM)."""
         return self._res32(x, bias, residual, gamma, beta, eps).to((x if residual is None else residual).dtype)
@@ -98,8 +113,9 @@ class TorchKernels:
         return quantize_rows_fp8(_act(x.float() + bias.float()[None], "gelu_new" if act == "gelu" else act), smooth)
 
     # --- attention ---------------------------------------------------------------------------
-    def varlen_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                         max_len: int, scale: float) -> torch.Tensor:
+    def varlen_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, scale: float
+    ) -> torch.Tensor:
         """Bidirectional attention within each packed document: q, k, v ``[T, nh, hd]`` -> ``[T, nh, hd]``.
 
         Twin: documents are gathered into a padded ``[N, nh, L, hd]`` batch with a key mask
@@ -107,13 +123,21 @@ class TorchKernels:
         short ones are not padded to the longest). Rows past ``cu_seqlens[-1]`` are zero.
         """
         out = torch.zeros((q.shape[0] + 1, *q.shape[1:]), dtype=q.dtype, device=q.device)  # + a dump row
-        if q.device.type != "cpu":        # one padded batch: no host synchronization (graph-safe)
-            self._attend(q, k, v, cu_seqlens[:-1].long(), cu_seqlens[1:].long() - cu_seqlens[:-1].long(),
-                         max(int(max_len), 1), scale, out)
+        if q.device.type != "cpu":  # one padded batch: no host synchronization (graph-safe)
+            self._attend(
+                q,
+                k,
+                v,
+                cu_seqlens[:-1].long(),
+                cu_seqlens[1:].long() - cu_seqlens[:-1].long(),
+                max(int(max_len), 1),
+                scale,
+                out,
+            )
             return out[:-1]
         starts = cu_seqlens[:-1].long()
         lens = cu_seqlens[1:].long() - starts
-        group = torch.ceil(torch.log2(lens.clamp(min=1).float())).long()          # length class per document
+        group = torch.ceil(torch.log2(lens.clamp(min=1).float())).long()  # length class per document
         for g in torch.unique(group).tolist():
             sel = (group == g).nonzero().flatten()
             self._attend(q, k, v, starts[sel], lens[sel], int(lens[sel].max().clamp(min=1)), scale, out)
@@ -126,21 +150,21 @@ class TorchKernels:
         T, nh, hd = q.shape
         n = starts.numel()
         ar = torch.arange(L, device=q.device)
-        valid = ar[None, :] < lens[:, None]                                          # [n, L]
+        valid = ar[None, :] < lens[:, None]  # [n, L]
         src = (starts[:, None] + ar[None, :]).clamp_(max=max(T - 1, 0)).reshape(-1)  # rows to read
-        dst = torch.where(valid, starts[:, None] + ar[None, :], T).reshape(-1)         # rows to write
+        dst = torch.where(valid, starts[:, None] + ar[None, :], T).reshape(-1)  # rows to write
 
-        def gather(t: torch.Tensor) -> torch.Tensor:                                # [n, nh, L, hd]
+        def gather(t: torch.Tensor) -> torch.Tensor:  # [n, nh, L, hd]
             return t.index_select(0, src).reshape(n, L, nh, hd).transpose(1, 2)
 
         dt = torch.float32 if q.device.type == "cpu" else q.dtype
-        o = F.scaled_dot_product_attention(gather(q).to(dt), gather(k).to(dt), gather(v).to(dt),
-                                           attn_mask=valid[:, None, None, :], scale=scale)  # [n, nh, L, hd]
+        o = F.scaled_dot_product_attention(
+            gather(q).to(dt), gather(k).to(dt), gather(v).to(dt), attn_mask=valid[:, None, None, :], scale=scale
+        )  # [n, nh, L, hd]
         out.index_copy_(0, dst, o.transpose(1, 2).reshape(n * L, nh, hd).to(q.dtype))
 
     # --- pooling -----------------------------------------------------------------------------
-    def pool(self, x: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, normalize: bool,
-             max_len: int) -> torch.Tensor:
+    def pool(self, x: torch.Tensor, cu_seqlens: torch.Tensor, mode: str, normalize: bool, max_len: int) -> torch.Tensor:
         """Per-document pooling of ``x [T, H]`` -> float32 ``[N, H]``, L2-normalized when asked.
 
         mode mean | max | cls; ``max_len`` >= every document's length. An empty document
@@ -156,8 +180,7 @@ class TorchKernels:
         else:
             # rows past cu[-1] go to an extra segment n, dropped below (no host synchronization)
             rest = (T - cu_seqlens[-1:].long()).clamp(min=0)
-            seg = torch.repeat_interleave(torch.arange(n + 1, device=x.device), torch.cat([lens, rest]),
-                                          output_size=T)
+            seg = torch.repeat_interleave(torch.arange(n + 1, device=x.device), torch.cat([lens, rest]), output_size=T)
             out = torch.zeros(n + 1, H, dtype=torch.float32, device=x.device)
             if mode == "mean":
                 out.index_add_(0, seg, xf)
@@ -172,8 +195,16 @@ class TorchKernels:
         return out
 
     # --- fp8 matrix product ------------------------------------------------------------------
-    def scaled_mm(self, a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                  bias: torch.Tensor | None, out_dtype: torch.dtype, fast_accum: bool = True) -> torch.Tensor:
+    def scaled_mm(
+        self,
+        a_q: torch.Tensor,
+        a_scale: torch.Tensor,
+        w_q: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+        fast_accum: bool = True,
+    ) -> torch.Tensor:
         """(a_q * a_scale) @ (w_q * w_scale)^T + bias: a_q ``[M, K]``, w_q ``[N, K]`` fp8, scales
         ``[M, 1]`` and ``[1, N]`` float32 -> ``[M, N]`` out_dtype (dequantize, then float32 matmul;
         ``fast_accum`` is the fp8 tensor cores' reduced-precision accumulation, ignored here)."""

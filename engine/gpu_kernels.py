@@ -25,23 +25,25 @@ from __future__ import annotations
 import logging
 
 import torch
+
 from dll.twins import ACTS, FP8_MAX, TorchKernels, quantize_rows_fp8
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TorchKernels", "TritonKernels", "CudaKernels", "select_kernels", "KERNEL_BACKENDS", "ACTS",
-           "quantize_rows_fp8", "FP8_MAX", "flash_varlen"]
+__all__ = [
+    "TorchKernels",
+    "TritonKernels",
+    "CudaKernels",
+    "select_kernels",
+    "KERNEL_BACKENDS",
+    "ACTS",
+    "quantize_rows_fp8",
+    "FP8_MAX",
+    "flash_varlen",
+]
 
 KERNEL_BACKENDS = ("auto", "triton", "cuda", "torch")
 POOL_MODES = {"mean": 0, "max": 1, "cls": 2}
-
-
-
-
-
-
-
-
 
 
 class _DeviceKernels(TorchKernels):
@@ -103,12 +105,13 @@ class Fp8Gemm:
     first call with a bias finds out (it must run outside CUDA-graph capture: the engine warms up first)."""
 
     def __init__(self) -> None:
-        self.fuse_bias: dict[bool, bool] = {}   # fast_accum -> bias fused in the GEMM
+        self.fuse_bias: dict[bool, bool] = {}  # fast_accum -> bias fused in the GEMM
 
     def mm(self, a_q, a_scale, w_q, w_scale, bias, out_dtype, fast_accum: bool = True):
         def call(b):
-            return torch._scaled_mm(a_q, w_q.t(), scale_a=a_scale, scale_b=w_scale, bias=b, out_dtype=out_dtype,
-                                    use_fast_accum=fast_accum)
+            return torch._scaled_mm(
+                a_q, w_q.t(), scale_a=a_scale, scale_b=w_scale, bias=b, out_dtype=out_dtype, use_fast_accum=fast_accum
+            )
 
         if bias is None:
             return call(None)
@@ -169,22 +172,24 @@ class CudaKernels(_DeviceKernels):
 _FLASH_STATE = {"contiguous": False}  # set once if this PyTorch's flash kernel rejects strided q/k/v views
 
 
-def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                 scale: float) -> torch.Tensor:
+def flash_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, scale: float
+) -> torch.Tensor:
     """Flash attention on packed documents; q, k, v ``[T, nh, hd]`` fp16/bf16 on CUDA, last dim contiguous.
     No host synchronization (CUDA-graph safe).
 
     Calls ``aten._flash_attention_forward``, the op that ``torch.nn.attention.varlen.varlen_attn`` runs on
     Hopper, directly: that wrapper is a ``torch.library`` custom op, and its first call in a process imports
-    Dynamo, SymPy and FSDP, about 1.5 s of every Triton model instance's start on the H200 hosts."""
+    Dynamo, SymPy and FSDP, which would slow every Triton model instance's start."""
     kw = {} if abs(scale - q.shape[-1] ** -0.5) < 1e-9 else {"scale": scale}
     if _FLASH_STATE["contiguous"]:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     n = int(max_len)
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, n, n, 0.0, False, False,
-                                                       **kw)[0]
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, n, n, 0.0, False, False, **kw)[
+            0
+        ]
 
     try:
         return run(q, k, v)
@@ -207,8 +212,10 @@ def select_kernels(name: str, device: torch.device) -> TorchKernels:
             return TritonKernels()
         except ImportError as e:
             if name == "triton":
-                raise RuntimeError(f"Triton-language kernels need the triton package ({e}): "
-                                   "pip install triton, or use kernels='cuda' or 'torch'") from None
+                raise RuntimeError(
+                    f"Triton-language kernels need the triton package ({e}): "
+                    "pip install triton, or use kernels='cuda' or 'torch'"
+                ) from None
             logger.info("triton is not importable (%s); trying the CUDA C++ library", e)
     from dll import cuda_lib
 
@@ -216,7 +223,9 @@ def select_kernels(name: str, device: torch.device) -> TorchKernels:
     if lib is not None:
         return CudaKernels(lib)
     if name == "cuda":
-        raise RuntimeError(f"the CUDA C++ kernel library is not built for this GPU: run "
-                           f"`bash dll/build.sh` (looked in {cuda_lib.lib_path(device)})")
+        raise RuntimeError(
+            f"the CUDA C++ kernel library is not built for this GPU: run "
+            f"`bash dll/build.sh` (looked in {cuda_lib.lib_path(device)})"
+        )
     logger.warning("no Triton and no CUDA kernel library: the GPU engine runs the PyTorch twins (slower)")
     return TorchKernels()

@@ -48,8 +48,16 @@ class ModelMeta:
     format_version: int = FORMAT_VERSION
 
     def compute_fingerprint(self) -> str:
-        keys = ("target", "precision", "pooling", "normalize", "max_seq_len", "weights_hash", "tokenizer_hash",
-                "options")
+        keys = (
+            "target",
+            "precision",
+            "pooling",
+            "normalize",
+            "max_seq_len",
+            "weights_hash",
+            "tokenizer_hash",
+            "options",
+        )
         return fingerprint({k: getattr(self, k) for k in keys})
 
 
@@ -64,16 +72,24 @@ def read_meta(folder: str | Path) -> ModelMeta:
     folder = Path(folder)
     path = folder / META_FILE
     if not path.exists():
-        raise CheckpointError(f"{folder} is not a built model folder (no {META_FILE}): build one with "
-                              f"`fbas-pipeline build --out {folder}`")
+        is_checkpoint = (folder / "config.json").exists() or (folder / "bert_config.json").exists()
+        hint = (
+            f"it is a checkpoint: build it into a new folder with `fbas-pipeline build --model {folder} --out "
+            "models/NAME`, then pass --model-dir models/NAME"
+            if is_checkpoint
+            else "build one into a new folder with `fbas-pipeline build --out models/NAME`"
+        )
+        raise CheckpointError(f"{folder} is not a built model folder (no {META_FILE}): {hint}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         meta = ModelMeta(**data)
     except (json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"{path} is damaged ({e}): rebuild the model folder") from None
     if meta.format_version != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format_version {meta.format_version}, this fbas reads "
-                              f"{FORMAT_VERSION}: rebuild the model folder")
+        raise CheckpointError(
+            f"{path} has format_version {meta.format_version}, this fbas reads "
+            f"{FORMAT_VERSION}: rebuild the model folder"
+        )
     if not (folder / meta.engine_file).exists():
         raise CheckpointError(f"{folder / meta.engine_file} is missing: rebuild the model folder")
     return meta
@@ -87,16 +103,26 @@ def load_tokenizer(folder: str | Path, meta: ModelMeta | None = None):
     return Tokenizer.from_file(Path(folder) / "tokenizer.json", meta.max_seq_len)
 
 
-def load_engine(folder: str | Path, threads: int = 0, token_budget: int = 2048, max_batch: int = 256,
-                device: str | None = None):
+def load_engine(
+    folder: str | Path, threads: int = 0, token_budget: int = 2048, max_batch: int = 256, device: str | None = None
+):
     """The engine for a built folder, chosen by its target (imports the runtime lazily)."""
     folder = Path(folder)
     meta = read_meta(folder)
     if meta.target == "onnx":
         from engine.onnx_engine import OnnxEngine
 
-        return OnnxEngine(folder / meta.engine_file, meta.dim, meta.max_seq_len, meta.vocab_size, meta.precision,
-                          threads=threads, token_budget=token_budget, max_batch=max_batch, pad_id=meta.pad_id)
+        return OnnxEngine(
+            folder / meta.engine_file,
+            meta.dim,
+            meta.max_seq_len,
+            meta.vocab_size,
+            meta.precision,
+            threads=threads,
+            token_budget=token_budget,
+            max_batch=max_batch,
+            pad_id=meta.pad_id,
+        )
     if meta.target == "gpu":
         from engine.torch_gpu import load_gpu_engine
 

@@ -36,9 +36,18 @@ class OnnxEngine:
     tokens (rows x longest row), so short texts are not padded to the length of long ones.
     """
 
-    def __init__(self, model: str | Path | bytes, dim: int, max_seq_len: int, vocab_size: int,
-                 precision: str = "fp32", threads: int = 0, token_budget: int = 2048, max_batch: int = 256,
-                 pad_id: int = 0) -> None:
+    def __init__(
+        self,
+        model: str | Path | bytes,
+        dim: int,
+        max_seq_len: int,
+        vocab_size: int,
+        precision: str = "fp32",
+        threads: int = 0,
+        token_budget: int = 2048,
+        max_batch: int = 256,
+        pad_id: int = 0,
+    ) -> None:
         import onnxruntime as ort
 
         src = model if isinstance(model, bytes) else str(model)
@@ -54,6 +63,6 @@ class OnnxEngine:
             S = int(sub_len.max())
             ids = np.full((len(idx), S), self.pad_id, dtype=np.int32)
             for r, d in enumerate(idx):
-                ids[r, : sub_len[r]] = token_ids[offsets[d]: offsets[d + 1]]
+                ids[r, : sub_len[r]] = token_ids[offsets[d] : offsets[d + 1]]
             out[idx] = self.session.run(["embedding"], {"input_ids": ids, "lengths": sub_len})[0]
         return out

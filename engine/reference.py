@@ -53,16 +53,22 @@ class ReferenceBert:
     ``dtype`` float64 gives the oracle; float32 matches what fp32 engines should produce.
     """
 
-    def __init__(self, shape: BertShape, weights: dict[str, np.ndarray], pooling: str, normalize: bool,
-                 max_seq_len: int, dtype: type = np.float64) -> None:
+    def __init__(
+        self,
+        shape: BertShape,
+        weights: dict[str, np.ndarray],
+        pooling: str,
+        normalize: bool,
+        max_seq_len: int,
+        dtype: type[np.floating] = np.float64,
+    ) -> None:
         self.shape, self.pooling, self.normalize, self.max_seq_len = shape, pooling, normalize, max_seq_len
         self.dtype = dtype
         self.w = {k: v.astype(dtype) for k, v in weights.items()}
         self.dim = shape.hidden_size
         self.precision = "fp64" if dtype == np.float64 else "fp32"
 
-    def hidden_states(self, ids: np.ndarray, mask: np.ndarray, taps: dict[str, np.ndarray] | None = None
-                      ) -> np.ndarray:
+    def hidden_states(self, ids: np.ndarray, mask: np.ndarray, taps: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """ids [B, S], mask [B, S] -> last hidden state [B, S, H].
 
         ``taps``, when given, collects the per-channel max |input| of every dense layer over real
@@ -71,39 +77,50 @@ class ReferenceBert:
         s, w = self.shape, self.w
         B, S = ids.shape
         nh, hd = s.num_heads, s.head_dim
-        x = (w["embeddings.word_embeddings.weight"][ids]                      # [B, S, H]
-             + w["embeddings.position_embeddings.weight"][:S][None]          # [1, S, H]
-             + w["embeddings.token_type_embeddings.weight"][0][None, None])  # segment 0 only
+        x = (
+            w["embeddings.word_embeddings.weight"][ids]  # [B, S, H]
+            + w["embeddings.position_embeddings.weight"][:S][None]  # [1, S, H]
+            + w["embeddings.token_type_embeddings.weight"][0][None, None]
+        )  # segment 0 only
         x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], s.layer_norm_eps)
         key_bias = np.where(mask, 0.0, -1e30).astype(self.dtype)[:, None, None, :]  # [B, 1, 1, S]
 
         def linear(t: np.ndarray, name: str, tap: str | None = None) -> np.ndarray:
             if taps is not None and tap is not None:
-                rows = t[mask]                                                         # [real tokens, in]
-                amax = np.abs(rows).max(axis=0)                                        # [in]
+                rows = t[mask]  # [real tokens, in]
+                amax = np.abs(rows).max(axis=0)  # [in]
                 taps[tap] = np.maximum(taps.get(tap, amax), amax)
             return t @ w[name + ".weight"].T + w[name + ".bias"]
 
         for i in range(s.num_layers):
             p = f"encoder.layer.{i}."
-            q, k, v = (linear(x, p + f"attention.self.{n}", p + "attention.qkv").reshape(B, S, nh, hd).transpose(0, 2, 1, 3)
-                       for n in ("query", "key", "value"))                          # each [B, nh, S, hd]
-            scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd) + key_bias           # [B, nh, S, S]
+            q, k, v = (
+                linear(x, p + f"attention.self.{n}", p + "attention.qkv").reshape(B, S, nh, hd).transpose(0, 2, 1, 3)
+                for n in ("query", "key", "value")
+            )  # each [B, nh, S, hd]
+            scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd) + key_bias  # [B, nh, S, S]
             scores = scores - scores.max(-1, keepdims=True)
             probs = np.exp(scores)
             probs /= probs.sum(-1, keepdims=True)
-            ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(B, S, s.hidden_size)      # [B, S, H]
-            x = _layer_norm(linear(ctx, p + "attention.output.dense", p + "attention.output.dense") + x,
-                            w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"],
-                            s.layer_norm_eps)
-            h = _gelu(linear(x, p + "intermediate.dense", p + "intermediate.dense"), s.hidden_act)             # [B, S, I]
-            x = _layer_norm(linear(h, p + "output.dense", p + "output.dense") + x,
-                            w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], s.layer_norm_eps)
+            ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(B, S, s.hidden_size)  # [B, S, H]
+            x = _layer_norm(
+                linear(ctx, p + "attention.output.dense", p + "attention.output.dense") + x,
+                w[p + "attention.output.LayerNorm.weight"],
+                w[p + "attention.output.LayerNorm.bias"],
+                s.layer_norm_eps,
+            )
+            h = _gelu(linear(x, p + "intermediate.dense", p + "intermediate.dense"), s.hidden_act)  # [B, S, I]
+            x = _layer_norm(
+                linear(h, p + "output.dense", p + "output.dense") + x,
+                w[p + "output.LayerNorm.weight"],
+                w[p + "output.LayerNorm.bias"],
+                s.layer_norm_eps,
+            )
         return x
 
     def pool(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """[B, S, H] hidden states -> [B, H] pooled (and normalized when asked)."""
-        m = mask[..., None].astype(self.dtype)                                        # [B, S, 1]
+        m = mask[..., None].astype(self.dtype)  # [B, S, 1]
         if self.pooling == "mean":
             out = (x * m).sum(1) / np.maximum(m.sum(1), 1e-9)
         elif self.pooling == "max":

@@ -34,18 +34,18 @@ import logging
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dll.twins import ACTS, FP8_MAX
 from engine.base import packed_inputs
 from engine.checkpoint import BertShape
-from dll.twins import ACTS
-from dll.twins import FP8_MAX
 from engine.gpu_kernels import select_kernels
 
 logger = logging.getLogger(__name__)
@@ -57,17 +57,17 @@ __all__ = ["GpuOptions", "GpuBertEngine", "load_gpu_engine", "token_bucket", "st
 class GpuOptions:
     """How the GPU engine runs. ``gelu_epilogue`` and ``fp8`` choices change numbers slightly."""
 
-    kernels: str = "auto"        # auto | triton | cuda | torch (see engine.gpu_kernels)
-    cuda_graphs: bool = True     # capture one CUDA graph per padded shape (CUDA only)
-    max_tokens: int = 32768      # tokens per forward pass; longer inputs are cut between documents
-    max_docs: int = 2048         # documents per forward pass
-    max_graphs: int = 64         # captured graphs kept (least recently used dropped)
-    gelu_epilogue: bool = True   # fp16/bf16: bias + GELU in the cuBLASLt GEMM epilogue (its GELU is the tanh
-                                 # form; parity with erf-GELU models measured >= 0.99999); False: exact erf kernel.
-                                 # fp8: the fused bias+GELU+quantize kernel always uses the tanh form
+    kernels: str = "auto"  # auto | triton | cuda | torch (see engine.gpu_kernels)
+    cuda_graphs: bool = True  # capture one CUDA graph per padded shape (CUDA only)
+    max_tokens: int = 32768  # tokens per forward pass; longer inputs are cut between documents
+    max_docs: int = 2048  # documents per forward pass
+    max_graphs: int = 64  # captured graphs kept (least recently used dropped)
+    gelu_epilogue: bool = True  # fp16/bf16: bias + GELU in the cuBLASLt GEMM epilogue (its GELU is the tanh
+    # form, close enough to erf-GELU models' outputs); False: exact erf kernel.
+    # fp8: the fused bias+GELU+quantize kernel always uses the tanh form
     fp8_gemms: str = "qkv,ffn1,ffn2"  # which GEMMs take fp8 operands at precision fp8 (others bf16)
     fp8_fast_accum: bool = True  # Hopper fp8 fast accumulation (faster, slightly less exact)
-    fp8_smooth: float = 0.5      # SmoothQuant alpha for fp8 activations (0 = off; needs calibration tokens)
+    fp8_smooth: float = 0.5  # SmoothQuant alpha for fp8 activations (0 = off; needs calibration tokens)
     residual_in_gemm: bool = False  # fp16/bf16 GEMMs add the residual in their epilogue (x += a @ W^T)
 
     @classmethod
@@ -82,16 +82,16 @@ class _Layer:
     a per-output-channel scale ``[1, out]`` and the per-input-channel ``smooth`` factor that
     the kernel producing its input multiplies in before quantizing (None: no smoothing)."""
 
-    wqkv: torch.Tensor            # [3H, H]
-    bqkv: torch.Tensor            # [3H]
-    wo: torch.Tensor              # [H, H]
-    bo: torch.Tensor              # [H]
-    ln1_g: torch.Tensor           # [H] float32
+    wqkv: torch.Tensor  # [3H, H]
+    bqkv: torch.Tensor  # [3H]
+    wo: torch.Tensor  # [H, H]
+    bo: torch.Tensor  # [H]
+    ln1_g: torch.Tensor  # [H] float32
     ln1_b: torch.Tensor
-    w1: torch.Tensor              # [I, H]
-    b1: torch.Tensor              # [I]
-    w2: torch.Tensor              # [H, I]
-    b2: torch.Tensor              # [H]
+    w1: torch.Tensor  # [I, H]
+    b1: torch.Tensor  # [I]
+    w2: torch.Tensor  # [H, I]
+    b2: torch.Tensor  # [H]
     ln2_g: torch.Tensor
     ln2_b: torch.Tensor
     fp8: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
@@ -122,7 +122,7 @@ def static_plan(lens: np.ndarray, t_cap: int, max_seq_len: int) -> tuple[int, in
     out = np.zeros(max(8, _pow2(N + n_dummy)), dtype=np.int32)
     out[:N] = lens
     if n_dummy:
-        out[N:N + n_dummy] = Lb
+        out[N : N + n_dummy] = Lb
         out[N + n_dummy - 1] = pad - Lb * (n_dummy - 1)
     return Tb, Lb, out
 
@@ -134,7 +134,7 @@ def _pow2(n: int) -> int:
 def _quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight ``[out, in]`` -> (float8_e4m3fn ``[out, in]``, float32 per-output-channel scale ``[1, out]``)."""
     w32 = w.float()
-    scale = w32.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX     # [out, 1]
+    scale = w32.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX  # [out, 1]
     q = (w32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.contiguous(), scale.reshape(1, -1).contiguous()
 
@@ -142,10 +142,19 @@ def _quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class GpuBertEngine:
     """``embed(token_ids, lengths) -> float32 [N, dim]`` on packed tokens (the ``Engine`` protocol)."""
 
-    def __init__(self, shape: BertShape, weights: dict[str, Any], *, pooling: str, normalize: bool,
-                 max_seq_len: int, precision: str = "fp16", device: str | torch.device | None = None,
-                 options: GpuOptions | None = None,
-                 calibration: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        shape: BertShape,
+        weights: dict[str, Any],
+        *,
+        pooling: str,
+        normalize: bool,
+        max_seq_len: int,
+        precision: str = "fp16",
+        device: str | torch.device | None = None,
+        options: GpuOptions | None = None,
+        calibration: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         self.shape, self.pooling, self.normalize, self.max_seq_len = shape, pooling, normalize, max_seq_len
         self.options = opts = options or GpuOptions()
         if pooling not in ("mean", "max", "cls", "pooler"):
@@ -154,8 +163,9 @@ class GpuBertEngine:
             raise ValueError(f"hidden_act {shape.hidden_act!r} is not supported ({', '.join(ACTS)})")
         if max_seq_len > shape.max_position:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds max_position_embeddings {shape.max_position}")
-        dev = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        dev = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         self.device = dev
@@ -164,19 +174,23 @@ class GpuBertEngine:
             logger.warning("precision %s needs a GPU; running the fp32 PyTorch twins on the CPU", precision)
             self.precision = "fp32"
         if self.precision == "fp8" and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
-            raise ValueError(f"fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
-                             f"{torch.cuda.get_device_name(dev)} is {torch.cuda.get_device_capability(dev)}: "
-                             "use fp16 or bf16")
+            raise ValueError(
+                f"fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                f"{torch.cuda.get_device_name(dev)} is {torch.cuda.get_device_capability(dev)}: "
+                "use fp16 or bf16"
+            )
         self.fp8_gemms = set(opts.fp8_gemms.split(",")) - {""} if self.precision == "fp8" else set()
         if self.fp8_gemms - {"qkv", "ffn1", "ffn2"}:
             raise ValueError(f"fp8_gemms {opts.fp8_gemms!r}: choose among qkv, ffn1, ffn2")
         self.fp8 = False  # set once the fp8 weights exist (the calibration pass runs in bf16)
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16,
-                      "fp32": torch.float32}.get(self.precision)
-        if dev.type == "cpu" and self.precision == "fp8":   # emulated: fp8 GEMM operands, fp32 elsewhere
-            self.dtype = torch.float32
-        if self.dtype is None:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp32": torch.float32}.get(
+            self.precision
+        )
+        if dev.type == "cpu" and self.precision == "fp8":  # emulated: fp8 GEMM operands, fp32 elsewhere
+            dtype = torch.float32
+        if dtype is None:
             raise ValueError(f"precision {precision!r} is not available on the GPU engine (fp16, bf16, fp8, fp32)")
+        self.dtype: torch.dtype = dtype
         self.kernels = select_kernels(opts.kernels, dev)
         self.dim, self.vocab_size = shape.hidden_size, shape.vocab_size
         self.scale = 1.0 / math.sqrt(shape.head_dim)
@@ -189,11 +203,18 @@ class GpuBertEngine:
             self._quantize_layers(smooth)
         self._lock = threading.Lock()
         self._graphs: OrderedDict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
-        self._pad_static = False   # tests: pad to the graph shapes without graphs (on the CPU too)
+        self._pad_static = False  # tests: pad to the graph shapes without graphs (on the CPU too)
         if self.use_graphs:
             self._alloc_static()
-        logger.info("GPU engine on %s: %s, kernels %s, graphs %s, %d layers, H=%d", dev, self.precision,
-                    self.kernels.name, self.use_graphs, shape.num_layers, shape.hidden_size)
+        logger.info(
+            "GPU engine on %s: %s, kernels %s, graphs %s, %d layers, H=%d",
+            dev,
+            self.precision,
+            self.kernels.name,
+            self.use_graphs,
+            shape.num_layers,
+            shape.hidden_size,
+        )
 
     # --- weights -----------------------------------------------------------------------------
     def _load_weights(self, w: dict[str, Any]) -> None:
@@ -205,22 +226,32 @@ class GpuBertEngine:
             return t.to(device=dev, dtype=dtype).contiguous()
 
         f32 = torch.float32
-        self.word = get("embeddings.word_embeddings.weight")                    # [V, H]
-        self.posw = get("embeddings.position_embeddings.weight")                # [P, H]
+        self.word = get("embeddings.word_embeddings.weight")  # [V, H]
+        self.posw = get("embeddings.position_embeddings.weight")  # [P, H]
         self.type0 = get("embeddings.token_type_embeddings.weight")[0].contiguous()  # [H]
         self.emb_g, self.emb_b = get("embeddings.LayerNorm.weight", f32), get("embeddings.LayerNorm.bias", f32)
         self.layers: list[_Layer] = []
         for i in range(self.shape.num_layers):
             p = f"encoder.layer.{i}."
             a = p + "attention.self."
-            wqkv = torch.cat([get(a + n + ".weight") for n in ("query", "key", "value")])   # [3H, H]
+            wqkv = torch.cat([get(a + n + ".weight") for n in ("query", "key", "value")])  # [3H, H]
             bqkv = torch.cat([get(a + n + ".bias") for n in ("query", "key", "value")])
-            self.layers.append(_Layer(
-                wqkv, bqkv, get(p + "attention.output.dense.weight"), get(p + "attention.output.dense.bias"),
-                get(p + "attention.output.LayerNorm.weight", f32), get(p + "attention.output.LayerNorm.bias", f32),
-                get(p + "intermediate.dense.weight"), get(p + "intermediate.dense.bias"),
-                get(p + "output.dense.weight"), get(p + "output.dense.bias"),
-                get(p + "output.LayerNorm.weight", f32), get(p + "output.LayerNorm.bias", f32)))
+            self.layers.append(
+                _Layer(
+                    wqkv,
+                    bqkv,
+                    get(p + "attention.output.dense.weight"),
+                    get(p + "attention.output.dense.bias"),
+                    get(p + "attention.output.LayerNorm.weight", f32),
+                    get(p + "attention.output.LayerNorm.bias", f32),
+                    get(p + "intermediate.dense.weight"),
+                    get(p + "intermediate.dense.bias"),
+                    get(p + "output.dense.weight"),
+                    get(p + "output.dense.bias"),
+                    get(p + "output.LayerNorm.weight", f32),
+                    get(p + "output.LayerNorm.bias", f32),
+                )
+            )
         if self.pooling == "pooler":
             if "pooler.dense.weight" not in w:
                 raise ValueError("pooling 'pooler' needs pooler.dense weights, which this model lacks")
@@ -237,11 +268,12 @@ class GpuBertEngine:
             offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
             with torch.inference_mode():
                 for a, b in self._chunks(offsets):
-                    ids, lens = token_ids[offsets[a]:offsets[b]].astype(np.int32), lengths[a:b].astype(np.int32)
+                    ids, lens = token_ids[offsets[a] : offsets[b]].astype(np.int32), lengths[a:b].astype(np.int32)
                     cu = np.zeros(len(lens) + 1, dtype=np.int32)
                     np.cumsum(lens, out=cu[1:])
                     pos = np.arange(len(ids), dtype=np.int32) - np.repeat(cu[:-1], lens)
-                    self.forward(*(torch.from_numpy(v).to(self.device) for v in (ids, pos, cu)), int(lens.max()))
+                    ids_t, pos_t, cu_t = (torch.from_numpy(v).to(self.device) for v in (ids, pos, cu))
+                    self.forward(ids_t, pos_t, cu_t, int(lens.max()))
             amax = self._recorder
         finally:
             self._recorder = None
@@ -249,9 +281,10 @@ class GpuBertEngine:
         out = {}
         for (i, name), xmax in amax.items():
             if name in self.fp8_gemms:
-                wmax = weights[name](self.layers[i]).float().abs().amax(0)                  # [in]
-                out[(i, name)] = (wmax.clamp_min(1e-5) ** (1 - alpha) / xmax.clamp_min(1e-5) ** alpha).clamp(
-                    1e-2, 1e2).contiguous()
+                wmax = weights[name](self.layers[i]).float().abs().amax(0)  # [in]
+                out[(i, name)] = (
+                    (wmax.clamp_min(1e-5) ** (1 - alpha) / xmax.clamp_min(1e-5) ** alpha).clamp(1e-2, 1e2).contiguous()
+                )
         logger.info("fp8 smoothing calibrated on %d tokens (alpha %.2f)", int(lengths.sum()), alpha)
         return out
 
@@ -264,7 +297,7 @@ class GpuBertEngine:
                     w32 = w.float() if sm is None else w.float() / sm[None, :]
                     L.fp8[name] = (*_quantize_weight(w32), sm)
             if "qkv" in self.fp8_gemms:
-                L.wqkv = L.wqkv[:0]                      # free the bf16 copies the fp8 GEMMs replace
+                L.wqkv = L.wqkv[:0]  # free the bf16 copies the fp8 GEMMs replace
             if "ffn1" in self.fp8_gemms:
                 L.w1 = L.w1[:0]
             if "ffn2" in self.fp8_gemms:
@@ -290,52 +323,62 @@ class GpuBertEngine:
         epilogue = self.options.gelu_epilogue and act != "relu" and cuda
         res_gemm = self.options.residual_in_gemm and cuda and self._recorder is None
 
-        def fp8_in(i: int, name: str):   # (weight, scale, smooth) when layer i's GEMM `name` runs in fp8
+        def fp8_in(i: int, name: str):  # (weight, scale, smooth) when layer i's GEMM `name` runs in fp8
             return layers[i].fp8.get(name) if self.fp8 and i < len(layers) else None
 
-        def make_ln(f, *args, nxt):      # LayerNorm, also quantizing its output for an fp8 consumer
+        def make_ln(f, *args, nxt):  # LayerNorm, also quantizing its output for an fp8 consumer
             if nxt is None:
                 return f(*args), None, None
             return getattr(k, f.__name__ + "_fp8")(*args, smooth=nxt[2])
 
-        x, xq, xs = make_ln(k.embed_layernorm, ids, pos, self.word, self.posw, self.type0, self.emb_g, self.emb_b,
-                            eps, nxt=fp8_in(0, "qkv"))
+        x, xq, xs = make_ln(
+            k.embed_layernorm,
+            ids,
+            pos,
+            self.word,
+            self.posw,
+            self.type0,
+            self.emb_g,
+            self.emb_b,
+            eps,
+            nxt=fp8_in(0, "qkv"),
+        )
         for i, L in enumerate(layers):
             self._record(i, "qkv", x)
             f8 = fp8_in(i, "qkv")
             qkv = k.scaled_mm(xq, xs, f8[0], f8[1], L.bqkv, dt, fast) if f8 else F.linear(x, L.wqkv, L.bqkv)
-            qkv = qkv.view(T, 3, s.num_heads, s.head_dim)                                   # [T, 3, nh, hd]
+            qkv = qkv.view(T, 3, s.num_heads, s.head_dim)  # [T, 3, nh, hd]
             ctx = k.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len, self.scale).reshape(T, H)
-            if res_gemm:                                                                  # x + ctx @ Wo^T, in place
+            if res_gemm:  # x + ctx @ Wo^T, in place
                 a, res = x.addmm_(ctx, L.wo.t()), None
             else:
-                a, res = F.linear(ctx, L.wo), x                                           # bias in the LN
-            x, xq, xs = make_ln(k.bias_residual_layernorm, a, L.bo, res, L.ln1_g, L.ln1_b, eps,
-                                nxt=fp8_in(i, "ffn1"))
+                a, res = F.linear(ctx, L.wo), x  # bias in the LN
+            x, xq, xs = make_ln(k.bias_residual_layernorm, a, L.bo, res, L.ln1_g, L.ln1_b, eps, nxt=fp8_in(i, "ffn1"))
             self._record(i, "ffn1", x)
             f8, f8_out = fp8_in(i, "ffn1"), fp8_in(i, "ffn2")
             need_act = True
             if f8:
-                h = k.scaled_mm(xq, xs, f8[0], f8[1], None, dt, fast)                     # [T, I]
+                h = k.scaled_mm(xq, xs, f8[0], f8[1], None, dt, fast)  # [T, I]
             elif epilogue and not f8_out and self._recorder is None:
-                h = torch._addmm_activation(L.b1, x, L.w1.t(), use_gelu=True)            # bias + GELU fused
+                h = torch._addmm_activation(L.b1, x, L.w1.t(), use_gelu=True)  # bias + GELU fused
                 need_act = False
             else:
                 h = F.linear(x, L.w1)
             res = x
             if f8_out:
                 hq, hs = k.bias_act_fp8(h, L.b1, act, smooth=f8_out[2])
-                f = k.scaled_mm(hq, hs, f8_out[0], f8_out[1], None, dt, fast)             # [T, H]
+                f = k.scaled_mm(hq, hs, f8_out[0], f8_out[1], None, dt, fast)  # [T, H]
             else:
                 if need_act:
                     h = k.bias_act(h, L.b1, act)
                     self._record(i, "ffn2", h)
                 if res_gemm:
-                    f, res = x.addmm_(h, L.w2.t()), None                                  # x + h @ W2^T, in place
+                    f, res = x.addmm_(h, L.w2.t()), None  # x + h @ W2^T, in place
                 else:
                     f = F.linear(h, L.w2)
-            x, xq, xs = make_ln(k.bias_residual_layernorm, f, L.b2, res, L.ln2_g, L.ln2_b, eps,
-                                nxt=fp8_in(i + 1, "qkv"))
+            x, xq, xs = make_ln(
+                k.bias_residual_layernorm, f, L.b2, res, L.ln2_g, L.ln2_b, eps, nxt=fp8_in(i + 1, "qkv")
+            )
         if self.pooling == "pooler":
             out = torch.tanh(F.linear(k.pool(x, cu, "cls", False, max_len), self.wp, self.bp))
             return out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12) if self.normalize else out
@@ -348,7 +391,7 @@ class GpuBertEngine:
         out = np.empty((len(lengths), self.dim), dtype=np.float32)
         with self._lock, torch.inference_mode():
             for a, b in self._chunks(offsets):
-                run = self._prepare(token_ids[offsets[a]:offsets[b]], lengths[a:b])
+                run = self._prepare(token_ids[offsets[a] : offsets[b]], lengths[a:b])
                 out[a:b] = run().cpu().numpy()
         return out
 
@@ -368,8 +411,9 @@ class GpuBertEngine:
         the float32 ``[N, H]`` device tensor. For benchmarks: times the device work alone."""
         token_ids, lengths, _ = packed_inputs(token_ids, lengths, self.max_seq_len, self.vocab_size)
         if token_ids.size > self.max_tokens or len(lengths) > self.options.max_docs:
-            raise ValueError(f"prepare() takes one chunk: at most {self.max_tokens} tokens and "
-                             f"{self.options.max_docs} documents")
+            raise ValueError(
+                f"prepare() takes one chunk: at most {self.max_tokens} tokens and {self.options.max_docs} documents"
+            )
         return self._prepare(token_ids, lengths)
 
     def _prepare(self, ids: np.ndarray, lens: np.ndarray) -> Callable[[], torch.Tensor]:
@@ -383,18 +427,18 @@ class GpuBertEngine:
             return self._eager(ids_t, pos_t, cu_t, L, N)
         Tb, Lb, lens_all = static_plan(lens, self._t_cap, self.max_seq_len)
         Nb = len(lens_all)
-        cu = self._h_cu.numpy()[:Nb + 1]
+        cu = self._h_cu.numpy()[: Nb + 1]
         cu[0] = 0
         np.cumsum(lens_all, out=cu[1:])
         ids_h, pos_h = self._h_ids.numpy()[:Tb], self._h_pos.numpy()[:Tb]
         ids_h[:T] = ids
-        ids_h[T:] = 0                                     # dummy documents: any valid id
+        ids_h[T:] = 0  # dummy documents: any valid id
         pos_h[:] = np.arange(Tb, dtype=np.int32) - np.repeat(cu[:-1], lens_all)
         self._d_ids[:Tb].copy_(self._h_ids[:Tb], non_blocking=True)
         self._d_pos[:Tb].copy_(self._h_pos[:Tb], non_blocking=True)
-        self._d_cu[:Nb + 1].copy_(self._h_cu[:Nb + 1], non_blocking=True)
-        ids_d, pos_d, cu_d = self._d_ids[:Tb], self._d_pos[:Tb], self._d_cu[:Nb + 1]
-        if not self.use_graphs:                           # the padded shapes without graphs (CPU tests)
+        self._d_cu[: Nb + 1].copy_(self._h_cu[: Nb + 1], non_blocking=True)
+        ids_d, pos_d, cu_d = self._d_ids[:Tb], self._d_pos[:Tb], self._d_cu[: Nb + 1]
+        if not self.use_graphs:  # the padded shapes without graphs (CPU tests)
             return self._eager(ids_d, pos_d, cu_d, Lb, N)
         graph, out = self._graph(Tb, Nb, Lb)
 
@@ -404,8 +448,9 @@ class GpuBertEngine:
 
         return run
 
-    def _eager(self, ids: torch.Tensor, pos: torch.Tensor, cu: torch.Tensor, max_len: int,
-               n: int) -> Callable[[], torch.Tensor]:
+    def _eager(
+        self, ids: torch.Tensor, pos: torch.Tensor, cu: torch.Tensor, max_len: int, n: int
+    ) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
             with torch.inference_mode():
                 return self.forward(ids, pos, cu, max_len)[:n]
@@ -439,11 +484,11 @@ class GpuBertEngine:
         if hit is not None:
             self._graphs.move_to_end(key)
             return hit
-        ids, pos, cu = self._d_ids[:Tb], self._d_pos[:Tb], self._d_cu[:Nb + 1]
+        ids, pos, cu = self._d_ids[:Tb], self._d_pos[:Tb], self._d_cu[: Nb + 1]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode():
-            with torch.cuda.stream(side):      # warm-up: Triton compiles, cuBLAS picks algorithms
+            with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks algorithms
                 self.forward(ids, pos, cu, Lb)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
@@ -456,8 +501,9 @@ class GpuBertEngine:
         return graph, out
 
 
-def load_gpu_engine(folder: str | Path, meta, device: str | torch.device | None = None,
-                    **options: Any) -> GpuBertEngine:
+def load_gpu_engine(
+    folder: str | Path, meta, device: str | torch.device | None = None, **options: Any
+) -> GpuBertEngine:
     """The GPU engine for a folder built with ``--target gpu`` (``meta``: its ``ModelMeta``).
 
     ``options`` override ``GpuOptions`` fields; defaults come from ``meta.options["gpu"]``. At
@@ -468,12 +514,20 @@ def load_gpu_engine(folder: str | Path, meta, device: str | torch.device | None 
     weights = load_file(str(Path(folder) / meta.engine_file))
     opts = GpuOptions.from_dict({**(meta.options or {}).get("gpu", {}), **options})
     calibration = None
-    if meta.precision == "fp8" and opts.fp8_smooth > 0:     # real text for the fp8 smoothing factors
-        from engine.calibration import calibration_texts
+    if meta.precision == "fp8" and opts.fp8_smooth > 0:  # real text for the fp8 smoothing factors
         from core.tokenize import Tokenizer
+        from engine.calibration import calibration_texts
 
         enc = Tokenizer.from_file(Path(folder) / "tokenizer.json", meta.max_seq_len).encode(calibration_texts())
         calibration = (enc.token_ids, enc.lengths)
-    return GpuBertEngine(BertShape(**meta.shape), weights, pooling=meta.pooling, normalize=meta.normalize,
-                         max_seq_len=meta.max_seq_len, precision=meta.precision, device=device, options=opts,
-                         calibration=calibration)
+    return GpuBertEngine(
+        BertShape(**meta.shape),
+        weights,
+        pooling=meta.pooling,
+        normalize=meta.normalize,
+        max_seq_len=meta.max_seq_len,
+        precision=meta.precision,
+        device=device,
+        options=opts,
+        calibration=calibration,
+    )

@@ -81,21 +81,27 @@ def check_request(token_ids: np.ndarray, lengths: np.ndarray, limits: dict) -> t
     ``limits``: max_docs, max_tokens, max_seq_len, vocab_size (documents, tokens, tokens, ids).
     """
     if token_ids.ndim != 2 or lengths.ndim != 2 or token_ids.shape[0] != 1 or lengths.shape[0] != 1:
-        raise RequestRejected(f"[fbas:bad_request] token_ids and lengths must have shape [1, n] "
-                              f"(got {list(token_ids.shape)} and {list(lengths.shape)})")
+        raise RequestRejected(
+            f"[fbas:bad_request] token_ids and lengths must have shape [1, n] "
+            f"(got {list(token_ids.shape)} and {list(lengths.shape)})"
+        )
     ids, lens = token_ids[0], lengths[0]
     n_docs, n_tok = lens.size, ids.size
     if n_docs == 0:
         raise RequestRejected("[fbas:bad_request] the request has no documents (lengths is empty)")
     if n_docs > limits["max_docs"] or n_tok > limits["max_tokens"]:
-        raise RequestRejected(f"[fbas:oversize] {n_docs} documents / {n_tok} tokens exceed this model's limits of "
-                              f"{limits['max_docs']} documents / {limits['max_tokens']} tokens per request: "
-                              "split the request")
+        raise RequestRejected(
+            f"[fbas:oversize] {n_docs} documents / {n_tok} tokens exceed this model's limits of "
+            f"{limits['max_docs']} documents / {limits['max_tokens']} tokens per request: "
+            "split the request"
+        )
     bad_len = np.flatnonzero((lens < 1) | (lens > limits["max_seq_len"]))
     if bad_len.size:
         rows = ",".join(map(str, bad_len[:64].tolist()))
-        raise RequestRejected(f"[fbas:bad_rows={rows}] document lengths must be in 1..{limits['max_seq_len']} "
-                              f"tokens (truncate before sending)")
+        raise RequestRejected(
+            f"[fbas:bad_rows={rows}] document lengths must be in 1..{limits['max_seq_len']} "
+            f"tokens (truncate before sending)"
+        )
     total = int(lens.sum(dtype=np.int64))
     if total != n_tok:
         raise RequestRejected(f"[fbas:bad_request] sum(lengths)={total} does not match the {n_tok} token ids")
@@ -130,8 +136,9 @@ class TritonPythonModel:
         meta = read_meta(engine_dir)
         out_cfg = pb_utils.get_output_config_by_name(config, OUTPUT_NAME)
         if out_cfg is None or out_cfg["data_type"] not in _NP_OUT:
-            raise pb_utils.TritonModelException(f"config.pbtxt must declare output '{OUTPUT_NAME}' as TYPE_FP32 "
-                                                f"or TYPE_FP16")
+            raise pb_utils.TritonModelException(
+                f"config.pbtxt must declare output '{OUTPUT_NAME}' as TYPE_FP32 or TYPE_FP16"
+            )
         self.out_dtype = _NP_OUT[out_cfg["data_type"]]
         self.dim = meta.dim
         self.limits = {
@@ -146,8 +153,9 @@ class TritonPythonModel:
         threads = int(_param(config, "threads", "0"))
         _test_load_delay()
         t0 = time.perf_counter()
-        self.engine = load_engine(engine_dir, threads=threads, device=device,
-                                  token_budget=int(_param(config, "token_budget", "2048")))
+        self.engine = load_engine(
+            engine_dir, threads=threads, device=device, token_budget=int(_param(config, "token_budget", "2048"))
+        )
         if getattr(self.engine, "dim", meta.dim) != meta.dim:
             raise pb_utils.TritonModelException(f"engine dim {self.engine.dim} != fbas_model.json dim {meta.dim}")
         t1 = time.perf_counter()
@@ -155,9 +163,11 @@ class TritonPythonModel:
         t2 = time.perf_counter()
         # the split says where a slow start goes: the runtime's imports and weights, or the warm-up's
         # first kernels and CUDA graphs
-        self.logger.log_info(f"fbas: loaded {meta.name} ({meta.target}/{meta.precision}, dim {meta.dim}, "
-                             f"fingerprint {meta.fingerprint}) from {engine_dir} on {device or 'cpu'} in "
-                             f"{t2 - t0:.2f}s (engine {t1 - t0:.2f}s, warm-up {t2 - t1:.2f}s), pid {os.getpid()}")
+        self.logger.log_info(
+            f"fbas: loaded {meta.name} ({meta.target}/{meta.precision}, dim {meta.dim}, "
+            f"fingerprint {meta.fingerprint}) from {engine_dir} on {device or 'cpu'} in "
+            f"{t2 - t0:.2f}s (engine {t1 - t0:.2f}s, warm-up {t2 - t1:.2f}s), pid {os.getpid()}"
+        )
 
     def _warmup(self, meta, gpu: bool = False) -> None:
         """Run a few documents of different lengths so the first real request is not slow.
@@ -176,8 +186,9 @@ class TritonPythonModel:
             ids = rng.integers(low, high, size=int(lengths.sum()), dtype=np.int32)
             out = self.engine.embed(ids, lengths)
             if out.shape != (len(lengths), meta.dim) or not np.isfinite(out).all():
-                raise pb_utils.TritonModelException(f"warmup produced {out.shape} / non-finite values: engine is "
-                                                    "broken")
+                raise pb_utils.TritonModelException(
+                    f"warmup produced {out.shape} / non-finite values: engine is broken"
+                )
 
     def execute(self, requests: list) -> list:
         """Validate each request, run the valid ones as one engine call, answer each request once."""
@@ -197,7 +208,7 @@ class TritonPythonModel:
                 rows = self.engine.embed(np.concatenate([g[1] for g in good]), np.concatenate([g[2] for g in good]))
                 start = 0
                 for i, _, lens in good:
-                    responses[i] = self._ok(rows[start:start + lens.size])
+                    responses[i] = self._ok(rows[start : start + lens.size])
                     start += lens.size
             except Exception as e:  # noqa: BLE001 - process boundary: isolate the failing request below
                 self.logger.log_warn(f"fbas: batch of {len(good)} requests failed ({e!r}); retrying one by one")

@@ -49,16 +49,19 @@ def committed_parts(out: OutputDir, job: str, n_batches: int | None) -> dict[int
     return found
 
 
-def check_folder(out: OutputDir, job: str, n_batches: int,
-                  known: dict[int, tuple[int, int, int]] | None = None) -> tuple[list[int], list[str]]:
-    """(missing batches, stray files) in vectors/; our own stale temp files are removed. ``known``: parts whose
+def check_folder(
+    out: OutputDir, job: str, n_batches: int, known: dict[int, tuple[int, ...]] | None = None
+) -> tuple[list[int], list[str]]:
+    """(missing batches, stray files) in vectors/; temp files whose writer is provably gone are removed, live
+    ones (a late duplicate delivery still writing) are left to their writer. ``known``: parts whose
     footer was read already, by file key (``stat_key``): unchanged, they are not opened again."""
     d = out.path(VECTORS)
     present: set[int] = set()
     stray: list[str] = []
     for name in sorted(os.listdir(d)) if d.is_dir() else []:
         if ".tmp-" in name:
-            (d / name).unlink(missing_ok=True)
+            if OutputDir.stale_temp(d / name):
+                (d / name).unlink(missing_ok=True)
             continue
         m = PART_RE.match(name)
         if not m or int(m.group(1)) >= n_batches:
@@ -76,8 +79,14 @@ def check_folder(out: OutputDir, job: str, n_batches: int,
     return [b for b in range(n_batches) if b not in present], stray
 
 
-def tally(counts: np.ndarray, rows: np.ndarray, id_hash: np.ndarray, corpus_hash: np.ndarray, where: str,
-           unexpected: list[str]) -> None:
+def tally(
+    counts: np.ndarray,
+    rows: np.ndarray,
+    id_hash: np.ndarray,
+    corpus_hash: np.ndarray,
+    where: str,
+    unexpected: list[str],
+) -> None:
     """Count each row once more in ``counts``; note rows out of range and ids (by key) that differ from the
     corpus's (``corpus_hash``: every input row's id key)."""
     n = len(counts)

@@ -74,8 +74,15 @@ def evaluate_run(run: dict[str, list[str]], qrels: dict[str, dict[str, int]]) ->
     return {"ndcg@10": round(ndcg, 5), "recall@100": round(recall, 5), "queries": len(scored)}
 
 
-def evaluate(out: str | Path, queries_path: str | Path, qrels_path: str | Path, *, threads: int = 0,
-             ignore_identical_ids: bool = True, depth: int = 100) -> dict[str, Any]:
+def evaluate(
+    out: str | Path,
+    queries_path: str | Path,
+    qrels_path: str | Path,
+    *,
+    threads: int = 0,
+    ignore_identical_ids: bool = True,
+    depth: int = 100,
+) -> dict[str, Any]:
     """Search every query (top ``depth``) and score the run against the qrels."""
     from output.search import Searcher, read_queries, search_many
 
@@ -91,6 +98,11 @@ def evaluate(out: str | Path, queries_path: str | Path, qrels_path: str | Path, 
             ids = [d for d in ids if d != qid]
         run[qid] = ids[:depth]
     result = evaluate_run(run, qrels)
-    logger.info("eval %s: nDCG@10 %.4f, recall@100 %.4f over %d queries", out, result["ndcg@10"],
-                result["recall@100"], result["queries"])
+    logger.info(
+        "eval %s: nDCG@10 %.4f, recall@100 %.4f over %d queries",
+        out,
+        result["ndcg@10"],
+        result["recall@100"],
+        result["queries"],
+    )
     return result

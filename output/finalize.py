@@ -30,8 +30,17 @@ import pyarrow.parquet as pq
 from core.errors import InputError, PermanentError
 from core.formats import Plan, Scan
 from core.ids import id_hashes
-from core.layout import PLAN_FILE, QUARANTINE, QUARANTINE_FILE, SCAN_FILE, SCAN_QUARANTINE, VECTORS, OutputDir, \
-    part_name, read_part_meta
+from core.layout import (
+    PLAN_FILE,
+    QUARANTINE,
+    QUARANTINE_FILE,
+    SCAN_FILE,
+    SCAN_QUARANTINE,
+    VECTORS,
+    OutputDir,
+    part_name,
+    read_part_meta,
+)
 from output.check import IncompleteJobError, OracleError, check_folder, tally
 from output.index import write_index
 from output.ledger import PartLedger
@@ -46,7 +55,7 @@ __all__ = ["finalize"]
 class _Merged:
     """What the committed parts and the quarantine files add up to."""
 
-    counts: np.ndarray                      # times each input row was seen (parts, then quarantine)
+    counts: np.ndarray  # times each input row was seen (parts, then quarantine)
     unexpected: list[str]
     parts: list[dict[str, Any]] = field(default_factory=list)
     truncated: int = 0
@@ -59,8 +68,14 @@ class _Merged:
         return sum(p["rows"] for p in self.parts)
 
 
-def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, float] | None = None,
-             redelivered: int = 0, ledger: PartLedger | None = None) -> dict[str, Any]:
+def finalize(
+    out: OutputDir,
+    index_type: str = "flat",
+    *,
+    timings: dict[str, float] | None = None,
+    redelivered: int = 0,
+    ledger: PartLedger | None = None,
+) -> dict[str, Any]:
     """Verify, merge and write the final files; return the manifest (see the module docstring).
 
     ``ledger``: the parts already checked while the job ran (``LedgerFeeder``); any part whose file changed
@@ -81,27 +96,49 @@ def finalize(out: OutputDir, index_type: str = "flat", *, timings: dict[str, flo
         q_entry, reasons = _write_quarantine(out, merged.quarantine)
         t_index = time.perf_counter()
         index = write_index(out, ledger, index_type, n_batches, dim, merged.embedded, scan.n_rows)
-        counts = {"input_rows": scan.n_rows, "embedded": merged.embedded,
-                  "quarantined": int(merged.quarantine.num_rows if merged.quarantine is not None else 0),
-                  "quarantine_reasons": reasons, "truncated": merged.truncated, "repaired": merged.repaired,
-                  "tokens": merged.tokens, "batches": n_batches, "redelivered": redelivered}
-        timings = {**(timings or {}), "finalize_s": round(time.perf_counter() - t0, 3), "parts_checked_ahead": ahead,
-                   "index_s": round(time.perf_counter() - t_index, 3)}
-        manifest = write_manifest(out, job, counts=counts, index=index, parts=merged.parts, quarantine=q_entry,
-                                  timings=timings)
+        counts = {
+            "input_rows": scan.n_rows,
+            "embedded": merged.embedded,
+            "quarantined": int(merged.quarantine.num_rows if merged.quarantine is not None else 0),
+            "quarantine_reasons": reasons,
+            "truncated": merged.truncated,
+            "repaired": merged.repaired,
+            "tokens": merged.tokens,
+            "batches": n_batches,
+            "redelivered": redelivered,
+        }
+        timings = {
+            **(timings or {}),
+            "finalize_s": round(time.perf_counter() - t0, 3),
+            "parts_checked_ahead": ahead,
+            "index_s": round(time.perf_counter() - t_index, 3),
+        }
+        manifest = write_manifest(
+            out, job, counts=counts, index=index, parts=merged.parts, quarantine=q_entry, timings=timings
+        )
     finally:
         if own is not None:
-            own.discard()   # its index file, unless committed (the caller discards a ledger it passed)
-    logger.info("finalized %s: %d embedded, %d quarantined, index %s (%d vectors)", out, merged.embedded,
-                counts["quarantined"], index_type, index["ntotal"])
+            own.discard()  # its index file, unless committed (the caller discards a ledger it passed)
+    logger.info(
+        "finalized %s: %d embedded, %d quarantined, index %s (%d vectors)",
+        out,
+        merged.embedded,
+        counts["quarantined"],
+        index_type,
+        index["ntotal"],
+    )
     return manifest
 
 
 def _fits(ledger: PartLedger | None, job_id: str, dim: int, index_type: str, n_batches: int, scan: Scan) -> bool:
     """Whether a ledger passed in was kept for this very job and may still be used."""
-    return ledger is not None and not ledger.spent \
-        and (ledger.job, ledger.dim, ledger.index_type) == (job_id, dim, index_type) \
-        and ledger.next_batch <= n_batches and np.array_equal(ledger.id_hash, scan.id_hash)
+    return (
+        ledger is not None
+        and not ledger.spent
+        and (ledger.job, ledger.dim, ledger.index_type) == (job_id, dim, index_type)
+        and ledger.next_batch <= n_batches
+        and np.array_equal(ledger.id_hash, scan.id_hash)
+    )
 
 
 def _check_parts(out: OutputDir, ledger: PartLedger, job_id: str, n_batches: int) -> int:
@@ -110,16 +147,23 @@ def _check_parts(out: OutputDir, ledger: PartLedger, job_id: str, n_batches: int
     ledger.revalidate()
     missing, stray = check_folder(out, job_id, n_batches, {b: f.stat for b, f in enumerate(ledger.facts)})
     if stray:
-        raise InputError(f"{out}/{VECTORS} holds files that are not parts of this job: {', '.join(stray[:5])}"
-                         f"{' ...' if len(stray) > 5 else ''}. They are never merged: remove them, or write to a "
-                         "fresh --out")
+        raise InputError(
+            f"{out}/{VECTORS} holds files that are not parts of this job: {', '.join(stray[:5])}"
+            f"{' ...' if len(stray) > 5 else ''}. They are never merged: remove them, or write to a "
+            "fresh --out"
+        )
     if missing:
-        raise IncompleteJobError(f"{len(missing)} of {n_batches} batches have no committed part yet (first: "
-                                 f"{missing[:5]}): rerun the same ingest command to finish them", missing)
+        raise IncompleteJobError(
+            f"{len(missing)} of {n_batches} batches have no committed part yet (first: "
+            f"{missing[:5]}): rerun the same ingest command to finish them",
+            missing,
+        )
     ahead = ledger.next_batch
     if ledger.advance(n_batches) != n_batches or ledger.changed() is not None:
-        raise PermanentError(f"parts in {out}/{VECTORS} changed while finalize read them: is another ingest "
-                             "writing to this folder? Rerun when it has stopped")
+        raise PermanentError(
+            f"parts in {out}/{VECTORS} changed while finalize read them: is another ingest "
+            "writing to this folder? Rerun when it has stopped"
+        )
     return ahead
 
 
@@ -146,14 +190,22 @@ def _merge(out: OutputDir, ledger: PartLedger, plan: Plan, scan: Scan, id_type: 
         schema = pa.schema([("row_id", pa.int64()), ("id", arrow_id), ("reason", pa.string())])
         q = pa.concat_tables([qt.cast(schema) for qt in q_tables])
         m.quarantine = q.take(pa.array(np.argsort(q.column("row_id").to_numpy(), kind="stable")))
-        tally(m.counts, m.quarantine.column("row_id").to_numpy(), id_hashes(m.quarantine.column("id")),
-              scan.id_hash, "quarantine", m.unexpected)
+        tally(
+            m.counts,
+            m.quarantine.column("row_id").to_numpy(),
+            id_hashes(m.quarantine.column("id")),
+            scan.id_hash,
+            "quarantine",
+            m.unexpected,
+        )
     lost, dup = np.flatnonzero(m.counts == 0), np.flatnonzero(m.counts > 1)
     if len(lost) or len(dup) or m.unexpected:
-        raise OracleError(f"the output does not hold every input row exactly once: lost {len(lost)} (rows "
-                          f"{lost[:5].tolist()}), duplicated {len(dup)} (rows {dup[:5].tolist()}), unexpected "
-                          f"{len(m.unexpected)} ({'; '.join(m.unexpected[:3])}). Nothing final was written; this "
-                          "is a bug: please report it with the folder's .fbas/ contents")
+        raise OracleError(
+            f"the output does not hold every input row exactly once: lost {len(lost)} (rows "
+            f"{lost[:5].tolist()}), duplicated {len(dup)} (rows {dup[:5].tolist()}), unexpected "
+            f"{len(m.unexpected)} ({'; '.join(m.unexpected[:3])}). Nothing final was written; this "
+            "is a bug: please report it with the folder's .fbas/ contents"
+        )
     return m
 
 
@@ -161,8 +213,11 @@ def _batch_quarantine(out: OutputDir, b: int, meta: dict[str, Any]) -> pa.Table:
     """Batch ``b``'s quarantine part, which must come from the same attempt as its vectors part."""
     qp = out.quarantine_part(b)
     if (read_part_meta(qp) if qp.exists() else None) != meta:
-        raise IncompleteJobError(f"batch {b} quarantined {meta['quarantined']} rows but {QUARANTINE}/{qp.name} "
-                                 f"is missing or from another attempt: delete {out.vectors_part(b)} and rerun", [b])
+        raise IncompleteJobError(
+            f"batch {b} quarantined {meta['quarantined']} rows but {QUARANTINE}/{qp.name} "
+            f"is missing or from another attempt: delete {out.vectors_part(b)} and rerun",
+            [b],
+        )
     return pq.read_table(qp).replace_schema_metadata(None)
 
 

@@ -34,8 +34,8 @@ from core.layout import OutputDir
 
 __all__ = ["FlatIndexFile", "layout_matches", "read_shard", "PREFIX_BYTES"]
 
-_DUMMY = 1 << 20        # two int64 fields FAISS writes with this value and ignores on read
-_METRIC_IP = 0          # faiss.METRIC_INNER_PRODUCT
+_DUMMY = 1 << 20  # two int64 fields FAISS writes with this value and ignores on read
+_METRIC_IP = 0  # faiss.METRIC_INNER_PRODUCT
 PREFIX_BYTES = 2 * (4 + 33) + 8
 _SYNC_BYTES = 128 << 20  # flush to disk every 128 MB, so the final fsync has little left to write
 _READ_BYTES = 8 << 20
@@ -78,7 +78,7 @@ class FlatIndexFile:
         self.n = 0
         self.expected: int | None = None
         self._ids: list[np.ndarray] = []
-        self._hash = None               # of the bytes so far, with the prefix for ``expected`` rows
+        self._hash: hashlib._Hash | None = None  # of the bytes so far, with the prefix for ``expected`` rows
         self._unsynced = 0
         self._fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
 
@@ -89,13 +89,15 @@ class FlatIndexFile:
         """Append vectors ``[k, dim]`` (float32) with their ids."""
         if vecs.shape != (len(ids), self.dim) or vecs.dtype != np.float32:
             raise ValueError(f"vectors {vecs.shape} {vecs.dtype} for {len(ids)} ids of dim {self.dim}")
-        data = memoryview(np.ascontiguousarray(vecs).reshape(-1)).cast("B")
+        assert self._fd is not None, "add() after commit()"
+        # ``.data`` is ``memoryview(arr)``; numpy's stubs declare ndarray a Buffer only for Python >= 3.12
+        data = np.ascontiguousarray(vecs).reshape(-1).data.cast("B")
         _pwrite_all(self._fd, data, self._end())
         unsynced = self._unsynced + len(data)
         if unsynced >= _SYNC_BYTES:
             os.fdatasync(self._fd)
             unsynced = 0
-        if self._hash is not None:       # from here on nothing can fail: the part is counted
+        if self._hash is not None:  # from here on nothing can fail: the part is counted
             self._hash.update(data)
         self._ids.append(np.asarray(ids, np.int64))
         self.n += len(ids)
@@ -109,6 +111,7 @@ class FlatIndexFile:
 
     def _hash_from(self, prefix: bytes):
         """SHA-256 of ``prefix`` and the vectors written so far."""
+        assert self._fd is not None, "the file is read back only while open"
         h = hashlib.sha256(prefix)
         end, pos = self._end(), PREFIX_BYTES
         while pos < end:
@@ -123,10 +126,11 @@ class FlatIndexFile:
         """Write the prefix and the ids, flush to disk and rename over ``final``; returns the file's SHA-256."""
         prefix = _prefix(self.dim, self.n)
         h = self._hash if self.expected == self.n else self._hash_from(prefix)
+        assert h is not None and self._fd is not None, "commit() once; expect() sets the hash with expected"
         ids = _ids_bytes(np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64))
         end = self._end()
         _pwrite_all(self._fd, ids, end)
-        os.ftruncate(self._fd, end + len(ids))     # anything a failed append left beyond the end goes
+        os.ftruncate(self._fd, end + len(ids))  # anything a failed append left beyond the end goes
         _pwrite_all(self._fd, prefix, 0)
         h.update(ids)
         os.close(self._fd)

@@ -4,9 +4,8 @@ fixed sample of the vectors); ids are row_ids."""
 from __future__ import annotations
 
 import math
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,7 +16,19 @@ from output.check import OracleError
 from output.ledger import PartLedger, in_order, part_vectors
 from output.manifest import sha256_file
 
-__all__ = ["index_params", "build_index", "write_index"]
+__all__ = ["index_params", "build_index", "write_index", "check_index_kind", "IVFPQ_MIN_ROWS"]
+
+
+IVFPQ_MIN_ROWS = 1000  # below this an exact flat index is as fast, and PQ codebooks would train on too few vectors
+
+
+def check_index_kind(kind: str, n_rows: int) -> None:
+    """Refuse, before anything is embedded, an index the corpus is too small to train."""
+    if kind == "ivfpq" and n_rows < IVFPQ_MIN_ROWS:
+        raise InputError(
+            f"--index ivfpq needs at least {IVFPQ_MIN_ROWS:,} rows to train its quantizers; this corpus has "
+            f"{n_rows:,}: use --index flat (exact search, as fast at this size) or --index hnsw"
+        )
 
 
 def index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
@@ -28,8 +39,13 @@ def index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
     nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), max(1, n // 39)))
     m = next(c for c in (dim // 8, dim // 4, dim // 2, dim, 1) if c >= 1 and dim % c == 0)
     nbits = 8 if n >= 256 * 39 else max(4, min(8, int(math.log2(max(16, n // 39)))))
-    return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(nlist, 16), "train_size": min(n, max(256 * 39,
-                                                                                                 50 * nlist))}
+    return {
+        "nlist": nlist,
+        "m": m,
+        "nbits": nbits,
+        "nprobe": min(nlist, 16),
+        "train_size": min(n, max(256 * 39, 50 * nlist)),
+    }
 
 
 def read_vectors(out: OutputDir, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +68,7 @@ def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int, n_r
 
     params = index_params(kind, n, dim)
     ip = faiss.METRIC_INNER_PRODUCT
+    index: faiss.Index
     if kind == "flat":
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     elif kind == "hnsw":
@@ -77,8 +94,9 @@ def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int, n_r
     return index, params
 
 
-def write_index(out: OutputDir, ledger: PartLedger, kind: str, n_batches: int, dim: int, embedded: int,
-                n_rows: int) -> dict[str, Any]:
+def write_index(
+    out: OutputDir, ledger: PartLedger, kind: str, n_batches: int, dim: int, embedded: int, n_rows: int
+) -> dict[str, Any]:
     """Put ``OUT/index.faiss`` in place: the flat index file the ledger wrote part by part, or an index built
     now from the parts; returns the manifest's ``index`` entry. Either way it must hold every embedded row."""
     if ledger.streams:
@@ -96,11 +114,18 @@ def write_index(out: OutputDir, ledger: PartLedger, kind: str, n_batches: int, d
 
         def write(tmp: Path) -> None:  # streamed to the file rather than through serialize_index's buffer
             faiss.write_index(index, str(tmp))
-            digests.append(sha256_file(tmp))   # of the bytes being committed
+            digests.append(sha256_file(tmp))  # of the bytes being committed
 
         OutputDir.write_atomic(out.path(INDEX_FILE), write)
         ntotal, digest = int(index.ntotal), digests[-1]
-    for stale in out.root.glob(f"{INDEX_FILE}.tmp-*"):   # left by an ingest that was killed
-        stale.unlink(missing_ok=True)
-    return {"file": INDEX_FILE, "type": kind, "metric": "inner_product", "ntotal": ntotal, "params": params,
-            "sha256": digest}
+    for tmp in out.root.glob(f"{INDEX_FILE}.tmp-*"):  # left by an ingest that was killed
+        if OutputDir.stale_temp(tmp):
+            tmp.unlink(missing_ok=True)
+    return {
+        "file": INDEX_FILE,
+        "type": kind,
+        "metric": "inner_product",
+        "ntotal": ntotal,
+        "params": params,
+        "sha256": digest,
+    }

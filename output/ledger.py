@@ -32,7 +32,7 @@ __all__ = ["PartLedger", "LedgerFeeder", "PartFacts", "read_part_facts", "in_ord
 
 def in_order(fn: Callable[[int], Any], n: int, start: int = 0) -> Iterator[Any]:
     """``fn(start), fn(start + 1), ... fn(start + n - 1)`` in order, computed ahead on threads (the per-part reads,
-    decompression and hashing release the GIL; a GPU host's ingest has hundreds of parts). At most
+    decompression and hashing release the GIL; a GPU ingest has hundreds of parts). At most
     ``2 * workers + 1`` results are held at once; on an error or an early stop the calls not yet
     started are cancelled."""
     workers = max(1, min(8, cpu_count()))
@@ -68,8 +68,9 @@ def shard_vectors(out: OutputDir, b: int, dim: int, rows: np.ndarray, vecs: np.n
         got = None
     if got is not None and np.array_equal(got[0], rows) and np.array_equal(got[1], vecs):
         return got[1]
-    logger.warning("shard %s is missing or differs from its committed part: the part's vectors are used",
-                   out.shard(b).name)
+    logger.warning(
+        "shard %s is missing or differs from its committed part: the part's vectors are used", out.shard(b).name
+    )
     return vecs
 
 
@@ -77,17 +78,19 @@ def shard_vectors(out: OutputDir, b: int, dim: int, rows: np.ndarray, vecs: np.n
 class PartFacts:
     """What finalize keeps of one committed vectors part (its rows are counted and its vectors merged as it is
     read)."""
+
     stat: tuple[int, ...]
     meta: dict[str, Any]
-    n_read: int                  # rows in the file (the footer's ``rows`` must agree)
-    rows: np.ndarray             # row ids (int32 while they fit), for the plan check
+    n_read: int  # rows in the file (the footer's ``rows`` must agree)
+    rows: np.ndarray  # row ids (int32 while they fit), for the plan check
     truncated: int
     repaired: int
     sha256: str
 
 
-def read_part_facts(out: OutputDir, b: int, job: str,
-                    vectors: bool = False) -> tuple[PartFacts, np.ndarray, np.ndarray | None] | None:
+def read_part_facts(
+    out: OutputDir, b: int, job: str, vectors: bool = False
+) -> tuple[PartFacts, np.ndarray, tuple[np.ndarray, np.ndarray] | None] | None:
     """Part ``b``'s facts, its ids' keys (``read.id_hashes``) and, with ``vectors``, its row ids and vectors
     as ``part_vectors`` gives them; None when it is absent, not this job's batch ``b`` (by its footer, checked
     before the table is decoded) or was replaced while it was read. The file is read once: hashed, then
@@ -102,16 +105,26 @@ def read_part_facts(out: OutputDir, b: int, job: str,
     meta = read_part_meta(pa.BufferReader(data)) or {}
     if meta.get("job") != job or meta.get("batch") != b:
         return None
-    t = pq.read_table(pa.BufferReader(data), columns=["row_id", "id", "truncated", "repaired"]
-                      + (["embedding"] if vectors else []))
+    t = pq.read_table(
+        pa.BufferReader(data), columns=["row_id", "id", "truncated", "repaired"] + (["embedding"] if vectors else [])
+    )
     rows = t.column("row_id").to_numpy()
     vecs = (rows, part_vectors(t)) if vectors else None
     if len(rows) and 0 <= rows.min() and rows.max() < 2**31:
         rows = rows.astype(np.int32)
-    return PartFacts(before, meta, t.num_rows, rows,
-                     int(np.count_nonzero(t.column("truncated").to_numpy(zero_copy_only=False))),
-                     int(np.count_nonzero(t.column("repaired").to_numpy(zero_copy_only=False))),
-                     hashlib.sha256(data).hexdigest()), id_hashes(t.column("id")), vecs
+    return (
+        PartFacts(
+            before,
+            meta,
+            t.num_rows,
+            rows,
+            int(np.count_nonzero(t.column("truncated").to_numpy(zero_copy_only=False))),
+            int(np.count_nonzero(t.column("repaired").to_numpy(zero_copy_only=False))),
+            hashlib.sha256(data).hexdigest(),
+        ),
+        id_hashes(t.column("id")),
+        vecs,
+    )
 
 
 class PartLedger:
@@ -129,35 +142,37 @@ class PartLedger:
     cannot start another file).
     """
 
-    def __init__(self, out: OutputDir, job: str, dim: int, index_type: str, id_hash: np.ndarray,
-                 planned_rows: int | None = None) -> None:
+    def __init__(
+        self, out: OutputDir, job: str, dim: int, index_type: str, id_hash: np.ndarray, planned_rows: int | None = None
+    ) -> None:
         self.out, self.job, self.dim, self.index_type, self.id_hash = out, job, dim, index_type, id_hash
         self.planned_rows = planned_rows
         self.file: FlatIndexFile | None = None
-        self.spent = False       # the index file was committed: a later finalize needs a new ledger
+        self.spent = False  # the index file was committed: a later finalize needs a new ledger
         self._closed = False
         self._streams: bool | None = None
-        self._born = time.time_ns()   # a job.json older than this is an earlier attempt's (at worst, one written
+        self._born = time.time_ns()  # a job.json older than this is an earlier attempt's (at worst, one written
         #                               within a clock tick of this is not trusted: the file is then hashed at commit)
         self._start()
 
     def _start(self) -> None:
         self.facts: list[PartFacts] = []
-        self.counts = np.zeros(len(self.id_hash), dtype=np.uint16)   # times each input row was seen
+        self.counts = np.zeros(len(self.id_hash), dtype=np.uint16)  # times each input row was seen
         self.unexpected: list[str] = []
         self.discard()
 
     @property
     def streams(self) -> bool:
         """Whether this ledger writes the flat index file itself (FAISS imported here, on first use, so by the
-        threads that read parts for the ledger rather than by ingest before its first batch: 0.65 s measured)."""
+        threads that read parts for the ledger rather than by ingest before its first batch, which it would
+        delay)."""
         if self._streams is None:
             self._streams = self.index_type == "flat" and layout_matches(self.dim)
         return self._streams
 
     def _planned(self) -> int | None:
         if self.planned_rows is None:
-            path = self.out.state(JOB_FILE)   # written once, last, when the plan is complete (atomically)
+            path = self.out.state(JOB_FILE)  # written once, last, when the plan is complete (atomically)
             if path.exists() and path.stat().st_mtime_ns >= self._born:
                 job = json.loads(path.read_text(encoding="utf-8"))
                 if job.get("job") == self.job:
@@ -167,10 +182,10 @@ class PartLedger:
     def _append(self, rows: np.ndarray, vecs: np.ndarray) -> None:
         if self._closed:
             raise RuntimeError("the ledger was closed")
-        self._open_file()
-        if self.file.expected is None and self._planned() is not None:
-            self.file.expect(self.planned_rows)
-        self.file.add(rows, vecs)
+        file = self._open_file()
+        if file.expected is None and (planned := self._planned()) is not None:
+            file.expect(planned)
+        file.add(rows, vecs)
 
     @property
     def next_batch(self) -> int:
@@ -198,7 +213,7 @@ class PartLedger:
                 break
             facts, id_hash, vecs = got
             if vecs is not None and len(vecs[0]):
-                self._append(*vecs)   # first: if it fails, nothing of this part is recorded
+                self._append(*vecs)  # first: if it fails, nothing of this part is recorded
             tally(self.counts, facts.rows, id_hash, self.id_hash, part_name(self.next_batch), self.unexpected)
             self.facts.append(facts)
         return self.next_batch

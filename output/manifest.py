@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from core.errors import InputError
 from core.layout import JOB_FILE, MANIFEST, OutputDir
 
@@ -30,9 +29,16 @@ def load_job(out: OutputDir) -> dict[str, Any]:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
-def write_manifest(out: OutputDir, job: dict[str, Any], *, counts: dict[str, Any], index: dict[str, Any],
-                   parts: list[dict[str, Any]], quarantine: dict[str, Any] | None,
-                   timings: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(
+    out: OutputDir,
+    job: dict[str, Any],
+    *,
+    counts: dict[str, Any],
+    index: dict[str, Any],
+    parts: list[dict[str, Any]],
+    quarantine: dict[str, Any] | None,
+    timings: dict[str, Any],
+) -> dict[str, Any]:
     """Write ``OUT/manifest.json`` (atomically, last of the job's files) and return it: the job's model, corpus
     and settings from ``job.json``, the counts, the index and every file's SHA-256. The oracle's counts are
     zero: finalize writes no manifest when they are not."""

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -53,8 +53,10 @@ class Searcher:
         self.out = OutputDir(out)
         mpath = self.out.path("manifest.json")
         if not mpath.exists():
-            raise InputError(f"{self.out} has no manifest.json: it is not a finished ingest (run or rerun "
-                             f"`fbas-pipeline ingest ... --out {self.out}`)")
+            raise InputError(
+                f"{self.out} has no manifest.json: it is not a finished ingest (run or rerun "
+                f"`fbas-pipeline ingest ... --out {self.out}`)"
+            )
         self.manifest = json.loads(mpath.read_text(encoding="utf-8"))
         idx = self.manifest["index"]
         self.index = faiss.read_index(str(self.out.path(idx["file"])))
@@ -62,8 +64,9 @@ class Searcher:
         if idx["type"] == "ivfpq":
             faiss.extract_index_ivf(self.index).nprobe = int(params.get("nprobe", 16))
         elif idx["type"] == "hnsw":
-            faiss.downcast_index(faiss.downcast_index(self.index).index).hnsw.efSearch = int(params.get("efSearch",
-                                                                                                       128))
+            # downcast_index returns the concrete class, which faiss's stubs can only type as Index
+            idmap = cast(faiss.IndexIDMap, faiss.downcast_index(self.index))
+            cast(faiss.IndexHNSW, faiss.downcast_index(idmap.index)).hnsw.efSearch = int(params.get("efSearch", 128))
         self.threads = threads
         self._engine: Any = None
         self._tokenizer: Any = None
@@ -78,8 +81,10 @@ class Searcher:
         model_dir = self.out.path(m["dir"])
         meta = read_meta(model_dir)
         if meta.fingerprint != m["fingerprint"]:
-            raise CheckpointError(f"{model_dir} holds model {meta.fingerprint}, the index was built with "
-                                  f"{m['fingerprint']}: the folder was changed; rerun the ingest")
+            raise CheckpointError(
+                f"{model_dir} holds model {meta.fingerprint}, the index was built with "
+                f"{m['fingerprint']}: the folder was changed; rerun the ingest"
+            )
         self._engine = load_engine(model_dir, threads=self.threads)
         self._tokenizer = load_tokenizer(model_dir, meta)
 
@@ -109,6 +114,7 @@ class Searcher:
     def ids_of(self, row_ids: np.ndarray) -> list:
         if self._row_ids is None:
             self._load_ids()
+        assert self._row_ids is not None, "_load_ids() sets it"
         pos = np.searchsorted(self._row_ids, row_ids)
         pos = np.clip(pos, 0, max(0, len(self._row_ids) - 1))
         if len(row_ids) and not np.array_equal(self._row_ids[pos], row_ids):
@@ -146,7 +152,7 @@ def read_queries(path: str | Path) -> list[tuple[Any, str]]:
     else:
         for n, obj in iter_jsonl(p):
             qid = obj.get("id", obj.get("_id")) if isinstance(obj, dict) else None
-            if qid is None or not isinstance(obj.get("text"), str):
+            if qid is None or not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise InputError(f"{p}:{n}: each line needs 'id' (or '_id') and a string 'text'")
             rows.append((qid, obj["text"]))
     for qid, text in rows:
@@ -155,10 +161,11 @@ def read_queries(path: str | Path) -> list[tuple[Any, str]]:
     return rows
 
 
-def search_many(searcher: Searcher, queries: list[tuple[Any, str]], k: int,
-                chunk: int = 256) -> Iterator[tuple[Any, list[Hit]]]:
+def search_many(
+    searcher: Searcher, queries: list[tuple[Any, str]], k: int, chunk: int = 256
+) -> Iterator[tuple[Any, list[Hit]]]:
     """(query id, hits) per query, embedding ``chunk`` queries per engine call."""
     for start in range(0, len(queries), chunk):
-        part = queries[start:start + chunk]
+        part = queries[start : start + chunk]
         hits = searcher.search([t for _, t in part], k)
         yield from zip((q for q, _ in part), hits)

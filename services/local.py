@@ -18,7 +18,6 @@ cluster left behind by a killed one (``reap_stale``). Logs go to ``STATE/logs/``
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -36,8 +35,10 @@ from typing import Any
 
 from core.config import FbasConfig
 from core.envs import cpu_count, env_name
-from services.repository import REPO_ROOT
 from core.errors import ConfigError, FbasError, ServerUnavailableError
+from core.processes import pid_alive
+from services.repository import REPO_ROOT
+from services.triton import die_with_parent_signal
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ def default_concurrency(gpu: bool = False) -> int:
     """Worker processes for a host. CPU engine: half the cores, 2 to 4 (the engine needs the rest; one worker
     tokenizes and writes while another waits on Triton). GPU engine: the cores + 4, 2 to 32: the workers'
     tokenization is what feeds the GPU, and each worker leaves its core idle while it waits for Triton
-    (BENCHMARKS.md, "Whole ingest on one GPU host": on 16 cores, 12 / 16 / 20 workers gave 0.78 / 0.81 /
-    0.82 of the engine's docs/s over a whole run against a running service)."""
+    (BENCHMARKS.md, "Whole ingest on one GPU host": more workers than cores keep the engine busier)."""
     if gpu:
         return max(2, min(32, cpu_count() + 4))
     return max(2, min(4, cpu_count() // 2))
@@ -62,22 +62,26 @@ def pool_size(cfg: FbasConfig) -> int:
     return cfg.queue.concurrency or default_concurrency(gpu=cfg.engine.target != "onnx")
 
 
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
-# loaded here, not in the child: a dlopen between fork and exec can deadlock on a loader lock that another
-# thread of this process (the ingest's scan, Triton's start-up wait) held at the fork
-_LIBC = _libc()
-
-
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    die_with_parent_signal()
     os.setsid()
+
+
+WORK_PREFIX = "fbas-local-"  # + "<pid>-<random>": a local cluster's temporary folder (Redis files, repository)
+
+
+def sweep_dead_work_dirs() -> list[Path]:
+    """Remove the temporary folders of local clusters whose process is gone (a ``kill -9`` leaves them),
+    whatever output folder they served; returns them."""
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*-*"):
+        pid = d.name[len(WORK_PREFIX) :].split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    if removed:
+        logger.info("removed %d temporary folders of killed local clusters", len(removed))
+    return removed
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -110,7 +114,7 @@ def reap_stale(state_dir: Path) -> int:
     n = 0
     for e in entries:
         work = e.get("work")
-        if work and Path(work).name.startswith("fbas-local-") and Path(work).is_dir():
+        if work and Path(work).name.startswith(WORK_PREFIX) and Path(work).is_dir():
             shutil.rmtree(work, ignore_errors=True)  # the killed run's Redis AOF and model repository
             continue
         pid, started = int(e.get("pid", 0)), e.get("started")
@@ -153,27 +157,38 @@ class RedisServer:
         """Start the process on a free port without waiting for it (``wait_ready`` does)."""
         binary = shutil.which("redis-server")
         if not binary:
-            raise ConfigError("redis-server not found on PATH: install Redis 6+ (apt install redis-server) or pass "
-                              "--broker redis://HOST:PORT/0 to use a running one")
+            raise ConfigError(
+                "redis-server not found on PATH: install Redis 6+ (apt install redis-server) or pass "
+                "--broker redis://HOST:PORT/0 to use a running one"
+            )
         self.port = free_port()
         conf = self.dir / "redis.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(f"port {self.port}\nbind 127.0.0.1\nprotected-mode yes\ndir {self.dir}\n"
-                    f"appendonly yes\nappendfsync everysec\nsave \"\"\nrequirepass {self.password}\n"
-                    f"daemonize no\nloglevel warning\nlogfile {self.log_dir / 'redis.log'}\n")
-        self.proc = subprocess.Popen([binary, str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            f.write(
+                f"port {self.port}\nbind 127.0.0.1\nprotected-mode yes\ndir {self.dir}\n"
+                f'appendonly yes\nappendfsync everysec\nsave ""\nrequirepass {self.password}\n'
+                f"daemonize no\nloglevel warning\nlogfile {self.log_dir / 'redis.log'}\n"
+            )
+        self.proc = subprocess.Popen(
+            [binary, str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
         return self
 
     def wait_ready(self) -> RedisServer:
         from workers.jobstate import connect
 
+        assert self.proc is not None, "wait_ready() follows launch()"
         deadline = time.monotonic() + 20
         while True:
             if self.proc.poll() is not None:
-                raise ServerUnavailableError(f"redis-server exited with code {self.proc.returncode} at start: see "
-                                             f"{self.log_dir / 'redis.log'}")
+                raise ServerUnavailableError(
+                    f"redis-server exited with code {self.proc.returncode} at start: see {self.log_dir / 'redis.log'}"
+                )
             try:
                 connect(self.url, timeout=1.0).close()
                 break
@@ -199,8 +214,14 @@ class RedisServer:
 class CeleryWorker:
     """``python -m celery -A workers.app worker`` as a child, configured through ``FBAS_*`` variables."""
 
-    def __init__(self, env: dict[str, str], concurrency: int, log_file: Path, name: str = "fbas-local",
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        concurrency: int,
+        log_file: Path,
+        name: str = "fbas-local",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.env = {**os.environ, **env, **(extra_env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(x for x in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if x)
         self.env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -212,19 +233,47 @@ class CeleryWorker:
     def command(self) -> list[str]:
         from workers.app import QUEUE
 
-        return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", QUEUE, "--pool", "prefork",
-                "--concurrency", str(self.concurrency), "--prefetch-multiplier", "1", "--loglevel", "INFO",
-                "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", self.name]
+        return [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.app",
+            "worker",
+            "-Q",
+            QUEUE,
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(self.concurrency),
+            "--prefetch-multiplier",
+            "1",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-n",
+            self.name,
+        ]
 
     def start(self) -> CeleryWorker:
         log = open(self.log_file, "ab")  # noqa: SIM115 - owned by the child from here on
         try:
-            self.proc = subprocess.Popen(self.command(), env=self.env, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                self.command(),
+                env=self.env,
+                cwd=str(REPO_ROOT),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
         finally:
             log.close()
-        logger.info("celery worker started (pid %d, concurrency %d, log %s)", self.proc.pid, self.concurrency,
-                    self.log_file)
+        logger.info(
+            "celery worker started (pid %d, concurrency %d, log %s)", self.proc.pid, self.concurrency, self.log_file
+        )
         return self
 
     def children(self) -> list[int]:
@@ -258,8 +307,15 @@ class CeleryWorker:
 class LocalCluster:
     """Redis + Triton + a Celery worker for one ingest (see the module docstring)."""
 
-    def __init__(self, model_dir: Path, state_dir: Path, cfg: FbasConfig, *, concurrency: int | None = None,
-                 worker_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        state_dir: Path,
+        cfg: FbasConfig,
+        *,
+        concurrency: int | None = None,
+        worker_env: dict[str, str] | None = None,
+    ) -> None:
         self.model_dir, self.state_dir, self.cfg = Path(model_dir), Path(state_dir), cfg
         self.concurrency = concurrency or pool_size(cfg)
         self.worker_env = worker_env or {}
@@ -287,7 +343,8 @@ class LocalCluster:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         reap_stale(self.state_dir)
-        self._work = Path(tempfile.mkdtemp(prefix="fbas-local-"))
+        sweep_dead_work_dirs()
+        self._work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-"))
         try:
             # redis-server is launched, then tritonserver (seconds: the engine's imports, weights and kernels)
             # before Redis is waited for; every port is picked apart from the others, as neither server has
@@ -299,44 +356,62 @@ class LocalCluster:
             host, ports = "127.0.0.1", [self.redis.port]
             for _ in range(3):
                 ports.append(free_port(host, avoid=ports))
-            self.triton = TritonProcess(repo, model_name=opts.model_name, host=host, grpc_port=ports[1],
-                                        http_port=ports[2], metrics_port=ports[3],
-                                        ready_timeout=self.cfg.serve.ready_timeout,
-                                        tritonserver=getattr(self.cfg.serve, "tritonserver", None),
-                                        log_file=self.log_dir / "tritonserver.log")
-            self._triton_thread = threading.Thread(target=self._start_triton, name="triton-start", daemon=True)
+            self.triton = TritonProcess(
+                repo,
+                model_name=opts.model_name,
+                host=host,
+                grpc_port=ports[1],
+                http_port=ports[2],
+                metrics_port=ports[3],
+                ready_timeout=self.cfg.serve.ready_timeout,
+                tritonserver=getattr(self.cfg.serve, "tritonserver", None),
+                log_file=self.log_dir / "tritonserver.log",
+            )
+            # launched from this (the main) thread, which lives as long as the job: the server dies with it,
+            # kill -9 included; the wait for its model runs on a thread, beside the scan
+            self.triton.launch(die_with_parent=True)
+            self._write_pids()
+            self._triton_thread = threading.Thread(target=self._wait_triton, name="triton-start", daemon=True)
             self._triton_thread.start()
             self.redis.wait_ready()
             q = self.cfg.queue
-            env = {env_name("broker"): self.broker_url, env_name("triton"): self.triton_url,
-                   env_name("model_name"): opts.model_name, env_name("ready_timeout"): str(self.cfg.serve.ready_timeout),
-                   env_name("max_retries"): str(q.max_retries), env_name("task_time_limit"): str(q.task_time_limit),
-                   env_name("visibility_timeout"): str(q.visibility_timeout),
-                   env_name("shared_memory"): str(bool(getattr(self.cfg.serve, "shared_memory", False)))}
-            self.worker = CeleryWorker(env, self.concurrency, self.log_dir / "worker.log",
-                                       extra_env=self.worker_env).start()
+            env = {
+                env_name("broker"): self.broker_url,
+                env_name("triton"): self.triton_url,
+                env_name("model_name"): opts.model_name,
+                env_name("ready_timeout"): str(self.cfg.serve.ready_timeout),
+                env_name("max_retries"): str(q.max_retries),
+                env_name("task_time_limit"): str(q.task_time_limit),
+                env_name("visibility_timeout"): str(q.visibility_timeout),
+                env_name("shared_memory"): str(bool(getattr(self.cfg.serve, "shared_memory", False))),
+            }
+            self.worker = CeleryWorker(
+                env, self.concurrency, self.log_dir / "worker.log", extra_env=self.worker_env
+            ).start()
             self._write_pids()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start_triton(self) -> None:
+    def _wait_triton(self) -> None:
         try:
-            self.triton.start()
-            self._write_pids()
+            self.triton.wait_started()
         except BaseException as e:  # noqa: BLE001 - handed to wait_ready in the main thread
             self._triton_error = e
 
     def _write_pids(self) -> None:
         entries = []
-        for name, proc in (("redis-server", self.redis and self.redis.proc),
-                           ("celery worker", self.worker and self.worker.proc)):
+        for name, proc in (
+            ("redis-server", self.redis and self.redis.proc),
+            ("celery worker", self.worker and self.worker.proc),
+        ):
             if proc:
                 entries.append({"name": name, "pid": proc.pid, "started": _proc_start_time(proc.pid)})
         if self.triton is not None and self.triton.pid:
-            entries.append({"name": "tritonserver", "pid": self.triton.pid,
-                            "started": _proc_start_time(self.triton.pid)})
+            entries.append(
+                {"name": "tritonserver", "pid": self.triton.pid, "started": _proc_start_time(self.triton.pid)}
+            )
         if self._work:
             entries.append({"name": "work", "work": str(self._work)})
         tmp = self.state_dir / (PIDS_FILE + ".tmp")
@@ -359,17 +434,21 @@ class LocalCluster:
         (``compute_infer``: time inside the engine, the yardstick for pipeline efficiency)."""
         from workers.triton_client import ClientOptions, TritonEncoder
 
-        with TritonEncoder(ClientOptions(url=self.triton_url, model_name=self.triton.model_name,
-                                         ready_timeout=5.0)) as enc:
+        with TritonEncoder(
+            ClientOptions(url=self.triton_url, model_name=self.triton.model_name, ready_timeout=5.0)
+        ) as enc:
             st = enc.model_statistics()
         infer = st.get("inference_stats", {})
 
         def secs(key: str) -> float:
             return round(int(infer.get(key, {}).get("ns", 0)) / 1e9, 3)
 
-        return {"engine_executions": int(st.get("execution_count", 0)),
-                "engine_requests": int(st.get("inference_count", 0)),
-                "engine_compute_s": secs("compute_infer"), "engine_queue_s": secs("queue")}
+        return {
+            "engine_executions": int(st.get("execution_count", 0)),
+            "engine_requests": int(st.get("inference_count", 0)),
+            "engine_compute_s": secs("compute_infer"),
+            "engine_queue_s": secs("queue"),
+        }
 
     def wait_ready(self) -> None:
         """Block until Triton serves the model; raise its start error (with its log tail) if it failed."""
@@ -382,11 +461,13 @@ class LocalCluster:
     def check(self) -> None:
         """Raise ``ServerUnavailableError`` if a child process died."""
         if self.redis and self.redis.proc and self.redis.proc.poll() is not None:
-            raise ServerUnavailableError(f"redis-server exited (code {self.redis.proc.returncode}): see "
-                                         f"{self.log_dir / 'redis.log'}")
+            raise ServerUnavailableError(
+                f"redis-server exited (code {self.redis.proc.returncode}): see {self.log_dir / 'redis.log'}"
+            )
         if self.worker and self.worker.proc and self.worker.proc.poll() is not None:
-            raise ServerUnavailableError(f"the celery worker exited (code {self.worker.proc.returncode}): see "
-                                         f"{self.log_dir / 'worker.log'}")
+            raise ServerUnavailableError(
+                f"the celery worker exited (code {self.worker.proc.returncode}): see {self.log_dir / 'worker.log'}"
+            )
         started = self._triton_thread is not None and not self._triton_thread.is_alive() and self._triton_error is None
         poll = getattr(self.triton, "poll", None)
         code = poll() if started and callable(poll) else None
@@ -396,7 +477,7 @@ class LocalCluster:
     def stop(self, idle: bool = False) -> None:
         """Stop the worker (warm shutdown) and Triton at the same time, then Redis; remove the temporary
         folders. ``idle=True`` (the job is finished, nothing in flight) kills tritonserver instead of
-        waiting for its graceful exit (about 2 s). Safe to call twice and from two threads."""
+        waiting for its slower graceful exit. Safe to call twice and from two threads."""
         with self._stop_lock:
             self._stop(idle)
 
@@ -420,7 +501,7 @@ class LocalCluster:
         stopper = threading.Thread(target=stop_worker, name="stop-worker")
         stopper.start()
         if self._triton_thread and self._triton_thread.is_alive():
-            if self.triton is not None:   # still starting (the model loading): kill it rather than wait for it
+            if self.triton is not None:  # still starting (the model loading): kill it rather than wait for it
                 self.triton.abort()
             self._triton_thread.join(timeout=self.cfg.serve.ready_timeout)
         if self.triton is not None:
@@ -437,8 +518,8 @@ class LocalCluster:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
         (self.state_dir / PIDS_FILE).unlink(missing_ok=True)
-        for e in errors:
-            logger.warning("while stopping the local cluster: %s", e)
+        for err in errors:
+            logger.warning("while stopping the local cluster: %s", err)
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -11,7 +11,6 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-
 from core.errors import ConfigError
 from engine.model_dir import META_FILE, read_meta
 
@@ -35,14 +34,14 @@ class ModelEntryOptions:
     """How Triton serves the engine (config.pbtxt); none of these change the numbers beyond FP16 rounding."""
 
     model_name: str = "fbas_encoder"
-    output_dtype: str = "fp32"          # fp32 | fp16: dtype of the embedding on the wire
-    max_batch_requests: int = 16        # Triton max_batch_size: requests merged into one execution
-    max_queue_delay_us: int = 2000      # microseconds the batcher waits to grow a batch
-    instance_count: int = 1             # model instances (engine copies) per device
-    instance_kind: str = ""             # KIND_CPU | KIND_GPU; "" = from the engine's target
-    threads: int = 0                    # engine threads per instance; 0 = all cores
-    token_budget: int = 2048            # engine's padded tokens per internal sub-batch
-    max_docs_per_request: int = 1024    # documents per request; more is rejected as [fbas:oversize]
+    output_dtype: str = "fp32"  # fp32 | fp16: dtype of the embedding on the wire
+    max_batch_requests: int = 16  # Triton max_batch_size: requests merged into one execution
+    max_queue_delay_us: int = 2000  # microseconds the batcher waits to grow a batch
+    instance_count: int = 1  # model instances (engine copies) per device
+    instance_kind: str = ""  # KIND_CPU | KIND_GPU; "" = from the engine's target
+    threads: int = 0  # engine threads per instance; 0 = all cores
+    token_budget: int = 2048  # engine's padded tokens per internal sub-batch
+    max_docs_per_request: int = 1024  # documents per request; more is rejected as [fbas:oversize]
     max_tokens_per_request: int = 262144  # tokens per request (1 MiB of int32)
 
     @classmethod
@@ -52,8 +51,16 @@ class ModelEntryOptions:
         if cfg is None:
             return opts
         serve, runtime = cfg.serve, cfg.runtime
-        for name in ("model_name", "output_dtype", "max_batch_requests", "max_queue_delay_us", "instance_count",
-                     "instance_kind", "max_docs_per_request", "max_tokens_per_request"):
+        for name in (
+            "model_name",
+            "output_dtype",
+            "max_batch_requests",
+            "max_queue_delay_us",
+            "instance_count",
+            "instance_kind",
+            "max_docs_per_request",
+            "max_tokens_per_request",
+        ):
             if hasattr(serve, name):
                 setattr(opts, name, getattr(serve, name))
         opts.threads, opts.token_budget = runtime.threads, runtime.token_budget
@@ -75,7 +82,7 @@ class ModelEntryOptions:
 
 def preferred_batch_sizes(max_batch: int) -> list[int]:
     """Powers of two from 2 up to ``max_batch`` (and ``max_batch`` itself): batches the batcher sends at once."""
-    sizes = [s for s in (2 ** k for k in range(1, 16)) if s < max_batch] + [max_batch]
+    sizes = [s for s in (2**k for k in range(1, 16)) if s < max_batch] + [max_batch]
     return sizes[-4:]
 
 
@@ -86,13 +93,24 @@ def render_config(model_dir: str | Path, options: ModelEntryOptions) -> str:
     kind = opts.instance_kind or ("KIND_GPU" if meta.target in ("gpu", "tensorrt") else "KIND_CPU")
     template = Template((TEMPLATE_DIR / "config.pbtxt.template").read_text(encoding="utf-8"))
     return template.substitute(
-        source_name=meta.name, fingerprint=meta.fingerprint, model_name=opts.model_name,
-        max_batch_requests=opts.max_batch_requests, output_type=_TRITON_TYPES[opts.output_dtype], dim=meta.dim,
+        source_name=meta.name,
+        fingerprint=meta.fingerprint,
+        model_name=opts.model_name,
+        max_batch_requests=opts.max_batch_requests,
+        output_type=_TRITON_TYPES[opts.output_dtype],
+        dim=meta.dim,
         preferred_batch_sizes=", ".join(map(str, preferred_batch_sizes(opts.max_batch_requests))),
-        max_queue_delay_us=opts.max_queue_delay_us, instance_count=opts.instance_count, instance_kind=kind,
-        threads=opts.threads, token_budget=opts.token_budget, max_docs_per_request=opts.max_docs_per_request,
-        max_tokens_per_request=opts.max_tokens_per_request, max_seq_len=meta.max_seq_len,
-        vocab_size=meta.vocab_size, precision=meta.precision)
+        max_queue_delay_us=opts.max_queue_delay_us,
+        instance_count=opts.instance_count,
+        instance_kind=kind,
+        threads=opts.threads,
+        token_budget=opts.token_budget,
+        max_docs_per_request=opts.max_docs_per_request,
+        max_tokens_per_request=opts.max_tokens_per_request,
+        max_seq_len=meta.max_seq_len,
+        vocab_size=meta.vocab_size,
+        precision=meta.precision,
+    )
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -102,8 +120,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def write_model_repository(model_dir: str | Path, repo_dir: str | Path, cfg: Any = None,
-                           options: ModelEntryOptions | None = None) -> Path:
+def write_model_repository(
+    model_dir: str | Path, repo_dir: str | Path, cfg: Any = None, options: ModelEntryOptions | None = None
+) -> Path:
     """Write ``REPO/<model_name>/`` for the built model folder and return that entry's path.
 
         REPO/<name>/config.pbtxt       rendered from model_repository/config.pbtxt.template

@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-
 from core.errors import ConfigError
 from services.triton import ServerExitedError, TritonProcess
 
@@ -27,8 +26,12 @@ def run_serve(cfg: Any) -> int:
     s = cfg.serve
     repo = Path(s.model_repository)
     if not repo.is_dir() or not (repo / s.model_name / "config.pbtxt").is_file():
-        raise ConfigError(f"{repo} holds no Triton model {s.model_name!r}: write it with "
-                          f"`fbas-pipeline build --model-repository {repo}` (or pass --model-repository)")
+        raise ConfigError(
+            f"{repo} holds no Triton model {s.model_name!r}: serve a built model folder with "
+            f"`fbas-pipeline serve --model-dir models/NAME --model-repository {repo}` (it writes the entry "
+            f"first), or write the entry when building: `fbas-pipeline build --out models/NAME "
+            f"--model-repository {repo}`"
+        )
     if s.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("Triton listens on %s, not loopback: put it behind a network boundary you trust", s.host)
     stop = threading.Event()
@@ -41,13 +44,18 @@ def run_serve(cfg: Any) -> int:
     proc = TritonProcess.from_config(cfg, echo=sys.stderr)  # the server's log goes to our stderr
     try:
         proc.start()
-        print(f"Triton serving {s.model_name!r}: gRPC {proc.grpc_url}, HTTP {proc.http_url}, metrics "
-              f"{proc.metrics_url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        print(
+            f"Triton serving {s.model_name!r}: gRPC {proc.grpc_url}, HTTP {proc.http_url}, metrics "
+            f"{proc.metrics_url} (Ctrl-C stops)",
+            file=sys.stderr,
+            flush=True,
+        )
         while not stop.is_set():
             if proc.poll() is not None:
                 code = proc.poll()
-                raise ServerExitedError(f"Server exited unexpectedly (exit code {code}). Last lines of its log:\n"
-                                        f"{proc.log_tail()}")
+                raise ServerExitedError(
+                    f"Server exited unexpectedly (exit code {code}). Last lines of its log:\n{proc.log_tail()}"
+                )
             stop.wait(0.5)
     except KeyboardInterrupt:
         logger.info("interrupted: stopping tritonserver")

@@ -1,10 +1,8 @@
-"""Triton Inference Server for a built engine: the repository entry and the server process.
+"""The tritonserver process supervisor (the repository entry it serves: ``services.repository``).
 
-    write_model_repository(model_dir, repo_dir, cfg)  built model folder -> REPO/<model>/{config.pbtxt, 1/}
-    find_tritonserver(explicit)                       where the tritonserver binary and its backends are
-    TritonProcess(...)                                start/stop tritonserver as a child process, poll readiness
-    run_serve(cfg)                                    `fbas-pipeline serve`: run until Ctrl-C / SIGTERM
-    register_commands(sub, cfg, add_section_flags)    adds `serve` to the CLI (pipeline/cli.py calls it)
+    find_tritonserver(explicit)    where the tritonserver binary and its backends are
+    TritonProcess(...)             start/stop tritonserver as a child process, poll readiness
+    sweep_stale_shm_regions()      remove shared-memory regions of Python-backend stubs that died
 
 The binary is the one the ``nvidia-pytriton`` wheel ships (unpacked by
 ``deploy/install_triton.sh`` into ``.venv/triton/``, without the package's ``numpy<2`` pin).
@@ -18,6 +16,7 @@ Local mode listens on loopback only, with model control mode ``none`` (no load/u
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import os
 import shutil
@@ -34,13 +33,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from services.repository import REPO_ROOT
 from core.errors import ConfigError, PermanentError, ServerUnavailableError
+from services.repository import REPO_ROOT
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TritonPaths", "find_tritonserver", "free_port", "TritonProcess", "ServerExitedError", "sweep_stale_shm_regions"]
-
+__all__ = [
+    "TritonPaths",
+    "find_tritonserver",
+    "free_port",
+    "TritonProcess",
+    "ServerExitedError",
+    "sweep_stale_shm_regions",
+]
 
 
 class ServerExitedError(PermanentError):
@@ -49,16 +54,6 @@ class ServerExitedError(PermanentError):
 
 # --------------------------------------------------------------------------------------------------
 # the repository entry
-
-
-
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,8 +82,9 @@ def find_tritonserver(explicit: str | None = None) -> TritonPaths:
     if explicit:
         p = Path(explicit)
         if not (p.is_file() and os.access(p, os.X_OK)):
-            raise ConfigError(f"tritonserver {explicit!r} (from --tritonserver / FBAS_TRITONSERVER) is not an "
-                              "executable file")
+            raise ConfigError(
+                f"tritonserver {explicit!r} (from --tritonserver / FBAS_TRITONSERVER) is not an executable file"
+            )
         return _paths_for(p)
     rel = Path("triton/pytriton/tritonserver/bin/tritonserver")
     for venv in (Path(sys.prefix), REPO_ROOT / ".venv"):
@@ -100,8 +96,10 @@ def find_tritonserver(explicit: str | None = None) -> TritonPaths:
         if not paths.backend_dir.is_dir() and Path("/opt/tritonserver/backends").is_dir():
             paths = TritonPaths(Path(found), Path("/opt/tritonserver/backends"), None)
         return paths
-    raise ConfigError("tritonserver not found: run `bash deploy/install_triton.sh .venv` (or `make setup`), "
-                      "or point FBAS_TRITONSERVER at the binary")
+    raise ConfigError(
+        "tritonserver not found: run `bash deploy/install_triton.sh .venv` (or `make setup`), "
+        "or point FBAS_TRITONSERVER at the binary"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -123,10 +121,22 @@ class TritonProcess:
     ``echo`` and/or appended to ``log_file`` when given.
     """
 
-    def __init__(self, repo_dir: str | Path, *, model_name: str = "fbas_encoder", host: str = "127.0.0.1",
-                 grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0, ready_timeout: float = 120.0,
-                 tritonserver: str | None = None, log_file: str | Path | None = None, echo: TextIO | None = None,
-                 exit_timeout: int = 5, tail_lines: int = 200) -> None:
+    def __init__(
+        self,
+        repo_dir: str | Path,
+        *,
+        model_name: str = "fbas_encoder",
+        host: str = "127.0.0.1",
+        grpc_port: int = 0,
+        http_port: int = 0,
+        metrics_port: int = 0,
+        ready_timeout: float = 120.0,
+        tritonserver: str | None = None,
+        log_file: str | Path | None = None,
+        echo: TextIO | None = None,
+        exit_timeout: int = 5,
+        tail_lines: int = 200,
+    ) -> None:
         self.repo_dir = Path(repo_dir).resolve()
         self.model_name, self.host = model_name, host
         self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
@@ -136,8 +146,8 @@ class TritonProcess:
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self._proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
-        self._stop_lock = threading.Lock()      # stop() may run in two threads: a start that failed, and its owner
-        self._aborted = threading.Event()       # abort(): a start in another thread gives up for good
+        self._stop_lock = threading.Lock()  # stop() may run in two threads: a start that failed, and its owner
+        self._aborted = threading.Event()  # abort(): a start in another thread gives up for good
         # The Python backend's server<->stub shared-memory regions (/dev/shm/<prefix>*): named per
         # process so that stop() can remove the ones tritonserver leaves behind (it does, even on SIGTERM).
         self.shm_prefix = f"fbas_py_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
@@ -145,9 +155,17 @@ class TritonProcess:
     @classmethod
     def from_config(cls, cfg: Any, **kw: Any) -> TritonProcess:
         s = cfg.serve
-        return cls(s.model_repository, model_name=s.model_name, host=s.host, grpc_port=s.grpc_port,
-                   http_port=s.http_port, metrics_port=s.metrics_port, ready_timeout=s.ready_timeout,
-                   tritonserver=getattr(s, "tritonserver", None), **kw)
+        return cls(
+            s.model_repository,
+            model_name=s.model_name,
+            host=s.host,
+            grpc_port=s.grpc_port,
+            http_port=s.http_port,
+            metrics_port=s.metrics_port,
+            ready_timeout=s.ready_timeout,
+            tritonserver=getattr(s, "tritonserver", None),
+            **kw,
+        )
 
     # -- addresses
     @property
@@ -172,17 +190,44 @@ class TritonProcess:
     # -- lifecycle
     def command(self) -> list[str]:
         p = self.ports
-        return [str(self.paths.binary), "--model-repository", str(self.repo_dir),
-                "--backend-directory", str(self.paths.backend_dir), "--model-control-mode", "none",
-                "--http-address", self.host, "--http-port", str(p["http"]),
-                "--grpc-address", self.host, "--grpc-port", str(p["grpc"]),
-                "--metrics-address", self.host, "--metrics-port", str(p["metrics"]),
-                "--allow-gpu-metrics", "false", "--pinned-memory-pool-byte-size", "0",
-                "--strict-readiness", "true", "--disable-auto-complete-config",
-                "--exit-timeout-secs", str(self.exit_timeout), "--log-verbose", "0",
-                "--backend-config", "python,shm-default-byte-size=16777216",
-                "--backend-config", "python,shm-growth-byte-size=16777216",
-                "--backend-config", f"python,shm-region-prefix-name={self.shm_prefix}"]
+        return [
+            str(self.paths.binary),
+            "--model-repository",
+            str(self.repo_dir),
+            "--backend-directory",
+            str(self.paths.backend_dir),
+            "--model-control-mode",
+            "none",
+            "--http-address",
+            self.host,
+            "--http-port",
+            str(p["http"]),
+            "--grpc-address",
+            self.host,
+            "--grpc-port",
+            str(p["grpc"]),
+            "--metrics-address",
+            self.host,
+            "--metrics-port",
+            str(p["metrics"]),
+            "--allow-gpu-metrics",
+            "false",
+            "--pinned-memory-pool-byte-size",
+            "0",
+            "--strict-readiness",
+            "true",
+            "--disable-auto-complete-config",
+            "--exit-timeout-secs",
+            str(self.exit_timeout),
+            "--log-verbose",
+            "0",
+            "--backend-config",
+            "python,shm-default-byte-size=16777216",
+            "--backend-config",
+            "python,shm-growth-byte-size=16777216",
+            "--backend-config",
+            f"python,shm-region-prefix-name={self.shm_prefix}",
+        ]
 
     def environment(self) -> dict[str, str]:
         """The child's environment: this interpreter first on PATH, the repo on PYTHONPATH, the wheel's libs."""
@@ -191,12 +236,20 @@ class TritonProcess:
         env["PYTHONPATH"] = os.pathsep.join(x for x in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if x)
         if self.paths.lib_dir:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(
-                x for x in [str(self.paths.lib_dir), env.get("LD_LIBRARY_PATH", "")] if x)
+                x for x in [str(self.paths.lib_dir), env.get("LD_LIBRARY_PATH", "")] if x
+            )
         env.setdefault("OMP_NUM_THREADS", "1")  # ORT sizes its own pool; keep stray OpenMP pools small
         return env
 
     def start(self) -> TritonProcess:
         """Start the server (on the same ports as before, after a stop) and wait until the model is ready."""
+        self.launch()
+        return self.wait_started()
+
+    def launch(self, die_with_parent: bool = False) -> TritonProcess:
+        """Start the process without waiting for the model (``wait_started`` does). ``die_with_parent``: the
+        kernel kills the server when the calling *thread* exits, ``kill -9`` of this process included, so
+        call it from the thread that lives as long as the server should (local mode: the main thread)."""
         if self._proc and self._proc.poll() is None:
             raise RuntimeError("tritonserver is already running")
         if not self.repo_dir.is_dir():
@@ -208,14 +261,26 @@ class TritonProcess:
         sweep_stale_shm_regions()
         if self._aborted.is_set():
             raise ServerUnavailableError("tritonserver's start was aborted")
-        logger.info("starting tritonserver: gRPC %s, HTTP %s, repository %s", self.grpc_url, self.http_url,
-                    self.repo_dir)
-        proc = self._proc = subprocess.Popen(self.command(), env=self.environment(), stdin=subprocess.DEVNULL,
-                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        logger.info(
+            "starting tritonserver: gRPC %s, HTTP %s, repository %s", self.grpc_url, self.http_url, self.repo_dir
+        )
+        proc = self._proc = subprocess.Popen(
+            self.command(),
+            env=self.environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent_signal if die_with_parent else None,
+        )
         self._reader = threading.Thread(target=self._pump, args=(proc,), name="tritonserver-log", daemon=True)
         self._reader.start()
-        if self._aborted.is_set():   # aborted while the process was being created
+        if self._aborted.is_set():  # aborted while the process was being created
             self._signal_group(proc, signal.SIGKILL)
+        return self
+
+    def wait_started(self) -> TritonProcess:
+        """Wait (``ready_timeout``) until the launched server serves the model; stop it if it does not."""
         try:
             self.wait_ready(self.ready_timeout)
         except BaseException:
@@ -253,18 +318,23 @@ class TritonProcess:
         """Poll readiness every 0.1 s; raise ``ServerExitedError`` with the log tail if the server dies."""
         deadline = time.monotonic() + timeout
         while True:
-            proc = self._proc   # read once: another thread's stop() sets it to None
+            proc = self._proc  # read once: another thread's stop() sets it to None
             code = proc.poll() if proc else -1
             if code is not None:
                 self._join_reader()
-                raise ServerExitedError(f"Server exited unexpectedly (exit code {code}) while starting. "
-                                        f"Last lines of its log:\n{self.log_tail()}")
+                raise ServerExitedError(
+                    f"Server exited unexpectedly (exit code {code}) while starting. "
+                    f"Last lines of its log:\n{self.log_tail()}"
+                )
+            assert proc is not None, "no process reads as exit code -1 above"
             if self.is_ready():
                 logger.info("tritonserver ready (pid %d), model %s", proc.pid, self.model_name)
                 return
             if time.monotonic() > deadline:
-                raise ServerUnavailableError(f"tritonserver not ready after {timeout:.0f}s (model "
-                                             f"{self.model_name!r}). Last lines of its log:\n{self.log_tail()}")
+                raise ServerUnavailableError(
+                    f"tritonserver not ready after {timeout:.0f}s (model "
+                    f"{self.model_name!r}). Last lines of its log:\n{self.log_tail()}"
+                )
             time.sleep(0.1)
 
     def _join_reader(self) -> None:
@@ -297,8 +367,9 @@ class TritonProcess:
                 try:
                     proc.wait(timeout=self.exit_timeout + 10)
                 except subprocess.TimeoutExpired:
-                    logger.warning("tritonserver did not exit within %ds of SIGTERM: killing it",
-                                   self.exit_timeout + 10)
+                    logger.warning(
+                        "tritonserver did not exit within %ds of SIGTERM: killing it", self.exit_timeout + 10
+                    )
                     self._signal_group(proc, signal.SIGKILL)
                     proc.wait(timeout=10)
             self._signal_group(proc, signal.SIGKILL)  # stray backend stubs, if any
@@ -313,7 +384,6 @@ class TritonProcess:
             for region in shm.glob(self.shm_prefix + "*"):
                 region.unlink(missing_ok=True)
 
-
     def restart(self, kill: bool = False) -> TritonProcess:
         """Stop (gracefully, or ``kill=True`` for a crash) and start again on the same ports."""
         self.stop(kill=kill)
@@ -327,6 +397,24 @@ class TritonProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc Linux: a parent's clean-up stops its children instead
+        return None
+
+
+# loaded here, not in the child: a dlopen between fork and exec can deadlock on a loader lock that another
+# thread of this process held at the fork
+_LIBC = _libc()
+
+
+def die_with_parent_signal() -> None:
+    """In a child between fork and exec: ask the kernel for SIGKILL when the parent thread exits (Linux)."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def sweep_stale_shm_regions() -> list[str]:
@@ -359,11 +447,6 @@ def sweep_stale_shm_regions() -> list[str]:
         logger.info("removed %d stale Triton Python-backend shared-memory regions from /dev/shm", len(removed))
     return removed
 
+
 # --------------------------------------------------------------------------------------------------
 # `fbas-pipeline serve`
-
-
-
-
-
-

@@ -13,12 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing may download weights at run time
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 
-DATA = ROOT / "tests" / "data"   # real evaluation data, with sources and licences: tests/data/README.md
+DATA = ROOT / "tests" / "data"  # real evaluation data, with sources and licences: tests/data/README.md
 
 
 def _shared_data() -> Path | None:
@@ -73,8 +73,8 @@ def default_checkpoint():
 @pytest.fixture(scope="session")
 def built_fp32(tmp_path_factory) -> Path:
     """The default model (all-MiniLM-L6-v2) built for the ONNX target in fp32."""
-    from engine.build import build_model
     from core.config import EngineSpec
+    from engine.build import build_model
 
     return build_model(EngineSpec(), tmp_path_factory.mktemp("models") / "minilm-fp32")
 
@@ -82,8 +82,12 @@ def built_fp32(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def built_int8(tmp_path_factory) -> Path:
     """The default model built in int8 with the bundled calibration sample (about a minute on 2 cores)."""
-    from engine.build import build_model
     from core.config import EngineSpec
+    from engine.build import build_model
 
-    return build_model(EngineSpec(precision="int8"), tmp_path_factory.mktemp("models") / "minilm-int8",
-                       int8_target=0.998, calibration_size=128)
+    return build_model(
+        EngineSpec(precision="int8"),
+        tmp_path_factory.mktemp("models") / "minilm-int8",
+        int8_target=0.998,
+        calibration_size=128,
+    )

@@ -44,7 +44,7 @@ def read_quarantine(out: Path) -> dict[int, str]:
 
 
 def check_oracle(out: Path, input_ids: list) -> dict:
-    """reliability.md's oracle: every input row once (embedded or quarantined), ids equal, checksums verify."""
+    """docs/reliability.md's oracle: every input row once (embedded or quarantined), ids equal, checksums verify."""
     manifest = json.loads((out / "manifest.json").read_text())
     rows, ids, mat = read_vectors(out)
     q = read_quarantine(out)

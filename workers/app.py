@@ -50,8 +50,11 @@ def celery_settings(cfg: FbasConfig) -> dict[str, Any]:
     q = cfg.queue
     settings: dict[str, Any] = {
         "broker_url": q.broker or "redis://127.0.0.1:6379/0",
-        "broker_transport_options": {"visibility_timeout": q.visibility_timeout, "socket_keepalive": True,
-                                     "health_check_interval": 30},
+        "broker_transport_options": {
+            "visibility_timeout": q.visibility_timeout,
+            "socket_keepalive": True,
+            "health_check_interval": 30,
+        },
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "task_serializer": "msgpack",
@@ -87,9 +90,12 @@ def configure(cfg: FbasConfig) -> Celery:
     global _config
     q = cfg.queue
     if q.visibility_timeout <= q.task_time_limit + HARD_LIMIT_MARGIN:
-        logger.warning("visibility_timeout %.0fs is not above the hard time limit %.0fs: a slow batch may be "
-                       "delivered twice (harmless for the output, wasteful)", q.visibility_timeout,
-                       q.task_time_limit + HARD_LIMIT_MARGIN)
+        logger.warning(
+            "visibility_timeout %.0fs is not above the hard time limit %.0fs: a slow batch may be "
+            "delivered twice (harmless for the output, wasteful)",
+            q.visibility_timeout,
+            q.task_time_limit + HARD_LIMIT_MARGIN,
+        )
     app.conf.update(celery_settings(cfg))
     _config = cfg
     logger.debug("celery app configured for broker %s", redact_url(q.broker))

@@ -48,7 +48,7 @@ def encoder_for(cfg: Any) -> Any:
 class Embedded:
     """Vectors for the rows that succeeded, and a reason for each row that did not."""
 
-    vectors: np.ndarray                      # float32 [n, dim]; rows listed in ``failed`` hold zeros
+    vectors: np.ndarray  # float32 [n, dim]; rows listed in ``failed`` hold zeros
     failed: dict[int, str] = field(default_factory=dict)  # row position -> reason
 
     @property
@@ -71,7 +71,7 @@ def subset(token_ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tupl
     if len(rows) == len(lengths):
         return token_ids, lengths
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    ids = np.concatenate([token_ids[offsets[r]:offsets[r + 1]] for r in rows]) if len(rows) else token_ids[:0]
+    ids = np.concatenate([token_ids[offsets[r] : offsets[r + 1]] for r in rows]) if len(rows) else token_ids[:0]
     return ids, lengths[rows]
 
 
@@ -117,9 +117,9 @@ def embed_checked(engine: Any, token_ids: np.ndarray, lengths: np.ndarray, dim: 
         todo = todo[:0]
         break
     else:
-        for r in todo:
+        for r in todo.tolist():
             out.failed[int(r)] = "rejected by the model server too many times"
-    bad = np.array([r for r in np.flatnonzero(_bad_outputs(out.vectors)) if int(r) not in out.failed], dtype=np.int64)
+    bad = [int(r) for r in np.flatnonzero(_bad_outputs(out.vectors)) if int(r) not in out.failed]
     if len(bad):
         logger.warning("%d rows gave NaN/Inf or zero-norm vectors: embedding them again on their own", len(bad))
         for r in bad:  # one by one, so a batch neighbour cannot be the cause

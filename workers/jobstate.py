@@ -19,12 +19,13 @@ as ``ServerUnavailableError``, and no URL with a password is ever logged.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from core.errors import ServerUnavailableError
-from core.redact import redact_url
+from core.redact import redact, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -47,22 +48,33 @@ return 0
 """
 
 
-
-
 def connect(url: str, timeout: float = 10.0):
     """A redis-py client for a ``redis://`` / ``rediss://`` / ``unix://`` URL, checked with PING."""
     import redis
 
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                      health_check_interval=30, retry_on_timeout=True)
+        client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30, retry_on_timeout=True
+        )
         client.ping()
     except redis.AuthenticationError:
-        raise ServerUnavailableError(f"Redis at {redact_url(url)} refused the credentials: check the user and "
-                                     "password in --broker") from None
+        raise ServerUnavailableError(
+            f"Redis at {redact_url(url)} refused the credentials: check the user and password in --broker"
+        ) from None
     except redis.RedisError as e:
-        raise ServerUnavailableError(f"Redis at {redact_url(url)} is not reachable ({type(e).__name__}): start it "
-                                     "or check --broker") from None
+        detail = redact(str(e), url)
+        tls = re.search(
+            r"\[SSL[^\]]*\][^\n]*|certificate verify failed[^\n]*|wrong version number|handshake[^\n]*", detail
+        )
+        if tls:
+            raise ServerUnavailableError(
+                f"TLS with Redis at {redact_url(url)} failed: {tls[0].strip().rstrip('.')}. Check the server's "
+                "certificate and the CA you trust (?ssl_ca_certs=/path/ca.pem in the URL), or use redis:// for a "
+                "server without TLS"
+            ) from None
+        raise ServerUnavailableError(
+            f"Redis at {redact_url(url)} is not reachable ({type(e).__name__}: {detail}): start it or check --broker"
+        ) from None
     return client
 
 
@@ -77,8 +89,10 @@ def _guard(fn):
         try:
             return fn(self, *a, **kw)
         except redis.RedisError as e:
-            raise ServerUnavailableError(f"Redis error in job {self.job_id}: {type(e).__name__}: "
-                                         f"{redact_url(str(e))}") from None
+            raise ServerUnavailableError(
+                f"Redis error in job {self.job_id}: {type(e).__name__}: {redact(str(e))}"
+            ) from None
+
     return wrapper
 
 
@@ -129,9 +143,12 @@ class JobState:
         items = list(committed.items())
         for start in range(0, len(items), 1000):
             p = self.r.pipeline(transaction=False)
-            for batch, (docs, tokens, quarantined) in items[start:start + 1000]:
-                self._mark(keys=[self.k_done, self.k_counters, self.k_running],
-                           args=[batch, docs, tokens, quarantined], client=p)
+            for batch, (docs, tokens, quarantined) in items[start : start + 1000]:
+                self._mark(
+                    keys=[self.k_done, self.k_counters, self.k_running],
+                    args=[batch, docs, tokens, quarantined],
+                    client=p,
+                )
             new += sum(int(x) for x in p.execute())
         return new
 
@@ -181,8 +198,9 @@ class JobState:
     @_guard
     def mark_done(self, batch: int, docs: int, tokens: int, quarantined: int) -> bool:
         """Commit ``batch`` as done; counters move only the first time. True if it was new."""
-        return bool(self._mark(keys=[self.k_done, self.k_counters, self.k_running],
-                               args=[batch, docs, tokens, quarantined]))
+        return bool(
+            self._mark(keys=[self.k_done, self.k_counters, self.k_running], args=[batch, docs, tokens, quarantined])
+        )
 
     @_guard
     def count(self, name: str, n: int = 1) -> None:
@@ -197,8 +215,9 @@ class JobState:
 
     @_guard
     def delete(self) -> None:
-        self.r.delete(self.k_meta, self.k_tok, self.k_done, self.k_counters, self.k_attempts, self.k_running,
-                      self.k_errors)
+        self.r.delete(
+            self.k_meta, self.k_tok, self.k_done, self.k_counters, self.k_attempts, self.k_running, self.k_errors
+        )
         self.r.srem(JOBS_KEY, self.job_id)
 
 
@@ -210,5 +229,3 @@ def list_jobs(client: Any) -> Iterable[str]:
         return sorted(j.decode() for j in client.smembers(JOBS_KEY))
     except redis.RedisError as e:
         raise ServerUnavailableError(f"Redis error: {type(e).__name__}") from None
-
-

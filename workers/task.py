@@ -6,7 +6,7 @@ Message (msgpack, one per planned batch; ``pipeline.ingest.produce`` builds it):
      "id_type": "int64" | "string", "row_ids": [int], "ids": [int | str], "texts": [str],
      "repaired": [positions in the batch whose invalid UTF-8 was replaced]}
 
-What makes it idempotent and bounded (reliability.md):
+What makes it idempotent and bounded (docs/reliability.md):
 
 * a batch whose vectors part is already committed for this job is only recorded done again;
 * every delivery is counted in Redis (``attempts``); a batch whose deliveries died without
@@ -34,11 +34,11 @@ from celery.signals import worker_process_init
 
 from core.envs import read_env
 from core.errors import InputError, PermanentError, TransientError
-from workers.jobstate import JobState, connect
+from core.layout import OutputDir
 from workers.app import TASK_NAME, app, current_config
 from workers.infer import embed_checked, encoder_for, subset
+from workers.jobstate import JobState, connect
 from workers.write import BatchOutput, write_batch
-from core.layout import OutputDir
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +68,27 @@ class BatchMessage:
     def parse(cls, msg: dict) -> BatchMessage:
         try:
             if msg.get("v") != MESSAGE_VERSION:
-                raise InputError(f"message version {msg.get('v')!r}, this worker reads {MESSAGE_VERSION}: upgrade "
-                                 "the worker or the producer so that both run the same fbas")
+                raise InputError(
+                    f"message version {msg.get('v')!r}, this worker reads {MESSAGE_VERSION}: upgrade "
+                    "the worker or the producer so that both run the same fbas"
+                )
             n = len(msg["row_ids"])
             if len(msg["ids"]) != n or len(msg["texts"]) != n:
                 raise InputError(f"batch {msg['batch']}: row_ids, ids and texts differ in length")
             rep = np.zeros(n, dtype=bool)
             rep[np.asarray(msg.get("repaired") or [], dtype=np.int64)] = True
-            return cls(str(msg["job"]), int(msg["batch"]), str(msg["out"]), str(msg["model"]), str(msg["id_type"]),
-                       int(msg["dim"]), np.asarray(msg["row_ids"], dtype=np.int64), list(msg["ids"]), list(msg["texts"]), rep)
+            return cls(
+                str(msg["job"]),
+                int(msg["batch"]),
+                str(msg["out"]),
+                str(msg["model"]),
+                str(msg["id_type"]),
+                int(msg["dim"]),
+                np.asarray(msg["row_ids"], dtype=np.int64),
+                list(msg["ids"]),
+                list(msg["texts"]),
+                rep,
+            )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise InputError(f"malformed batch message ({type(e).__name__}: {e})") from None
 
@@ -88,7 +100,7 @@ def _preload(**_: Any) -> None:
 
     for name in ("faiss", "pyarrow.parquet", "tokenizers", "workers.triton_client"):
         importlib.import_module(name)
-    # pyarrow imports pandas, where it is installed, on its first pa.array (1.0 s on the GPU host): now, not
+    # pyarrow imports pandas, where it is installed, on its first pa.array (a slow import): now, not
     # inside the first batch's write
     importlib.import_module("pyarrow").array([0])
 
@@ -142,9 +154,22 @@ def _test_hooks(m: BatchMessage, attempt: int) -> None:
 
 def _all_quarantined(m: BatchMessage, dim: int, reason: str) -> BatchOutput:
     n = len(m.row_ids)
-    return BatchOutput(m.job, m.batch, m.model, dim, m.id_type, m.row_ids[:0], [], np.zeros((0, dim), np.float32),
-                       np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, bool), m.row_ids, m.ids,
-                       [reason] * n)
+    return BatchOutput(
+        m.job,
+        m.batch,
+        m.model,
+        dim,
+        m.id_type,
+        m.row_ids[:0],
+        [],
+        np.zeros((0, dim), np.float32),
+        np.zeros(0, np.int32),
+        np.zeros(0, bool),
+        np.zeros(0, bool),
+        m.row_ids,
+        m.ids,
+        [reason] * n,
+    )
 
 
 def run_batch(m: BatchMessage, engine: Any, tokenizer: Any, dim: int, attempt: int = 1) -> BatchOutput:
@@ -165,24 +190,36 @@ def run_batch(m: BatchMessage, engine: Any, tokenizer: Any, dim: int, attempt: i
     ok[list(failed)] = False
     q = np.flatnonzero(~ok)
     return BatchOutput(
-        m.job, m.batch, m.model, dim, m.id_type, m.row_ids[ok], [i for i, k in zip(m.ids, ok) if k],
-        np.ascontiguousarray(vectors[ok]), enc.lengths[ok].astype(np.int32), enc.truncated[ok], m.repaired[ok],
-        m.row_ids[q], [m.ids[i] for i in q], [failed[int(i)] for i in q])
+        m.job,
+        m.batch,
+        m.model,
+        dim,
+        m.id_type,
+        m.row_ids[ok],
+        [i for i, k in zip(m.ids, ok) if k],
+        np.ascontiguousarray(vectors[ok]),
+        enc.lengths[ok].astype(np.int32),
+        enc.truncated[ok],
+        m.repaired[ok],
+        m.row_ids[q],
+        [m.ids[i] for i in q],
+        [failed[int(i)] for i in q],
+    )
 
 
 def _backoff(retries: int) -> float:
     """Seconds before retry ``retries + 1``: 1, 2, 4, ... capped at 30, with jitter."""
     import random
 
-    return min(30.0, 2.0 ** retries) * random.uniform(0.75, 1.0)
+    return min(30.0, 2.0**retries) * random.uniform(0.75, 1.0)
 
 
-@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-          max_retries=None)
+@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True, max_retries=None)
 def embed_batch(self, msg: dict) -> dict:
     """Celery entry point: one planned batch (see the module docstring). Returns a small summary dict."""
     cfg = current_config()
     m = BatchMessage.parse(msg)
+    assert cfg.queue.broker is not None, "a worker gets its tasks from the broker, so one is configured"
     state = JobState(_redis(cfg.queue.broker), m.job)
     out = OutputDir(m.out)
     where = f"{socket.gethostname()}:{os.getpid()}"
@@ -201,15 +238,21 @@ def embed_batch(self, msg: dict) -> dict:
         enc_model = encoder_for(cfg)
         info = enc_model.info
         if info.fingerprint and m.model and info.fingerprint != m.model:
-            problem = (f"Triton at {cfg.serve.triton} serves model {cfg.serve.model_name!r} with fingerprint "
-                       f"{info.fingerprint}, but job {m.job} was planned for {m.model}: serve the job's model "
-                       "(the same `fbas-pipeline build` settings) or rerun ingest with this one")
+            problem = (
+                f"Triton at {cfg.serve.triton} serves model {cfg.serve.model_name!r} with fingerprint "
+                f"{info.fingerprint}, but job {m.job} was planned for {m.model}: serve the job's model "
+                "(the same `fbas-pipeline build` settings) or rerun ingest with this one"
+            )
             logger.error(problem)
             state.report_error(problem)
             return {"batch": m.batch, "error": "model mismatch"}
         if crashed > cfg.queue.max_retries:
-            result = _all_quarantined(m, m.dim, f"poison: {crashed} deliveries of this batch died without "
-                                                   "finishing (worker killed, out of memory or over the time limit)")
+            result = _all_quarantined(
+                m,
+                m.dim,
+                f"poison: {crashed} deliveries of this batch died without "
+                "finishing (worker killed, out of memory or over the time limit)",
+            )
             logger.error("batch %d of job %s quarantined after %d crashed deliveries", m.batch, m.job, crashed)
         else:
             result = run_batch(m, enc_model, _tokenizer(state, m.job, info.max_seq_len), info.dim, attempt)
@@ -219,8 +262,7 @@ def embed_batch(self, msg: dict) -> dict:
             logger.warning("batch %d: %s; retry %d/%d in %.1fs", m.batch, e, retries + 1, cfg.queue.max_retries, delay)
             state.count("retries")
             raise self.retry(exc=e, countdown=delay) from None
-        result = _all_quarantined(m, m.dim, f"transient error after {retries} retries: "
-                                                                   f"{str(e)[:300]}")
+        result = _all_quarantined(m, m.dim, f"transient error after {retries} retries: {str(e)[:300]}")
     except PermanentError as e:
         result = _all_quarantined(m, m.dim, f"permanent error: {str(e)[:300]}")
     except Exception as e:  # noqa: BLE001 - task boundary: an unexpected error must not lose the batch
@@ -228,8 +270,7 @@ def embed_batch(self, msg: dict) -> dict:
         if retries < cfg.queue.max_retries:
             state.count("retries")
             raise self.retry(exc=e, countdown=_backoff(retries)) from None
-        result = _all_quarantined(m, m.dim, f"error after {retries} retries: "
-                                                                   f"{type(e).__name__}: {str(e)[:300]}")
+        result = _all_quarantined(m, m.dim, f"error after {retries} retries: {type(e).__name__}: {str(e)[:300]}")
     try:
         written = write_batch(out, result)
     except OSError as e:  # disk full, permissions: a job error, not the rows' fault; a rerun redoes the batch
@@ -242,6 +283,11 @@ def embed_batch(self, msg: dict) -> dict:
         state.mark_done(m.batch, committed["rows"], committed["tokens"], committed["quarantined"])
         return {"batch": m.batch, "already": True}
     state.mark_done(m.batch, len(result.row_ids), int(result.n_tokens.sum(dtype=np.int64)), len(result.q_row_ids))
-    logger.info("batch %d: %d docs, %d quarantined in %.2fs", m.batch, len(result.row_ids), len(result.q_row_ids),
-                time.perf_counter() - t0)
+    logger.info(
+        "batch %d: %d docs, %d quarantined in %.2fs",
+        m.batch,
+        len(result.row_ids),
+        len(result.q_row_ids),
+        time.perf_counter() - t0,
+    )
     return {"batch": m.batch, "docs": len(result.row_ids), "quarantined": len(result.q_row_ids)}

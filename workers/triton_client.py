@@ -43,13 +43,29 @@ from typing import Any
 import numpy as np
 
 from core.errors import FbasError, InvalidRequestError, PermanentError, ServerUnavailableError, TransientError
-from workers.triton_wire import (DTYPES, ResponseFormatError, build_infer_request, encode_http_request,
-                                 output_array, parse_http_response, scan_infer_response)
+from workers.triton_wire import (
+    DTYPES,
+    ResponseFormatError,
+    build_infer_request,
+    encode_http_request,
+    output_array,
+    parse_http_response,
+    scan_infer_response,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClientOptions", "ModelInfo", "ClientStats", "TritonEncoder", "BadRowsError", "RequestTooLargeError",
-           "ResponseFormatError", "find_bad_rows", "plan_chunks"]
+__all__ = [
+    "ClientOptions",
+    "ModelInfo",
+    "ClientStats",
+    "TritonEncoder",
+    "BadRowsError",
+    "RequestTooLargeError",
+    "ResponseFormatError",
+    "find_bad_rows",
+    "plan_chunks",
+]
 
 OUTPUT = "embedding"
 _SERVICE = "/inference.GRPCInferenceService/"
@@ -75,28 +91,32 @@ class RequestTooLargeError(InvalidRequestError):
 class ClientOptions:
     """How to reach Triton and how hard to try (seconds unless noted)."""
 
-    url: str = "127.0.0.1:8001"       # host:port of Triton's gRPC (or HTTP, with protocol="http") endpoint
+    url: str = "127.0.0.1:8001"  # host:port of Triton's gRPC (or HTTP, with protocol="http") endpoint
     model_name: str = "fbas_encoder"
-    protocol: str = "grpc"            # grpc | http
-    request_timeout: float = 120.0    # deadline of one request
-    ready_timeout: float = 300.0      # how long the first call waits for server + model readiness
-    max_retries: int = 8              # retries of one request after transient faults
-    backoff: float = 0.1              # first wait before a retry; doubles up to max_backoff, with jitter
+    protocol: str = "grpc"  # grpc | http
+    request_timeout: float = 120.0  # deadline of one request
+    ready_timeout: float = 300.0  # how long the first call waits for server + model readiness
+    max_retries: int = 8  # retries of one request after transient faults
+    backoff: float = 0.1  # first wait before a retry; doubles up to max_backoff, with jitter
     max_backoff: float = 2.0
-    retry_budget: float = 60.0        # most seconds spent retrying one request; keep below the task time limit
-    shared_memory: bool = False       # system shared memory for inputs/outputs (gRPC, same host as Triton)
-    validate: bool = True             # check rows before sending (BadRowsError without a round trip)
-    max_docs_per_request: int | None = None    # override the server's limit (None: the server's)
+    retry_budget: float = 60.0  # most seconds spent retrying one request; keep below the task time limit
+    shared_memory: bool = False  # system shared memory for inputs/outputs (gRPC, same host as Triton)
+    validate: bool = True  # check rows before sending (BadRowsError without a round trip)
+    max_docs_per_request: int | None = None  # override the server's limit (None: the server's)
     max_tokens_per_request: int | None = None
-    max_message_bytes: int = (1 << 31) - 1     # gRPC send/receive limit of the channel
+    max_message_bytes: int = (1 << 31) - 1  # gRPC send/receive limit of the channel
 
     @classmethod
     def from_config(cls, cfg: Any, **kw: Any) -> ClientOptions:
         """From an ``FbasConfig``: ``serve.triton``, ``serve.model_name``, ``serve.ready_timeout``,
         ``serve.shared_memory`` (when the field exists); retries stay within half of ``queue.task_time_limit``."""
         s = cfg.serve
-        base: dict[str, Any] = {"url": s.triton, "model_name": s.model_name, "ready_timeout": s.ready_timeout,
-                                "shared_memory": bool(getattr(s, "shared_memory", False))}
+        base: dict[str, Any] = {
+            "url": s.triton,
+            "model_name": s.model_name,
+            "ready_timeout": s.ready_timeout,
+            "shared_memory": bool(getattr(s, "shared_memory", False)),
+        }
         limit = cfg.queue.task_time_limit / 2
         base["retry_budget"] = min(cls.retry_budget, limit)
         base["request_timeout"] = min(cls.request_timeout, limit)
@@ -110,9 +130,9 @@ class ModelInfo:
     dim: int
     max_seq_len: int
     vocab_size: int
-    output_dtype: str         # FP32 | FP16
-    max_docs: int             # documents per request
-    max_tokens: int           # tokens per request
+    output_dtype: str  # FP32 | FP16
+    max_docs: int  # documents per request
+    max_tokens: int  # tokens per request
     precision: str
     fingerprint: str
 
@@ -121,10 +141,10 @@ class ModelInfo:
 class ClientStats:
     """Counters of one client (for tests, logs and benchmarks)."""
 
-    requests: int = 0          # requests sent (attempts included)
-    retries: int = 0           # attempts after a transient fault
-    splits: int = 0            # oversized requests split in halves
-    reregistrations: int = 0   # shared-memory regions registered again (after a server restart)
+    requests: int = 0  # requests sent (attempts included)
+    retries: int = 0  # attempts after a transient fault
+    splits: int = 0  # oversized requests split in halves
+    reregistrations: int = 0  # shared-memory regions registered again (after a server restart)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **kw: int) -> None:
@@ -204,16 +224,24 @@ class TritonEncoder:
             except TransientError as e:
                 last = str(e)
             if time.monotonic() + delay > deadline:
-                raise ServerUnavailableError(f"Triton at {self.options.url} not ready after {timeout:.0f}s ({last}): "
-                                             "start it (`fbas-pipeline serve`) or check --triton")
+                raise ServerUnavailableError(
+                    f"Triton at {self.options.url} not ready after {timeout:.0f}s ({last}): "
+                    "start it (`fbas-pipeline serve`) or check --triton"
+                )
             time.sleep(delay)
             delay = min(1.0, delay * 2)
         with self._info_lock:
             self._info = self._read_info(self._transport.model_config())
             self._transport.setup(self._info, self.stats)
-        logger.info("Triton model %s ready at %s: dim %d, %s output, <= %d docs / %d tokens per request",
-                    self.options.model_name, self.options.url, self._info.dim, self._info.output_dtype,
-                    self._info.max_docs, self._info.max_tokens)
+        logger.info(
+            "Triton model %s ready at %s: dim %d, %s output, <= %d docs / %d tokens per request",
+            self.options.model_name,
+            self.options.url,
+            self._info.dim,
+            self._info.output_dtype,
+            self._info.max_docs,
+            self._info.max_tokens,
+        )
         return self._info
 
     def _read_info(self, cfg: dict) -> ModelInfo:
@@ -221,19 +249,26 @@ class TritonEncoder:
 
         def p(key: str) -> str:
             if key not in params:
-                raise ResponseFormatError(f"model {self.options.model_name!r} has no parameter {key!r} in its "
-                                          "config.pbtxt: it was not written by fbas (rebuild the repository)")
+                raise ResponseFormatError(
+                    f"model {self.options.model_name!r} has no parameter {key!r} in its "
+                    "config.pbtxt: it was not written by fbas (rebuild the repository)"
+                )
             return params[key]
 
         outs = [o for o in cfg.get("output", []) if o.get("name") == OUTPUT]
         if not outs:
             raise ResponseFormatError(f"model {self.options.model_name!r} has no output {OUTPUT!r}")
         o = self.options
-        return ModelInfo(dim=int(p("dim")), max_seq_len=int(p("max_seq_len")), vocab_size=int(p("vocab_size")),
-                         output_dtype=outs[0]["data_type"].replace("TYPE_", ""),
-                         max_docs=o.max_docs_per_request or int(p("max_docs_per_request")),
-                         max_tokens=o.max_tokens_per_request or int(p("max_tokens_per_request")),
-                         precision=params.get("precision", "fp32"), fingerprint=params.get("fingerprint", ""))
+        return ModelInfo(
+            dim=int(p("dim")),
+            max_seq_len=int(p("max_seq_len")),
+            vocab_size=int(p("vocab_size")),
+            output_dtype=outs[0]["data_type"].replace("TYPE_", ""),
+            max_docs=o.max_docs_per_request or int(p("max_docs_per_request")),
+            max_tokens=o.max_tokens_per_request or int(p("max_tokens_per_request")),
+            precision=params.get("precision", "fp32"),
+            fingerprint=params.get("fingerprint", ""),
+        )
 
     def embed(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Packed token ids int32 [T] + lengths int32 [B] -> embeddings float32 [B, dim] (one row per document).
@@ -247,18 +282,24 @@ class TritonEncoder:
         lens = np.ascontiguousarray(lengths, dtype=np.int32).reshape(-1)
         info = self.info
         if int(lens.sum(dtype=np.int64)) != ids.size:
-            raise InvalidRequestError(f"sum(lengths)={int(lens.sum(dtype=np.int64))} does not match the "
-                                      f"{ids.size} token ids")
+            raise InvalidRequestError(
+                f"sum(lengths)={int(lens.sum(dtype=np.int64))} does not match the {ids.size} token ids"
+            )
         if lens.size == 0:
             return np.empty((0, info.dim), dtype=np.float32)
         if self.options.validate:
             bad = find_bad_rows(ids, lens, info.max_seq_len, info.vocab_size)
             if bad:
-                raise BadRowsError(f"{len(bad)} of {lens.size} documents are invalid (rows {bad[:20]}): lengths must "
-                                   f"be in 1..{info.max_seq_len}, token ids in 0..{info.vocab_size - 1}", bad)
+                raise BadRowsError(
+                    f"{len(bad)} of {lens.size} documents are invalid (rows {bad[:20]}): lengths must "
+                    f"be in 1..{info.max_seq_len}, token ids in 0..{info.vocab_size - 1}",
+                    bad,
+                )
         offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
-        parts = [self._embed_chunk(ids[offsets[s]:offsets[e]], lens[s:e], s)
-                 for s, e in plan_chunks(lens, info.max_docs, info.max_tokens)]
+        parts = [
+            self._embed_chunk(ids[offsets[s] : offsets[e]], lens[s:e], s)
+            for s, e in plan_chunks(lens, info.max_docs, info.max_tokens)
+        ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _embed_chunk(self, ids: np.ndarray, lens: np.ndarray, row0: int) -> np.ndarray:
@@ -277,8 +318,12 @@ class TritonEncoder:
                 cut = int(lens[:half].sum(dtype=np.int64))
                 self.stats.add(splits=1)
                 logger.info("request of %d docs / %d tokens too large (%s): splitting", lens.size, ids.size, e)
-                return np.concatenate([self._embed_chunk(ids[:cut], lens[:half], row0),
-                                       self._embed_chunk(ids[cut:], lens[half:], row0 + half)])
+                return np.concatenate(
+                    [
+                        self._embed_chunk(ids[:cut], lens[:half], row0),
+                        self._embed_chunk(ids[cut:], lens[half:], row0 + half),
+                    ]
+                )
             except BadRowsError as e:
                 rows = [row0 + r for r in e.rows]
                 raise BadRowsError(f"Triton rejected {len(rows)} documents (rows {rows[:20]}): {e}", rows) from None
@@ -329,19 +374,28 @@ class _GrpcTransport:
         from tritonclient.grpc import service_pb2
 
         self._grpc, self._pb, self.o = grpc, service_pb2, options
-        self.channel = grpc.insecure_channel(options.url, options=[
-            ("grpc.max_send_message_length", options.max_message_bytes),
-            ("grpc.max_receive_message_length", options.max_message_bytes),
-            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.enable_retries", 0)])
+        self.channel = grpc.insecure_channel(
+            options.url,
+            options=[
+                ("grpc.max_send_message_length", options.max_message_bytes),
+                ("grpc.max_receive_message_length", options.max_message_bytes),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+                ("grpc.enable_retries", 0),
+            ],
+        )
         self._infer = self.channel.unary_unary(_SERVICE + "ModelInfer")  # bytes in, bytes out
         self._shm: _SharedMemory | None = None
         self._shm_lock = threading.Lock()
         self.stats: ClientStats | None = None
 
     def _call(self, method: str, request: Any, response_cls: Any, timeout: float = 5.0) -> Any:
-        fn = self.channel.unary_unary(_SERVICE + method, request_serializer=type(request).SerializeToString,
-                                      response_deserializer=response_cls.FromString)
+        fn = self.channel.unary_unary(
+            _SERVICE + method,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )
         try:
             return fn(request, timeout=timeout)
         except self._grpc.RpcError as e:
@@ -363,8 +417,10 @@ class _GrpcTransport:
 
     def ready(self) -> bool:
         pb, name = self._pb, self.o.model_name
-        return (self._call("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse).ready
-                and self._call("ModelReady", pb.ModelReadyRequest(name=name), pb.ModelReadyResponse).ready)
+        return (
+            self._call("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse).ready
+            and self._call("ModelReady", pb.ModelReadyRequest(name=name), pb.ModelReadyResponse).ready
+        )
 
     def model_config(self) -> dict:
         from google.protobuf.json_format import MessageToDict
@@ -404,12 +460,14 @@ class _GrpcTransport:
         from google.protobuf.json_format import MessageToDict
 
         pb = self._pb
-        r = self._call("ModelStatistics", pb.ModelStatisticsRequest(name=self.o.model_name),
-                       pb.ModelStatisticsResponse)
+        r = self._call("ModelStatistics", pb.ModelStatisticsRequest(name=self.o.model_name), pb.ModelStatisticsResponse)
         st = MessageToDict(r.model_stats[0], preserving_proto_field_name=True) if r.model_stats else {}
-        return {"inference_count": int(st.get("inference_count", 0)),
-                "execution_count": int(st.get("execution_count", 0)),
-                "batch_stats": st.get("batch_stats", []), "inference_stats": st.get("inference_stats", {})}
+        return {
+            "inference_count": int(st.get("inference_count", 0)),
+            "execution_count": int(st.get("execution_count", 0)),
+            "batch_stats": st.get("batch_stats", []),
+            "inference_stats": st.get("inference_stats", {}),
+        }
 
     def close(self) -> None:
         if self._shm is not None:
@@ -435,24 +493,36 @@ class _SharedMemory:
         except InvalidRequestError as e:
             self.mem.close()
             self.mem.unlink()
-            raise PermanentError(f"Triton at {transport.o.url} could not map shared memory /dev/shm/{self.name} "
-                                 f"({e}): shared_memory works only with Triton on this host") from None
+            raise PermanentError(
+                f"Triton at {transport.o.url} could not map shared memory /dev/shm/{self.name} "
+                f"({e}): shared_memory works only with Triton on this host"
+            ) from None
 
     def register(self) -> None:
         pb = self.t._pb
-        self.t._call("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest(
-            name=self.name, key="/" + self.name, offset=0, byte_size=self.in_bytes + self.out_bytes),
-            pb.SystemSharedMemoryRegisterResponse)
+        self.t._call(
+            "SystemSharedMemoryRegister",
+            pb.SystemSharedMemoryRegisterRequest(
+                name=self.name, key="/" + self.name, offset=0, byte_size=self.in_bytes + self.out_bytes
+            ),
+            pb.SystemSharedMemoryRegisterResponse,
+        )
 
     def infer(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
         if ids.size > self.info.max_tokens or lens.size > self.info.max_docs:
             raise RequestTooLargeError(f"{lens.size} docs / {ids.size} tokens exceed the shared-memory region")
         buf = self.mem.buf
+        assert buf is not None, "shared-memory region used after close()"
         np.frombuffer(buf, np.int32, ids.size, 0)[:] = ids
         np.frombuffer(buf, np.int32, lens.size, ids.nbytes)[:] = lens
         itemsize = DTYPES[self.info.output_dtype].itemsize
-        shm = {"region": self.name, "ids_offset": 0, "lengths_offset": ids.nbytes, "out_offset": self.in_bytes,
-               "out_nbytes": lens.size * self.info.dim * itemsize}
+        shm = {
+            "region": self.name,
+            "ids_offset": 0,
+            "lengths_offset": ids.nbytes,
+            "out_offset": self.in_bytes,
+            "out_nbytes": lens.size * self.info.dim * itemsize,
+        }
         req = build_infer_request(self.t.o.model_name, ids, lens, OUTPUT, shm=shm)
         try:
             resp = self.t._send(req)
@@ -475,8 +545,11 @@ class _SharedMemory:
     def close(self) -> None:
         pb = self.t._pb
         try:
-            self.t._call("SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest(name=self.name),
-                         pb.SystemSharedMemoryUnregisterResponse)
+            self.t._call(
+                "SystemSharedMemoryUnregister",
+                pb.SystemSharedMemoryUnregisterRequest(name=self.name),
+                pb.SystemSharedMemoryUnregisterResponse,
+            )
         except FbasError as e:
             logger.info("could not unregister shared memory %s (%s); the server may be gone", self.name, e)
         self.mem.close()
@@ -504,8 +577,9 @@ class _HttpTransport:
                 self._conns.append(c)
         return c
 
-    def _request(self, method: str, path: str, body: bytes | None = None,
-                 headers: dict | None = None) -> tuple[int, bytes, http.client.HTTPResponse]:
+    def _request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+    ) -> tuple[int, bytes, http.client.HTTPResponse]:
         for fresh in (False, True):  # a kept-alive connection the server closed gets one fresh try
             c = self._conn()
             try:
@@ -555,8 +629,12 @@ class _HttpTransport:
 
     def infer(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
         body, hlen = encode_http_request(ids, lens, OUTPUT)
-        status, data, r = self._request("POST", f"/v2/models/{self.o.model_name}/infer", body, {
-            "Inference-Header-Content-Length": str(hlen), "Content-Type": "application/octet-stream"})
+        status, data, r = self._request(
+            "POST",
+            f"/v2/models/{self.o.model_name}/infer",
+            body,
+            {"Inference-Header-Content-Length": str(hlen), "Content-Type": "application/octet-stream"},
+        )
         if status != 200:
             raise self._error(status, data)
         h = r.getheader("Inference-Header-Content-Length")
@@ -573,9 +651,12 @@ class _HttpTransport:
         if status != 200:
             raise self._error(status, body)
         st = json.loads(body).get("model_stats", [{}])[0]
-        return {"inference_count": int(st.get("inference_count", 0)),
-                "execution_count": int(st.get("execution_count", 0)),
-                "batch_stats": st.get("batch_stats", []), "inference_stats": st.get("inference_stats", {})}
+        return {
+            "inference_count": int(st.get("inference_count", 0)),
+            "execution_count": int(st.get("execution_count", 0)),
+            "batch_stats": st.get("batch_stats", []),
+            "inference_stats": st.get("inference_stats", {}),
+        }
 
     def close(self) -> None:
         with self._lock:

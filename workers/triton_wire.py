@@ -29,12 +29,28 @@ import numpy as np
 
 from core.errors import PermanentError
 
-__all__ = ["ResponseFormatError", "OutputView", "ResponseView", "DTYPES", "decode_varint", "scan_infer_response",
-           "output_array", "build_infer_request", "encode_http_request", "parse_http_response"]
+__all__ = [
+    "ResponseFormatError",
+    "OutputView",
+    "ResponseView",
+    "DTYPES",
+    "decode_varint",
+    "scan_infer_response",
+    "output_array",
+    "build_infer_request",
+    "encode_http_request",
+    "parse_http_response",
+]
 
 DTYPES: dict[str, np.dtype] = {
-    "FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "FP64": np.dtype("<f8"), "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"), "INT8": np.dtype("i1"), "UINT8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "FP32": np.dtype("<f4"),
+    "FP16": np.dtype("<f2"),
+    "FP64": np.dtype("<f8"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "INT8": np.dtype("i1"),
+    "UINT8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
 }
 _WT_VARINT, _WT_I64, _WT_LEN, _WT_I32 = 0, 1, 2, 5
 
@@ -50,7 +66,7 @@ class OutputView:
     name: str = ""
     datatype: str = ""
     shape: list[int] = field(default_factory=list)
-    offset: int = -1   # byte offset of its raw contents in the response buffer; -1 = none (e.g. shared memory)
+    offset: int = -1  # byte offset of its raw contents in the response buffer; -1 = none (e.g. shared memory)
     nbytes: int = 0
 
 
@@ -67,11 +83,13 @@ class ResponseView:
         for o in self.outputs:
             if o.name == name:
                 return o
-        raise ResponseFormatError(f"the response of model {self.model_name!r} has no output {name!r} "
-                                  f"(outputs: {[o.name for o in self.outputs]})")
+        raise ResponseFormatError(
+            f"the response of model {self.model_name!r} has no output {name!r} "
+            f"(outputs: {[o.name for o in self.outputs]})"
+        )
 
 
-def decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
+def decode_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
     """(value, next position) of the base-128 varint at ``buf[pos]``."""
     b = buf[pos]
     if b < 0x80:
@@ -88,7 +106,7 @@ def decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes, start: int, end: int):
+def _fields(buf: bytes | memoryview, start: int, end: int):
     """Yield (field number, wire type, value or (offset, length)) for each field in ``buf[start:end]``."""
     pos = start
     while pos < end:
@@ -117,13 +135,13 @@ def _int64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _scan_output(buf: bytes, start: int, end: int) -> OutputView:
+def _scan_output(buf: bytes | memoryview, start: int, end: int) -> OutputView:
     out = OutputView()
     for num, wt, v in _fields(buf, start, end):
         if num == 1 and wt == _WT_LEN:
-            out.name = bytes(buf[v[0]:v[0] + v[1]]).decode("utf-8")
+            out.name = bytes(buf[v[0] : v[0] + v[1]]).decode("utf-8")
         elif num == 2 and wt == _WT_LEN:
-            out.datatype = bytes(buf[v[0]:v[0] + v[1]]).decode("ascii")
+            out.datatype = bytes(buf[v[0] : v[0] + v[1]]).decode("ascii")
         elif num == 3 and wt == _WT_LEN:  # packed int64
             p, stop = v[0], v[0] + v[1]
             while p < stop:
@@ -132,8 +150,10 @@ def _scan_output(buf: bytes, start: int, end: int) -> OutputView:
         elif num == 3 and wt == _WT_VARINT:  # unpacked (legal protobuf, never sent by Triton today)
             out.shape.append(_int64(v))
         elif num == 5 and wt == _WT_LEN and v[1]:
-            raise ResponseFormatError(f"output {out.name!r} came as typed 'contents', not raw bytes: this client "
-                                      "reads raw_output_contents only")
+            raise ResponseFormatError(
+                f"output {out.name!r} came as typed 'contents', not raw bytes: this client "
+                "reads raw_output_contents only"
+            )
     return out
 
 
@@ -149,7 +169,7 @@ def scan_infer_response(buf: bytes | memoryview) -> ResponseView:
         elif num == 5:
             view.outputs.append(_scan_output(buf, v[0], v[0] + v[1]))
         elif num in (1, 2, 3):
-            setattr(view, ("model_name", "model_version", "id")[num - 1], bytes(buf[v[0]:v[0] + v[1]]).decode())
+            setattr(view, ("model_name", "model_version", "id")[num - 1], bytes(buf[v[0] : v[0] + v[1]]).decode())
     if raws:
         if len(raws) != len(view.outputs):
             raise ResponseFormatError(f"the response has {len(view.outputs)} outputs but {len(raws)} raw contents")
@@ -160,7 +180,11 @@ def scan_infer_response(buf: bytes | memoryview) -> ResponseView:
 
 def output_array(buf: bytes | memoryview, view: ResponseView | OutputView, name: str | None = None) -> np.ndarray:
     """The raw output ``name`` as a read-only array viewing ``buf`` (shape and dtype from the response header)."""
-    out = view.output(name) if isinstance(view, ResponseView) else view
+    if isinstance(view, ResponseView):
+        assert name is not None, "output_array needs the output name when given a whole ResponseView"
+        out = view.output(name)
+    else:
+        out = view
     dtype = DTYPES.get(out.datatype)
     if dtype is None:
         raise ResponseFormatError(f"output {out.name!r} has datatype {out.datatype!r}, which this client does not read")
@@ -170,8 +194,10 @@ def output_array(buf: bytes | memoryview, view: ResponseView | OutputView, name:
         raise ResponseFormatError(f"output {out.name!r} has a negative dimension in shape {out.shape}")
     count = int(np.prod(out.shape, dtype=np.int64)) if out.shape else 1
     if count * dtype.itemsize != out.nbytes:
-        raise ResponseFormatError(f"output {out.name!r}: shape {out.shape} x {out.datatype} needs "
-                                  f"{count * dtype.itemsize} bytes, the response carries {out.nbytes}")
+        raise ResponseFormatError(
+            f"output {out.name!r}: shape {out.shape} x {out.datatype} needs "
+            f"{count * dtype.itemsize} bytes, the response carries {out.nbytes}"
+        )
     return np.frombuffer(buf, dtype=dtype, count=count, offset=out.offset).reshape(out.shape)
 
 
@@ -184,8 +210,9 @@ def _set_shm(params: Any, region: str, offset: int, nbytes: int) -> None:
     params["shared_memory_offset"].int64_param = offset
 
 
-def build_infer_request(model_name: str, token_ids: np.ndarray, lengths: np.ndarray, output: str = "embedding",
-                        shm: dict | None = None) -> bytes:
+def build_infer_request(
+    model_name: str, token_ids: np.ndarray, lengths: np.ndarray, output: str = "embedding", shm: dict | None = None
+) -> bytes:
     """A serialized ``ModelInferRequest``: token_ids INT32 [1, T], lengths INT32 [1, B], one requested output.
 
     With ``shm`` ({region, ids_offset, lengths_offset, out_offset, out_nbytes}) the inputs are
@@ -214,16 +241,28 @@ def build_infer_request(model_name: str, token_ids: np.ndarray, lengths: np.ndar
 def encode_http_request(token_ids: np.ndarray, lengths: np.ndarray, output: str = "embedding") -> tuple[bytes, int]:
     """(body, JSON header length) of a binary-tensor inference request; send the length as
     ``Inference-Header-Content-Length``."""
-    header = json.dumps({
-        "inputs": [
-            {"name": "token_ids", "datatype": "INT32", "shape": [1, int(token_ids.size)],
-             "parameters": {"binary_data_size": int(token_ids.nbytes)}},
-            {"name": "lengths", "datatype": "INT32", "shape": [1, int(lengths.size)],
-             "parameters": {"binary_data_size": int(lengths.nbytes)}},
-        ],
-        "outputs": [{"name": output, "parameters": {"binary_data": True}}],
-    }, separators=(",", ":")).encode()
-    return b"".join((header, memoryview(token_ids).cast("B"), memoryview(lengths).cast("B"))), len(header)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "token_ids",
+                    "datatype": "INT32",
+                    "shape": [1, int(token_ids.size)],
+                    "parameters": {"binary_data_size": int(token_ids.nbytes)},
+                },
+                {
+                    "name": "lengths",
+                    "datatype": "INT32",
+                    "shape": [1, int(lengths.size)],
+                    "parameters": {"binary_data_size": int(lengths.nbytes)},
+                },
+            ],
+            "outputs": [{"name": output, "parameters": {"binary_data": True}}],
+        },
+        separators=(",", ":"),
+    ).encode()
+    # ``.data`` is ``memoryview(arr)``; numpy's stubs declare ndarray a Buffer only for Python >= 3.12
+    return b"".join((header, token_ids.data.cast("B"), lengths.data.cast("B"))), len(header)
 
 
 def parse_http_response(body: bytes, header_length: int | None) -> tuple[dict, dict[str, np.ndarray]]:
@@ -255,8 +294,10 @@ def parse_http_response(body: bytes, header_length: int | None) -> tuple[dict, d
             continue
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if count * dtype.itemsize != size or pos + size > len(body):
-            raise ResponseFormatError(f"output {name!r}: shape {shape} x {dt} does not match its {size} binary "
-                                      f"bytes (body has {len(body) - pos} left)")
+            raise ResponseFormatError(
+                f"output {name!r}: shape {shape} x {dt} does not match its {size} binary "
+                f"bytes (body has {len(body) - pos} left)"
+            )
         arrays[name] = np.frombuffer(body, dtype=dtype, count=count, offset=pos).reshape(shape)
         pos += size
     return header, arrays

@@ -25,21 +25,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from core.layout import FORMAT, META_KEY, OutputDir, read_part_meta, vectors_schema
 
+from core.layout import FORMAT, META_KEY, OutputDir, read_part_meta, vectors_schema
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["OutputDir", "BatchOutput", "write_batch", "FORMAT", "META_KEY", "vectors_schema"]
-
-
-
-
-
-
-
-
-
 
 
 @dataclass
@@ -48,22 +39,29 @@ class BatchOutput:
 
     job: str
     batch: int
-    model: str                 # model fingerprint
+    model: str  # model fingerprint
     dim: int
-    id_type: str               # int64 | string
-    row_ids: np.ndarray        # int64 [n] embedded rows
-    ids: list                  # original ids of those rows
-    vectors: np.ndarray        # float32 [n, dim]
-    n_tokens: np.ndarray       # int32 [n]
-    truncated: np.ndarray      # bool [n]
-    repaired: np.ndarray       # bool [n]
-    q_row_ids: np.ndarray      # int64 [q] quarantined rows of the batch
+    id_type: str  # int64 | string
+    row_ids: np.ndarray  # int64 [n] embedded rows
+    ids: list  # original ids of those rows
+    vectors: np.ndarray  # float32 [n, dim]
+    n_tokens: np.ndarray  # int32 [n]
+    truncated: np.ndarray  # bool [n]
+    repaired: np.ndarray  # bool [n]
+    q_row_ids: np.ndarray  # int64 [q] quarantined rows of the batch
     q_ids: list
     q_reasons: list[str]
 
     def meta(self) -> dict[str, Any]:
-        return {"format": FORMAT, "job": self.job, "batch": self.batch, "model": self.model, "rows": len(self.row_ids),
-                "quarantined": len(self.q_row_ids), "tokens": int(self.n_tokens.sum(dtype=np.int64))}
+        return {
+            "format": FORMAT,
+            "job": self.job,
+            "batch": self.batch,
+            "model": self.model,
+            "rows": len(self.row_ids),
+            "quarantined": len(self.q_row_ids),
+            "tokens": int(self.n_tokens.sum(dtype=np.int64)),
+        }
 
 
 def _id_array(ids: list, id_type: str) -> pa.Array:
@@ -78,7 +76,7 @@ def write_batch(out: OutputDir, b: BatchOutput) -> bool:
     import faiss
 
     def ours(path: Path) -> bool:
-        meta = read_part_meta(path)
+        meta = read_part_meta(path) or {}
         return bool(meta) and meta.get("job") == b.job and meta.get("batch") == b.batch
 
     if ours(out.vectors_part(b.batch)):
@@ -88,8 +86,13 @@ def write_batch(out: OutputDir, b: BatchOutput) -> bool:
         raise ValueError(f"vectors have shape {b.vectors.shape} {b.vectors.dtype}, expected ({n}, {b.dim}) float32")
     meta = b.meta()
     if len(b.q_row_ids):
-        qt = pa.table({"row_id": pa.array(b.q_row_ids, pa.int64()), "id": _id_array(b.q_ids, b.id_type),
-                       "reason": pa.array(b.q_reasons, pa.string())})
+        qt = pa.table(
+            {
+                "row_id": pa.array(b.q_row_ids, pa.int64()),
+                "id": _id_array(b.q_ids, b.id_type),
+                "reason": pa.array(b.q_reasons, pa.string()),
+            }
+        )
         qt = qt.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
         out.write_atomic(out.quarantine_part(b.batch), lambda p: pq.write_table(qt, p))
     else:
@@ -103,12 +106,19 @@ def write_batch(out: OutputDir, b: BatchOutput) -> bool:
 
     schema = vectors_schema(b.dim, b.id_type, meta)
     flat = pa.array(np.ascontiguousarray(b.vectors).reshape(-1), type=pa.float32())
-    table = pa.Table.from_arrays([
-        pa.array(b.row_ids, pa.int64()), _id_array(b.ids, b.id_type),
-        pa.FixedSizeListArray.from_arrays(flat, b.dim), pa.array(b.n_tokens, pa.int32()),
-        pa.array(b.truncated, pa.bool_()), pa.array(b.repaired, pa.bool_())], schema=schema)
-    committed = out.write_atomic(out.vectors_part(b.batch), lambda p: pq.write_table(table, p, compression="none"),
-                                 keep_existing=ours)
-    logger.debug("batch %d: wrote %d vectors, %d quarantined (committed: %s)", b.batch, n, len(b.q_row_ids),
-                 committed)
+    table = pa.Table.from_arrays(
+        [
+            pa.array(b.row_ids, pa.int64()),
+            _id_array(b.ids, b.id_type),
+            pa.FixedSizeListArray.from_arrays(flat, b.dim),
+            pa.array(b.n_tokens, pa.int32()),
+            pa.array(b.truncated, pa.bool_()),
+            pa.array(b.repaired, pa.bool_()),
+        ],
+        schema=schema,
+    )
+    committed = out.write_atomic(
+        out.vectors_part(b.batch), lambda p: pq.write_table(table, p, compression="none"), keep_existing=ours
+    )
+    logger.debug("batch %d: wrote %d vectors, %d quarantined (committed: %s)", b.batch, n, len(b.q_row_ids), committed)
     return committed

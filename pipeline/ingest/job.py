@@ -42,8 +42,9 @@ class JobContext:
     @cached_property
     def job_id(self) -> str:
         """The job's identity: corpus fingerprint + model fingerprint + batch settings."""
-        return fingerprint({"corpus": self.corpus.fingerprint, "model": self.meta.fingerprint,
-                            "settings": _batch_settings(self.cfg)})
+        return fingerprint(
+            {"corpus": self.corpus.fingerprint, "model": self.meta.fingerprint, "settings": _batch_settings(self.cfg)}
+        )
 
 
 @dataclass
@@ -57,12 +58,16 @@ class Job:
     resumed_scan: bool
 
 
-
 def _batch_settings(cfg: FbasConfig) -> dict[str, int | str]:
     c = cfg.corpus
-    settings = {"batch_tokens": c.batch_tokens, "batch_rows": c.batch_rows, "plan_window": c.plan_window,
-                "first_window": first_window(cfg), "plan_version": PLAN_VERSION}
-    if length_mode(cfg) == "estimate":   # named only then: jobs planned on exact lengths keep their ids
+    settings: dict[str, int | str] = {
+        "batch_tokens": c.batch_tokens,
+        "batch_rows": c.batch_rows,
+        "plan_window": c.plan_window,
+        "first_window": first_window(cfg),
+        "plan_version": PLAN_VERSION,
+    }
+    if length_mode(cfg) == "estimate":  # named only then: jobs planned on exact lengths keep their ids
         settings["lengths"] = "estimate"
     return settings
 
@@ -93,15 +98,19 @@ def resume_job(ctx: JobContext) -> Job | None:
         if pending.exists():
             other = json.loads(pending.read_text(encoding="utf-8"))
             if other.get("job") != job_id:
-                raise InputError(f"{out} holds the parts of job {other.get('job')} (corpus {other.get('corpus')}), "
-                                 f"stopped before its scan finished, not this one ({job_id}): rerun that job to "
-                                 "finish it, use another --out, or delete the folder to start over")
+                raise InputError(
+                    f"{out} holds the parts of job {other.get('job')} (corpus {other.get('corpus')}), "
+                    f"stopped before its scan finished, not this one ({job_id}): rerun that job to "
+                    "finish it, use another --out, or delete the folder to start over"
+                )
         return None
     old = json.loads(job_path.read_text(encoding="utf-8"))
     if old.get("job") != job_id:
-        raise InputError(f"{out} holds job {old.get('job')} (corpus {old.get('corpus', {}).get('uri')}, model "
-                         f"{old.get('model', {}).get('fingerprint')}), not this one ({job_id}): use another --out, "
-                         "or delete the folder to start over")
+        raise InputError(
+            f"{out} holds job {old.get('job')} (corpus {old.get('corpus', {}).get('uri')}, model "
+            f"{old.get('model', {}).get('fingerprint')}), not this one ({job_id}): use another --out, "
+            "or delete the folder to start over"
+        )
     if out.state(SCAN_FILE).exists() and out.state(PLAN_FILE).exists():
         scan, plan = Scan.load(out.state(SCAN_FILE)), Plan.load(out.state(PLAN_FILE))
         if plan.n_batches == old.get("n_batches") and scan.n_rows == ctx.corpus.n_rows:
@@ -119,53 +128,98 @@ def save_job(ctx: JobContext, scan: Scan, plan: Plan) -> Job:
     q_path = out.state(SCAN_QUARANTINE)
     if len(scan.q_rows):
         id_type = pa.int64() if corpus.id_type == "int64" else pa.string()
-        qt = pa.table({"row_id": pa.array(scan.q_rows, pa.int64()), "id": pa.array(scan.q_ids, id_type),
-                       "reason": pa.array(scan.q_reasons, pa.string())})
+        qt = pa.table(
+            {
+                "row_id": pa.array(scan.q_rows, pa.int64()),
+                "id": pa.array(scan.q_ids, id_type),
+                "reason": pa.array(scan.q_reasons, pa.string()),
+            }
+        )
         OutputDir.write_atomic(q_path, lambda p: pq.write_table(qt, p))
     else:
         q_path.unlink(missing_ok=True)
     m, lengths = ctx.meta, length_mode(cfg)
     info = {
-        "job": job_id, "n_batches": plan.n_batches, "planned_rows": plan.n_rows,
-        "corpus": {"uri": corpus.uri, "fingerprint": corpus.fingerprint, "rows": corpus.n_rows,
-                   "text_column": corpus.text_column, "id_column": corpus.id_column,
-                   "title_column": corpus.title_column, "id_type": corpus.id_type, "files": len(corpus.files)},
-        "model": {"name": m.name, "fingerprint": m.fingerprint, "dim": m.dim, "pooling": m.pooling,
-                  "normalize": m.normalize, "max_seq_len": m.max_seq_len, "precision": m.precision,
-                  "target": m.target, "dir": f"{STATE}/{MODEL_SUBDIR}"},
+        "job": job_id,
+        "n_batches": plan.n_batches,
+        "planned_rows": plan.n_rows,
+        "corpus": {
+            "uri": corpus.uri,
+            "fingerprint": corpus.fingerprint,
+            "rows": corpus.n_rows,
+            "text_column": corpus.text_column,
+            "id_column": corpus.id_column,
+            "title_column": corpus.title_column,
+            "id_type": corpus.id_type,
+            "files": len(corpus.files),
+        },
+        "model": {
+            "name": m.name,
+            "fingerprint": m.fingerprint,
+            "dim": m.dim,
+            "pooling": m.pooling,
+            "normalize": m.normalize,
+            "max_seq_len": m.max_seq_len,
+            "precision": m.precision,
+            "target": m.target,
+            "dir": f"{STATE}/{MODEL_SUBDIR}",
+        },
         # padding follows exact lengths only (the gpu engine, which estimates them, does not pad)
-        "settings": {**_batch_settings(cfg),
-                     "padding_ratio": round(plan.padding_ratio(), 4) if lengths == "exact" else None},
-        "scan": {"seconds": round(scan.seconds, 3), "quarantined": len(scan.q_rows), "repaired": scan.n_repaired,
-                 "lengths": lengths,
-                 # estimated lengths cannot tell truncation; the manifest counts it from the parts either way
-                 "truncated": scan.n_truncated if lengths == "exact" else None},
+        "settings": {
+            **_batch_settings(cfg),
+            "padding_ratio": round(plan.padding_ratio(), 4) if lengths == "exact" else None,
+        },
+        "scan": {
+            "seconds": round(scan.seconds, 3),
+            "quarantined": len(scan.q_rows),
+            "repaired": scan.n_repaired,
+            "lengths": lengths,
+            # estimated lengths cannot tell truncation; the manifest counts it from the parts either way
+            "truncated": scan.n_truncated if lengths == "exact" else None,
+        },
     }
-    OutputDir.write_atomic(out.state(JOB_FILE), lambda p: p.write_text(json.dumps(info, indent=2, sort_keys=True),
-                                                                        encoding="utf-8"))
+    OutputDir.write_atomic(
+        out.state(JOB_FILE), lambda p: p.write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
+    )
     return Job(job_id, info, scan, plan, False)
 
 
-def register_job(ctx: JobContext, client: redis.Redis, plan: Plan | None,
-                 tokenizer_json: str) -> tuple[JobState, dict[int, tuple[int, int, int]]]:
+def register_job(
+    ctx: JobContext, client: redis.Redis, plan: Plan | None, tokenizer_json: str
+) -> tuple[JobState, dict[int, tuple[int, int, int]]]:
     """The job's Redis state, with the batches already committed in the folder marked done (``plan`` None:
     still being planned; every committed part of this job counts)."""
     job_id, out, corpus, meta = ctx.job_id, ctx.out, ctx.corpus, ctx.meta
     state = JobState(client, job_id)
-    before, done_before = state.meta(), state.done()   # read before the folder: a part commits before its mark
+    before, done_before = state.meta(), state.done()  # read before the folder: a part commits before its mark
     committed = committed_parts(out, job_id, plan.n_batches if plan is not None else None)
     stale = done_before - set(committed)
     other = before.get("out")
     if stale and other and other != str(out) and state.running():
-        raise InputError(f"job {job_id} (the same corpus, model and batch settings) is being embedded into "
-                         f"{other} through this broker right now: wait until it finishes, or change a batch "
-                         "setting (e.g. --batch-tokens) to make this a separate job")
-    state.create({"n_batches": plan.n_batches if plan is not None else 0,
-                  "planned_rows": plan.n_rows if plan is not None else 0, "out": str(out),
-                  "model": meta.fingerprint, "max_seq_len": meta.max_seq_len, "corpus": corpus.uri}, tokenizer_json)
+        raise InputError(
+            f"job {job_id} (the same corpus, model and batch settings) is being embedded into "
+            f"{other} through this broker right now: wait until it finishes, or change a batch "
+            "setting (e.g. --batch-tokens) to make this a separate job"
+        )
+    state.create(
+        {
+            "n_batches": plan.n_batches if plan is not None else 0,
+            "planned_rows": plan.n_rows if plan is not None else 0,
+            "out": str(out),
+            "model": meta.fingerprint,
+            "max_seq_len": meta.max_seq_len,
+            "corpus": corpus.uri,
+        },
+        tokenizer_json,
+    )
     if stale:
-        logger.warning("job %s: Redis held %d batches as done that %s does not hold (the same job sent to another "
-                       "folder, or parts deleted): they are embedded again", job_id, len(stale), out)
+        logger.warning(
+            "job %s: Redis held %d batches as done that %s does not hold (the same job sent to another "
+            "folder, or parts deleted): they are embedded again",
+            job_id,
+            len(stale),
+            out,
+        )
         state.forget_progress()
     new = state.reconcile(committed)
     if new:

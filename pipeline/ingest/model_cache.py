@@ -9,7 +9,6 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-
 from core.config import FbasConfig, fingerprint
 from core.errors import FbasError
 from core.layout import MODEL_SPEC, MODEL_SUBDIR, OutputDir
@@ -27,8 +26,11 @@ def model_key(cfg: FbasConfig) -> str:
     from engine.checkpoint import default_model_path
 
     src = Path(cfg.engine.model) if cfg.engine.model else default_model_path()
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in src.glob("*") if p.is_file()) \
-        if src.is_dir() else []
+    files = (
+        sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in src.glob("*") if p.is_file())
+        if src.is_dir()
+        else []
+    )
     return fingerprint({"engine": asdict(cfg.engine), "source": str(src.resolve()), "files": files})
 
 
@@ -59,8 +61,12 @@ def ensure_model(cfg: FbasConfig, out: OutputDir, cache: Path | None = MODEL_CAC
     if cached is not None:
         try:
             if not _valid_model(cached, cached.with_suffix(".key"), key):
-                logger.info("building the model (%s, %s) into the cache %s", cfg.engine.model or "default",
-                            cfg.engine.precision, cached)
+                logger.info(
+                    "building the model (%s, %s) into the cache %s",
+                    cfg.engine.model or "default",
+                    cfg.engine.precision,
+                    cached,
+                )
                 build_model(cfg.engine, cached, threads=cfg.runtime.threads)
                 cached.with_suffix(".key").write_text(key, encoding="utf-8")
             tmp = target.with_name(target.name + ".copying")

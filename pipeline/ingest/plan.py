@@ -41,14 +41,25 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.errors import InputError
-from pipeline.ingest.read import READ_BATCH_ROWS, Corpus, RowBatch
-from core.ids import id_hashes
 from core.formats import Plan, Scan
+from core.ids import id_hashes
+from pipeline.ingest.read import READ_BATCH_ROWS, Corpus, RowBatch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Scan", "Plan", "Window", "LengthEstimate", "scan_corpus", "scan_windows", "corpus_id_hashes",
-           "assemble_scan", "plan_batches", "plan_window", "QUARANTINE_REASONS"]
+__all__ = [
+    "Scan",
+    "Plan",
+    "Window",
+    "LengthEstimate",
+    "scan_corpus",
+    "scan_windows",
+    "corpus_id_hashes",
+    "assemble_scan",
+    "plan_batches",
+    "plan_window",
+    "QUARANTINE_REASONS",
+]
 
 # Version of the windowing + planning rules: part of the job id, so a plan made by other rules is never
 # resumed as if it were this one (a rerun re-plans when job.json was not written yet).
@@ -61,8 +72,6 @@ QUARANTINE_REASONS = {
     "whitespace_text": "the text holds only whitespace",
     "no_tokens": "the text has no tokens after normalization (control characters only)",
 }
-
-
 
 
 def _classify(texts: list) -> tuple[list[int], list[tuple[int, str]]]:
@@ -86,22 +95,22 @@ class Window:
     (lengths, quarantine) and the rows themselves, so their batches can be sent without reading again."""
 
     row0: int
-    n_tokens: np.ndarray          # int32 [n]: tokens after truncation (exact or estimated), 0 = quarantined
-    ids: list                     # [n] original ids
-    texts: list                   # [n] texts as embedded (None where null)
-    repaired: np.ndarray          # bool [n]
-    q_rows: list[int] = field(default_factory=list)   # quarantined rows (global), ascending
+    n_tokens: np.ndarray  # int32 [n]: tokens after truncation (exact or estimated), 0 = quarantined
+    ids: list  # [n] original ids
+    texts: list  # [n] texts as embedded (None where null)
+    repaired: np.ndarray  # bool [n]
+    q_rows: list[int] = field(default_factory=list)  # quarantined rows (global), ascending
     q_ids: list = field(default_factory=list)
     q_reasons: list[str] = field(default_factory=list)
     n_truncated: int = 0
-    seconds: float = 0.0          # reading this window and measuring its lengths
+    seconds: float = 0.0  # reading this window and measuring its lengths
 
 
 def corpus_id_hashes(corpus: Corpus) -> np.ndarray:
     """uint64 [n_rows]: every row's id hash, from the id column alone (no text is read)."""
     h = np.zeros(corpus.n_rows, dtype=np.uint64)
     for row0, arr, m in corpus.id_arrays():
-        h[row0:row0 + m] = id_hashes(arr, row0, m)
+        h[row0 : row0 + m] = id_hashes(arr, row0, m)
     return h
 
 
@@ -122,28 +131,27 @@ class LengthEstimate:
     """Token counts estimated from character counts, for plans that need no exact budgets (``--lengths estimate``).
 
     Tokenizing every text in the producer only to learn its length costs as much host CPU as the workers'
-    own tokenization (measured: 4.2 s on 2 cores for 20,000 documents of 270 tokens, against 0.04 s for
-    this estimate). A text of ``c`` characters of which ``m`` are wide (3- and 4-byte UTF-8: CJK, which
-    BERT splits one token a character) is estimated at ``2 + m + ceil((c - m) * num / den)`` tokens, capped
-    at ``max_seq_len``; ``num / den`` is the ratio of word-piece tokens to other characters, measured by
-    tokenizing the first embeddable texts of the corpus's first window (``CALIBRATION_TEXTS`` or
-    ``CALIBRATION_CHARS``), in integers, so the estimate (and the plan) is the same on every run and host.
-    Where wide characters do not make one token each (runs of emoji, one [UNK] a run) the ratio covers every
-    character (``wide_one`` False); a first window with nothing to embed gets ``FALLBACK``, with a warning.
-    On STS-B text the sum over a 240-document batch came within 2% (long documents) to 20% (short
-    sentences) of the exact count; each document within -13% .. +18% (5th..95th percentile). Workers
-    tokenize exactly; the Triton client splits any request over the server's token limit, and a text that
-    turns out to have no tokens is quarantined by its worker.
+    own tokenization, while this estimate costs next to nothing. A text of ``c`` characters of which ``m``
+    are wide (3- and 4-byte UTF-8: CJK, which BERT splits one token a character) is estimated at
+    ``2 + m + ceil((c - m) * num / den)`` tokens, capped at ``max_seq_len``; ``num / den`` is the ratio of
+    word-piece tokens to other characters, measured by tokenizing the first embeddable texts of the corpus's
+    first window (``CALIBRATION_TEXTS`` or ``CALIBRATION_CHARS``), in integers, so the estimate (and the plan)
+    is the same on every run and host. Where wide characters do not make one token each (runs of emoji, one
+    [UNK] a run) the ratio covers every character (``wide_one`` False); a first window with nothing to embed
+    gets ``FALLBACK``, with a warning. Summed over a batch the estimate comes close to the exact count
+    (closest for long documents), which is what budgets need; single documents vary more. Workers tokenize
+    exactly; the Triton client splits any request over the server's token limit, and a text that turns out
+    to have no tokens is quarantined by its worker.
     """
 
-    CALIBRATION_TEXTS = 2048            # at most this many texts ...
-    CALIBRATION_CHARS = 1_000_000       # ... or characters (about 250,000 English tokens), whichever comes first
-    FALLBACK = (1, 4)                   # tokens a character when the first window has nothing to measure
-    exact = False          # the scan counts truncated rows only from exact lengths
+    CALIBRATION_TEXTS = 2048  # at most this many texts ...
+    CALIBRATION_CHARS = 1_000_000  # ... or characters (about 250,000 English tokens), whichever comes first
+    FALLBACK = (1, 4)  # tokens a character when the first window has nothing to measure
+    exact = False  # the scan counts truncated rows only from exact lengths
 
     def __init__(self, num: int, den: int, max_seq_len: int, wide_one: bool = True) -> None:
         self.num, self.den, self.max_seq_len = int(num), max(1, int(den)), max_seq_len
-        self.wide_one = wide_one     # wide characters one token each (else every character by the ratio)
+        self.wide_one = wide_one  # wide characters one token each (else every character by the ratio)
 
     @classmethod
     def calibrate(cls, texts: list, tokenizer) -> LengthEstimate:
@@ -158,23 +166,31 @@ class LengthEstimate:
             sample.append(texts[i])
             n_chars += len(texts[i])
         if not sample:
-            logger.warning("the first window (%d rows) has no text to embed: token lengths are estimated at %d/%d "
-                           "tokens a character, so batches may miss --batch-tokens", len(texts), *cls.FALLBACK)
+            logger.warning(
+                "the first window (%d rows) has no text to embed: token lengths are estimated at %d/%d "
+                "tokens a character, so batches may miss --batch-tokens",
+                len(texts),
+                *cls.FALLBACK,
+            )
             return cls(*cls.FALLBACK, tokenizer.max_seq_len)
         _, full = tokenizer.lengths(sample)
         chars, wide = _char_counts(sample)
-        pieces = int(full.sum(dtype=np.int64)) - 2 * len(sample)      # word pieces, [CLS] and [SEP] left out
+        pieces = int(full.sum(dtype=np.int64)) - 2 * len(sample)  # word pieces, [CLS] and [SEP] left out
         num, den = pieces - int(wide.sum()), int((chars - wide).sum())
         wide_one = True
-        if den <= 0:                   # wide characters only: nothing to measure the others on
+        if den <= 0:  # wide characters only: nothing to measure the others on
             num, den = cls.FALLBACK
-        elif num <= 0:                 # wide characters that share tokens (emoji runs: one [UNK] a run)
+        elif num <= 0:  # wide characters that share tokens (emoji runs: one [UNK] a run)
             num, den, wide_one = pieces, int(chars.sum()), False
             if num <= 0:
                 num, den = cls.FALLBACK
         g = math.gcd(num, den)
-        logger.info("token lengths estimated from characters: %.3f tokens a character%s (measured on the first %d "
-                    "texts)", num / den, ", wide ones one each" if wide_one else "", len(sample))
+        logger.info(
+            "token lengths estimated from characters: %.3f tokens a character%s (measured on the first %d texts)",
+            num / den,
+            ", wide ones one each" if wide_one else "",
+            len(sample),
+        )
         return cls(num // g, den // g, tokenizer.max_seq_len, wide_one)
 
     def lengths(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +198,7 @@ class LengthEstimate:
         chars, wide = _char_counts(texts)
         if not self.wide_one:
             wide = np.zeros_like(wide)
-        full = 2 + wide + -(-(chars - wide) * self.num // self.den)   # int64: (chars * num) < 2**63 for any text
+        full = 2 + wide + -(-(chars - wide) * self.num // self.den)  # int64: (chars * num) < 2**63 for any text
         full = np.minimum(full, np.iinfo(np.int32).max)
         return np.minimum(full, self.max_seq_len).astype(np.int32), full.astype(np.int32)
 
@@ -191,7 +207,7 @@ def _char_counts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(int64 characters, int64 wide characters) of each text; wide = encoded in 3 or 4 bytes of UTF-8 (CJK,
     emoji and beyond: U+0800 up), counted by their lead bytes (0xE0 and above). Pure-ASCII texts (a flag
     Python keeps) are skipped; no Arrow array is made from the list, since pyarrow's first ``pa.array``
-    imports pandas where it is installed (1.0 s on the GPU host, on the way to the first batch)."""
+    imports pandas where it is installed (a slow import, on the way to the first batch)."""
     chars = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     wide = np.zeros(len(texts), dtype=np.int64)
     for i, t in enumerate(texts):
@@ -204,8 +220,14 @@ def _char_counts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 _WIDE_LEADS = bytes(range(0xE0, 0x100))
 
 
-def scan_windows(corpus: Corpus, tokenizer, window_rows: int, progress: Callable[[int], None] | None = None,
-                 first_rows: int = FIRST_WINDOW, estimate: bool = False) -> Iterator[Window]:
+def scan_windows(
+    corpus: Corpus,
+    tokenizer,
+    window_rows: int,
+    progress: Callable[[int], None] | None = None,
+    first_rows: int = FIRST_WINDOW,
+    estimate: bool = False,
+) -> Iterator[Window]:
     """The corpus in windows (``window_end``: ``first_rows`` rows, doubling up to ``window_rows``; the last
     one shorter), each with its rows' token lengths and quarantine. The boundaries are arithmetic, whatever
     the files and record batches, so the windows (and the plan) are the same on every run.
@@ -218,12 +240,13 @@ def scan_windows(corpus: Corpus, tokenizer, window_rows: int, progress: Callable
     import time
 
     lengths = None if estimate else tokenizer
-    held: list[RowBatch] = []        # the first window's rows while the estimate waits for them
+    held: list[RowBatch] = []  # the first window's rows while the estimate waits for them
     w: Window | None = None
     t = time.perf_counter()
 
     def complete() -> Window:
         nonlocal lengths
+        assert w is not None, "complete() closes the open window"
         if lengths is None:
             lengths = LengthEstimate.calibrate([x for rb in held for x in rb.texts], tokenizer)
             for rb in held:
@@ -232,8 +255,8 @@ def scan_windows(corpus: Corpus, tokenizer, window_rows: int, progress: Callable
         w.seconds = time.perf_counter() - t
         return w
 
-    # record batches no bigger than the first window: its rows are decoded first, not 32,768 of them (0.05 s
-    # against 0.25 s for 270-token documents), and later batches cost the same per row
+    # record batches no bigger than the first window: its rows are decoded first, not 32,768 of them, so the
+    # first window is ready sooner, and later batches cost the same per row
     for whole in corpus.batches(max(1, min(READ_BATCH_ROWS, first_rows))):
         for rb in _split_at(whole, window_rows, first_rows):
             if w is None:
@@ -247,7 +270,7 @@ def scan_windows(corpus: Corpus, tokenizer, window_rows: int, progress: Callable
                 progress(len(rb))
             if rb.row0 + len(rb) == w_end:
                 yield complete()
-                w, t = None, time.perf_counter()   # the consumer's time between windows is not the scan's
+                w, t = None, time.perf_counter()  # the consumer's time between windows is not the scan's
     if w is not None:
         yield complete()
 
@@ -260,8 +283,13 @@ def _split_at(rb: RowBatch, window_rows: int, first_rows: int = FIRST_WINDOW) ->
         if start == 0 and end == len(rb):
             yield rb
             return
-        yield RowBatch(rb.row0 + start, rb.ids[start:end], rb.id_array.slice(start, end - start)
-                       if rb.id_array is not None else None, rb.texts[start:end], rb.repaired[start:end])
+        yield RowBatch(
+            rb.row0 + start,
+            rb.ids[start:end],
+            rb.id_array.slice(start, end - start) if rb.id_array is not None else None,
+            rb.texts[start:end],
+            rb.repaired[start:end],
+        )
         start = end
 
 
@@ -294,16 +322,33 @@ def assemble_scan(corpus: Corpus, id_hash: np.ndarray, windows: list[Window], es
     ``LengthEstimate``'s, which the log says)."""
     n_tokens = np.concatenate([w.n_tokens for w in windows]) if windows else np.zeros(0, dtype=np.int32)
     if len(n_tokens) != corpus.n_rows:
-        raise InputError(f"{corpus.uri} yielded {len(n_tokens)} rows, its metadata says {corpus.n_rows}: the corpus "
-                         "changed while it was read; do not modify a corpus during an ingest, then rerun")
-    scan = Scan(corpus.n_rows, n_tokens, id_hash, np.asarray([r for w in windows for r in w.q_rows], dtype=np.int64),
-                [i for w in windows for i in w.q_ids], [r for w in windows for r in w.q_reasons],
-                sum(w.n_truncated for w in windows), int(sum(int(w.repaired.sum()) for w in windows)),
-                sum(w.seconds for w in windows))
+        raise InputError(
+            f"{corpus.uri} yielded {len(n_tokens)} rows, its metadata says {corpus.n_rows}: the corpus "
+            "changed while it was read; do not modify a corpus during an ingest, then rerun"
+        )
+    scan = Scan(
+        corpus.n_rows,
+        n_tokens,
+        id_hash,
+        np.asarray([r for w in windows for r in w.q_rows], dtype=np.int64),
+        [i for w in windows for i in w.q_ids],
+        [r for w in windows for r in w.q_reasons],
+        sum(w.n_truncated for w in windows),
+        int(sum(int(w.repaired.sum()) for w in windows)),
+        sum(w.seconds for w in windows),
+    )
     truncated = "workers count truncation and texts without tokens" if estimated else f"{scan.n_truncated} truncated"
-    logger.info("scanned %d rows in %.1fs: %d to embed (%s%d tokens), %d quarantined, %d repaired, %s", scan.n_rows,
-                scan.seconds, scan.n_embeddable, "about " if estimated else "", int(n_tokens.sum(dtype=np.int64)),
-                len(scan.q_rows), scan.n_repaired, truncated)
+    logger.info(
+        "scanned %d rows in %.1fs: %d to embed (%s%d tokens), %d quarantined, %d repaired, %s",
+        scan.n_rows,
+        scan.seconds,
+        scan.n_embeddable,
+        "about " if estimated else "",
+        int(n_tokens.sum(dtype=np.int64)),
+        len(scan.q_rows),
+        scan.n_repaired,
+        truncated,
+    )
     return scan
 
 
@@ -316,7 +361,7 @@ def scan_corpus(corpus: Corpus, tokenizer, progress: Callable[[int], None] | Non
     check_unique_ids(corpus, id_hash)
     windows = []
     for w in scan_windows(corpus, tokenizer, READ_BATCH_ROWS, progress):
-        w.ids, w.texts = [], []            # keep only what the Scan needs
+        w.ids, w.texts = [], []  # keep only what the Scan needs
         windows.append(w)
     return assemble_scan(corpus, id_hash, windows)
 
@@ -335,6 +380,7 @@ def check_unique_ids(corpus: Corpus, id_hash: np.ndarray, show: int = 5) -> None
     # second, id-only pass: fetch the candidates' real ids
     values: dict[int, object] = {}
     for row0, arr, m in corpus.id_arrays():
+        assert arr is not None, "an id column is set, so every batch has ids"
         lo, hi = np.searchsorted(cand_rows, [row0, row0 + m])
         if hi > lo:
             local = cand_rows[lo:hi] - row0
@@ -348,11 +394,11 @@ def check_unique_ids(corpus: Corpus, id_hash: np.ndarray, show: int = 5) -> None
         return
     shown = "; ".join(f"{k!r} at rows {', '.join(map(str, v[:4]))}" for k, v in list(dups.items())[:show])
     more = f" and {len(dups) - show} more" if len(dups) > show else ""
-    raise InputError(f"id column {corpus.id_column!r} has {len(dups)} duplicate id(s): {shown}{more}. Ids must be "
-                     "unique (FAISS does not deduplicate): deduplicate the corpus, or pass --id-column with a "
-                     "unique column")
-
-
+    raise InputError(
+        f"id column {corpus.id_column!r} has {len(dups)} duplicate id(s): {shown}{more}. Ids must be "
+        "unique (FAISS does not deduplicate): deduplicate the corpus, or pass --id-column with a "
+        "unique column"
+    )
 
 
 def plan_batches(n_tokens: np.ndarray, batch_tokens: int, batch_rows: int) -> Plan:
@@ -368,23 +414,23 @@ def plan_batches(n_tokens: np.ndarray, batch_tokens: int, batch_rows: int) -> Pl
     lens = n_tokens[by_len].astype(np.int64)
     values, starts, counts = np.unique(lens, return_index=True, return_counts=True)
 
-    full: list[tuple[int, np.ndarray, int]] = []   # (last row id, rows, length)
+    full: list[tuple[int, np.ndarray, int]] = []  # (last row id, rows, length)
     rest_parts: list[np.ndarray] = []
     for length, s, c in zip(values.tolist(), starts.tolist(), counts.tolist()):
         k = max(1, min(batch_rows, batch_tokens // length))
-        group = by_len[s:s + c]
+        group = by_len[s : s + c]
         nfull = c // k
         if nfull:
-            blocks = group[:nfull * k].reshape(nfull, k)
+            blocks = group[: nfull * k].reshape(nfull, k)
             full.extend((int(b[-1]), b, length) for b in blocks)
         if c - nfull * k:
-            rest_parts.append(group[nfull * k:])
+            rest_parts.append(group[nfull * k :])
     full.sort(key=lambda x: x[0])
 
     batches: list[np.ndarray] = [b for _, b, _ in full]
     padded: list[int] = [ln for _, _, ln in full]
     if rest_parts:
-        rest = np.concatenate(rest_parts)          # still ascending by length
+        rest = np.concatenate(rest_parts)  # still ascending by length
         rlen = n_tokens[rest].astype(np.int64)
         start, n = 0, len(rest)
         while start < n:
@@ -404,11 +450,15 @@ def plan_batches(n_tokens: np.ndarray, batch_tokens: int, batch_rows: int) -> Pl
     sizes = np.array([len(b) for b in batches], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     order = np.concatenate(batches).astype(np.int64) if batches else np.zeros(0, dtype=np.int64)
-    tokens = (np.add.reduceat(n_tokens[order].astype(np.int64), offsets[:-1]) if batches
-              else np.zeros(0, dtype=np.int64))
+    tokens = np.add.reduceat(n_tokens[order].astype(np.int64), offsets[:-1]) if batches else np.zeros(0, dtype=np.int64)
     plan = Plan(order, offsets, np.asarray(padded, dtype=np.int32), tokens)
-    logger.info("planned %d batches over %d rows (%d full-length groups, padding %.1f%%)", plan.n_batches,
-                plan.n_rows, len(full), 100 * plan.padding_ratio())
+    logger.info(
+        "planned %d batches over %d rows (%d full-length groups, padding %.1f%%)",
+        plan.n_batches,
+        plan.n_rows,
+        len(full),
+        100 * plan.padding_ratio(),
+    )
     return plan
 
 
@@ -417,4 +467,3 @@ def plan_window(n_tokens: np.ndarray, row0: int, batch_tokens: int, batch_rows: 
     plan = plan_batches(n_tokens, batch_tokens, batch_rows)
     plan.order = plan.order + row0
     return plan
-

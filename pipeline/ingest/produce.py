@@ -30,8 +30,16 @@ logger = logging.getLogger(__name__)
 __all__ = ["batch_messages", "window_messages", "task_message", "Sender", "queue_length"]
 
 
-def batch_messages(corpus: Corpus, plan: Plan, *, job: str, out: str, model: str, dim: int,
-                   skip: set[int] | frozenset[int] = frozenset()) -> Iterator[dict]:
+def batch_messages(
+    corpus: Corpus,
+    plan: Plan,
+    *,
+    job: str,
+    out: str,
+    model: str,
+    dim: int,
+    skip: set[int] | frozenset[int] = frozenset(),
+) -> Iterator[dict]:
     """Task messages (see ``workers.task``) for every planned batch not in ``skip``, in completion order."""
     todo = np.ones(plan.n_batches, dtype=bool)
     if skip:
@@ -43,7 +51,7 @@ def batch_messages(corpus: Corpus, plan: Plan, *, job: str, out: str, model: str
     pending: dict[int, tuple[list, list, list, list]] = {}
     for rb in corpus.batches():
         n = len(rb)
-        b = batch_of_row[rb.row0:rb.row0 + n]
+        b = batch_of_row[rb.row0 : rb.row0 + n]
         pos = np.flatnonzero(b >= 0)
         if not len(pos):
             continue
@@ -65,23 +73,67 @@ def batch_messages(corpus: Corpus, plan: Plan, *, job: str, out: str, model: str
                     rep.append(len(rows) - 1)
             if len(rows) == need[bi]:
                 del pending[bi]
-                yield task_message(job=job, batch=bi, out=out, model=model, dim=dim, id_type=corpus.id_type,
-                                   row_ids=rows, ids=ids, texts=texts, repaired=rep)
+                yield task_message(
+                    job=job,
+                    batch=bi,
+                    out=out,
+                    model=model,
+                    dim=dim,
+                    id_type=corpus.id_type,
+                    row_ids=rows,
+                    ids=ids,
+                    texts=texts,
+                    repaired=rep,
+                )
     if pending:  # the corpus changed between the scan and now
         missing = sorted(pending)[:5]
-        raise InputError(f"batches {missing} never completed while reading {corpus.uri}: the corpus changed since it "
-                         "was scanned; do not modify a corpus during an ingest, then rerun")
+        raise InputError(
+            f"batches {missing} never completed while reading {corpus.uri}: the corpus changed since it "
+            "was scanned; do not modify a corpus during an ingest, then rerun"
+        )
 
 
-def task_message(*, job: str, batch: int, out: str, model: str, dim: int, id_type: str, row_ids: list[int],
-                 ids: list, texts: list[str], repaired: list[int]) -> dict:
+def task_message(
+    *,
+    job: str,
+    batch: int,
+    out: str,
+    model: str,
+    dim: int,
+    id_type: str,
+    row_ids: list[int],
+    ids: list,
+    texts: list[str],
+    repaired: list[int],
+) -> dict:
     """One batch task (``workers.task``): rows in ascending order; ``repaired``: positions in the batch."""
-    return {"v": 1, "job": job, "batch": batch, "out": out, "model": model, "dim": dim, "id_type": id_type,
-            "row_ids": row_ids, "ids": ids, "texts": texts, "repaired": repaired}
+    return {
+        "v": 1,
+        "job": job,
+        "batch": batch,
+        "out": out,
+        "model": model,
+        "dim": dim,
+        "id_type": id_type,
+        "row_ids": row_ids,
+        "ids": ids,
+        "texts": texts,
+        "repaired": repaired,
+    }
 
 
-def window_messages(window, plan, first_batch: int, *, job: str, out: str, model: str, dim: int, id_type: str,
-                    skip: set[int] | frozenset[int] = frozenset()) -> Iterator[dict]:
+def window_messages(
+    window,
+    plan,
+    first_batch: int,
+    *,
+    job: str,
+    out: str,
+    model: str,
+    dim: int,
+    id_type: str,
+    skip: set[int] | frozenset[int] = frozenset(),
+) -> Iterator[dict]:
     """Task messages for one scanned window's planned batches (``plan``: its batches, global row ids;
     batch ``i`` of it is job batch ``first_batch + i``), built from the rows the scan holds."""
     for i in range(plan.n_batches):
@@ -89,10 +141,18 @@ def window_messages(window, plan, first_batch: int, *, job: str, out: str, model
             continue
         rows = plan.rows(i)
         local = (rows - window.row0).tolist()
-        yield task_message(job=job, batch=first_batch + i, out=out, model=model, dim=dim, id_type=id_type,
-                           row_ids=rows.tolist(), ids=[window.ids[j] for j in local],
-                           texts=[window.texts[j] for j in local],
-                           repaired=[k for k, j in enumerate(local) if window.repaired[j]])
+        yield task_message(
+            job=job,
+            batch=first_batch + i,
+            out=out,
+            model=model,
+            dim=dim,
+            id_type=id_type,
+            row_ids=rows.tolist(),
+            ids=[window.ids[j] for j in local],
+            texts=[window.texts[j] for j in local],
+            repaired=[k for k, j in enumerate(local) if window.repaired[j]],
+        )
 
 
 def queue_length(client: Any, queue: str) -> int:
@@ -108,8 +168,16 @@ def queue_length(client: Any, queue: str) -> int:
 class Sender:
     """Publishes batch tasks, never letting the queue grow past ``depth`` messages."""
 
-    def __init__(self, app: Any, client: Any, queue: str, depth: int, task_name: str,
-                 on_wait: Callable[[], None] | None = None, poll_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        app: Any,
+        client: Any,
+        queue: str,
+        depth: int,
+        task_name: str,
+        on_wait: Callable[[], object] | None = None,
+        poll_s: float = 0.05,
+    ) -> None:
         self.app, self.client, self.queue, self.depth = app, client, queue, max(1, depth)
         self.task_name, self.on_wait, self.poll_s = task_name, on_wait, poll_s
         self.sent = 0
@@ -124,10 +192,15 @@ class Sender:
             time.sleep(self.poll_s)
         self.waited_s += time.monotonic() - t0
         try:
-            self.app.send_task(self.task_name, args=[msg], queue=self.queue, serializer="msgpack",
-                               ignore_result=True, retry=True,
-                               retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5,
-                                             "interval_max": 3})
+            self.app.send_task(
+                self.task_name,
+                args=[msg],
+                queue=self.queue,
+                serializer="msgpack",
+                ignore_result=True,
+                retry=True,
+                retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 3},
+            )
         except Exception as e:  # noqa: BLE001 - kombu/redis boundary: any publish failure is a broker fault
             raise ServerUnavailableError(f"could not enqueue batch {msg.get('batch')}: {type(e).__name__}") from None
         self.sent += 1

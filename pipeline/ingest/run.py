@@ -43,10 +43,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from core.config import FbasConfig
-from core.errors import FbasError
+from core.errors import FbasError, InputError
 from core.layout import LOCAL_SUBDIR, OutputDir
 from output.check import committed_parts
 from output.finalize import finalize
+from output.index import check_index_kind
 from output.ledger import LedgerFeeder, PartLedger
 from pipeline.ingest.job import Job, JobContext, register_job, resume_job
 from pipeline.ingest.model_cache import ensure_model
@@ -78,6 +79,7 @@ class IngestResult:
     seconds: float
     resumed_batches: int
     sent_batches: int
+    docs_this_run: int = 0  # rows embedded or quarantined by this run (not by an earlier, resumed one)
 
 
 @dataclass
@@ -97,19 +99,25 @@ class _Running:
     client: redis.Redis
     broker: str
     cluster: LocalCluster | None
-    progress: bool
+    progress: str  # bar | lines | off (IngestProgress)
     ready: ReadyOnce
 
     def messages(self, plan: Any, skip: set[int]) -> Any:
         """The task messages of ``plan``'s batches not in ``skip`` (their texts read again from the corpus)."""
         ctx = self.ctx
-        return batch_messages(ctx.corpus, plan, job=ctx.job_id, out=str(ctx.out), model=ctx.meta.fingerprint,
-                              dim=ctx.meta.dim, skip=skip)
+        return batch_messages(
+            ctx.corpus, plan, job=ctx.job_id, out=str(ctx.out), model=ctx.meta.fingerprint, dim=ctx.meta.dim, skip=skip
+        )
 
 
-def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
-           worker_env: dict[str, str] | None = None,
-           on_cluster: Callable[[LocalCluster], None] | None = None) -> IngestResult:
+def ingest(
+    corpus_uri: str,
+    cfg: FbasConfig,
+    *,
+    progress: bool | None = None,
+    worker_env: dict[str, str] | None = None,
+    on_cluster: Callable[[LocalCluster], None] | None = None,
+) -> IngestResult:
     """Run (or resume) an ingest; local mode when ``cfg.queue.broker`` is None. See the module docstring.
 
     ``worker_env`` adds environment variables for local-mode workers (tests use it for hooks);
@@ -120,12 +128,21 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
     t0 = time.perf_counter()
     out = OutputDir(cfg.output.out)
     corpus = open_corpus(corpus_uri, cfg.corpus)
+    if corpus.n_rows == 0:  # refused before anything is built or started
+        raise InputError(f"{corpus.uri} holds no rows: nothing to embed (check the path or glob)")
+    check_index_kind(cfg.output.index, corpus.n_rows)
+    if cfg.engine.target == "gpu" and cfg.queue.broker is None:  # local mode serves the engine here
+        from services.gpus import require_gpus
+
+        require_gpus("--target gpu in local mode")
     out.state("").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    sent = resumed = redelivered = 0
+    sent = resumed = redelivered = docs = 0
     manifest: dict | None = None
-    with ExitStack() as stack, sigterm_as_interrupt():
+    # one job per folder, for the job's life (a second one is refused, naming this process)
+    with out.lock(), ExitStack() as stack, sigterm_as_interrupt():
         model_dir = ensure_model(cfg, out)
+        timings["model_s"] = round(time.perf_counter() - t0, 3)  # a first build is reported apart from the rates
         ctx = JobContext(corpus, cfg, out, read_meta(model_dir))
         job = resume_job(ctx)
         logger.info("model and job folder ready after %.2fs", time.perf_counter() - t0)
@@ -141,19 +158,25 @@ def ingest(corpus_uri: str, cfg: FbasConfig, *, progress: bool | None = None,
                 logger.info("%d ids checked, scan started after %.2fs", corpus.n_rows, time.perf_counter() - t0)
             run = _start_services(stack, ctx, model_dir, progress, t0, worker_env, on_cluster)
             feeder = _start_ledger(stack, ctx, job, new)
-            job, sent, resumed, redelivered = _run_queue(run, job, new)
+            q = _run_queue(run, job, new)
+            job, sent, resumed, redelivered, docs = q.job, q.sent, q.resumed, q.redelivered, q.docs
             run.ready()  # nothing needed sending: Triton still serves the statistics below
-            timings = _timings(run, job, t0)
-            manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered,
-                                ledger=feeder.stop())
-    if manifest is None:  # every batch was committed already: nothing was started
-        manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered)
-    return IngestResult(out.root, job.id, manifest, time.perf_counter() - t0, resumed, sent)
+            timings.update(_timings(run, job, t0))
+            manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered, ledger=feeder.stop())
+        if manifest is None:  # every batch was committed already: nothing was started
+            manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered)
+    return IngestResult(out.root, job.id, manifest, time.perf_counter() - t0, resumed, sent, docs)
 
 
-def _start_services(stack: ExitStack, ctx: JobContext, model_dir: Path, progress: bool | None, t0: float,
-                    worker_env: dict[str, str] | None,
-                    on_cluster: Callable[[LocalCluster], None] | None) -> _Running:
+def _start_services(
+    stack: ExitStack,
+    ctx: JobContext,
+    model_dir: Path,
+    progress: bool | None,
+    t0: float,
+    worker_env: dict[str, str] | None,
+    on_cluster: Callable[[LocalCluster], None] | None,
+) -> _Running:
     """Connect to the broker; in local mode, start the local cluster first (stopped by ``stack``)."""
     cluster = None
     if ctx.cfg.queue.broker is None:
@@ -169,19 +192,28 @@ def _start_services(stack: ExitStack, ctx: JobContext, model_dir: Path, progress
         broker = ctx.cfg.queue.broker
     client = connect(broker)
     stack.callback(client.close)
-    return _Running(ctx, model_dir, client, broker, cluster, sys.stderr.isatty() if progress is None else progress,
-                    ReadyOnce(cluster, t0))
+    return _Running(
+        ctx,
+        model_dir,
+        client,
+        broker,
+        cluster,
+        "off" if progress is False else "bar" if progress or sys.stderr.isatty() else "lines",
+        ReadyOnce(cluster, t0),
+    )
 
 
 def _start_ledger(stack: ExitStack, ctx: JobContext, job: Job | None, new: _NewScan | None) -> LedgerFeeder:
     """Finalize's reading and checking of each part, done while later batches are still embedding."""
     id_hash = job.scan.id_hash if job is not None else new.id_hash if new is not None else None
-    ledger = PartLedger(ctx.out, ctx.job_id, ctx.meta.dim, ctx.cfg.output.index, id_hash,
-                        job.plan.n_rows if job is not None else None)
-    stack.callback(ledger.close)   # an index file not committed is removed, after the feeder stops
+    assert id_hash is not None, "the job is either resumed (job) or new (new)"
+    ledger = PartLedger(
+        ctx.out, ctx.job_id, ctx.meta.dim, ctx.cfg.output.index, id_hash, job.plan.n_rows if job is not None else None
+    )
+    stack.callback(ledger.close)  # an index file not committed is removed, after the feeder stops
     feeder = LedgerFeeder(ledger)
     stack.callback(feeder.stop)
-    if new is not None:   # on an error the scan stops first (the stack closes it last, after the rest)
+    if new is not None:  # on an error the scan stops first (the stack closes it last, after the rest)
         stack.callback(new.windows.cancel)
     return feeder
 
@@ -190,8 +222,11 @@ def _timings(run: _Running, job: Job, t0: float) -> dict[str, float]:
     """The run's timings for the manifest; in local mode also Triton's, then the cluster stops in the
     background while finalize runs (the exit stack waits for it)."""
     ready_s = run.ready.seconds or 0.0
-    timings = {"scan_s": round(job.scan.seconds, 3), "ready_s": ready_s,
-               "embed_s": round(time.perf_counter() - t0 - ready_s, 3)}
+    timings = {
+        "scan_s": round(job.scan.seconds, 3),
+        "ready_s": ready_s,
+        "embed_s": round(time.perf_counter() - t0 - ready_s, 3),
+    }
     if run.cluster is not None:
         try:
             timings.update(run.cluster.engine_stats())
@@ -201,8 +236,19 @@ def _timings(run: _Running, job: Job, t0: float) -> dict[str, float]:
     return timings
 
 
-def _run_queue(run: _Running, job: Job | None, new: _NewScan | None) -> tuple[Job, int, int, int]:
-    """Enqueue the missing batches and wait for all of them; returns (job, sent, resumed, redelivered).
+@dataclass
+class _Queued:
+    """What sending and waiting did."""
+
+    job: Job
+    sent: int
+    resumed: int
+    redelivered: int
+    docs: int  # rows finished by this run
+
+
+def _run_queue(run: _Running, job: Job | None, new: _NewScan | None) -> _Queued:
+    """Enqueue the missing batches and wait for all of them.
 
     A new job (``job`` None) is planned here from its scan (``new``, started by ``ingest``), window by
     window, its batches queued as each window is planned; a resumed one re-reads the corpus for its missing
@@ -220,11 +266,12 @@ def _run_queue(run: _Running, job: Job | None, new: _NewScan | None) -> tuple[Jo
 
     def send(msg: dict) -> None:
         run.ready()
+        bar.start()
         sender.send(msg)
 
     def on_window(n_batches: int, n_rows: int) -> None:
-        state.set_planned(n_batches, n_rows)   # status shows the plan as it grows
-        watch.tick()                           # checks children and worker errors between sends too
+        state.set_planned(n_batches, n_rows)  # status shows the plan as it grows
+        watch.tick()  # checks children and worker errors between sends too
 
     try:
         watch.tick(force=True)
@@ -250,4 +297,4 @@ def _run_queue(run: _Running, job: Job | None, new: _NewScan | None) -> tuple[Jo
     finally:
         bar.close()
         app.close()
-    return job, sender.sent, len(committed), state.counters()["redelivered"]
+    return _Queued(job, sender.sent, len(committed), state.counters()["redelivered"], bar.done_this_run)

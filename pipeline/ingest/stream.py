@@ -24,12 +24,26 @@ def start_scan(ctx: JobContext, tokenizer: Tokenizer) -> ReadAhead[Window]:
     the consumer: ``ingest`` starts it as soon as the ids are checked, so the first window is read while
     Celery and Redis are set up; close it (``with``) when done."""
     cfg = ctx.cfg
-    return ReadAhead(scan_windows(ctx.corpus, tokenizer, cfg.corpus.plan_window, first_rows=first_window(cfg),
-                                  estimate=length_mode(cfg) == "estimate"), name="scan-ahead")
+    return ReadAhead(
+        scan_windows(
+            ctx.corpus,
+            tokenizer,
+            cfg.corpus.plan_window,
+            first_rows=first_window(cfg),
+            estimate=length_mode(cfg) == "estimate",
+        ),
+        name="scan-ahead",
+    )
 
 
-def scan_and_send(ctx: JobContext, windows: Iterator[Window], id_hash: np.ndarray, send: Callable[[dict], None],
-                  skip: set[int], on_window: Callable[[int, int], None] | None = None) -> Job:
+def scan_and_send(
+    ctx: JobContext,
+    windows: Iterator[Window],
+    id_hash: np.ndarray,
+    send: Callable[[dict], None],
+    skip: set[int],
+    on_window: Callable[[int, int], None] | None = None,
+) -> Job:
     """Plan each window of a scan (``start_scan``; the next window is read on a thread while this one's batches
     are sent) and ``send`` its batches (except ``skip``; workers embed them meanwhile); then save the scan, the
     plan and ``job.json`` (the caller checked ``resume_job`` first and the ids with ``check_unique_ids``). The
@@ -38,18 +52,29 @@ def scan_and_send(ctx: JobContext, windows: Iterator[Window], id_hash: np.ndarra
     c, out, corpus, meta = ctx.cfg.corpus, ctx.out, ctx.corpus, ctx.meta
     out.make_dirs()
     # whose parts these will be, before the first one exists (job.json comes after the last window)
-    OutputDir.write_atomic(out.state(PENDING_FILE), lambda p: p.write_text(
-        json.dumps({"job": ctx.job_id, "corpus": corpus.uri}), encoding="utf-8"))
+    OutputDir.write_atomic(
+        out.state(PENDING_FILE),
+        lambda p: p.write_text(json.dumps({"job": ctx.job_id, "corpus": corpus.uri}), encoding="utf-8"),
+    )
     scanned, plans, n_batches, n_rows = [], [], 0, 0
-    for w in windows:    # the next window is read while this one's batches wait for room in the queue
+    for w in windows:  # the next window is read while this one's batches wait for room in the queue
         wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
-        for msg in window_messages(w, wplan, n_batches, job=ctx.job_id, out=str(out), model=meta.fingerprint,
-                                   dim=meta.dim, id_type=corpus.id_type, skip=skip):
+        for msg in window_messages(
+            w,
+            wplan,
+            n_batches,
+            job=ctx.job_id,
+            out=str(out),
+            model=meta.fingerprint,
+            dim=meta.dim,
+            id_type=corpus.id_type,
+            skip=skip,
+        ):
             send(msg)
         n_batches, n_rows = n_batches + wplan.n_batches, n_rows + wplan.n_rows
         if on_window:
             on_window(n_batches, n_rows)
-        w.ids, w.texts = [], []            # sent: the job's files need only the lengths and the quarantine
+        w.ids, w.texts = [], []  # sent: the job's files need only the lengths and the quarantine
         scanned.append(w)
         plans.append(wplan)
     scan = assemble_scan(corpus, id_hash, scanned, estimated=length_mode(ctx.cfg) == "estimate")

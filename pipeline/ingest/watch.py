@@ -8,7 +8,6 @@ import time
 from contextlib import contextmanager
 from typing import Any
 
-
 from core.config import FbasConfig
 from core.errors import ConfigError, ServerUnavailableError
 from pipeline.ingest.produce import queue_length
@@ -24,6 +23,7 @@ __all__ = ["Watch", "ReadyOnce", "sigterm_as_interrupt", "POLL_S"]
 def sigterm_as_interrupt():
     """SIGTERM behaves like Ctrl-C in the main thread, so the local cluster is stopped either way."""
     if threading_main():
+
         def handler(signum: int, frame: Any) -> None:
             raise KeyboardInterrupt(f"signal {signum}")
 
@@ -47,7 +47,8 @@ class ReadyOnce:
     queued, so the scan of the first window overlaps Triton's start); ``seconds``: when it was ready."""
 
     def __init__(self, cluster: Any, t0: float) -> None:
-        self.cluster, self.t0, self.seconds = cluster, t0, None
+        self.cluster, self.t0 = cluster, t0
+        self.seconds: float | None = None
 
     def __call__(self) -> None:
         if self.seconds is None:
@@ -58,7 +59,7 @@ class ReadyOnce:
 
 
 # how often the producer looks at the job's progress in Redis (a few small reads): the end of a job is seen
-# within this, so it is short (0.2 s before: up to 0.2 s between the last part's commit and finalize)
+# within this, so it is short: finalize follows the last part's commit without a noticeable wait
 POLL_S = 0.05
 
 

@@ -17,8 +17,15 @@ import pytest
 from scipy.stats import spearmanr
 
 from core.config import FbasConfig
-from tests.pipeline_support import (check_oracle, count_parts, pid_alive, read_vectors, seed_model, wait_for,
-                                    write_stsb_corpus)
+from tests.pipeline_support import (
+    check_oracle,
+    count_parts,
+    pid_alive,
+    read_vectors,
+    seed_model,
+    wait_for,
+    write_stsb_corpus,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -77,16 +84,27 @@ def test_search_returns_the_brute_force_neighbours(clean_run, stsb_corpus, tmp_p
             assert abs(truth[qi, id_to_row[h.id]] - h.score) < 1e-5
     # the CLI: one text, and a query file (one JSON line per query)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    one = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", str(clean_run.out), queries[0], "-k", "3",
-                          "--json"], capture_output=True, text=True, env=env, timeout=120)
+    one = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "search", str(clean_run.out), queries[0], "-k", "3", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert one.returncode == 0, one.stderr
     first = [json.loads(line) for line in one.stdout.splitlines()]
-    assert [h["id"] for h in first] == [h.id for h in hits[0][:3]] or \
-        np.allclose([h["score"] for h in first], [h.score for h in hits[0][:3]], atol=1e-5)
+    assert [h["id"] for h in first] == [h.id for h in hits[0][:3]] or np.allclose(
+        [h["score"] for h in first], [h.score for h in hits[0][:3]], atol=1e-5
+    )
     qfile = tmp_path / "q.jsonl"
     qfile.write_text("".join(json.dumps({"id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(queries)))
-    many = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", str(clean_run.out), "--queries",
-                           str(qfile), "-k", str(k)], capture_output=True, text=True, env=env, timeout=120)
+    many = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "search", str(clean_run.out), "--queries", str(qfile), "-k", str(k)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert many.returncode == 0, many.stderr
     lines = [json.loads(line) for line in many.stdout.splitlines()]
     assert [x["query_id"] for x in lines] == [f"q{i}" for i in range(len(queries))]
@@ -113,8 +131,13 @@ def test_eval_on_a_beir_format_set(clean_run, stsb_corpus, tmp_path):
 def _start(corpus: Path, out: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     log = open(out.parent / f"{out.name}-ingest.log", "ab")  # noqa: SIM115
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "-v", "ingest", str(corpus), "--out", str(out),
-                             "--no-progress"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "-v", "ingest", str(corpus), "--out", str(out), "--no-progress"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=str(ROOT),
+    )
 
 
 def _pids(out: Path) -> dict[str, int]:
@@ -131,24 +154,34 @@ def test_interrupted_job_resumes_to_the_same_output(clean_run, stsb_corpus, tmp_
     seed_model(out, clean_run.out)
     leftovers: list[int] = []
     try:
-        # 1. kill -9 the ingest midway (batch 3 hangs); redis and the worker die with it (PDEATHSIG),
-        #    tritonserver is left behind for the next run to reap
+        # 1. kill -9 the ingest midway (batch 3 hangs): redis, tritonserver and the worker die with it
+        #    (PDEATHSIG); only its temporary folder stays, for the next local run (into any folder) to sweep
         p = _start(corpus, out, {"FBAS_TEST_PAUSE": "3:120"})
         wait_for(lambda: count_parts(out) >= 2 and len(_pids(out)) == 3, 240, "two committed parts")
         first = _pids(out)
         leftovers += first.values()
+        work = next(
+            Path(e["work"]) for e in json.loads((out / ".fbas/local/local-pids.json").read_text()) if "work" in e
+        )
+        assert work.is_dir() and work.name.startswith(f"fbas-local-{p.pid}-")
         p.kill()
         p.wait(timeout=30)
-        wait_for(lambda: not pid_alive(first["redis-server"]) and not pid_alive(first["celery worker"]), 30,
-                 "redis and the worker to die with their parent")
+        wait_for(
+            lambda: not any(pid_alive(first[n]) for n in ("redis-server", "celery worker", "tritonserver")),
+            30,
+            "redis, tritonserver and the worker to die with their parent",
+        )
         done_before = count_parts(out)
         assert done_before < 6 and not (out / "manifest.json").exists()
 
         # 2. rerun, then Ctrl-C it once it has committed one more part: everything it started stops
         p = _start(corpus, out)
-        wait_for(lambda: len(_pids(out)) == 3 and set(_pids(out).values()).isdisjoint(first.values()), 240,
-                 "the second run's cluster")
-        assert not pid_alive(first["tritonserver"]), "the stale tritonserver was reaped"
+        wait_for(
+            lambda: len(_pids(out)) == 3 and set(_pids(out).values()).isdisjoint(first.values()),
+            240,
+            "the second run's cluster",
+        )
+        assert not work.exists(), "the killed run's temporary folder was swept"
         second = _pids(out)
         leftovers += second.values()
         wait_for(lambda: count_parts(out) > done_before or p.poll() is not None, 240, "progress in the second run")

@@ -50,7 +50,8 @@ def kernels(request):
 
     lib = cuda_lib.load(torch.device("cuda"))
     if lib is None:
-        pytest.skip(f"the CUDA C++ library is not built for this GPU (bash dll/build.sh): {cuda_lib.lib_path(torch.device('cuda'))}")
+        where = cuda_lib.lib_path(torch.device("cuda"))
+        pytest.skip(f"the CUDA C++ library is not built for this GPU (bash dll/build.sh): {where}")
     return CudaKernels(lib)
 
 
@@ -68,5 +69,5 @@ def encoded(checkpoint):
 
     texts = real_texts(1000)
     pool = real_texts(3000)
-    texts += [" ".join(pool[i * 40:(i + 1) * 40]) for i in range(24)]
+    texts += [" ".join(pool[i * 40 : (i + 1) * 40]) for i in range(24)]
     return Tokenizer(tokenizer_json_for(checkpoint.tokenizer), 512).encode(texts)

@@ -19,10 +19,17 @@ def hf_model(ck):
     from transformers import BertConfig, BertModel
 
     s = ck.shape
-    cfg = BertConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size, num_hidden_layers=s.num_layers,
-                     num_attention_heads=s.num_heads, intermediate_size=s.intermediate_size,
-                     max_position_embeddings=s.max_position, type_vocab_size=s.type_vocab_size,
-                     layer_norm_eps=s.layer_norm_eps, hidden_act=s.hidden_act)
+    cfg = BertConfig(
+        vocab_size=s.vocab_size,
+        hidden_size=s.hidden_size,
+        num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_heads,
+        intermediate_size=s.intermediate_size,
+        max_position_embeddings=s.max_position,
+        type_vocab_size=s.type_vocab_size,
+        layer_norm_eps=s.layer_norm_eps,
+        hidden_act=s.hidden_act,
+    )
     model = BertModel(cfg, add_pooling_layer="pooler.dense.weight" in ck.weights)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in ck.weights.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -37,13 +44,13 @@ def hf_embed(model, ck, enc, pooling: str, normalize: bool, batch: int = 64) -> 
     offsets = np.concatenate([[0], np.cumsum(enc.lengths)])
     out = []
     for a in range(0, len(enc.lengths), batch):
-        lens = enc.lengths[a:a + batch]
+        lens = enc.lengths[a : a + batch]
         S = int(lens.max())
         ids = torch.zeros(len(lens), S, dtype=torch.long)
         mask = torch.zeros(len(lens), S, dtype=torch.long)
         for r, i in enumerate(range(a, a + len(lens))):
-            ids[r, :lens[r]] = torch.from_numpy(enc.token_ids[offsets[i]:offsets[i + 1]].astype(np.int64))
-            mask[r, :lens[r]] = 1
+            ids[r, : lens[r]] = torch.from_numpy(enc.token_ids[offsets[i] : offsets[i + 1]].astype(np.int64))
+            mask[r, : lens[r]] = 1
         with torch.inference_mode():
             res = model(input_ids=ids.cuda(), attention_mask=mask.cuda(), token_type_ids=torch.zeros_like(ids).cuda())
         h, m = res.last_hidden_state.double(), mask.cuda()[..., None].double()
@@ -70,8 +77,16 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def make_engine(ck, precision: str, pooling: str = "mean", normalize: bool = True, **opts):
     from engine.torch_gpu import GpuBertEngine, GpuOptions
 
-    return GpuBertEngine(ck.shape, ck.weights, pooling=pooling, normalize=normalize, max_seq_len=512,
-                         precision=precision, device="cuda", options=GpuOptions(**opts))
+    return GpuBertEngine(
+        ck.shape,
+        ck.weights,
+        pooling=pooling,
+        normalize=normalize,
+        max_seq_len=512,
+        precision=precision,
+        device="cuda",
+        options=GpuOptions(**opts),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +106,7 @@ def test_parity_with_transformers_fp32_on_real_text(checkpoint, encoded, hf_mean
         pytest.skip("fp8 needs compute capability 8.9+")
     try:
         eng = make_engine(checkpoint, precision, kernels=kernels)
-    except RuntimeError as e:   # the CUDA C++ library not built here
+    except RuntimeError as e:  # the CUDA C++ library not built here
         pytest.skip(str(e))
     got = eng.embed(encoded.token_ids, encoded.lengths)
     cos = cosines(got.astype(np.float64), hf_mean)
@@ -100,9 +115,12 @@ def test_parity_with_transformers_fp32_on_real_text(checkpoint, encoded, hf_mean
     assert encoded.lengths.max() > 300
 
 
-@pytest.mark.xfail(reason="fp8 (e4m3, per-token x per-channel scales) reaches min cosine ~0.994 on "
-                          "all-MiniLM-L6-v2, short of the 0.999 goal; no e4m3 scaling (blocks included) reaches "
-                          "0.999 on this model (benchmarks/fp8_scaling_study.py, BENCHMARKS.md)", strict=False)
+@pytest.mark.xfail(
+    reason="fp8 (e4m3, per-token x per-channel scales) reaches min cosine ~0.994 on "
+    "all-MiniLM-L6-v2, short of the 0.999 goal; no e4m3 scaling (blocks included) reaches "
+    "0.999 on this model (benchmarks/studies/fp8_scaling_study.py, BENCHMARKS.md)",
+    strict=False,
+)
 def test_fp8_reaches_the_goal_cosine(checkpoint, encoded, hf_mean):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs compute capability 8.9+")
@@ -119,12 +137,15 @@ def test_parity_other_poolings_fp16(checkpoint, encoded, hf, pooling, normalize)
     assert cosines(got.astype(np.float64), want).min() >= 0.9999
 
 
-@pytest.mark.parametrize("opts", [dict(gelu_epilogue=False), dict(residual_in_gemm=True),
-                                  dict(residual_in_gemm=True, kernels="cuda")], ids=str)
+@pytest.mark.parametrize(
+    "opts",
+    [dict(gelu_epilogue=False), dict(residual_in_gemm=True), dict(residual_in_gemm=True, kernels="cuda")],
+    ids=str,
+)
 def test_runtime_options_keep_parity(checkpoint, encoded, hf_mean, opts):
     try:
         eng = make_engine(checkpoint, "fp16", **opts)
-    except RuntimeError as e:   # the CUDA C++ library not built here
+    except RuntimeError as e:  # the CUDA C++ library not built here
         pytest.skip(str(e))
     cos = cosines(eng.embed(encoded.token_ids, encoded.lengths).astype(np.float64), hf_mean)
     print(f"fp16 {opts}: min cosine {cos.min():.7f}")
@@ -141,7 +162,7 @@ def test_batch_invariance(checkpoint, encoded, precision):
     full = eng.embed(encoded.token_ids, encoded.lengths)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(encoded.lengths))
-    shuffled_ids = np.concatenate([encoded.token_ids[offsets[i]:offsets[i + 1]] for i in order])
+    shuffled_ids = np.concatenate([encoded.token_ids[offsets[i] : offsets[i + 1]] for i in order])
     shuffled = eng.embed(shuffled_ids, encoded.lengths[order])
     back = np.empty_like(shuffled)
     back[order] = shuffled
@@ -149,13 +170,13 @@ def test_batch_invariance(checkpoint, encoded, precision):
     assert np.abs(back - full).max() < tol
     assert cosines(back, full).min() > (0.9999 if precision == "fp8" else 0.99999)
     for i in (0, 7, len(encoded.lengths) - 1):
-        alone = eng.embed(encoded.token_ids[offsets[i]:offsets[i + 1]], encoded.lengths[i:i + 1])[0]
+        alone = eng.embed(encoded.token_ids[offsets[i] : offsets[i + 1]], encoded.lengths[i : i + 1])[0]
         assert np.abs(alone - full[i]).max() < tol
 
 
 def test_cuda_graphs_match_eager(checkpoint, encoded):
     n = 300
-    ids, lens = encoded.token_ids[:int(encoded.lengths[:n].sum())], encoded.lengths[:n]
+    ids, lens = encoded.token_ids[: int(encoded.lengths[:n].sum())], encoded.lengths[:n]
     graphs = make_engine(checkpoint, "fp16").embed(ids, lens)
     eager = make_engine(checkpoint, "fp16", cuda_graphs=False).embed(ids, lens)
     assert np.abs(graphs - eager).max() < 2e-3
@@ -164,19 +185,20 @@ def test_cuda_graphs_match_eager(checkpoint, encoded):
 
 def test_twin_kernels_on_gpu_match_fused(checkpoint, encoded):
     n = 200
-    ids, lens = encoded.token_ids[:int(encoded.lengths[:n].sum())], encoded.lengths[:n]
+    ids, lens = encoded.token_ids[: int(encoded.lengths[:n].sum())], encoded.lengths[:n]
     fused = make_engine(checkpoint, "fp16").embed(ids, lens)
     twin = make_engine(checkpoint, "fp16", kernels="torch").embed(ids, lens)
     assert cosines(fused, twin).min() > 0.99999
 
 
 def test_built_gpu_folder_loads_through_load_engine(checkpoint, encoded, tmp_path, hf_mean):
+    from core.config import EngineSpec
     from engine.build import build_model
     from engine.model_dir import load_engine, load_tokenizer
-    from core.config import EngineSpec
 
-    folder = build_model(EngineSpec(model=str(checkpoint.path), target="gpu", precision="fp16",
-                                    max_seq_len=512), tmp_path / "gpu_model")
+    folder = build_model(
+        EngineSpec(model=str(checkpoint.path), target="gpu", precision="fp16", max_seq_len=512), tmp_path / "gpu_model"
+    )
     eng = load_engine(folder, device="cuda")
     assert eng.precision == "fp16" and eng.dim == checkpoint.shape.hidden_size
     enc = load_tokenizer(folder).encode(["A man is playing a guitar.", "A woman slices an onion."])

@@ -14,13 +14,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEV = torch.device("cuda")
 TWIN = TorchKernels()
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-SHAPES = [(1, 64), (37, 384), (1029, 768), (64, 4096)]   # (T, H)
+SHAPES = [(1, 64), (37, 384), (1029, 768), (64, 4096)]  # (T, H)
 
 
 def ulp_close(got: torch.Tensor, want: torch.Tensor, ulps: float = 2.0) -> None:
     """Within a few units of the output dtype's last place, relative to each row's scale."""
     assert got.dtype == want.dtype and got.shape == want.shape
-    eps = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -18}[want.dtype]
+    eps = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 2**-18}[want.dtype]
     scale = want.float().abs().amax(-1, keepdim=True).clamp_min(1.0)
     err = ((got.float() - want.float()).abs() / scale).max().item()
     assert torch.isfinite(got.float()).all()
@@ -31,10 +31,10 @@ def fp8_close(got: tuple, want: tuple) -> None:
     """Row-quantized fp8 (q, scale): same scales; dequantized values within one e4m3 step."""
     (gq, gs), (wq, ws) = got, want
     assert gq.dtype == torch.float8_e4m3fn and gs.dtype == torch.float32 and gs.shape == ws.shape
-    torch.testing.assert_close(gs, ws, rtol=1e-3, atol=1e-6)   # ws from a rounded dtype may differ by rounding
+    torch.testing.assert_close(gs, ws, rtol=1e-3, atol=1e-6)  # ws from a rounded dtype may differ by rounding
     deq_g, deq_w = gq.float() * gs, wq.float() * ws
     err = (deq_g - deq_w).abs() / (deq_w.abs().amax(-1, keepdim=True).clamp_min(1e-6))
-    assert err.max().item() <= 2 ** -3
+    assert err.max().item() <= 2**-3
     assert (gq.float() != wq.float()).float().mean().item() < 0.02
 
 
@@ -63,8 +63,14 @@ def test_embed_layernorm(kernels, dtype, T, H):
 @pytest.mark.parametrize("with_bias,with_res", [(True, True), (False, True), (True, False)])
 def test_bias_residual_layernorm(kernels, dtype, T, H, with_bias, with_res):
     k = kernels
-    args = (rnd(T, H, dtype=dtype, scale=3), rnd(H, dtype=dtype) if with_bias else None,
-            rnd(T, H, dtype=dtype) if with_res else None, rnd(H), rnd(H), 1e-5)
+    args = (
+        rnd(T, H, dtype=dtype, scale=3),
+        rnd(H, dtype=dtype) if with_bias else None,
+        rnd(T, H, dtype=dtype) if with_res else None,
+        rnd(H),
+        rnd(H),
+        1e-5,
+    )
     ulp_close(k.bias_residual_layernorm(*args), TWIN.bias_residual_layernorm(*args))
     if dtype != torch.float32:
         for smooth in (None, torch.rand(H, device=DEV) + 0.5):
@@ -97,7 +103,7 @@ def test_pool(kernels, dtype, mode, normalize, H):
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = lens.cumsum(0)
     cu = cu.to(DEV)
-    x = rnd(int(lens.sum()) + 5, H, dtype=dtype)    # rows past cu[-1] are ignored
+    x = rnd(int(lens.sum()) + 5, H, dtype=dtype)  # rows past cu[-1] are ignored
     got, want = k.pool(x, cu, mode, normalize, 512), TWIN.pool(x, cu, mode, normalize, 512)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 

@@ -37,8 +37,8 @@ from tests.pipeline_support import settled_statistics
 
 torch = pytest.importorskip("torch")
 
-SEQUENTIAL_MIN_COSINE = 0.999999   # same engine, same chunks, same kernels
-MERGED_MIN_COSINE = 0.9999         # merged batches: other padded shapes, fp16 rounding
+SEQUENTIAL_MIN_COSINE = 0.999999  # same engine, same chunks, same kernels
+MERGED_MIN_COSINE = 0.9999  # merged batches: other padded shapes, fp16 rounding
 MAX_SEQ_LEN = 256
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on an H100/H200)")
@@ -62,10 +62,20 @@ def write_random_bert(folder: Path, texts: list[str], seed: int = 0) -> Path:
     chars = sorted({c for w in _words(texts) for c in w})
     common = [w for w, _ in collections.Counter(_words(texts)).most_common(4000) if len(w) > 1]
     vocab = list(dict.fromkeys(special + chars + [f"##{c}" for c in chars] + common))
-    cfg = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": len(vocab), "hidden_size": 384,
-           "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536,
-           "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
-           "pad_token_id": 0}
+    cfg = {
+        "model_type": "bert",
+        "architectures": ["BertModel"],
+        "vocab_size": len(vocab),
+        "hidden_size": 384,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 12,
+        "intermediate_size": 1536,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
+        "pad_token_id": 0,
+    }
     shape = BertShape.from_config(cfg, "random")
     rng = np.random.default_rng(seed)
     weights = {}
@@ -87,8 +97,8 @@ def write_random_bert(folder: Path, texts: list[str], seed: int = 0) -> Path:
 
 def _source_model(tmp: Path, texts: list[str], real: bool) -> tuple[str, dict]:
     """(checkpoint folder, EngineSpec overrides): $FBAS_GPU_TEST_MODEL, the bundled model, or random weights."""
-    from engine.checkpoint import default_model_path
     from core.errors import CheckpointError
+    from engine.checkpoint import default_model_path
 
     if real and os.environ.get("FBAS_GPU_TEST_MODEL"):
         return os.environ["FBAS_GPU_TEST_MODEL"], {}
@@ -102,8 +112,8 @@ def _source_model(tmp: Path, texts: list[str], real: bool) -> tuple[str, dict]:
 
 
 def build_gpu_folder(tmp: Path, texts: list[str], real: bool = True) -> Path:
-    from engine.build import build_model
     from core.config import EngineSpec
+    from engine.build import build_model
 
     model, extra = _source_model(tmp, texts, real)
     return build_model(EngineSpec(model=model, target="gpu", precision="fp16", **extra), tmp / "gpu-fp16")
@@ -114,7 +124,7 @@ def texts_for_test() -> list[str]:
     from engine.calibration import calibration_texts
 
     texts = calibration_texts(limit=1000)
-    return texts + [" ".join(texts[i * 12:(i + 1) * 12]) for i in range(16)]
+    return texts + [" ".join(texts[i * 12 : (i + 1) * 12]) for i in range(16)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,7 +204,7 @@ def _requests(docs, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     n = len(docs.lengths)
     while start < n:
         end = min(n, start + sizes[k % len(sizes)])
-        out.append((docs.token_ids[offsets[start]:offsets[end]], docs.lengths[start:end]))
+        out.append((docs.token_ids[offsets[start] : offsets[end]], docs.lengths[start:end]))
         start, k = end, k + 1
     return out
 
@@ -237,10 +247,12 @@ def test_triton_gpu_matches_in_process(served, in_process, docs, protocol):
         after = settled_statistics(enc, before, len(reqs))
     finally:
         enc.close()
-    print(f"\n[triton-gpu {protocol}] {len(reqs)} requests, {len(docs.lengths)} docs, lengths "
-          f"{int(docs.lengths.min())}..{int(docs.lengths.max())}: min cosine {worst:.9f}, max |diff| {max_abs:.3g}; "
-          f"stats {after['inference_count']} inferences / {after['execution_count']} executions on "
-          f"{torch.cuda.get_device_name(0)}")
+    print(
+        f"\n[triton-gpu {protocol}] {len(reqs)} requests, {len(docs.lengths)} docs, lengths "
+        f"{int(docs.lengths.min())}..{int(docs.lengths.max())}: min cosine {worst:.9f}, max |diff| {max_abs:.3g}; "
+        f"stats {after['inference_count']} inferences / {after['execution_count']} executions on "
+        f"{torch.cuda.get_device_name(0)}"
+    )
     assert worst >= SEQUENTIAL_MIN_COSINE, f"min cosine {worst} < {SEQUENTIAL_MIN_COSINE}"
     assert after["inference_count"] - before["inference_count"] == len(reqs)
     assert 1 <= after["execution_count"] - before["execution_count"] <= len(reqs)

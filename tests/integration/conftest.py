@@ -38,8 +38,9 @@ def triton_repo(built_fp32: Path, tmp_path_factory) -> Path:
         pytest.fail(f"{e} (the Triton integration tests need the real server)")
     repo = tmp_path_factory.mktemp("triton") / "repo"
     write_model_repository(built_fp32, repo, options=ModelEntryOptions(max_queue_delay_us=5000, **TEST_LIMITS))
-    write_model_repository(built_fp32, repo, options=ModelEntryOptions(
-        model_name="fbas_encoder_fp16", output_dtype="fp16", **TEST_LIMITS))
+    write_model_repository(
+        built_fp32, repo, options=ModelEntryOptions(model_name="fbas_encoder_fp16", output_dtype="fp16", **TEST_LIMITS)
+    )
     return repo
 
 
@@ -97,7 +98,7 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def _slice_docs(enc, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
     """Packed ids and lengths of documents [start, end)."""
     offsets = np.concatenate([[0], np.cumsum(enc.lengths)])
-    return enc.token_ids[offsets[start]:offsets[end]], enc.lengths[start:end]
+    return enc.token_ids[offsets[start] : offsets[end]], enc.lengths[start:end]
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.tokenize import Tokenizer, tokenizer_json_for
 from engine.model_dir import load_engine, load_tokenizer, read_meta
 from engine.onnx_build import Fusions, GraphSpec, build_onnx
 from engine.onnx_engine import OnnxEngine
 from engine.reference import ReferenceBert
-from core.tokenize import Tokenizer, tokenizer_json_for
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -22,7 +22,7 @@ def sentences(stsb_en_test, stsb_zh_cnsd_test) -> list[str]:
     """A real mix: 160 English STS-B test sentences, 40 Chinese CNSD ones, a few long texts."""
     en = [a for a, _, _ in stsb_en_test[:160]]
     zh = [a for a, _, _ in stsb_zh_cnsd_test[:40]]
-    long = [" ".join(b for _, b, _ in stsb_en_test[i:i + 40]) for i in range(0, 80, 40)]
+    long = [" ".join(b for _, b, _ in stsb_en_test[i : i + 40]) for i in range(0, 80, 40)]
     return en + zh + long
 
 
@@ -52,7 +52,7 @@ def hf_transformers(default_checkpoint, sentences) -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in range(0, len(sentences), 32):
-            batch = tok(sentences[i:i + 32], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            batch = tok(sentences[i : i + 32], padding=True, truncation=True, max_length=256, return_tensors="pt")
             h = model(**batch).last_hidden_state
             m = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (h * m).sum(1) / m.sum(1)
@@ -65,8 +65,9 @@ def test_reference_matches_transformers(reference64, hf_transformers):
 
 
 @pytest.mark.parametrize("fusions", ["all", "none", "attention", "embed_layernorm,skip_layernorm,bias_gelu"])
-def test_onnx_fp32_matches_reference_and_transformers(default_checkpoint, encoded, reference64, hf_transformers,
-                                                      fusions):
+def test_onnx_fp32_matches_reference_and_transformers(
+    default_checkpoint, encoded, reference64, hf_transformers, fusions
+):
     ck = default_checkpoint
     model = build_onnx(ck.shape, ck.weights, GraphSpec("mean", True, Fusions.parse(fusions)))
     eng = OnnxEngine(model.SerializeToString(), 384, 256, ck.shape.vocab_size, threads=2)
@@ -87,8 +88,13 @@ def test_every_pooling_matches_reference(default_checkpoint, encoded, pooling, n
     sub = slice(0, 64)
     ids, lens = encoded.token_ids[: int(encoded.lengths[sub].sum())], encoded.lengths[sub]
     ref = ReferenceBert(ck.shape, weights, pooling, normalize, 256).embed(ids, lens)
-    eng = OnnxEngine(build_onnx(ck.shape, weights, GraphSpec(pooling, normalize)).SerializeToString(), 384, 256,
-                     ck.shape.vocab_size, threads=2)
+    eng = OnnxEngine(
+        build_onnx(ck.shape, weights, GraphSpec(pooling, normalize)).SerializeToString(),
+        384,
+        256,
+        ck.shape.vocab_size,
+        threads=2,
+    )
     got = eng.embed(ids, lens)
     assert cosines(got, ref).min() >= 0.99999
     if not normalize:
@@ -97,8 +103,13 @@ def test_every_pooling_matches_reference(default_checkpoint, encoded, pooling, n
 
 def test_built_fp32_folder(built_fp32, encoded, reference64):
     meta = read_meta(built_fp32)
-    assert (meta.target, meta.precision, meta.pooling, meta.normalize, meta.max_seq_len) == \
-        ("onnx", "fp32", "mean", True, 256)
+    assert (meta.target, meta.precision, meta.pooling, meta.normalize, meta.max_seq_len) == (
+        "onnx",
+        "fp32",
+        "mean",
+        True,
+        256,
+    )
     eng = load_engine(built_fp32, threads=2)
     tok = load_tokenizer(built_fp32)
     assert cosines(eng.embed(encoded.token_ids, encoded.lengths), reference64).min() >= 0.99999
@@ -141,8 +152,9 @@ def test_tf_checkpoint_engine_matches_reference():
     enc = tok.encode(["我是中国人", "他不在上海。", "hello world", "我们 在 学 习"])
     ref = ReferenceBert(ck.shape, ck.weights, "pooler", False, 64).embed(enc.token_ids, enc.lengths)
     model = build_onnx(ck.shape, ck.weights, GraphSpec("pooler", False, Fusions.parse("all")))
-    got = OnnxEngine(model.SerializeToString(), 32, 64, ck.shape.vocab_size, threads=1).embed(enc.token_ids,
-                                                                                           enc.lengths)
+    got = OnnxEngine(model.SerializeToString(), 32, 64, ck.shape.vocab_size, threads=1).embed(
+        enc.token_ids, enc.lengths
+    )
     assert cosines(got, ref).min() >= 0.99999
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from scipy.stats import spearmanr
 
 from engine.model_dir import load_engine, load_tokenizer

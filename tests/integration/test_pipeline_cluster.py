@@ -1,7 +1,7 @@
 """The pipeline against real services: one redis-server, one tritonserver and one Celery worker (2 processes)
 for the module, with jobs submitted as a fleet would (``--broker``). No mocks.
 
-Covers reliability.md's bad-input table, refusal before enqueueing, the pickle refusal, a worker child
+Covers docs/reliability.md's bad-input table, refusal before enqueueing, the pickle refusal, a worker child
 killed mid-batch (redelivered, every row once), and `status`.
 """
 
@@ -32,8 +32,8 @@ CRASH_TAG = "crash-me"
 @pytest.fixture(scope="module")
 def template_out(tmp_path_factory) -> Path:
     """An output folder holding the built default model (copied into each job's folder)."""
-    from pipeline.ingest.model_cache import ensure_model
     from core.layout import OutputDir
+    from pipeline.ingest.model_cache import ensure_model
 
     out = tmp_path_factory.mktemp("template")
     ensure_model(FbasConfig(), OutputDir(out))
@@ -58,8 +58,13 @@ def cluster(template_out, tmp_path_factory):
     _need_services()
     cfg = FbasConfig()
     cfg.queue.task_time_limit, cfg.queue.visibility_timeout, cfg.queue.max_retries = 60.0, 120.0, 2
-    c = LocalCluster(template_out / ".fbas" / "model", tmp_path_factory.mktemp("cluster"), cfg, concurrency=2,
-                     worker_env={"FBAS_TEST_PAUSE": f"1:8:{PAUSE_TAG}", "FBAS_TEST_CRASH": f"2:{CRASH_TAG}"})
+    c = LocalCluster(
+        template_out / ".fbas" / "model",
+        tmp_path_factory.mktemp("cluster"),
+        cfg,
+        concurrency=2,
+        worker_env={"FBAS_TEST_PAUSE": f"1:8:{PAUSE_TAG}", "FBAS_TEST_CRASH": f"2:{CRASH_TAG}"},
+    )
     c.start()
     try:
         c.wait_ready()
@@ -122,8 +127,14 @@ def test_the_same_job_into_a_second_folder_is_embedded_again(cluster, template_o
 def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, template_out, tmp_path, lengths):
     """With estimated lengths the producer cannot see that a text has no tokens: its worker quarantines it, with
     the same reason, and everything else comes out the same."""
-    good = ["A man is playing a guitar.", "Un homme joue de la guitare.", "一个男人在弹吉他。",
-            "text with a NUL\x00 inside", "tabs\tand\nnewlines", "word " * 3000]
+    good = [
+        "A man is playing a guitar.",
+        "Un homme joue de la guitare.",
+        "一个男人在弹吉他。",
+        "text with a NUL\x00 inside",
+        "tabs\tand\nnewlines",
+        "word " * 3000,
+    ]
     texts: list = good + [None, "", "   \n\t ", "\x01\x02\x03", "fine again"]
     raw = [t.encode() if t is not None else None for t in texts]
     raw.append(b"broken \xff\xfe utf-8 bytes")
@@ -135,9 +146,9 @@ def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, templa
     m = check_oracle(out, ids)
     assert read_quarantine(out) == {6: "null_text", 7: "empty_text", 8: "whitespace_text", 9: "no_tokens"}
     job = __import__("json").loads((out / ".fbas" / "job.json").read_text())
-    assert job["settings"].get("lengths", "exact") == job["scan"]["lengths"] == lengths   # exact ids unchanged
+    assert job["settings"].get("lengths", "exact") == job["scan"]["lengths"] == lengths  # exact ids unchanged
     assert (job["settings"]["padding_ratio"] is None) == (lengths == "estimate")
-    assert job["scan"]["quarantined"] == (4 if lengths == "exact" else 3)   # no_tokens: by the worker
+    assert job["scan"]["quarantined"] == (4 if lengths == "exact" else 3)  # no_tokens: by the worker
     assert m["counts"]["truncated"] == 1 and m["counts"]["repaired"] == 1
     t = pq.read_table(out / "vectors").to_pydict()
     flags = {i: (n, tr, rep) for i, n, tr, rep in zip(t["id"], t["n_tokens"], t["truncated"], t["repaired"])}
@@ -158,8 +169,8 @@ def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, templa
 
 
 def test_invalid_corpora_are_refused_before_anything_is_enqueued(cluster, template_out, tmp_path):
-    from workers.jobstate import connect, list_jobs
     from workers.app import QUEUE
+    from workers.jobstate import connect, list_jobs
 
     client = connect(cluster.broker_url)
     jobs_before = set(list_jobs(client))
@@ -200,11 +211,18 @@ def test_a_pickle_message_is_refused_and_never_deserialized(cluster, template_ou
     marker = tmp_path / "pwned"
     with Connection(cluster.broker_url) as conn:
         producer = conn.Producer(serializer="pickle")
-        producer.publish({"args": [_Evil(str(marker))]}, routing_key=QUEUE, exchange="",
-                         headers={"task": TASK_NAME, "id": "evil-1", "lang": "py", "argsrepr": "", "kwargsrepr": ""})
+        producer.publish(
+            {"args": [_Evil(str(marker))]},
+            routing_key=QUEUE,
+            exchange="",
+            headers={"task": TASK_NAME, "id": "evil-1", "lang": "py", "argsrepr": "", "kwargsrepr": ""},
+        )
     log = Path(cluster.log_dir) / "worker.log"
-    wait_for(lambda: "evil-1" in log.read_text(errors="replace") or "untrusted" in log.read_text(errors="replace"),
-             30, "the worker to refuse the pickle message")
+    wait_for(
+        lambda: "evil-1" in log.read_text(errors="replace") or "untrusted" in log.read_text(errors="replace"),
+        30,
+        "the worker to refuse the pickle message",
+    )
     time.sleep(0.5)
     assert not marker.exists(), "the pickle payload was deserialized"
     text = log.read_text(errors="replace")
@@ -274,10 +292,26 @@ def test_the_worker_command_joins_the_fleet(cluster, template_out, tmp_path, sts
     root = Path(__file__).resolve().parents[2]
     log = tmp_path / "cli-worker.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "--broker", cluster.broker_url,
-                                 "--triton", cluster.triton_url, "--concurrency", "1", "--loglevel", "INFO"],
-                                env={**os.environ, "PYTHONPATH": str(root)}, stdout=f, stderr=subprocess.STDOUT,
-                                cwd=str(root))
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "worker",
+                "--broker",
+                cluster.broker_url,
+                "--triton",
+                cluster.triton_url,
+                "--concurrency",
+                "1",
+                "--loglevel",
+                "INFO",
+            ],
+            env={**os.environ, "PYTHONPATH": str(root)},
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=str(root),
+        )
     try:
         wait_for(lambda: "ready." in log.read_text(errors="replace"), 60, "the CLI worker to start")
         texts = [b for _, b, _ in stsb_en_test[:200]]
@@ -325,8 +359,9 @@ def test_a_redis_that_lost_everything_mid_job_is_refilled(cluster, template_out,
 
 
 @pytest.mark.parametrize("lengths", ["exact", "estimate"])
-def test_small_plan_windows_stream_and_a_rerun_without_the_job_file_finds_its_parts(cluster, template_out, tmp_path,
-                                                                                       stsb_en_test, lengths):
+def test_small_plan_windows_stream_and_a_rerun_without_the_job_file_finds_its_parts(
+    cluster, template_out, tmp_path, stsb_en_test, lengths
+):
     """Six windows instead of one: the same rows and vectors, each batch inside one window. A producer that
     died before job.json was written (it is written after the last window) leaves committed parts and
     job.pending: another job is refused on them, and the same job's rerun plans the same batches again (with
@@ -347,7 +382,7 @@ def test_small_plan_windows_stream_and_a_rerun_without_the_job_file_finds_its_pa
     rows, got_ids, vecs = read_vectors(out)
     rows1, ids1, vecs1 = read_vectors(tmp_path / "one")
     assert np.array_equal(rows, rows1) and got_ids == ids1
-    np.testing.assert_allclose(vecs, vecs1, atol=2e-6)      # other batch neighbours, same vectors
+    np.testing.assert_allclose(vecs, vecs1, atol=2e-6)  # other batch neighbours, same vectors
     for part in sorted((out / "vectors").glob("*.parquet")):
         part_rows = pq.read_table(part, columns=["row_id"]).column("row_id").to_numpy()
         assert part_rows.max() // 100 == part_rows.min() // 100, f"{part.name} spans two windows"
@@ -355,7 +390,7 @@ def test_small_plan_windows_stream_and_a_rerun_without_the_job_file_finds_its_pa
     for name in ("job.json", "scan.npz", "plan.npz"):
         (out / ".fbas" / name).unlink()
     parts = sorted(p.name for p in (out / "vectors").iterdir())
-    with pytest.raises(InputError, match="stopped before its scan finished"):   # another job on these parts
+    with pytest.raises(InputError, match="stopped before its scan finished"):  # another job on these parts
         _ingest(cluster, template_out, corpus, out, batch_rows=16, plan_window=100, lengths=lengths)
     assert sorted(p.name for p in (out / "vectors").iterdir()) == parts
     again = _ingest(cluster, template_out, corpus, out, batch_rows=32, plan_window=100, lengths=lengths)
@@ -380,8 +415,11 @@ def test_a_cluster_stopped_while_its_model_loads_stops_at_once(template_out, tmp
         ports = [c.redis.port, *c.triton.ports.values()]
         assert len(set(ports)) == 4, ports
         log = tmp_path / "state" / "logs" / "tritonserver.log"
-        wait_for(lambda: log.exists() and "TRITONBACKEND_ModelInstanceInitialize" in log.read_text(), 60,
-                 "tritonserver to start loading the model")
+        wait_for(
+            lambda: log.exists() and "TRITONBACKEND_ModelInstanceInitialize" in log.read_text(),
+            60,
+            "tritonserver to start loading the model",
+        )
         pids = c.pids()
         assert set(pids) == {"redis", "triton", "worker"}
     finally:
@@ -395,7 +433,7 @@ def test_a_cluster_stopped_while_its_model_loads_stops_at_once(template_out, tmp
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
-    def group_gone() -> bool:   # nor any of its backend stubs (tritonserver leads their group), once reaped
+    def group_gone() -> bool:  # nor any of its backend stubs (tritonserver leads their group), once reaped
         try:
             os.killpg(pids["triton"], 0)
         except ProcessLookupError:

@@ -18,9 +18,13 @@ def test_concurrent_clients_are_correct_and_batched(triton, triton_docs, triton_
     before = stats.model_statistics()
     rng = np.random.default_rng(0)
     # each request: a random window of 1..12 documents, so token counts differ between requests
-    plans = [[(int(s), int(s) + int(n)) for s, n in zip(rng.integers(0, 80, REQUESTS_PER_CLIENT),
-                                                        rng.integers(1, 13, REQUESTS_PER_CLIENT))]
-             for _ in range(N_CLIENTS)]
+    plans = [
+        [
+            (int(s), int(s) + int(n))
+            for s, n in zip(rng.integers(0, 80, REQUESTS_PER_CLIENT), rng.integers(1, 13, REQUESTS_PER_CLIENT))
+        ]
+        for _ in range(N_CLIENTS)
+    ]
     errors: list[BaseException] = []
     results: dict[tuple[int, int], np.ndarray] = {}
     barrier = threading.Barrier(N_CLIENTS)

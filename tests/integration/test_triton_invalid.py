@@ -96,5 +96,5 @@ def test_a_bad_request_never_fails_the_batch_it_shares(triton, triton_docs, trit
     assert len(good) == 12 and len(bad) == 12
     for key, out in good.items():
         s = key // 10 + key % 10
-        np.testing.assert_allclose(out, triton_docs_reference[s:s + 5], atol=1e-5)
+        np.testing.assert_allclose(out, triton_docs_reference[s : s + 5], atol=1e-5)
     assert all(isinstance(e, BadRowsError) and e.rows == [2] for e in bad.values())

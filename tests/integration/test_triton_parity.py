@@ -37,7 +37,7 @@ def test_responses_leave_no_tracebacks_in_the_server_log(triton, triton_docs):
         assert enc.stats.requests == 2
     deadline = time.monotonic() + 2
     while "Traceback" not in triton.log_file.read_text(encoding="utf-8") and time.monotonic() < deadline:
-        time.sleep(0.2)   # a late traceback would be written after the response; give it time
+        time.sleep(0.2)  # a late traceback would be written after the response; give it time
     log = triton.log_file.read_text(encoding="utf-8")
     assert "Traceback" not in log and "PyCapsule" not in log, log[-2000:]
 

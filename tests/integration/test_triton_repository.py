@@ -11,22 +11,34 @@ import pytest
 from core.config import FbasConfig
 from core.errors import ConfigError
 from services.repository import ModelEntryOptions, render_config, write_model_repository
-from services.triton import ServerExitedError, TritonProcess, find_tritonserver
 from services.serve import run_serve
+from services.triton import ServerExitedError, TritonProcess, find_tritonserver
 
 
 def test_entry_layout_and_config(built_fp32: Path, tmp_path: Path):
     repo = tmp_path / "repo"
-    entry = write_model_repository(built_fp32, repo, options=ModelEntryOptions(output_dtype="fp16",
-                                                                               max_batch_requests=8))
+    entry = write_model_repository(
+        built_fp32, repo, options=ModelEntryOptions(output_dtype="fp16", max_batch_requests=8)
+    )
     assert entry == repo / "fbas_encoder"
-    assert sorted(p.name for p in (entry / "1" / "engine").iterdir()) == ["fbas_model.json", "model.onnx",
-                                                                          "tokenizer.json"]
+    assert sorted(p.name for p in (entry / "1" / "engine").iterdir()) == [
+        "fbas_model.json",
+        "model.onnx",
+        "tokenizer.json",
+    ]
     assert (entry / "1" / "model.py").is_file()
     cfg = (entry / "config.pbtxt").read_text()
-    for needle in ('name: "fbas_encoder"', 'backend: "python"', "max_batch_size: 8", "allow_ragged_batch: true",
-                   "data_type: TYPE_FP16", "dims: [ -1, 384 ]", "preferred_batch_size: [ 2, 4, 8 ]",
-                   "kind: KIND_CPU", 'key: "max_seq_len",            value: { string_value: "256" }'):
+    for needle in (
+        'name: "fbas_encoder"',
+        'backend: "python"',
+        "max_batch_size: 8",
+        "allow_ragged_batch: true",
+        "data_type: TYPE_FP16",
+        "dims: [ -1, 384 ]",
+        "preferred_batch_size: [ 2, 4, 8 ]",
+        "kind: KIND_CPU",
+        'key: "max_seq_len",            value: { string_value: "256" }',
+    ):
         assert needle in cfg, needle
     # rewriting replaces the entry in place and leaves no temporary folder beside the repository
     write_model_repository(built_fp32, repo)
@@ -92,10 +104,23 @@ def test_serve_command_serves_until_sigterm(triton_repo: Path, tmp_path: Path):
     from workers.triton_client import ClientOptions, TritonEncoder
 
     root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model-repository", str(triton_repo),
-           "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
-    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "serve",
+        "--model-repository",
+        str(triton_repo),
+        "--grpc-port",
+        "0",
+        "--http-port",
+        "0",
+        "--metrics-port",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stderr=subprocess.PIPE, text=True
+    )
     try:
         url = None
         for line in proc.stderr:  # type: ignore[union-attr]

@@ -18,8 +18,9 @@ from workers.triton_client import ClientOptions, TritonEncoder
 N_REQUESTS = 40
 
 
-def _stream(enc: TritonEncoder, docs, slice_docs, out: dict, errors: list, pace: float, times: list,
-            stop: threading.Event) -> None:
+def _stream(
+    enc: TritonEncoder, docs, slice_docs, out: dict, errors: list, pace: float, times: list, stop: threading.Event
+) -> None:
     """Send requests one at a time (request i = documents i..i+3, cycling) until ``stop`` is set, and at
     least N_REQUESTS; note when each is answered."""
     try:
@@ -58,37 +59,40 @@ def test_client_waits_for_a_server_that_is_not_up_yet(own_triton, triton_docs, t
 def test_restart_and_kill_mid_stream(own_triton, triton_docs, triton_docs_reference, slice_docs):
     own_triton.start()
     opts = {"retry_budget": 90.0, "max_retries": 40}
-    clients = {"grpc": TritonEncoder(ClientOptions(url=own_triton.grpc_url, **opts)),
-               "http": TritonEncoder(ClientOptions(url=own_triton.http_url, protocol="http", **opts)),
-               "grpc-shm": TritonEncoder(ClientOptions(url=own_triton.grpc_url, shared_memory=True, **opts))}
+    clients = {
+        "grpc": TritonEncoder(ClientOptions(url=own_triton.grpc_url, **opts)),
+        "http": TritonEncoder(ClientOptions(url=own_triton.http_url, protocol="http", **opts)),
+        "grpc-shm": TritonEncoder(ClientOptions(url=own_triton.grpc_url, shared_memory=True, **opts)),
+    }
     for c in clients.values():
         c.wait_ready()
     results: dict[str, dict[int, np.ndarray]] = {k: {} for k in clients}
     errors: list[BaseException] = []
     answered: dict[str, list[float]] = {k: [] for k in clients}
     stop = threading.Event()
-    threads = [threading.Thread(target=_stream, args=(c, triton_docs, slice_docs, results[k], errors, 0.05,
-                                                      answered[k], stop))
-               for k, c in clients.items()]
+    threads = [
+        threading.Thread(target=_stream, args=(c, triton_docs, slice_docs, results[k], errors, 0.05, answered[k], stop))
+        for k, c in clients.items()
+    ]
     for t in threads:
         t.start()
     time.sleep(0.5)
     restart_began = time.monotonic()
-    own_triton.restart()            # graceful: SIGTERM, in-flight requests finish, model unloads
+    own_triton.restart()  # graceful: SIGTERM, in-flight requests finish, model unloads
     time.sleep(0.5)
-    own_triton.restart(kill=True)   # crash: SIGKILL of the server and its backend stubs
+    own_triton.restart(kill=True)  # crash: SIGKILL of the server and its backend stubs
     restarts_done = time.monotonic()
-    time.sleep(1.0)                 # keep streaming a while against the restarted server
+    time.sleep(1.0)  # keep streaming a while against the restarted server
     stop.set()
     for t in threads:
         t.join(timeout=240)
     assert not errors, errors
     for k, c in clients.items():
-        assert sorted(results[k]) == list(range(len(results[k]))), k     # every request answered, once
+        assert sorted(results[k]) == list(range(len(results[k]))), k  # every request answered, once
         assert len(results[k]) >= N_REQUESTS, k
         for i, out in results[k].items():
             j = i % N_REQUESTS
-            np.testing.assert_allclose(out, triton_docs_reference[j:j + 4], atol=1e-5)
+            np.testing.assert_allclose(out, triton_docs_reference[j : j + 4], atol=1e-5)
         # the stream really spanned both restarts (gRPC may reconnect without our retry loop seeing it)
         assert min(answered[k]) < restart_began and max(answered[k]) > restarts_done, k
         c.close()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine.checkpoint import expected_shapes, load_checkpoint
 from core.errors import CheckpointError
+from engine.checkpoint import expected_shapes, load_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -31,12 +31,16 @@ def test_tf_checkpoint_loads_to_tf_numbers():
     assert ck.default_pooling == "pooler" and ck.tokenizer.lowercase
     with np.load(FIXTURES / "tf_bert_tiny_expected.npz") as tf:
         # kernels are [in, out] in TF and [out, in] in the canonical table
-        np.testing.assert_array_equal(ck.weights["encoder.layer.1.attention.self.query.weight"],
-                                      tf["bert/encoder/layer_1/attention/self/query/kernel"].T)
-        np.testing.assert_array_equal(ck.weights["embeddings.word_embeddings.weight"],
-                                      tf["bert/embeddings/word_embeddings"])
-        np.testing.assert_array_equal(ck.weights["encoder.layer.0.output.LayerNorm.weight"],
-                                      tf["bert/encoder/layer_0/output/LayerNorm/gamma"])
+        np.testing.assert_array_equal(
+            ck.weights["encoder.layer.1.attention.self.query.weight"],
+            tf["bert/encoder/layer_1/attention/self/query/kernel"].T,
+        )
+        np.testing.assert_array_equal(
+            ck.weights["embeddings.word_embeddings.weight"], tf["bert/embeddings/word_embeddings"]
+        )
+        np.testing.assert_array_equal(
+            ck.weights["encoder.layer.0.output.LayerNorm.weight"], tf["bert/encoder/layer_0/output/LayerNorm/gamma"]
+        )
         np.testing.assert_array_equal(ck.weights["pooler.dense.weight"], tf["bert/pooler/dense/kernel"].T)
         n_encoder = sum(1 for k in tf.files if k.startswith("bert/"))
     assert len(ck.weights) == n_encoder  # every encoder tensor used, the pretraining heads dropped

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from pipeline.cli import _config_from_args, build_parser
 from core.config import EngineSpec, FbasConfig, apply_env, fingerprint
 from core.envs import env_name, read_env
 from core.errors import ConfigError
+from pipeline.cli import _config_from_args, build_parser
 
 
 def test_env_var_sets_field_and_flag_wins(monkeypatch):
@@ -55,16 +55,25 @@ def test_fingerprint_is_stable_and_sensitive():
 
 def test_help_is_fast_and_documents_defaults():
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "build", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "build", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     elapsed = time.perf_counter() - t0
     assert "--precision" in out and "default: fp32" in out and "FBAS_PRECISION" in out
     # --help must not import the heavy runtimes (onnxruntime, torch); a generous bound, not a benchmark
     assert elapsed < 10
-    mods = subprocess.run([sys.executable, "-c", "import sys, pipeline.cli as c; c.build_parser(); "
-                           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-                           "('onnxruntime','torch','onnx','tritonclient','celery')))"],
-                          capture_output=True, text=True, check=True).stdout
+    mods = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pipeline.cli as c; c.build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('onnxruntime','torch','onnx','tritonclient','celery')))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert mods.strip() == "[]"
 
 
@@ -83,6 +92,9 @@ def test_a_fleet_worker_is_told_the_engine_target_to_size_its_pool(monkeypatch):
 
     monkeypatch.setattr(local, "cpu_count", lambda: 16)
     worker = ["worker", "--broker", "redis://q:6379/0"]
-    for argv, want in ((worker, 4), (worker + ["--target", "gpu"], 20), (worker + ["--target", "gpu", "--concurrency",
-                                                                                    "3"], 3)):
+    for argv, want in (
+        (worker, 4),
+        (worker + ["--target", "gpu"], 20),
+        (worker + ["--target", "gpu", "--concurrency", "3"], 3),
+    ):
         assert local.pool_size(_config_from_args(build_parser().parse_args(argv))) == want

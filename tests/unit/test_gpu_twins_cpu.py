@@ -21,12 +21,12 @@ torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from engine.checkpoint import BertShape, load_checkpoint  # noqa: E402
+from core.tokenize import Tokenizer, tokenizer_json_for
 from dll.twins import TorchKernels
+from engine.checkpoint import BertShape, load_checkpoint  # noqa: E402
 from engine.gpu_kernels import quantize_rows_fp8
 from engine.reference import ReferenceBert, pad_tokens  # noqa: E402
 from engine.torch_gpu import GpuBertEngine, GpuOptions, static_plan, token_bucket  # noqa: E402
-from core.tokenize import Tokenizer, tokenizer_json_for
 
 STSB = ROOT.parent / "shared" / "data" / "stsb_multi_mt" / "stsb-en-test.csv"
 CALIBRATION = ROOT / "engine" / "data" / "calibration.txt"
@@ -54,8 +54,8 @@ class ReferenceOnGroups:
         order = np.argsort(enc.lengths, kind="stable")
         self.groups = []
         for g in range(0, len(order), 16):
-            idx = order[g:g + 16]
-            ids = np.concatenate([enc.token_ids[offsets[i]:offsets[i + 1]] for i in idx])
+            idx = order[g : g + 16]
+            ids = np.concatenate([enc.token_ids[offsets[i] : offsets[i + 1]] for i in idx])
             padded, mask = pad_tokens(ids, enc.lengths[idx])
             self.groups.append((idx, self.ref.hidden_states(padded, mask), mask))
 
@@ -95,9 +95,16 @@ def encoded(minilm):
 
 
 def engine_for(ck, pooling: str, normalize: bool, **opts) -> GpuBertEngine:
-    return GpuBertEngine(ck.shape, ck.weights, pooling=pooling, normalize=normalize,
-                         max_seq_len=ck.default_max_seq_len, precision="fp32", device="cpu",
-                         options=GpuOptions(**opts))
+    return GpuBertEngine(
+        ck.shape,
+        ck.weights,
+        pooling=pooling,
+        normalize=normalize,
+        max_seq_len=ck.default_max_seq_len,
+        precision="fp32",
+        device="cpu",
+        options=GpuOptions(**opts),
+    )
 
 
 @pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False), ("max", False), ("pooler", True)])
@@ -131,7 +138,7 @@ def test_a_text_alone_and_inside_a_batch_gives_the_same_vector(minilm, encoded):
     batch = eng.embed(encoded.token_ids, encoded.lengths)
     offsets = np.concatenate([[0], np.cumsum(encoded.lengths)])
     for i in (0, 5, len(encoded) - 1):
-        alone = eng.embed(encoded.token_ids[offsets[i]:offsets[i + 1]], encoded.lengths[i:i + 1])
+        alone = eng.embed(encoded.token_ids[offsets[i] : offsets[i + 1]], encoded.lengths[i : i + 1])
         np.testing.assert_allclose(alone[0], batch[i], atol=2e-6)
 
 
@@ -162,23 +169,33 @@ def test_fp8_emulation_with_smoothing_calibration(minilm, encoded):
     ck, tok = minilm
     cal = tok.encode(calibration_texts())
     want = engine_for(ck, "mean", True).embed(encoded.token_ids, encoded.lengths)
-    eng = GpuBertEngine(ck.shape, ck.weights, pooling="mean", normalize=True, max_seq_len=256, precision="fp8",
-                        device="cpu", options=GpuOptions(fp8_gemms="qkv,ffn2"),
-                        calibration=(cal.token_ids, cal.lengths))
+    eng = GpuBertEngine(
+        ck.shape,
+        ck.weights,
+        pooling="mean",
+        normalize=True,
+        max_seq_len=256,
+        precision="fp8",
+        device="cpu",
+        options=GpuOptions(fp8_gemms="qkv,ffn2"),
+        calibration=(cal.token_ids, cal.lengths),
+    )
     assert eng.fp8 and set(eng.layers[0].fp8) == {"qkv", "ffn2"}
     assert eng.layers[0].fp8["qkv"][0].dtype == torch.float8_e4m3fn and eng.layers[0].fp8["qkv"][2] is not None
     cos = cosines(eng.embed(encoded.token_ids, encoded.lengths), want)
-    assert 0.99 < cos.min() < 0.99999     # fp8 rounding is visible, and small
+    assert 0.99 < cos.min() < 0.99999  # fp8 rounding is visible, and small
 
 
 def test_gpu_precisions_fall_back_to_fp32_on_the_cpu(minilm):
     ck, _ = minilm
-    eng = GpuBertEngine(ck.shape, ck.weights, pooling="mean", normalize=True, max_seq_len=128,
-                        precision="fp16", device="cpu")
+    eng = GpuBertEngine(
+        ck.shape, ck.weights, pooling="mean", normalize=True, max_seq_len=128, precision="fp16", device="cpu"
+    )
     assert eng.precision == "fp32" and eng.dtype == torch.float32
 
 
 # --- the padding plan --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", range(5))
 def test_static_plan_covers_every_padding_token_with_short_dummy_documents(seed):
@@ -188,7 +205,7 @@ def test_static_plan_covers_every_padding_token_with_short_dummy_documents(seed)
     Tb, Lb, all_lens = static_plan(lens, cap, 256)
     assert Tb >= lens.sum() and all_lens.sum() == Tb and Tb <= cap
     assert Tb <= max(64, 1.25 * lens.sum() + 16)
-    assert np.array_equal(all_lens[:len(lens)], lens)
+    assert np.array_equal(all_lens[: len(lens)], lens)
     assert all_lens.max() <= Lb <= 256 and Lb >= lens.max()
     n = len(all_lens)
     assert n >= 8 and n & (n - 1) == 0
@@ -203,6 +220,7 @@ def test_token_buckets_are_few_and_tight():
 
 
 # --- twins against plain formulas ----------------------------------------------------------------
+
 
 def test_attention_twin_matches_per_document_softmax():
     g = torch.Generator().manual_seed(0)
@@ -244,7 +262,7 @@ def test_fp8_row_quantization_round_trips_within_fp8_precision():
     q, s = quantize_rows_fp8(y)
     assert q.dtype == torch.float8_e4m3fn and s.shape == (16, 1)
     err = (q.float() * s - y).abs() / y.abs().amax(1, keepdim=True)
-    assert err.max() < 2 ** -4   # e4m3: 3 mantissa bits
+    assert err.max() < 2**-4  # e4m3: 3 mantissa bits
 
 
 def test_scaled_mm_twin_is_a_dequantized_product():
@@ -257,7 +275,14 @@ def test_scaled_mm_twin_is_a_dequantized_product():
 
 
 def test_shape_validation():
-    shape = BertShape(vocab_size=10, hidden_size=8, num_layers=0, num_heads=2, intermediate_size=16,
-                      max_position=16, hidden_act="swish")
+    shape = BertShape(
+        vocab_size=10,
+        hidden_size=8,
+        num_layers=0,
+        num_heads=2,
+        intermediate_size=16,
+        max_position=16,
+        hidden_act="swish",
+    )
     with pytest.raises(ValueError, match="hidden_act"):
         GpuBertEngine(shape, {}, pooling="mean", normalize=True, max_seq_len=8, precision="fp32", device="cpu")

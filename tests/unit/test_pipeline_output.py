@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -16,14 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.errors import InputError
-from output.evaluate import evaluate_run, ndcg_at_k, recall_at_k
-from output.check import IncompleteJobError, OracleError
-from output.finalize import finalize
 from core.formats import Scan
-from pipeline.ingest.plan import plan_batches
 from core.ids import id_hashes
-from workers.write import BatchOutput, write_batch
 from core.layout import OutputDir
+from output.check import IncompleteJobError, OracleError
+from output.evaluate import evaluate_run, ndcg_at_k, recall_at_k
+from output.finalize import finalize
+from pipeline.ingest.plan import plan_batches
+from workers.write import BatchOutput, write_batch
 
 DIM = 16
 
@@ -38,16 +41,28 @@ def _job(tmp_path, n=300, quarantine_rows=(5, 77)):
     ids = [f"r{i}" for i in range(n)]
     import pyarrow as pa
 
-    scan = Scan(n, n_tokens, id_hashes(pa.array(ids)), np.array(quarantine_rows, np.int64),
-                [ids[r] for r in quarantine_rows], ["empty_text"] * len(quarantine_rows))
+    scan = Scan(
+        n,
+        n_tokens,
+        id_hashes(pa.array(ids)),
+        np.array(quarantine_rows, np.int64),
+        [ids[r] for r in quarantine_rows],
+        ["empty_text"] * len(quarantine_rows),
+    )
     plan = plan_batches(n_tokens, 256, 32)
     scan.save(out.state("scan.npz"))
     plan.save(out.state("plan.npz"))
-    pq.write_table(pa.table({"row_id": pa.array(scan.q_rows, pa.int64()), "id": scan.q_ids,
-                             "reason": scan.q_reasons}), out.state("quarantine-scan.parquet"))
-    job = {"job": "J1", "n_batches": plan.n_batches, "planned_rows": plan.n_rows,
-           "corpus": {"id_type": "string", "uri": "x"}, "model": {"dim": DIM, "dir": ".fbas/model",
-                                                                  "fingerprint": "M"}}
+    pq.write_table(
+        pa.table({"row_id": pa.array(scan.q_rows, pa.int64()), "id": scan.q_ids, "reason": scan.q_reasons}),
+        out.state("quarantine-scan.parquet"),
+    )
+    job = {
+        "job": "J1",
+        "n_batches": plan.n_batches,
+        "planned_rows": plan.n_rows,
+        "corpus": {"id_type": "string", "uri": "x"},
+        "model": {"dim": DIM, "dir": ".fbas/model", "fingerprint": "M"},
+    }
     out.state("job.json").write_text(json.dumps(job))
     vectors = rng.standard_normal((n, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -58,21 +73,45 @@ def _commit(out, plan, ids, vectors, b, job="J1", bad_rows=()):
     rows = plan.rows(b)
     ok = np.array([r not in bad_rows for r in rows])
     q = rows[~ok]
-    write_batch(out, BatchOutput(job, b, "M", DIM, "string", rows[ok], [ids[r] for r in rows[ok]], vectors[rows[ok]],
-                                 np.full(ok.sum(), 7, np.int32), np.zeros(ok.sum(), bool), np.zeros(ok.sum(), bool),
-                                 q, [ids[r] for r in q], ["non_finite_output"] * len(q)))
+    write_batch(
+        out,
+        BatchOutput(
+            job,
+            b,
+            "M",
+            DIM,
+            "string",
+            rows[ok],
+            [ids[r] for r in rows[ok]],
+            vectors[rows[ok]],
+            np.full(ok.sum(), 7, np.int32),
+            np.zeros(ok.sum(), bool),
+            np.zeros(ok.sum(), bool),
+            q,
+            [ids[r] for r in q],
+            ["non_finite_output"] * len(q),
+        ),
+    )
+
+
+def _dead_pid() -> int:
+    """The pid of a process of this host that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def test_finalize_checks_the_oracle_and_writes_checksummed_outputs(tmp_path):
     out, plan, ids, vectors = _job(tmp_path)
     for b in range(plan.n_batches):
         _commit(out, plan, ids, vectors, b, bad_rows=(plan.rows(0)[0],) if b == 0 else ())
-    (out.path("vectors") / "part-000000.parquet.tmp-host-1-abcd").write_bytes(b"half a file")
+    stale = f"part-000000.parquet.tmp-{socket.gethostname()}-{_dead_pid()}-abcd"  # a killed worker's
+    (out.path("vectors") / stale).write_bytes(b"half a file")
     m = finalize(out, "flat")
     assert m["counts"]["input_rows"] == 300 and m["counts"]["quarantined"] == 3
     assert m["counts"]["embedded"] == 297 and m["index"]["ntotal"] == 297
     assert m["counts"]["quarantine_reasons"] == {"empty_text": 2, "non_finite_output": 1}
-    assert not list(out.path("vectors").glob("*.tmp-*")), "our stale temp files are removed"
+    assert not list(out.path("vectors").glob("*.tmp-*")), "temp files of dead writers are removed"
     q = pq.read_table(out.path("quarantine.parquet"))
     assert q.column("row_id").to_pylist() == sorted([5, 77, int(plan.rows(0)[0])])
     first = out.path("index.faiss").read_bytes()
@@ -133,8 +172,7 @@ def test_a_part_replaced_after_it_was_checked_is_checked_again(tmp_path):
     from output.ledger import LedgerFeeder, PartLedger
 
     out, plan, ids, vectors = _job(tmp_path)
-    feeder = LedgerFeeder(PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash),
-                          interval=0.01)
+    feeder = LedgerFeeder(PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash), interval=0.01)
     for b in range(plan.n_batches):
         _commit(out, plan, ids, vectors, b)
     deadline = time.monotonic() + 30
@@ -230,9 +268,22 @@ def test_the_first_commit_of_a_batch_wins_and_shards_follow_their_parts(tmp_path
     first = out.vectors_part(0).read_bytes()
     # a duplicate delivery with (slightly) different numbers changes nothing once the part is committed
     rows = plan.rows(0)
-    dup = BatchOutput("J1", 0, "M", DIM, "string", rows, [ids[r] for r in rows], vectors[rows] * 0.5,
-                      np.full(len(rows), 7, np.int32), np.zeros(len(rows), bool), np.zeros(len(rows), bool),
-                      rows[:0], [], [])
+    dup = BatchOutput(
+        "J1",
+        0,
+        "M",
+        DIM,
+        "string",
+        rows,
+        [ids[r] for r in rows],
+        vectors[rows] * 0.5,
+        np.full(len(rows), 7, np.int32),
+        np.zeros(len(rows), bool),
+        np.zeros(len(rows), bool),
+        rows[:0],
+        [],
+        [],
+    )
     assert write_batch(out, dup) is False
     assert out.vectors_part(0).read_bytes() == first
     # a shard rewritten behind a committed part is not trusted: the index is built from the part
@@ -245,12 +296,24 @@ def test_the_first_commit_of_a_batch_wins_and_shards_follow_their_parts(tmp_path
     assert np.array_equal(got, vectors[rows])
     # a part of another job under our name is replaced by ours
     _commit(out, plan, ids, vectors, 1, job="OTHER")
-    assert write_batch(out, dup.__class__(**{**dup.__dict__, "batch": 1, "row_ids": plan.rows(1),
-                                             "ids": [ids[r] for r in plan.rows(1)],
-                                             "vectors": vectors[plan.rows(1)],
-                                             "n_tokens": np.full(len(plan.rows(1)), 7, np.int32),
-                                             "truncated": np.zeros(len(plan.rows(1)), bool),
-                                             "repaired": np.zeros(len(plan.rows(1)), bool)})) is True
+    assert (
+        write_batch(
+            out,
+            dup.__class__(
+                **{
+                    **dup.__dict__,
+                    "batch": 1,
+                    "row_ids": plan.rows(1),
+                    "ids": [ids[r] for r in plan.rows(1)],
+                    "vectors": vectors[plan.rows(1)],
+                    "n_tokens": np.full(len(plan.rows(1)), 7, np.int32),
+                    "truncated": np.zeros(len(plan.rows(1)), bool),
+                    "repaired": np.zeros(len(plan.rows(1)), bool),
+                }
+            ),
+        )
+        is True
+    )
     finalize(out, "flat")
 
 
@@ -293,6 +356,7 @@ def test_status_of_a_folder_whose_job_is_still_being_scanned(tmp_path):
 
 # --- the flat index file written part by part (pipeline/flat_index.py) ------------------------------
 
+
 @pytest.mark.parametrize("dim", [16, 384, 768])
 def test_the_installed_faiss_writes_flat_indexes_in_the_layout_we_stream(dim):
     from output.flat_index import layout_matches
@@ -314,8 +378,9 @@ def test_a_streamed_flat_index_is_byte_for_byte_what_faiss_writes(tmp_path, monk
     monkeypatch.setattr(fi, "_SYNC_BYTES", 5000)
     rng = np.random.default_rng(1)
     sizes = [] if case == "empty" else [7, 0, 40, 13]
-    chunks = [(rng.permutation(1000)[:k].astype(np.int64), rng.standard_normal((k, DIM)).astype(np.float32))
-              for k in sizes]
+    chunks = [
+        (rng.permutation(1000)[:k].astype(np.int64), rng.standard_normal((k, DIM)).astype(np.float32)) for k in sizes
+    ]
     n = sum(sizes)
     f = fi.FlatIndexFile(tmp_path / "index.faiss", DIM)
     if case in ("expected", "empty"):
@@ -385,9 +450,10 @@ def test_an_unfinished_index_file_is_never_left_behind(tmp_path):
     assert ledger.advance() == plan.n_batches
     assert ledger.file is not None and ledger.file.tmp.exists()
     assert ledger.file.expected is None, "a job.json older than the ledger is an earlier attempt's: not trusted"
-    killed = ledger.file.tmp
     os.close(ledger.file._fd)
-    ledger.file = None   # as if the process had been killed: its temp file stays
+    killed = ledger.file.tmp.with_name(f"index.faiss.tmp-{socket.gethostname()}-{_dead_pid()}-abcd")
+    os.rename(ledger.file.tmp, killed)  # as if the process that wrote it had been killed: its temp file stays
+    ledger.file = None
     os.unlink(out.vectors_part(3))
     with pytest.raises(IncompleteJobError):
         finalize(out, "flat")

@@ -9,8 +9,8 @@ import pytest
 
 from core.config import CorpusConfig
 from core.errors import InputError
-from pipeline.ingest.read import decode_texts, open_corpus
 from core.ids import id_hashes
+from pipeline.ingest.read import decode_texts, open_corpus
 
 
 def _rows(corpus):
@@ -25,8 +25,11 @@ def test_file_folder_glob_and_uri_read_the_same_rows_in_order(tmp_path):
     d = tmp_path / "corpus"
     d.mkdir()
     for k in range(3):
-        pq.write_table(pa.table({"id": [f"f{k}-{i}" for i in range(10)], "text": [f"text {k} {i}" for i in range(10)]}),
-                       d / f"part-{k}.parquet", row_group_size=4)
+        pq.write_table(
+            pa.table({"id": [f"f{k}-{i}" for i in range(10)], "text": [f"text {k} {i}" for i in range(10)]}),
+            d / f"part-{k}.parquet",
+            row_group_size=4,
+        )
     (d / "_SUCCESS").write_text("")
     cfg = CorpusConfig()
     want_ids = [f"f{k}-{i}" for k in range(3) for i in range(10)]
@@ -102,7 +105,7 @@ def test_the_first_rows_of_a_big_row_group_are_read_without_its_whole_column(tmp
     20,000 texts (about 40 MB of text) gives its first 1,024 rows with a few MB of Arrow memory, and the rows
     still come in order, all of them."""
     letters = np.random.default_rng(0).integers(ord("a"), ord("z") + 1, (20_000, 2000), dtype=np.uint8)
-    texts = [row.tobytes().decode() for row in letters]      # all distinct: no dictionary to shrink the column
+    texts = [row.tobytes().decode() for row in letters]  # all distinct: no dictionary to shrink the column
     p = tmp_path / "big.parquet"
     pq.write_table(pa.table({"id": np.arange(len(texts)), "text": texts}), p, row_group_size=len(texts))
     assert pq.ParquetFile(p).metadata.num_row_groups == 1

@@ -18,7 +18,7 @@ class _Engine:
 
         self.calls.append(lengths.copy())
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        bad = [r for r in range(len(lengths)) if self.reject_id in ids[offsets[r]:offsets[r + 1]]]
+        bad = [r for r in range(len(lengths)) if self.reject_id in ids[offsets[r] : offsets[r + 1]]]
         if bad:
             raise BadRowsError(f"[fbas:bad_rows] rows {bad}", bad)
         out = np.zeros((len(lengths), self.dim), np.float32)
@@ -26,16 +26,15 @@ class _Engine:
         return out
 
 
-def test_rows_without_tokens_and_rejected_rows_are_quarantined_and_the_rest_line_up(built_fp32):
+def test_rows_without_tokens_and_rejected_rows_are_quarantined_and_the_rest_line_up(minilm_tokenizer):
     """With estimated lengths a text of control characters reaches a worker: it is quarantined as no_tokens and
     never sent; a row the server rejects is quarantined with its reason; every other row keeps its own vector."""
-    from engine.model_dir import load_tokenizer
-
-    tok = load_tokenizer(built_fp32)
+    tok = minilm_tokenizer
     texts = ["alpha words", "\x01\x02", "beta REJECT", "gamma", "\x03", "delta epsilon"]
     reject = tok.encode(["REJECT"]).token_ids[1]
-    m = BatchMessage("job", 3, "/out", "fp", "int64", 16, np.arange(100, 106), [f"d{i}" for i in range(6)], texts,
-                     np.zeros(6, bool))
+    m = BatchMessage(
+        "job", 3, "/out", "fp", "int64", 16, np.arange(100, 106), [f"d{i}" for i in range(6)], texts, np.zeros(6, bool)
+    )
     engine = _Engine(16, int(reject))
     out = run_batch(m, engine, tok, 16)
     assert out.q_row_ids.tolist() == [101, 102, 104]

@@ -42,6 +42,7 @@ def tiny_copy(tmp_path: Path) -> Path:
 
 # --- the real TF checkpoint -------------------------------------------------------------------
 
+
 def test_reads_every_tensor_exactly_as_tensorflow_saved_it(expected):
     tensors = read_tf_checkpoint(PREFIX, verify_crc=True)
     assert sorted(tensors) == sorted(expected)
@@ -50,7 +51,7 @@ def test_reads_every_tensor_exactly_as_tensorflow_saved_it(expected):
         assert got.dtype == want.dtype and got.shape == want.shape, name
         assert np.array_equal(got, want), name
     assert tensors["global_step"].dtype == np.int64 and tensors["global_step"].shape == ()
-    assert tensors["bert/embeddings/word_embeddings"].shape == (120, 32)   # vocab.txt lines
+    assert tensors["bert/embeddings/word_embeddings"].shape == (120, 32)  # vocab.txt lines
     assert tensors["bert/encoder/layer_1/intermediate/dense/kernel"].shape == (32, 64)
     assert tensors["cls/predictions/output_bias"].flags.writeable
 
@@ -91,7 +92,7 @@ def test_truncated_index_is_a_clear_error(tiny_copy, keep):
 def test_corrupted_index_byte_fails_the_block_crc(tiny_copy):
     index = tiny_copy.with_name("bert_model.ckpt.index")
     raw = bytearray(index.read_bytes())
-    raw[100] ^= 0x01          # inside the data block
+    raw[100] ^= 0x01  # inside the data block
     index.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="crc32c"):
         read_tf_checkpoint(tiny_copy)
@@ -102,7 +103,7 @@ def test_corrupted_data_is_caught_only_with_verify_crc(tiny_copy):
     raw = bytearray(data.read_bytes())
     raw[-3] ^= 0x40
     data.write_bytes(bytes(raw))
-    read_tf_checkpoint(tiny_copy)                     # not checked by default
+    read_tf_checkpoint(tiny_copy)  # not checked by default
     with pytest.raises(ValueError, match="fails its crc32c"):
         read_tf_checkpoint(tiny_copy, verify_crc=True)
 
@@ -115,6 +116,7 @@ def test_truncated_data_shard(tiny_copy):
 
 
 # --- wire format on hand-built bytes ----------------------------------------------------------
+
 
 def test_varint_decoding():
     assert tf_bundle._read_varint(b"\x00", 0) == (0, 1)
@@ -130,18 +132,29 @@ def test_varint_decoding():
 
 
 def test_protobuf_entry_decoding():
-    shape = b"\x12\x02\x08\x03" + b"\x12\x03\x08\x80\x06"          # dim {size: 3}, dim {size: 768}
-    entry = (b"\x08\x01"                   # dtype: DT_FLOAT
-             + b"\x12" + bytes([len(shape)]) + shape
-             + b"\x18\x02"                 # shard_id: 2
-             + b"\x20\xe8\x07"             # offset: 1000
-             + b"\x28\x80\x48"             # size: 9216 = 3 * 768 * 4
-             + b"\x35\x78\x56\x34\x12"     # crc32c: fixed32 0x12345678
-             + b"\x41" + b"\0" * 8)        # an unknown fixed64 field is skipped
+    shape = b"\x12\x02\x08\x03" + b"\x12\x03\x08\x80\x06"  # dim {size: 3}, dim {size: 768}
+    entry = (
+        b"\x08\x01"  # dtype: DT_FLOAT
+        + b"\x12"
+        + bytes([len(shape)])
+        + shape
+        + b"\x18\x02"  # shard_id: 2
+        + b"\x20\xe8\x07"  # offset: 1000
+        + b"\x28\x80\x48"  # size: 9216 = 3 * 768 * 4
+        + b"\x35\x78\x56\x34\x12"  # crc32c: fixed32 0x12345678
+        + b"\x41"
+        + b"\0" * 8
+    )  # an unknown fixed64 field is skipped
     assert tf_bundle._parse_entry(entry) == {
-        "dtype": 1, "shape": (3, 768), "shard_id": 2, "offset": 1000, "size": 9216,
-        "crc32c": 0x12345678, "sliced": False}
-    assert tf_bundle._parse_entry(b"\x08\x09")["shape"] == ()          # scalar
+        "dtype": 1,
+        "shape": (3, 768),
+        "shard_id": 2,
+        "offset": 1000,
+        "size": 9216,
+        "crc32c": 0x12345678,
+        "sliced": False,
+    }
+    assert tf_bundle._parse_entry(b"\x08\x09")["shape"] == ()  # scalar
     assert tf_bundle._parse_entry(b"\x3a\x00")["sliced"] is True
     with pytest.raises(ValueError, match="wire type 3"):
         tf_bundle._parse_entry(b"\x0b")
@@ -152,7 +165,7 @@ def test_protobuf_entry_decoding():
 def test_crc32c_known_values_and_fast_path():
     assert tf_bundle._crc32c(b"123456789") == 0xE3069283
     assert tf_bundle._crc32c(b"") == 0
-    data = np.random.RandomState(0).bytes(16 * 4096 + 12345)        # numpy path
+    data = np.random.RandomState(0).bytes(16 * 4096 + 12345)  # numpy path
     crc = 0xFFFFFFFF
     for byte in data:
         crc = tf_bundle._CRC_TABLE_PY[(crc ^ byte) & 0xFF] ^ (crc >> 8)
@@ -160,6 +173,7 @@ def test_crc32c_known_values_and_fast_path():
 
 
 # --- bundles built by hand: other dtypes, shards, byte order ------------------------------------
+
 
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -192,8 +206,14 @@ def _block(items: list[tuple[bytes, bytes]], restart_interval: int = 2) -> bytes
     return bytes(out) + struct.pack(f"<{len(restarts)}I", *restarts) + struct.pack("<I", len(restarts))
 
 
-def _write_bundle(prefix: Path, tensors: dict, shards: int = 1, big_endian: bool = False,
-                  compression: int = 0, lie_about_size: str = "") -> None:
+def _write_bundle(
+    prefix: Path,
+    tensors: dict,
+    shards: int = 1,
+    big_endian: bool = False,
+    compression: int = 0,
+    lie_about_size: str = "",
+) -> None:
     """tensors: name -> (TF dtype code, shape, raw bytes); shard = position % shards."""
     files = [bytearray() for _ in range(shards)]
     items = [(b"", _field(1, shards) + _field(2, int(big_endian)))]
@@ -201,8 +221,12 @@ def _write_bundle(prefix: Path, tensors: dict, shards: int = 1, big_endian: bool
         shard = files[i % shards]
         dims = b"".join(_field(2, _field(1, d)) for d in shape)
         size = len(raw) + (4 if name == lie_about_size else 0)
-        items.append((name.encode(), _field(1, code) + _field(2, dims) + _field(3, i % shards)
-                      + _field(4, len(shard)) + _field(5, size)))
+        items.append(
+            (
+                name.encode(),
+                _field(1, code) + _field(2, dims) + _field(3, i % shards) + _field(4, len(shard)) + _field(5, size),
+            )
+        )
         shard += raw
     table = bytearray()
 
@@ -222,13 +246,19 @@ def _write_bundle(prefix: Path, tensors: dict, shards: int = 1, big_endian: bool
 
 def _sample(byte_order: str = "<") -> tuple[dict, dict]:
     rng = np.random.RandomState(1)
-    want = {"f32": rng.randn(2, 3).astype(np.float32), "f64": rng.randn(4),
-            "i32": np.arange(-3, 3, dtype=np.int32).reshape(3, 2),
-            "i64": np.array(2**40, dtype=np.int64), "f16": rng.randn(5).astype(np.float16),
-            "bf16": np.array([1.0, -2.5, 3.140625, 0.0], dtype=np.float32)}
+    want = {
+        "f32": rng.randn(2, 3).astype(np.float32),
+        "f64": rng.randn(4),
+        "i32": np.arange(-3, 3, dtype=np.int32).reshape(3, 2),
+        "i64": np.array(2**40, dtype=np.int64),
+        "f16": rng.randn(5).astype(np.float16),
+        "bf16": np.array([1.0, -2.5, 3.140625, 0.0], dtype=np.float32),
+    }
     codes = {"f32": 1, "f64": 2, "i32": 3, "i64": 9, "f16": 19}
-    tensors = {f"t/{k}": (codes[k], want[k].shape, want[k].astype(want[k].dtype.newbyteorder(byte_order)).tobytes())
-               for k in codes}
+    tensors = {
+        f"t/{k}": (codes[k], want[k].shape, want[k].astype(want[k].dtype.newbyteorder(byte_order)).tobytes())
+        for k in codes
+    }
     bf16_bits = (want["bf16"].view(np.uint32) >> 16).astype(np.dtype(byte_order + "u2"))
     tensors["t/bf16"] = (14, (4,), bf16_bits.tobytes())
     tensors["t/str"] = (7, (1,), b"\x05hello")

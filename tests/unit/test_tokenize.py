@@ -62,7 +62,7 @@ def test_truncation_is_recorded(default_checkpoint):
     assert enc.lengths.tolist() == [4, 16]
     assert enc.truncated.tolist() == [False, True]
     assert enc.n_tokens_full[1] == 102
-    last = enc.token_ids[enc.lengths[0]:]
+    last = enc.token_ids[enc.lengths[0] :]
     assert last[0] == tok.cls_id and last[-1] == tok.sep_id
 
 
@@ -79,7 +79,7 @@ def test_lengths_and_packed_ids_match_one_text_at_a_time(default_checkpoint):
     for text, n in zip(texts, enc.lengths):
         alone = tok._tok.encode(text).ids
         expect = alone if len(alone) <= 12 else alone[:11] + [tok.sep_id]
-        assert enc.token_ids[pos:pos + n].tolist() == expect
+        assert enc.token_ids[pos : pos + n].tolist() == expect
         pos += n
     assert pos == len(enc.token_ids)
 

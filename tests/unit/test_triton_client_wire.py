@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 from workers.triton_client import BadRowsError, RequestTooLargeError, _invalid, find_bad_rows, plan_chunks
-from workers.triton_wire import (ResponseFormatError, build_infer_request, decode_varint, encode_http_request,
-                                 output_array, parse_http_response, scan_infer_response)
+from workers.triton_wire import (
+    ResponseFormatError,
+    build_infer_request,
+    decode_varint,
+    encode_http_request,
+    output_array,
+    parse_http_response,
+    scan_infer_response,
+)
 
 pb = pytest.importorskip("tritonclient.grpc.service_pb2")
 
@@ -73,7 +80,7 @@ def _root(a):
 # -- varints
 
 
-@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2 ** 31, 2 ** 63 - 1, 2 ** 64 - 1])
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**31, 2**63 - 1, 2**64 - 1])
 def test_varint_round_trip(value):
     buf = b"\x00" + varint(value) + b"\xff"
     v, pos = decode_varint(buf, 1)
@@ -97,11 +104,11 @@ def test_scan_matches_protobuf_and_is_a_view():
     assert (out.name, out.datatype, out.shape) == ("embedding", "FP32", [1, 5, 384])
     arr = output_array(buf, view, "embedding")
     np.testing.assert_array_equal(arr, emb)
-    assert _root(arr) is buf                               # a view of the response bytes, no copy
+    assert _root(arr) is buf  # a view of the response bytes, no copy
     assert not arr.flags.writeable
     # the same bytes, decoded by protobuf, agree on where the tensor is
     ref = pb.ModelInferResponse.FromString(buf)
-    assert ref.raw_output_contents[0] == buf[out.offset:out.offset + out.nbytes]
+    assert ref.raw_output_contents[0] == buf[out.offset : out.offset + out.nbytes]
 
 
 def test_two_outputs_fp16_and_order():
@@ -117,13 +124,17 @@ def test_two_outputs_fp16_and_order():
 def test_hand_built_unusual_but_legal_layout():
     """raw contents before the output header, unknown fields of every wire type, unpacked shape."""
     emb = np.arange(8, dtype=np.float32).reshape(1, 2, 4)
-    buf = (field_len(6, emb.tobytes())                       # raw first
-           + varint(99 << 3 | 1) + struct.pack("<d", 1.5)    # unknown fixed64
-           + varint(98 << 3 | 5) + struct.pack("<f", 2.5)    # unknown fixed32
-           + field_varint(97, 12345)                         # unknown varint
-           + field_len(4, field_len(1, b"k") + field_len(2, b"v"))  # a parameters map entry
-           + field_len(5, output_msg("embedding", "FP32", [1, 2, 4], packed=False))
-           + field_len(1, b"m"))
+    buf = (
+        field_len(6, emb.tobytes())  # raw first
+        + varint(99 << 3 | 1)
+        + struct.pack("<d", 1.5)  # unknown fixed64
+        + varint(98 << 3 | 5)
+        + struct.pack("<f", 2.5)  # unknown fixed32
+        + field_varint(97, 12345)  # unknown varint
+        + field_len(4, field_len(1, b"k") + field_len(2, b"v"))  # a parameters map entry
+        + field_len(5, output_msg("embedding", "FP32", [1, 2, 4], packed=False))
+        + field_len(1, b"m")
+    )
     arr = output_array(buf, scan_infer_response(buf), "embedding")
     np.testing.assert_array_equal(arr, emb)
 
@@ -152,8 +163,11 @@ def test_size_mismatch_raises():
 
 
 def test_raw_count_mismatch_raises():
-    buf = (field_len(5, output_msg("a", "FP32", [1])) + field_len(5, output_msg("b", "FP32", [1]))
-           + field_len(6, b"\x00" * 4))
+    buf = (
+        field_len(5, output_msg("a", "FP32", [1]))
+        + field_len(5, output_msg("b", "FP32", [1]))
+        + field_len(6, b"\x00" * 4)
+    )
     with pytest.raises(ResponseFormatError, match="2 outputs but 1 raw"):
         scan_infer_response(buf)
 
@@ -204,8 +218,10 @@ def test_build_infer_request_round_trip():
     lens = np.array([3, 2], np.int32)
     req = pb.ModelInferRequest.FromString(build_infer_request("fbas_encoder", ids, lens))
     assert req.model_name == "fbas_encoder"
-    assert [(t.name, t.datatype, list(t.shape)) for t in req.inputs] == [("token_ids", "INT32", [1, 5]),
-                                                                         ("lengths", "INT32", [1, 2])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in req.inputs] == [
+        ("token_ids", "INT32", [1, 5]),
+        ("lengths", "INT32", [1, 2]),
+    ]
     assert [o.name for o in req.outputs] == ["embedding"]
     np.testing.assert_array_equal(np.frombuffer(req.raw_input_contents[0], np.int32), ids)
     np.testing.assert_array_equal(np.frombuffer(req.raw_input_contents[1], np.int32), lens)
@@ -217,8 +233,11 @@ def test_build_infer_request_shared_memory():
     req = pb.ModelInferRequest.FromString(build_infer_request("m", ids, lens, shm=shm))
     assert not req.raw_input_contents
     p = req.inputs[1].parameters
-    assert (p["shared_memory_region"].string_param, p["shared_memory_offset"].int64_param,
-            p["shared_memory_byte_size"].int64_param) == ("r1", 24, 4)
+    assert (
+        p["shared_memory_region"].string_param,
+        p["shared_memory_offset"].int64_param,
+        p["shared_memory_byte_size"].int64_param,
+    ) == ("r1", 24, 4)
     q = req.outputs[0].parameters
     assert (q["shared_memory_offset"].int64_param, q["shared_memory_byte_size"].int64_param) == (64, 1536)
 
@@ -230,16 +249,31 @@ def test_http_request_layout():
     ids, lens = np.array([1, 2, 3], np.int32), np.array([3], np.int32)
     body, n = encode_http_request(ids, lens)
     header = json.loads(body[:n])
-    assert header["inputs"][0] == {"name": "token_ids", "datatype": "INT32", "shape": [1, 3],
-                                   "parameters": {"binary_data_size": 12}}
+    assert header["inputs"][0] == {
+        "name": "token_ids",
+        "datatype": "INT32",
+        "shape": [1, 3],
+        "parameters": {"binary_data_size": 12},
+    }
     assert header["outputs"] == [{"name": "embedding", "parameters": {"binary_data": True}}]
     assert body[n:] == ids.tobytes() + lens.tobytes()
 
 
 def test_http_binary_response_is_a_view():
     emb = np.random.default_rng(1).standard_normal((1, 4, 8)).astype(np.float32)
-    header = json.dumps({"model_name": "m", "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [1, 4, 8],
-                                                         "parameters": {"binary_data_size": emb.nbytes}}]}).encode()
+    header = json.dumps(
+        {
+            "model_name": "m",
+            "outputs": [
+                {
+                    "name": "embedding",
+                    "datatype": "FP32",
+                    "shape": [1, 4, 8],
+                    "parameters": {"binary_data_size": emb.nbytes},
+                }
+            ],
+        }
+    ).encode()
     body = header + emb.tobytes()
     _, arrays = parse_http_response(body, len(header))
     np.testing.assert_array_equal(arrays["embedding"], emb)
@@ -247,16 +281,22 @@ def test_http_binary_response_is_a_view():
 
 
 def test_http_json_output_is_converted():
-    body = json.dumps({"outputs": [{"name": "embedding", "datatype": "FP32", "shape": [1, 1, 2],
-                                    "data": [0.5, 1.5]}]}).encode()
+    body = json.dumps(
+        {"outputs": [{"name": "embedding", "datatype": "FP32", "shape": [1, 1, 2], "data": [0.5, 1.5]}]}
+    ).encode()
     _, arrays = parse_http_response(body, None)
     np.testing.assert_array_equal(arrays["embedding"], np.array([[[0.5, 1.5]]], np.float32))
 
 
 @pytest.mark.parametrize("size,extra", [(100, b""), (32, b"\x00" * 16)])
 def test_http_size_mismatch_raises(size, extra):
-    header = json.dumps({"outputs": [{"name": "embedding", "datatype": "FP32", "shape": [1, 2, 4],
-                                      "parameters": {"binary_data_size": size}}]}).encode()
+    header = json.dumps(
+        {
+            "outputs": [
+                {"name": "embedding", "datatype": "FP32", "shape": [1, 2, 4], "parameters": {"binary_data_size": size}}
+            ]
+        }
+    ).encode()
     with pytest.raises(ResponseFormatError):
         parse_http_response(header + extra, len(header))
 

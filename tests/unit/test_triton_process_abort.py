@@ -55,7 +55,7 @@ def test_abort_while_starting_leaves_nothing_running_and_raises_nowhere(never_re
         t = threading.Thread(target=start)
         t.start()
         pid = None
-        if attempt % 4:   # mostly once the process exists; every fourth time at once, maybe before it does
+        if attempt % 4:  # mostly once the process exists; every fourth time at once, maybe before it does
             deadline = time.monotonic() + 10
             while proc.pid is None and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -65,8 +65,10 @@ def test_abort_while_starting_leaves_nothing_running_and_raises_nowhere(never_re
         proc.abort()
         t.join(timeout=30)
         assert not t.is_alive(), f"attempt {attempt}: start() still waiting after abort()"
-        assert len(errors) == 1 and isinstance(errors[0], (ServerExitedError, ServerUnavailableError)), (attempt,
-                                                                                                      errors)
-        assert proc.stop() is None and proc.pid is None   # the start cleaned up after itself
+        assert len(errors) == 1 and isinstance(errors[0], (ServerExitedError, ServerUnavailableError)), (
+            attempt,
+            errors,
+        )
+        assert proc.stop() is None and proc.pid is None  # the start cleaned up after itself
         if pid is not None:
             assert not _alive(pid), f"attempt {attempt}: pid {pid} still running"

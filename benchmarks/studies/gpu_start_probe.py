@@ -1,6 +1,6 @@
 """Where a fresh process's GPU engine start goes: imports, CUDA, weights, the first batches.
 
-    python benchmarks/gpu_start_probe.py --tokenizer MINILM_DIR [--json OUT.json]
+    python benchmarks/studies/gpu_start_probe.py --tokenizer MINILM_DIR [--json OUT.json]
 
 Builds the BERT-base fp16 ``--target gpu`` folder of ``bench_gpu_ingest.py`` (random weights), then
 starts the engine in new processes, step by step, as a Triton model instance does (``model.py``:
@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # benchmarks/studies/ -> the repository root
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_gpu_ingest, bench_ingest
 
 # the warm-up batches of model_repository/model.py (document lengths), then the first one again
 BATCHES = [[3, 17, 64, 128], [12], [24] * 16, [48] * 64, [512] * 8, [3, 17, 64, 128]]
@@ -97,8 +97,13 @@ def cluster_starts(built: Path, roots: dict[str, Path], rounds: int, work: Path)
     for k in range(rounds):
         for name, root in roots.items():
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-            p = subprocess.run([sys.executable, "-c", CLUSTER_CHILD, str(built), str(work / f"state-{name}-{k}")],
-                               env=env, cwd=str(root), capture_output=True, text=True)
+            p = subprocess.run(
+                [sys.executable, "-c", CLUSTER_CHILD, str(built), str(work / f"state-{name}-{k}")],
+                env=env,
+                cwd=str(root),
+                capture_output=True,
+                text=True,
+            )
             if p.returncode != 0:
                 raise RuntimeError(p.stderr[-3000:])
             out[name].append(float(next(x for x in p.stdout.splitlines() if x.startswith("READY")).split()[1]))
@@ -110,9 +115,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, type=Path, help="all-MiniLM-L6-v2 folder (its tokenizer)")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--cluster-roots", default=None,
-                    help="NAME=CHECKOUT,...: instead of the engine steps, time local clusters' starts (until the model "
-                         "serves) with each checkout's code, alternating, --rounds times")
+    ap.add_argument(
+        "--cluster-roots",
+        default=None,
+        help="NAME=CHECKOUT,...: instead of the engine steps, time local clusters' starts (until the model "
+        "serves) with each checkout's code, alternating, --rounds times",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fbas-start-probe-"))
@@ -127,10 +135,12 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     from bench_ingest import warm_model
 
     model = random_model(args.tokenizer, work / "model-base", "base")
-    built = warm_model(work, "fp16", model=str(model), target="gpu", max_seq_len=512, pooling="mean",
-                       normalize=True)
-    env = {**os.environ, "TRITON_CACHE_DIR": str(work / "triton-cache"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    built = warm_model(work, "fp16", model=str(model), target="gpu", max_seq_len=512, pooling="mean", normalize=True)
+    env = {
+        **os.environ,
+        "TRITON_CACHE_DIR": str(work / "triton-cache"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     res = {"date": time.strftime("%Y-%m-%d"), "runs": {}}
     if args.cluster_roots:
         roots = {k: Path(v).resolve() for k, v in (x.split("=", 1) for x in args.cluster_roots.split(","))}
@@ -142,15 +152,16 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         if label.endswith("profiled"):
             env["PROBE_PROFILE"] = "1"
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", CHILD, str(built), json.dumps(BATCHES)], env=env,
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "-c", CHILD, str(built), json.dumps(BATCHES)], env=env, capture_output=True, text=True
+        )
         wall = time.perf_counter() - t0
         if p.returncode != 0:
             raise RuntimeError(p.stderr[-3000:])
         steps = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("STEPS "))[6:])
         res["runs"][label] = {"process_wall_s": round(wall, 3), "steps": steps}
         if "PROFILE" in p.stderr:
-            res["runs"][label]["profile"] = p.stderr[p.stderr.index("PROFILE"):]
+            res["runs"][label]["profile"] = p.stderr[p.stderr.index("PROFILE") :]
             print(res["runs"][label]["profile"])
         print(f"--- {label}: {wall:.2f} s in all")
         for s in steps:

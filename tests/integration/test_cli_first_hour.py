@@ -1,0 +1,93 @@
+"""What a new user meets in the first hour, through the real command: exit codes that mean something, errors that
+name the variable or file at fault, a version, help without placeholder defaults, no cluster for an empty corpus."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FBAS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, "PYTHONPATH": pythonpath, **(env or {})},
+    )
+
+
+def test_status_of_a_missing_or_empty_folder_is_not_success(tmp_path):
+    missing = _cli("status", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    empty = _cli("status", str(tmp_path))
+    assert empty.returncode == 1 and "no fbas job here" in empty.stdout
+
+
+def test_a_bad_variable_is_named_and_a_mistyped_one_is_warned_about(tmp_path):
+    bad = _cli("status", str(tmp_path), env={"FBAS_MAX_SEQ_LEN": "abc"})
+    assert bad.returncode == 2 and "FBAS_MAX_SEQ_LEN" in bad.stderr and "'abc'" in bad.stderr
+    typo = _cli("status", str(tmp_path), env={"FBAS_MAX_SEQLEN": "128"})
+    assert "FBAS_MAX_SEQLEN is not an fbas setting" in typo.stderr and "did you mean FBAS_MAX_SEQ_LEN" in typo.stderr
+    hooks = _cli("status", str(tmp_path), env={"FBAS_SHARED_DATA": str(tmp_path)})
+    assert "not an fbas setting" not in hooks.stderr
+
+
+def test_version_and_help_defaults():
+    version = _cli("--version")
+    assert (
+        version.returncode == 0 and version.stdout.startswith("fbas-pipeline ") and version.stdout.strip()[-1].isdigit()
+    )
+    for command in ("build", "ingest", "worker", "serve", "status", "search", "embed", "eval"):
+        text = _cli(command, "--help").stdout
+        assert "(default: None" not in text, command
+    build = _cli("build", "--help").stdout
+    assert "(default: 256)" in build and "(default: 0.995)" in build
+
+
+def test_an_empty_corpus_is_refused_before_anything_starts(tmp_path):
+    corpus = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}), corpus)
+    r = _cli("ingest", str(corpus), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "holds no rows" in r.stderr
+    assert not (tmp_path / "out").exists(), "nothing was built or started for it"
+
+
+def test_an_index_too_big_for_the_corpus_is_refused_before_embedding(tmp_path):
+    corpus = tmp_path / "tiny.parquet"
+    pq.write_table(pa.table({"id": list(range(5)), "text": [f"text {i}" for i in range(5)]}), corpus)
+    r = _cli("ingest", str(corpus), "--out", str(tmp_path / "out"), "--index", "ivfpq")
+    assert (
+        r.returncode == 2 and "--index ivfpq needs at least 1,000 rows" in r.stderr and "this corpus has 5" in r.stderr
+    )
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_serve_names_the_working_path_when_the_repository_is_empty(tmp_path):
+    r = _cli("serve", "--model-repository", str(tmp_path / "repo"))
+    assert r.returncode == 2
+    assert "serve --model-dir models/NAME --model-repository" in r.stderr and "build --out models/NAME" in r.stderr
+
+
+def test_the_gpu_target_on_a_host_without_one_fails_at_once_in_one_line(tmp_path):
+    from services.gpus import visible_gpus
+
+    if visible_gpus():
+        import pytest
+
+        pytest.skip("this host has a GPU: the refusal is for hosts without one")
+    corpus = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "text": ["a b", "c d"]}), corpus)
+    r = _cli("ingest", str(corpus), "--out", str(tmp_path / "out"), "--target", "gpu", "--precision", "fp16")
+    assert r.returncode == 2 and "needs an NVIDIA GPU and this host shows none" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
