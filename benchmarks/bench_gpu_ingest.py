@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_ingest import make_corpus, run_engine, run_fbas, warm_model  # noqa: E402
 
-from services.local import default_concurrency
+from services.worker import default_concurrency
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -128,6 +128,11 @@ class QueueConfig:
     task_time_limit: float = _f(300.0, "hard time limit of one batch task, seconds")
     max_retries: int = _f(3, "retries of a batch after transient faults before it is quarantined")
     queue_depth: int = _f(64, "most batches waiting in the queue at once (backpressure)")
+    broker_wait: float = _f(
+        120.0,
+        "seconds a producer waits for a broker that stopped answering (retrying with backoff, a log line per "
+        "try) before it exits; a rerun of the same command resumes",
+    )
 
 
 @dataclass
@@ -270,3 +275,15 @@ def fingerprint(obj: Any) -> str:
     """A short stable hash of a JSON-serializable object."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_env(cfg: FbasConfig) -> dict[str, str]:
+    """Every set field of ``cfg`` as ``FBAS_*`` variables (what ``apply_env`` reads back): how a child process
+    gets this process's settings without a command line that ``ps`` shows."""
+    env: dict[str, str] = {}
+    for section in cfg.sections().values():
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if value is not None:
+                env[env_name(f.name)] = str(value)
+    return env

@@ -1,8 +1,13 @@
-"""Facts about this host's processes, read from /proc without signalling anyone."""
+"""This host's processes: whether one runs (read from /proc, no signal sent), stopping a process group, and
+children that die with their parent."""
 
 from __future__ import annotations
 
-__all__ = ["pid_alive"]
+import ctypes
+import os
+import signal
+
+__all__ = ["pid_alive", "kill_group", "die_with_parent_signal"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -14,3 +19,32 @@ def pid_alive(pid: int) -> bool:
         return False
     except OSError:
         return True
+
+
+def kill_group(pid: int, sig: int) -> None:
+    """Send ``sig`` to the process group ``pid`` leads, or to ``pid`` alone when it leads none."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc Linux: a parent's clean-up stops its children instead
+        return None
+
+
+# loaded here, not in the child: a dlopen between fork and exec can deadlock on a loader lock that another
+# thread of this process held at the fork
+_LIBC = _libc()
+
+
+def die_with_parent_signal() -> None:
+    """In a child between fork and exec: ask the kernel for SIGKILL when the parent thread exits (Linux)."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

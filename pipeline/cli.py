@@ -360,38 +360,16 @@ def _cmd_ingest(args: argparse.Namespace, cfg: FbasConfig) -> int:
 
 def _cmd_worker(args: argparse.Namespace, cfg: FbasConfig) -> int:
     from core.redact import redact_url
-    from services.local import pool_size
-    from workers.app import QUEUE, configure
+    from services.worker import pool_size, run_worker
 
     if not cfg.queue.broker:
-        raise ConfigError("worker needs --broker redis://HOST:PORT/DB (or FBAS_BROKER)")
-    app = configure(cfg)
-    app.loader.import_default_modules()  # workers.task registers the batch task
-
-    conc = pool_size(cfg)
+        raise ConfigError("worker needs a broker: set FBAS_BROKER=redis://HOST:PORT/DB (or pass --broker)")
     print(
-        f"fbas worker: broker {redact_url(cfg.queue.broker)}, Triton {cfg.serve.triton}, {conc} processes",
+        f"fbas worker: broker {redact_url(cfg.queue.broker)}, Triton {cfg.serve.triton}, {pool_size(cfg)} processes",
         file=sys.stderr,
+        flush=True,
     )
-    app.worker_main(
-        [
-            "worker",
-            "-Q",
-            QUEUE,
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(conc),
-            "--prefetch-multiplier",
-            "1",
-            "--loglevel",
-            args.loglevel,
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
-    )
-    return 0
+    return run_worker(cfg, args.loglevel)
 
 
 def _cmd_status(args: argparse.Namespace, cfg: FbasConfig) -> int:

@@ -25,7 +25,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,37 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from core.config import FbasConfig
-from core.envs import cpu_count, env_name
+from core.envs import env_name
 from core.errors import ConfigError, FbasError, ServerUnavailableError
-from core.processes import pid_alive
-from services.repository import REPO_ROOT
-from services.triton import die_with_parent_signal
+from core.processes import kill_group, pid_alive
+from services.worker import CeleryWorker, detach_dying_with_parent, pool_size
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LocalCluster", "RedisServer", "CeleryWorker", "reap_stale", "default_concurrency", "pool_size"]
+__all__ = ["LocalCluster", "RedisServer", "reap_stale", "sweep_dead_work_dirs"]
 
 PIDS_FILE = "local-pids.json"
-
-
-def default_concurrency(gpu: bool = False) -> int:
-    """Worker processes for a host. CPU engine: half the cores, 2 to 4 (the engine needs the rest; one worker
-    tokenizes and writes while another waits on Triton). GPU engine: the cores + 4, 2 to 32: the workers'
-    tokenization is what feeds the GPU, and each worker leaves its core idle while it waits for Triton
-    (BENCHMARKS.md, "Whole ingest on one GPU host": more workers than cores keep the engine busier)."""
-    if gpu:
-        return max(2, min(32, cpu_count() + 4))
-    return max(2, min(4, cpu_count() // 2))
-
-
-def pool_size(cfg: FbasConfig) -> int:
-    """Worker processes for ``cfg``: ``--concurrency``, or 0 = ``default_concurrency`` for its engine target."""
-    return cfg.queue.concurrency or default_concurrency(gpu=cfg.engine.target != "onnx")
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    die_with_parent_signal()
-    os.setsid()
 
 
 WORK_PREFIX = "fbas-local-"  # + "<pid>-<random>": a local cluster's temporary folder (Redis files, repository)
@@ -92,16 +70,6 @@ def _proc_start_time(pid: int) -> str | None:
         return None
 
 
-def _kill_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 def reap_stale(state_dir: Path) -> int:
     """Kill the children a killed earlier run left behind (checked by pid start time); return how many."""
     p = state_dir / PIDS_FILE
@@ -120,7 +88,7 @@ def reap_stale(state_dir: Path) -> int:
         pid, started = int(e.get("pid", 0)), e.get("started")
         if pid > 1 and started and _proc_start_time(pid) == started:
             logger.warning("stopping %s (pid %d) left behind by an earlier run", e.get("name"), pid)
-            _kill_group(pid, signal.SIGKILL)
+            kill_group(pid, signal.SIGKILL)
             n += 1
     p.unlink(missing_ok=True)
     return n
@@ -175,7 +143,7 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=detach_dying_with_parent,
         )
         return self
 
@@ -209,99 +177,6 @@ class RedisServer:
                 self.proc.wait(timeout=5)
         self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class CeleryWorker:
-    """``python -m celery -A workers.app worker`` as a child, configured through ``FBAS_*`` variables."""
-
-    def __init__(
-        self,
-        env: dict[str, str],
-        concurrency: int,
-        log_file: Path,
-        name: str = "fbas-local",
-        extra_env: dict[str, str] | None = None,
-    ) -> None:
-        self.env = {**os.environ, **env, **(extra_env or {})}
-        self.env["PYTHONPATH"] = os.pathsep.join(x for x in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if x)
-        self.env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.env.setdefault("OMP_NUM_THREADS", "1")
-        self.concurrency, self.log_file = concurrency, log_file
-        self.name = f"{name}-{secrets.token_hex(3)}@%h"
-        self.proc: subprocess.Popen | None = None
-
-    def command(self) -> list[str]:
-        from workers.app import QUEUE
-
-        return [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.app",
-            "worker",
-            "-Q",
-            QUEUE,
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(self.concurrency),
-            "--prefetch-multiplier",
-            "1",
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "-n",
-            self.name,
-        ]
-
-    def start(self) -> CeleryWorker:
-        log = open(self.log_file, "ab")  # noqa: SIM115 - owned by the child from here on
-        try:
-            self.proc = subprocess.Popen(
-                self.command(),
-                env=self.env,
-                cwd=str(REPO_ROOT),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-        finally:
-            log.close()
-        logger.info(
-            "celery worker started (pid %d, concurrency %d, log %s)", self.proc.pid, self.concurrency, self.log_file
-        )
-        return self
-
-    def children(self) -> list[int]:
-        """Pids of the worker's pool processes (its direct children)."""
-        if not self.proc:
-            return []
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children", encoding="ascii") as f:
-                return [int(x) for x in f.read().split()]
-        except OSError:
-            return []
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """Warm shutdown (running batches finish), then SIGKILL of the whole group after ``timeout`` seconds."""
-        if not self.proc:
-            return
-        if self.proc.poll() is None:
-            _kill_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("celery worker did not stop within %.0fs: killing it", timeout)
-        _kill_group(self.proc.pid, signal.SIGKILL)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        self.proc = None
 
 
 class LocalCluster:
@@ -464,7 +339,7 @@ class LocalCluster:
             raise ServerUnavailableError(
                 f"redis-server exited (code {self.redis.proc.returncode}): see {self.log_dir / 'redis.log'}"
             )
-        if self.worker and self.worker.proc and self.worker.proc.poll() is not None:
+        if self.worker and self.worker.proc and not self.worker.alive():
             raise ServerUnavailableError(
                 f"the celery worker exited (code {self.worker.proc.returncode}): see {self.log_dir / 'worker.log'}"
             )

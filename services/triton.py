@@ -16,7 +16,6 @@ Local mode listens on loopback only, with model control mode ``none`` (no load/u
 from __future__ import annotations
 
 import collections
-import ctypes
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from core.errors import ConfigError, PermanentError, ServerUnavailableError
+from core.processes import die_with_parent_signal
 from services.repository import REPO_ROOT
 
 logger = logging.getLogger(__name__)
@@ -397,24 +397,6 @@ class TritonProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # not glibc Linux: a parent's clean-up stops its children instead
-        return None
-
-
-# loaded here, not in the child: a dlopen between fork and exec can deadlock on a loader lock that another
-# thread of this process held at the fork
-_LIBC = _libc()
-
-
-def die_with_parent_signal() -> None:
-    """In a child between fork and exec: ask the kernel for SIGKILL when the parent thread exits (Linux)."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def sweep_stale_shm_regions() -> list[str]:

@@ -33,6 +33,7 @@ from celery import Celery
 from core.config import FbasConfig, apply_env
 from core.envs import read_env
 from core.redact import redact_url
+from workers.watchdog import install as install_watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +123,4 @@ def current_config() -> FbasConfig:
 
 app = Celery("fbas")
 configure(current_config())
+install_watchdog()  # in a worker's main process only: the signal fires when a worker is ready

@@ -18,6 +18,7 @@ as ``ServerUnavailableError``, and no URL with a password is ever logged.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -29,7 +30,7 @@ from core.redact import redact, redact_url
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JobState", "connect", "redact_url", "list_jobs"]
+__all__ = ["JobState", "connect", "connect_lazy", "redact_url", "list_jobs", "ping", "queued_batches"]
 
 PREFIX = "fbas:job:"
 JOBS_KEY = "fbas:jobs"
@@ -76,6 +77,13 @@ def connect(url: str, timeout: float = 10.0):
             f"Redis at {redact_url(url)} is not reachable ({type(e).__name__}: {detail}): start it or check --broker"
         ) from None
     return client
+
+
+def connect_lazy(url: str, timeout: float = 10.0):
+    """A redis-py client for ``url`` that connects on first use (no PING now: the broker may be down)."""
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 def _guard(fn):
@@ -229,3 +237,54 @@ def list_jobs(client: Any) -> Iterable[str]:
         return sorted(j.decode() for j in client.smembers(JOBS_KEY))
     except redis.RedisError as e:
         raise ServerUnavailableError(f"Redis error: {type(e).__name__}") from None
+
+
+def ping(client: Any) -> bool:
+    """Whether the broker answers now."""
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def queued_batches(client: Any, queue: str, job_id: str) -> set[int]:
+    """Batches of ``job_id`` that the broker holds as messages: waiting in ``queue``, or delivered to a worker
+    and not acknowledged yet (kombu's ``unacked`` hash, redelivered after ``visibility_timeout``). After a
+    broker outage, the batches the job still needs minus these are the ones the outage lost."""
+    import redis
+
+    try:
+        waiting = client.lrange(queue, 0, -1)
+        unacked = client.hvals("unacked")
+    except redis.RedisError as e:
+        raise ServerUnavailableError(f"Redis error while reading queue {queue!r}: {type(e).__name__}") from None
+    found: set[int] = set()
+    for raw in waiting:
+        _add_batch(found, raw, job_id)
+    for raw in unacked:  # [message, exchange, routing_key]
+        try:
+            _add_batch(found, json.dumps(json.loads(raw)[0]), job_id)
+        except (ValueError, TypeError, IndexError):
+            continue
+    return found
+
+
+def _add_batch(found: set[int], raw: bytes | str, job_id: str) -> None:
+    """Add the batch a kombu message (JSON envelope, msgpack or JSON Celery body) carries, if it is the job's."""
+    import base64
+
+    import msgpack
+
+    try:
+        env = json.loads(raw)
+        body = env["body"]
+        if env.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = msgpack.unpackb(body, raw=False) if "msgpack" in env.get("content-type", "") else json.loads(body)
+        msg = args[0][0]  # Celery protocol 2: [args, kwargs, embed]; the task's one argument is the batch
+        if isinstance(msg, dict) and msg.get("job") == job_id:
+            found.add(int(msg["batch"]))
+    except (ValueError, KeyError, TypeError, IndexError, msgpack.UnpackException):
+        return

@@ -56,8 +56,8 @@ from pipeline.ingest.produce import Sender, batch_messages
 from pipeline.ingest.progress import IngestProgress
 from pipeline.ingest.read import ReadAhead, open_corpus
 from pipeline.ingest.stream import scan_and_send, start_scan
-from pipeline.ingest.watch import POLL_S, ReadyOnce, Watch, sigterm_as_interrupt
-from workers.jobstate import connect
+from pipeline.ingest.watch import POLL_S, BrokerOutage, ReadyOnce, Watch, sigterm_as_interrupt
+from workers.jobstate import connect, queued_batches
 
 if TYPE_CHECKING:
     import redis
@@ -252,49 +252,73 @@ def _run_queue(run: _Running, job: Job | None, new: _NewScan | None) -> _Queued:
 
     A new job (``job`` None) is planned here from its scan (``new``, started by ``ingest``), window by
     window, its batches queued as each window is planned; a resumed one re-reads the corpus for its missing
-    batches."""
+    batches. A broker that stops answering is waited for (``BrokerOutage``), and what it lost is sent again."""
     from workers.app import QUEUE, TASK_NAME, producer_app
 
     ctx, cfg = run.ctx, run.ctx.cfg
     app = producer_app(FbasConfig(queue=replace(cfg.queue, broker=run.broker), serve=cfg.serve))
     tok_json = (run.model_dir / "tokenizer.json").read_text(encoding="utf-8")
-    state, committed = register_job(ctx, run.client, job.plan if job is not None else None, tok_json)
+    outage = BrokerOutage(run.client, run.broker, cfg.queue.broker_wait)
+    plan0 = job.plan if job is not None else None
+    state, committed = outage.call(lambda: register_job(ctx, run.client, plan0, tok_json))
     logger.info("job %s registered in Redis (%d batches committed already)", ctx.job_id, len(committed))
     bar = IngestProgress(job.plan.n_rows if job is not None else ctx.corpus.n_rows, run.progress)
-    watch = Watch(state, run.cluster, cfg, bar, run.client)
+    watch = Watch(state, run.cluster, cfg, bar, run.client, outage)
     sender = Sender(app, run.client, QUEUE, cfg.queue.queue_depth, TASK_NAME, on_wait=watch.tick)
 
     def send(msg: dict) -> None:
         run.ready()
         bar.start()
-        sender.send(msg)
+        outage.call(lambda: sender.send(msg))
 
     def on_window(n_batches: int, n_rows: int) -> None:
-        state.set_planned(n_batches, n_rows)  # status shows the plan as it grows
+        outage.call(lambda: watch.state.set_planned(n_batches, n_rows))  # status shows the plan as it grows
         watch.tick()  # checks children and worker errors between sends too
 
     try:
         watch.tick(force=True)
         if job is None:
             assert new is not None
-            job = scan_and_send(ctx, new.windows, new.id_hash, send, state.done(), on_window=on_window)
+            job = scan_and_send(ctx, new.windows, new.id_hash, send, outage.call(state.done), on_window=on_window)
             bar.set_total(job.plan.n_rows)
         else:
-            for msg in run.messages(job.plan, state.done()):
+            for msg in run.messages(job.plan, outage.call(state.done)):
                 send(msg)
         while watch.tick() < job.plan.n_batches:
             action = watch.needs_reenqueue(QUEUE)
             if action:
-                if action == "lost":
-                    state, _ = register_job(ctx, run.client, job.plan, tok_json)
-                    watch.state = state
-                done = state.done()
-                logger.warning("re-enqueueing %d batches (%s)", job.plan.n_batches - len(done), action)
-                for msg in run.messages(job.plan, done):
-                    sender.send(msg)
+                _send_again(run, job, action, watch, outage, send, tok_json)
             time.sleep(POLL_S)
         watch.tick(force=True)
     finally:
         bar.close()
         app.close()
-    return _Queued(job, sender.sent, len(committed), state.counters()["redelivered"], bar.done_this_run)
+    return _Queued(
+        job, sender.sent, len(committed), outage.call(watch.state.counters)["redelivered"], bar.done_this_run
+    )
+
+
+def _send_again(
+    run: _Running,
+    job: Job,
+    action: str,
+    watch: Watch,
+    outage: BrokerOutage,
+    send: Callable[[dict], None],
+    tok_json: str,
+) -> None:
+    """Send again the batches a broker outage, a Redis that lost the job or a stall left undone: after an
+    outage or a loss the job is registered again (its committed parts marked done) and the batches neither
+    done nor held by the broker are sent; after a stall, every batch not done."""
+    from workers.app import QUEUE
+
+    if action in ("outage", "lost"):
+        watch.state, _ = outage.call(lambda: register_job(run.ctx, run.client, job.plan, tok_json))
+    done = outage.call(watch.state.done)
+    held = outage.call(lambda: queued_batches(run.client, QUEUE, run.ctx.job_id)) if action != "stalled" else set()
+    missing = set(range(job.plan.n_batches)) - done - held
+    logger.warning(
+        "sending %d batches again (%s; %d done, %d held by the broker)", len(missing), action, len(done), len(held)
+    )
+    for msg in run.messages(job.plan, set(range(job.plan.n_batches)) - missing):
+        send(msg)

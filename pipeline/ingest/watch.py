@@ -1,22 +1,27 @@
-"""Watching a running job: progress polls, worker errors, dead local children, lost or stalled batches."""
+"""Watching a running job: progress polls, worker errors, dead local children, lost or stalled batches, and
+a broker that stops answering for a while."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from core.config import FbasConfig
 from core.errors import ConfigError, ServerUnavailableError
+from core.redact import redact_url
 from pipeline.ingest.produce import queue_length
 from pipeline.ingest.progress import IngestProgress
-from workers.jobstate import JobState
+from workers.jobstate import JobState, ping
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Watch", "ReadyOnce", "sigterm_as_interrupt", "POLL_S"]
+T = TypeVar("T")
+
+__all__ = ["Watch", "ReadyOnce", "BrokerOutage", "sigterm_as_interrupt", "POLL_S"]
 
 
 @contextmanager
@@ -63,11 +68,74 @@ class ReadyOnce:
 POLL_S = 0.05
 
 
+class BrokerOutage:
+    """Rides out a broker that stops answering (restarted, a network blip): ``wait(error)`` pings it with
+    growing pauses (0.5 s doubling up to 5 s, a log line per try) until it answers, or raises past ``budget``
+    seconds, saying that a rerun resumes. Afterwards ``recovered`` is set: the producer then registers the job
+    again and re-sends the batches the outage lost (``workers.jobstate.queued_batches``)."""
+
+    def __init__(self, client: Any, url: str, budget: float) -> None:
+        self.client, self.url, self.budget = client, url, budget
+        self.recovered = False
+        self.outages = 0
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()``, again after each outage it runs into."""
+        while True:
+            try:
+                return fn()
+            except ServerUnavailableError as e:
+                self.wait(e)
+
+    def wait(self, error: ServerUnavailableError) -> None:
+        if ping(self.client):
+            raise error  # the broker answers: this error is not an outage
+        t0, pause, tries = time.monotonic(), 0.5, 0
+        logger.warning(
+            "the broker at %s stopped answering (%s): waiting up to %.0fs for it (--broker-wait)",
+            redact_url(self.url),
+            error,
+            self.budget,
+        )
+        while True:
+            left = self.budget - (time.monotonic() - t0)
+            if left <= 0:
+                raise ServerUnavailableError(
+                    f"the broker at {redact_url(self.url)} did not answer for {self.budget:.0f}s (--broker-wait): "
+                    "bring it back and rerun the same command; it resumes where this run stopped"
+                )
+            time.sleep(min(pause, left))
+            pause, tries = min(5.0, pause * 2), tries + 1
+            if ping(self.client):
+                logger.warning(
+                    "the broker answers again after %.1fs (%d tries): re-sending what the outage lost",
+                    time.monotonic() - t0,
+                    tries,
+                )
+                self.recovered, self.outages = True, self.outages + 1
+                return
+            logger.warning(
+                "broker still unreachable after %.0fs (try %d; %.0fs left)",
+                time.monotonic() - t0,
+                tries,
+                max(0.0, left - pause),
+            )
+
+
 class Watch:
     """Polls job progress for the bar and notices trouble (worker errors, dead children, lost or stuck jobs)."""
 
-    def __init__(self, state: JobState, cluster: Any, cfg: FbasConfig, bar: IngestProgress, client: Any) -> None:
+    def __init__(
+        self,
+        state: JobState,
+        cluster: Any,
+        cfg: FbasConfig,
+        bar: IngestProgress,
+        client: Any,
+        outage: BrokerOutage | None = None,
+    ) -> None:
         self.state, self.cluster, self.cfg, self.bar, self.client = state, cluster, cfg, bar, client
+        self.outage = outage
         self.last_n, self.last_change, self.last_poll, self.n_done = -1, time.monotonic(), 0.0, 0
 
     def tick(self, force: bool = False) -> int:
@@ -78,24 +146,38 @@ class Watch:
         self.last_poll = now
         if self.cluster is not None:
             self.cluster.check()
-        errors = self.state.errors()
+        try:
+            errors = self.state.errors()
+            n_done, counters = self.state.n_done(), self.state.counters()
+        except ServerUnavailableError as e:
+            if self.outage is None:
+                raise
+            self.outage.wait(e)
+            return self.n_done
         if errors:
             raise ConfigError(f"a worker reported: {errors[0]}")
-        self.n_done = self.state.n_done()
-        self.bar.update(self.state.counters())
+        self.n_done = n_done
+        self.bar.update(counters)
         if self.n_done != self.last_n:
             self.last_n, self.last_change = self.n_done, now
         return self.n_done
 
     def needs_reenqueue(self, queue: str) -> str | None:
-        """'lost' when Redis forgot the job, 'stalled' when nothing moved for visibility_timeout + 30 s."""
+        """'outage' after the broker came back from an outage, 'lost' when Redis forgot the job, 'stalled' when
+        nothing moved for visibility_timeout + 30 s with an empty queue; else None."""
+        if self.outage is not None and self.outage.recovered:
+            self.outage.recovered = False
+            return "outage"
         try:
             if not self.state.exists():
                 return "lost"
-        except ServerUnavailableError:
-            return None
-        stall = self.cfg.queue.visibility_timeout + 30
-        if time.monotonic() - self.last_change > stall and queue_length(self.client, queue) == 0:
-            self.last_change = time.monotonic()
-            return "stalled"
+            stall = self.cfg.queue.visibility_timeout + 30
+            if time.monotonic() - self.last_change > stall and queue_length(self.client, queue) == 0:
+                self.last_change = time.monotonic()
+                return "stalled"
+        except ServerUnavailableError as e:
+            if self.outage is None:
+                return None
+            self.outage.wait(e)
+            return self.needs_reenqueue(queue)
         return None
