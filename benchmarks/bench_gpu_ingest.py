@@ -83,7 +83,7 @@ def running_service(built: Path, state: Path, args: argparse.Namespace, max_len:
     cfg.engine.target, cfg.engine.precision, cfg.engine.max_seq_len = args.target, args.precision, max_len
     cfg.serve.instance_count, cfg.serve.max_docs_per_request = instances, args.batch_rows
     cfg.queue.concurrency = concurrency
-    cluster = LocalCluster(built, state, cfg)
+    cluster = LocalCluster(built, state, cfg, out_roots=[state.parent])  # the runs' outputs sit beside it
     try:
         cluster.start()
         cluster.wait_ready()
@@ -375,7 +375,7 @@ def main() -> int:
                                     got = run_fbas(
                                         corpus,
                                         work / f"svc-out-{case}-{ic}-{conc}-{m}-{k}",
-                                        _checkout_env(env, root),
+                                        {**_checkout_env(env, root), "FBAS_TASK_KEY": svc_cluster.task_key},
                                         args.precision,
                                         flags + extra,
                                         log_lines=args.log_lines if k == 0 else 0,

@@ -128,6 +128,17 @@ class QueueConfig:
     task_time_limit: float = _f(300.0, "hard time limit of one batch task, seconds")
     max_retries: int = _f(3, "retries of a batch after transient faults before it is quarantined")
     queue_depth: int = _f(64, "most batches waiting in the queue at once (backpressure)")
+    task_key: str | None = _f(
+        None,
+        "shared secret that signs task messages (HMAC-SHA256): every producer and worker of a fleet needs the "
+        "same one, given in the environment (FBAS_TASK_KEY), never on a command line; local mode makes its own",
+        secret=True,
+    )
+    out_root: str | None = _f(
+        None,
+        "workers: comma-separated folders whose insides they may write job outputs to; a task for any other "
+        "folder is refused. default: the folder the worker was started in",
+    )
     broker_wait: float = _f(
         120.0,
         "seconds a producer waits for a broker that stopped answering (retrying with backoff, a log line per "

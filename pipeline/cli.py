@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +43,7 @@ def add_section_flags(p: argparse.ArgumentParser, cfg: FbasConfig, section_name:
     section = getattr(cfg, section_name)
     group = p.add_argument_group(f"{section_name} options")
     for f in dataclasses.fields(section):
-        if f.name in skip:
+        if f.name in skip or f.metadata.get("secret"):  # secrets come from the environment only (ps shows argv)
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(section, f.name)
@@ -192,6 +193,8 @@ def _add_ingest(sub: Subparsers, cfg: FbasConfig) -> None:
         skip: tuple[str, ...] = ()
         if section == "serve":
             skip = ("model_repository", "host", "grpc_port", "http_port", "metrics_port", "triton")
+        elif section == "queue":
+            skip = ("out_root",)  # the workers' setting
         add_section_flags(p, cfg, section, skip=skip)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     p.set_defaults(func=_cmd_ingest)
@@ -364,8 +367,14 @@ def _cmd_worker(args: argparse.Namespace, cfg: FbasConfig) -> int:
 
     if not cfg.queue.broker:
         raise ConfigError("worker needs a broker: set FBAS_BROKER=redis://HOST:PORT/DB (or pass --broker)")
+    if not cfg.queue.task_key:
+        raise ConfigError(
+            "worker needs the fleet's task key to check that tasks come from its producers: set FBAS_TASK_KEY "
+            "(the same secret on every producer and worker) in the environment"
+        )
     print(
-        f"fbas worker: broker {redact_url(cfg.queue.broker)}, Triton {cfg.serve.triton}, {pool_size(cfg)} processes",
+        f"fbas worker: broker {redact_url(cfg.queue.broker)}, Triton {cfg.serve.triton}, {pool_size(cfg)} processes, "
+        f"writes inside {cfg.queue.out_root or os.getcwd()}",
         file=sys.stderr,
         flush=True,
     )

@@ -190,8 +190,13 @@ class LocalCluster:
         *,
         concurrency: int | None = None,
         worker_env: dict[str, str] | None = None,
+        out_roots: list[Path] | None = None,
     ) -> None:
+        """``state_dir``: ``OUT/.fbas/local`` of the job it serves; its worker writes only inside ``out_roots``
+        (default: that OUT) and accepts only tasks signed with ``task_key`` (made here)."""
         self.model_dir, self.state_dir, self.cfg = Path(model_dir), Path(state_dir), cfg
+        self.out_roots = [Path(r).resolve() for r in out_roots] if out_roots else [self.state_dir.resolve().parents[1]]
+        self.task_key = secrets.token_hex(32)
         self.concurrency = concurrency or pool_size(cfg)
         self.worker_env = worker_env or {}
         self.log_dir = self.state_dir / "logs"
@@ -259,6 +264,8 @@ class LocalCluster:
                 env_name("task_time_limit"): str(q.task_time_limit),
                 env_name("visibility_timeout"): str(q.visibility_timeout),
                 env_name("shared_memory"): str(bool(getattr(self.cfg.serve, "shared_memory", False))),
+                env_name("task_key"): self.task_key,
+                env_name("out_root"): ",".join(str(r) for r in self.out_roots),
             }
             self.worker = CeleryWorker(
                 env, self.concurrency, self.log_dir / "worker.log", extra_env=self.worker_env

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import FbasConfig, config_env
-from core.envs import cpu_count
+from core.envs import cpu_count, env_name
 from core.processes import die_with_parent_signal, kill_group
 from services.repository import REPO_ROOT
 from workers.watchdog import EX_RESTART
@@ -212,7 +212,9 @@ class CeleryWorker:
 def run_worker(cfg: FbasConfig, loglevel: str = "INFO") -> int:
     """`fbas-pipeline worker`: a supervised Celery worker in the foreground until SIGTERM or Ctrl-C (a warm
     shutdown: running batches finish); returns its exit code."""
-    worker = CeleryWorker(config_env(cfg), pool_size(cfg), None, name="fbas", loglevel=loglevel)
+    env = config_env(cfg)
+    env.setdefault(env_name("out_root"), os.getcwd())  # the child runs in the repository: name this folder
+    worker = CeleryWorker(env, pool_size(cfg), None, name="fbas", loglevel=loglevel)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:

@@ -26,6 +26,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from core.layout import OutputDir
 from workers.app import TASK_NAME, app, current_config
 from workers.infer import embed_checked, encoder_for, subset
 from workers.jobstate import JobState, connect
+from workers.signing import verify
 from workers.write import BatchOutput, write_batch
 
 logger = logging.getLogger(__name__)
@@ -207,6 +209,33 @@ def run_batch(m: BatchMessage, engine: Any, tokenizer: Any, dim: int, attempt: i
     )
 
 
+def _trusted(msg: Any, cfg: Any) -> bool:
+    """Whether a task message carries this fleet's signature; a message that does not is logged and dropped,
+    touching nothing (not even its job's state: the job named in it may be made up)."""
+    key = cfg.queue.task_key
+    if key and verify(msg, key):
+        return True
+    claimed = {k: msg.get(k) for k in ("job", "batch", "out")} if isinstance(msg, dict) else {}
+    logger.error(
+        "refused a task message %s: %s; nothing of it was embedded or written",
+        claimed,
+        "it is not signed with this fleet's FBAS_TASK_KEY (forged, or from a producer with another key)"
+        if key
+        else "this worker has no FBAS_TASK_KEY to check it with",
+    )
+    return False
+
+
+def out_roots(cfg: Any) -> list[Path]:
+    """The folders this worker may write job outputs into (``queue.out_root``; default: its working folder)."""
+    raw = cfg.queue.out_root or os.getcwd()
+    return [Path(r.strip()).expanduser().resolve() for r in raw.split(",") if r.strip()]
+
+
+def _allowed(out: OutputDir, cfg: Any) -> bool:
+    return any(out.root == r or out.root.is_relative_to(r) for r in out_roots(cfg))
+
+
 def _backoff(retries: int) -> float:
     """Seconds before retry ``retries + 1``: 1, 2, 4, ... capped at 30, with jitter."""
     import random
@@ -218,10 +247,21 @@ def _backoff(retries: int) -> float:
 def embed_batch(self, msg: dict) -> dict:
     """Celery entry point: one planned batch (see the module docstring). Returns a small summary dict."""
     cfg = current_config()
+    if not _trusted(msg, cfg):
+        return {"error": "refused"}
     m = BatchMessage.parse(msg)
     assert cfg.queue.broker is not None, "a worker gets its tasks from the broker, so one is configured"
     state = JobState(_redis(cfg.queue.broker), m.job)
     out = OutputDir(m.out)
+    if not _allowed(out, cfg):
+        problem = (
+            f"worker {socket.gethostname()} does not write to {out}: it is outside the folders it may write to "
+            f"({', '.join(map(str, out_roots(cfg)))}); start the worker with FBAS_OUT_ROOT (or --out-root) naming "
+            "a folder that holds it"
+        )
+        logger.error(problem)
+        state.report_error(problem)
+        return {"batch": m.batch, "error": "output folder not allowed"}
     where = f"{socket.gethostname()}:{os.getpid()}"
     attempt = state.begin(m.batch, where)
     retries = int(self.request.retries or 0)

@@ -24,6 +24,7 @@ import numpy as np
 from core.errors import InputError, ServerUnavailableError
 from core.formats import Plan
 from pipeline.ingest.read import Corpus
+from workers.signing import sign
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +178,10 @@ class Sender:
         task_name: str,
         on_wait: Callable[[], object] | None = None,
         poll_s: float = 0.05,
+        key: str | None = None,
     ) -> None:
         self.app, self.client, self.queue, self.depth = app, client, queue, max(1, depth)
+        self.key = key  # the fleet's task key: every message is signed with it (workers.signing)
         self.task_name, self.on_wait, self.poll_s = task_name, on_wait, poll_s
         self.sent = 0
         self.waited_s = 0.0
@@ -191,6 +194,8 @@ class Sender:
                 self.on_wait()
             time.sleep(self.poll_s)
         self.waited_s += time.monotonic() - t0
+        if self.key:
+            sign(msg, self.key)
         try:
             self.app.send_task(
                 self.task_name,

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from core.config import FbasConfig
-from core.errors import FbasError, InputError
+from core.errors import ConfigError, FbasError, InputError
 from core.layout import LOCAL_SUBDIR, OutputDir
 from output.check import committed_parts
 from output.finalize import finalize
@@ -101,6 +101,7 @@ class _Running:
     cluster: LocalCluster | None
     progress: str  # bar | lines | off (IngestProgress)
     ready: ReadyOnce
+    task_key: str  # signs every task message (the local cluster's, or the fleet's FBAS_TASK_KEY)
 
     def messages(self, plan: Any, skip: set[int]) -> Any:
         """The task messages of ``plan``'s batches not in ``skip`` (their texts read again from the corpus)."""
@@ -131,6 +132,11 @@ def ingest(
     if corpus.n_rows == 0:  # refused before anything is built or started
         raise InputError(f"{corpus.uri} holds no rows: nothing to embed (check the path or glob)")
     check_index_kind(cfg.output.index, corpus.n_rows)
+    if cfg.queue.broker is not None and not cfg.queue.task_key:
+        raise ConfigError(
+            "a fleet job needs the fleet's task key: set FBAS_TASK_KEY (the same secret as on the workers) in the "
+            "environment; workers refuse unsigned tasks"
+        )
     if cfg.engine.target == "gpu" and cfg.queue.broker is None:  # local mode serves the engine here
         from services.gpus import require_gpus
 
@@ -179,13 +185,14 @@ def _start_services(
 ) -> _Running:
     """Connect to the broker; in local mode, start the local cluster first (stopped by ``stack``)."""
     cluster = None
+    key = ctx.cfg.queue.task_key or ""
     if ctx.cfg.queue.broker is None:
         from services.local import LocalCluster
 
         cluster = LocalCluster(model_dir, ctx.out.state(LOCAL_SUBDIR), ctx.cfg, worker_env=worker_env)
         stack.callback(cluster.stop)
         cluster.start()
-        broker = cluster.broker_url
+        broker, key = cluster.broker_url, cluster.task_key
         if on_cluster:
             on_cluster(cluster)
     else:
@@ -200,6 +207,7 @@ def _start_services(
         cluster,
         "off" if progress is False else "bar" if progress or sys.stderr.isatty() else "lines",
         ReadyOnce(cluster, t0),
+        key,
     )
 
 
@@ -264,7 +272,7 @@ def _run_queue(run: _Running, job: Job | None, new: _NewScan | None) -> _Queued:
     logger.info("job %s registered in Redis (%d batches committed already)", ctx.job_id, len(committed))
     bar = IngestProgress(job.plan.n_rows if job is not None else ctx.corpus.n_rows, run.progress)
     watch = Watch(state, run.cluster, cfg, bar, run.client, outage)
-    sender = Sender(app, run.client, QUEUE, cfg.queue.queue_depth, TASK_NAME, on_wait=watch.tick)
+    sender = Sender(app, run.client, QUEUE, cfg.queue.queue_depth, TASK_NAME, on_wait=watch.tick, key=run.task_key)
 
     def send(msg: dict) -> None:
         run.ready()

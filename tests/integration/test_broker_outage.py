@@ -54,6 +54,7 @@ def cluster(template_out, tmp_path_factory):
         cfg,
         concurrency=2,
         worker_env={"FBAS_TEST_PAUSE": f"2:4:{TAG}"},  # batch 2 sleeps 4 s: the job is mid-run when Redis dies
+        out_roots=[tmp_path_factory.getbasetemp()],
     )
     c.start()
     try:
@@ -94,6 +95,7 @@ def _ingest_thread(cluster, template_out, corpus: Path, out: Path, broker_wait: 
     seed_model(out, template_out)
     cfg = FbasConfig()
     cfg.queue.broker, cfg.output.out, cfg.queue.broker_wait = cluster.broker_url, str(out), broker_wait
+    cfg.queue.task_key = cluster.task_key
     cfg.corpus.batch_rows = 32
     result: dict = {}
 

@@ -64,6 +64,7 @@ def cluster(template_out, tmp_path_factory):
         cfg,
         concurrency=2,
         worker_env={"FBAS_TEST_PAUSE": f"1:8:{PAUSE_TAG}", "FBAS_TEST_CRASH": f"2:{CRASH_TAG}"},
+        out_roots=[tmp_path_factory.getbasetemp()],
     )
     c.start()
     try:
@@ -75,7 +76,7 @@ def cluster(template_out, tmp_path_factory):
 
 def _cfg(cluster, out: Path, **corpus) -> FbasConfig:
     cfg = FbasConfig()
-    cfg.queue.broker = cluster.broker_url
+    cfg.queue.broker, cfg.queue.task_key = cluster.broker_url, cluster.task_key
     cfg.output.out = str(out)
     for k, v in corpus.items():
         setattr(cfg.corpus, k, v)
@@ -307,7 +308,12 @@ def test_the_worker_command_joins_the_fleet(cluster, template_out, tmp_path, sts
                 "--loglevel",
                 "INFO",
             ],
-            env={**os.environ, "PYTHONPATH": str(root)},
+            env={
+                **os.environ,
+                "PYTHONPATH": str(root),
+                "FBAS_TASK_KEY": cluster.task_key,
+                "FBAS_OUT_ROOT": str(tmp_path),
+            },
             stdout=f,
             stderr=subprocess.STDOUT,
             cwd=str(root),
@@ -441,3 +447,57 @@ def test_a_cluster_stopped_while_its_model_loads_stops_at_once(template_out, tmp
         return False
 
     wait_for(group_gone, 10, "tritonserver's process group to be empty")
+
+
+def test_forged_or_misdirected_tasks_write_nothing(cluster, template_out, tmp_path):
+    """Anyone who can write to the queue can send JSON tasks: one without this fleet's signature, or signed
+    with another key, is refused and logged; a signed one whose output folder is outside the worker's roots
+    (here ``/tmp/...``) is refused and reported to its job. Nothing is written anywhere."""
+    import tempfile
+    from dataclasses import replace as dc_replace
+
+    from pipeline.ingest.produce import task_message
+    from workers.app import QUEUE, TASK_NAME, producer_app
+    from workers.jobstate import JobState, connect
+    from workers.signing import sign
+
+    outside = Path(tempfile.mkdtemp(prefix="fbas-outside-"))  # not under the worker's root (pytest's basetemp)
+    escape = f"{tmp_path}/x/{'../' * 12}{outside}-escaped"  # resolves to /tmp/fbas-outside-...-escaped
+
+    def msg(job: str, out: str) -> dict:
+        return task_message(
+            job=job,
+            batch=0,
+            out=out,
+            model="",
+            dim=384,
+            id_type="int64",
+            row_ids=[0],
+            ids=[0],
+            texts=["hello"],
+            repaired=[],
+        )
+
+    cfg = FbasConfig()
+    app = producer_app(FbasConfig(queue=dc_replace(cfg.queue, broker=cluster.broker_url)))
+    try:
+        for m in (msg("forged-unsigned", escape), sign(msg("forged-wrong-key", escape), "not-the-fleet-key")):
+            app.send_task(TASK_NAME, args=[m], queue=QUEUE, serializer="json")
+        app.send_task(TASK_NAME, args=[sign(msg("misdirected", str(outside)), cluster.task_key)], queue=QUEUE)
+    finally:
+        app.close()
+    log = Path(cluster.log_dir) / "worker.log"
+    wait_for(lambda: log.read_text(errors="replace").count("refused a task message") >= 2, 60, "two refusals")
+    client = connect(cluster.broker_url)
+    try:
+        errors = wait_for(lambda: JobState(client, "misdirected").errors(), 60, "the misdirected task's report")
+    finally:
+        client.close()
+    assert "outside the folders it may write to" in errors[0] and "FBAS_OUT_ROOT" in errors[0]
+    text = log.read_text(errors="replace")
+    assert "forged-unsigned" in text and "forged-wrong-key" in text and "not signed with this fleet" in text
+    assert not any(outside.iterdir()), "a refused task wrote into the folder outside the root"
+    assert not Path(f"{outside}-escaped").exists() and not (tmp_path / "x").exists()
+    assert cluster.task_key not in text and cluster.redis.password not in text
+    cluster.check()  # the worker is still up
+    shutil.rmtree(outside)
