@@ -79,7 +79,7 @@ def test_help_is_fast_and_documents_defaults():
 
 def test_local_worker_count_follows_the_engine_target(monkeypatch):
     """CPU engine: 2 to 4 workers (the engine needs the cores); GPU engine: the cores + 4, at most 32."""
-    from services import local
+    from services import worker as local
 
     for cores, cpu_engine, gpu_engine in ((2, 2, 6), (8, 4, 12), (16, 4, 20), (64, 4, 32)):
         monkeypatch.setattr(local, "cpu_count", lambda c=cores: c)
@@ -88,7 +88,7 @@ def test_local_worker_count_follows_the_engine_target(monkeypatch):
 
 def test_a_fleet_worker_is_told_the_engine_target_to_size_its_pool(monkeypatch):
     """`fbas-pipeline worker --target gpu` sizes its pool as local mode does for a GPU (--concurrency 0)."""
-    from services import local
+    from services import worker as local
 
     monkeypatch.setattr(local, "cpu_count", lambda: 16)
     worker = ["worker", "--broker", "redis://q:6379/0"]
