@@ -123,9 +123,15 @@ class QueueConfig:
         "the onnx target, the cores + 4 (at most 32) for gpu and tensorrt",
     )
     visibility_timeout: float = _f(
-        600.0, "seconds before an unacknowledged task is delivered again (must exceed task_time_limit)"
+        0.0,
+        "seconds before a task taken by a worker that vanished is delivered again (it must exceed the task's "
+        "hard limit, or a slow batch is handed out twice); 0 = task_time_limit + 60",
     )
-    task_time_limit: float = _f(300.0, "hard time limit of one batch task, seconds")
+    task_time_limit: float = _f(
+        120.0,
+        "time limit of one batch task, seconds (it is then retried, and quarantined after max_retries): "
+        "generous for the default batches, which take seconds; raise it for very large batches on slow CPUs",
+    )
     max_retries: int = _f(3, "retries of a batch after transient faults before it is quarantined")
     queue_depth: int = _f(64, "most batches waiting in the queue at once (backpressure)")
     task_key: str | None = _f(
@@ -144,6 +150,14 @@ class QueueConfig:
         "seconds a producer waits for a broker that stopped answering (retrying with backoff, a log line per "
         "try) before it exits; a rerun of the same command resumes",
     )
+
+
+HARD_LIMIT_MARGIN = 30.0  # seconds between a task's soft time limit (it cleans up) and the hard kill
+
+
+def visibility_seconds(q: QueueConfig) -> float:
+    """The broker's redelivery delay in force: ``visibility_timeout``, or by default the hard limit + 30 s."""
+    return q.visibility_timeout or q.task_time_limit + HARD_LIMIT_MARGIN + 30.0
 
 
 @dataclass
@@ -222,7 +236,7 @@ class FbasConfig:
                 f"batch_tokens ({c.batch_tokens}), batch_rows ({c.batch_rows}) and plan_window "
                 f"({c.plan_window}) must be >= 1"
             )
-        if q.visibility_timeout <= q.task_time_limit:
+        if q.visibility_timeout and q.visibility_timeout <= q.task_time_limit:
             raise ConfigError(
                 f"visibility_timeout ({q.visibility_timeout}s) must exceed task_time_limit "
                 f"({q.task_time_limit}s), or tasks are delivered twice while they run: increase "

@@ -86,14 +86,21 @@ def _broker_status(broker: str, job_id: str | None, info: dict[str, Any]) -> Non
                 "done": st.n_done(),
                 "counters": c,
                 "running": st.running(),
+                "gone": st.orphans(),
                 "errors": st.errors(),
             }
             info["jobs"][j] = entry
             lines.append(
                 f"job {j}: {entry['done']}/{entry['planned']} batches done, {c['docs']} docs, "
                 f"{c['quarantined']} quarantined, {c['redelivered']} redelivered, {c['retries']} "
-                f"retries, {len(entry['running'])} running"
+                f"retries, {len(entry['running']) - len(entry['gone'])} running"
             )
+            if entry["gone"]:
+                lost = ", ".join(f"{b} ({w})" for b, w in sorted(entry["gone"].items())[:5])
+                lines.append(
+                    f"  {len(entry['gone'])} batches were taken by workers that are gone (no heartbeat): {lost}; "
+                    "a running producer sends them again, else the broker does after the visibility timeout"
+                )
             lines.extend(f"  error: {e}" for e in entry["errors"][:3])
         lines.append(f"queue: {info['queue_length']} batches waiting")
     finally:

@@ -122,3 +122,37 @@ def settled_statistics(encoder, before: dict, n_inferences: int, timeout: float 
         if after["inference_count"] - before["inference_count"] >= n_inferences or time.monotonic() > deadline:
             return after
         time.sleep(0.05)
+
+
+def start_cluster(template_out: Path, state_dir: Path, out_root: Path, worker_env: dict[str, str], **queue):
+    """A LocalCluster serving the built model in ``template_out`` to fleet-style producers (``broker_url``,
+    ``task_key``), its worker writing anywhere under ``out_root``; ``queue``: QueueConfig fields. Skips
+    the test when redis-server or tritonserver is missing."""
+    import shutil as _shutil
+
+    import pytest
+
+    from core.config import FbasConfig
+    from core.errors import ConfigError
+    from services.local import LocalCluster
+    from services.triton import find_tritonserver
+
+    if not _shutil.which("redis-server"):
+        pytest.skip("redis-server is not on PATH (apt install redis-server)")
+    try:
+        find_tritonserver()
+    except ConfigError as e:
+        pytest.skip(f"tritonserver is not installed: {e}")
+    cfg = FbasConfig()
+    for k, v in queue.items():
+        setattr(cfg.queue, k, v)
+    c = LocalCluster(
+        template_out / ".fbas" / "model", state_dir, cfg, concurrency=2, worker_env=worker_env, out_roots=[out_root]
+    )
+    c.start()
+    try:
+        c.wait_ready()
+    except BaseException:
+        c.stop()
+        raise
+    return c

@@ -30,7 +30,7 @@ from typing import Any
 
 from celery import Celery
 
-from core.config import FbasConfig, apply_env
+from core.config import HARD_LIMIT_MARGIN, FbasConfig, apply_env, visibility_seconds
 from core.envs import read_env
 from core.redact import redact_url
 from workers.watchdog import install as install_watchdog
@@ -41,7 +41,6 @@ __all__ = ["app", "QUEUE", "TASK_NAME", "celery_settings", "configure", "current
 
 QUEUE = "fbas"
 TASK_NAME = "fbas.embed_batch"
-HARD_LIMIT_MARGIN = 30.0  # seconds between the soft time limit (task cleans up) and the hard kill
 
 _config: FbasConfig | None = None
 
@@ -52,7 +51,7 @@ def celery_settings(cfg: FbasConfig) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "broker_url": q.broker or "redis://127.0.0.1:6379/0",
         "broker_transport_options": {
-            "visibility_timeout": q.visibility_timeout,
+            "visibility_timeout": visibility_seconds(q),
             "socket_keepalive": True,
             "health_check_interval": 30,
         },
@@ -90,11 +89,11 @@ def configure(cfg: FbasConfig) -> Celery:
     """Apply ``cfg`` to the app (before a worker starts or a producer sends)."""
     global _config
     q = cfg.queue
-    if q.visibility_timeout <= q.task_time_limit + HARD_LIMIT_MARGIN:
+    if visibility_seconds(q) <= q.task_time_limit + HARD_LIMIT_MARGIN:
         logger.warning(
             "visibility_timeout %.0fs is not above the hard time limit %.0fs: a slow batch may be "
             "delivered twice (harmless for the output, wasteful)",
-            q.visibility_timeout,
+            visibility_seconds(q),
             q.task_time_limit + HARD_LIMIT_MARGIN,
         )
     app.conf.update(celery_settings(cfg))

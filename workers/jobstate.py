@@ -30,7 +30,18 @@ from core.redact import redact, redact_url
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JobState", "connect", "connect_lazy", "redact_url", "list_jobs", "ping", "queued_batches"]
+__all__ = [
+    "JobState",
+    "connect",
+    "connect_lazy",
+    "redact_url",
+    "list_jobs",
+    "ping",
+    "queued_batches",
+    "heartbeat",
+    "alive_workers",
+    "ALIVE_PREFIX",
+]
 
 PREFIX = "fbas:job:"
 JOBS_KEY = "fbas:jobs"
@@ -182,6 +193,18 @@ class JobState:
         return [e.decode("utf-8", "replace") for e in self.r.lrange(self.k_errors, 0, 20)]
 
     @_guard
+    def orphans(self) -> dict[int, str]:
+        """Running batches whose worker process sent no heartbeat lately (killed, or its host lost): ``{batch:
+        host:pid}``. Their messages come back only after the visibility timeout; a producer sends them again."""
+        running = self.running()
+        alive = alive_workers(self.r, set(running.values()))
+        return {b: w for b, w in running.items() if w not in alive}
+
+    @_guard
+    def forget_running(self, batch: int) -> None:
+        self.r.hdel(self.k_running, str(batch))
+
+    @_guard
     def running(self) -> dict[int, str]:
         return {int(k): v.decode() for k, v in self.r.hgetall(self.k_running).items()}
 
@@ -227,6 +250,35 @@ class JobState:
             self.k_meta, self.k_tok, self.k_done, self.k_counters, self.k_attempts, self.k_running, self.k_errors
         )
         self.r.srem(JOBS_KEY, self.job_id)
+
+
+ALIVE_PREFIX = "fbas:alive:"  # + "host:pid": a worker process's heartbeat (expires unless renewed)
+
+
+def heartbeat(client: Any, where: str, ttl: float) -> None:
+    """Say that worker process ``where`` (host:pid) is alive for the next ``ttl`` seconds."""
+    import redis
+
+    try:
+        client.set(ALIVE_PREFIX + where, "1", px=int(ttl * 1000))
+    except redis.RedisError as e:
+        raise ServerUnavailableError(f"Redis error while sending a heartbeat: {type(e).__name__}") from None
+
+
+def alive_workers(client: Any, wheres: Iterable[str]) -> set[str]:
+    """Which of the worker processes ``wheres`` (host:pid) sent a heartbeat recently."""
+    import redis
+
+    wheres = list(wheres)
+    if not wheres:
+        return set()
+    try:
+        p = client.pipeline(transaction=False)
+        for w in wheres:
+            p.exists(ALIVE_PREFIX + w)
+        return {w for w, ok in zip(wheres, p.execute()) if ok}
+    except redis.RedisError as e:
+        raise ServerUnavailableError(f"Redis error while reading heartbeats: {type(e).__name__}") from None
 
 
 def list_jobs(client: Any) -> Iterable[str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +35,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 
 from core.envs import read_env
-from core.errors import InputError, PermanentError, TransientError
+from core.errors import InputError, PermanentError, ServerUnavailableError, TransientError
 from core.layout import OutputDir
 from workers.app import TASK_NAME, app, current_config
 from workers.infer import embed_checked, encoder_for, subset
-from workers.jobstate import JobState, connect
+from workers.jobstate import JobState, connect, heartbeat
 from workers.signing import verify
 from workers.write import BatchOutput, write_batch
 
@@ -93,6 +94,28 @@ class BatchMessage:
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise InputError(f"malformed batch message ({type(e).__name__}: {e})") from None
+
+
+HEARTBEAT_S, HEARTBEAT_TTL_S = 3.0, 10.0  # a process that misses three beats counts as gone
+
+
+def _beat() -> None:
+    """Renew this pool process's heartbeat (``workers.jobstate.heartbeat``) while it lives."""
+    url = current_config().queue.broker
+    if not url:
+        return
+    where = f"{socket.gethostname()}:{os.getpid()}"
+    while True:
+        try:
+            heartbeat(_redis(url), where, HEARTBEAT_TTL_S)
+        except ServerUnavailableError as e:  # the broker is away: the watchdog and the producer handle that
+            logger.debug("heartbeat not sent: %s", e)
+        time.sleep(HEARTBEAT_S)
+
+
+@worker_process_init.connect
+def _start_heartbeat(**_: Any) -> None:
+    threading.Thread(target=_beat, name="heartbeat", daemon=True).start()
 
 
 @worker_process_init.connect

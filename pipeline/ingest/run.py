@@ -296,6 +296,9 @@ def _run_queue(run: _Running, job: Job | None, new: _NewScan | None) -> _Queued:
             action = watch.needs_reenqueue(QUEUE)
             if action:
                 _send_again(run, job, action, watch, outage, send, tok_json)
+            lost = set(watch.orphans()) - outage.call(watch.state.done)
+            for msg in run.messages(job.plan, set(range(job.plan.n_batches)) - lost) if lost else ():
+                send(msg)
             time.sleep(POLL_S)
         watch.tick(force=True)
     finally:

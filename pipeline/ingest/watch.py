@@ -10,7 +10,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from core.config import FbasConfig
+from core.config import FbasConfig, visibility_seconds
 from core.errors import ConfigError, ServerUnavailableError
 from core.redact import redact_url
 from pipeline.ingest.produce import queue_length
@@ -20,6 +20,8 @@ from workers.jobstate import JobState, ping
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+ORPHAN_CHECK_S = 2.0  # how often a producer looks for batches whose worker vanished
 
 __all__ = ["Watch", "ReadyOnce", "BrokerOutage", "sigterm_as_interrupt", "POLL_S"]
 
@@ -136,6 +138,7 @@ class Watch:
     ) -> None:
         self.state, self.cluster, self.cfg, self.bar, self.client = state, cluster, cfg, bar, client
         self.outage = outage
+        self.last_orphan_check = time.monotonic()
         self.last_n, self.last_change, self.last_poll, self.n_done = -1, time.monotonic(), 0.0, 0
 
     def tick(self, force: bool = False) -> int:
@@ -162,6 +165,26 @@ class Watch:
             self.last_n, self.last_change = self.n_done, now
         return self.n_done
 
+    def orphans(self) -> list[int]:
+        """Batches whose worker process vanished (no heartbeat: killed, or its host lost), checked at most every
+        ``ORPHAN_CHECK_S``. Each is taken off the running list, so one loss is answered once; its message would
+        come back only after the visibility timeout, so the producer sends it again now."""
+        now = time.monotonic()
+        if now - self.last_orphan_check < ORPHAN_CHECK_S:
+            return []
+        self.last_orphan_check = now
+        try:
+            lost = self.state.orphans()
+            for b, where in lost.items():
+                self.state.forget_running(b)
+                logger.warning("batch %d: its worker %s is gone (no heartbeat): sending it again", b, where)
+        except ServerUnavailableError as e:
+            if self.outage is None:
+                raise
+            self.outage.wait(e)
+            return []
+        return sorted(lost)
+
     def needs_reenqueue(self, queue: str) -> str | None:
         """'outage' after the broker came back from an outage, 'lost' when Redis forgot the job, 'stalled' when
         nothing moved for visibility_timeout + 30 s with an empty queue; else None."""
@@ -171,7 +194,7 @@ class Watch:
         try:
             if not self.state.exists():
                 return "lost"
-            stall = self.cfg.queue.visibility_timeout + 30
+            stall = visibility_seconds(self.cfg.queue) + 30
             if time.monotonic() - self.last_change > stall and queue_length(self.client, queue) == 0:
                 self.last_change = time.monotonic()
                 return "stalled"

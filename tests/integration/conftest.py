@@ -111,3 +111,15 @@ def min_cosine():
 def slice_docs():
     """``slice_docs(encoded, start, end)``: packed ids and lengths of documents [start, end)."""
     return _slice_docs
+
+
+@pytest.fixture(scope="session")
+def template_out(tmp_path_factory) -> Path:
+    """An output folder holding the built default model (``seed_model`` copies it into each job's folder)."""
+    from core.config import FbasConfig
+    from core.layout import OutputDir
+    from pipeline.ingest.model_cache import ensure_model
+
+    out = tmp_path_factory.mktemp("template")
+    ensure_model(FbasConfig(), OutputDir(out))
+    return out

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.config import FbasConfig
-from core.errors import ConfigError, ServerUnavailableError
-from tests.pipeline_support import check_oracle, seed_model, wait_for
+from core.errors import ServerUnavailableError
+from tests.pipeline_support import check_oracle, seed_model, start_cluster, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -26,39 +26,17 @@ TAG = "outage"
 
 
 @pytest.fixture(scope="module")
-def template_out(tmp_path_factory) -> Path:
-    from core.layout import OutputDir
-    from pipeline.ingest.model_cache import ensure_model
-
-    out = tmp_path_factory.mktemp("template")
-    ensure_model(FbasConfig(), OutputDir(out))
-    return out
-
-
-@pytest.fixture(scope="module")
 def cluster(template_out, tmp_path_factory):
-    from services.local import LocalCluster
-    from services.triton import find_tritonserver
-
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server is not on PATH (apt install redis-server)")
-    try:
-        find_tritonserver()
-    except ConfigError as e:
-        pytest.skip(f"tritonserver is not installed: {e}")
-    cfg = FbasConfig()
-    cfg.queue.task_time_limit, cfg.queue.visibility_timeout = 60.0, 120.0
-    c = LocalCluster(
-        template_out / ".fbas" / "model",
+    # batch 2 sleeps 4 s: the job is mid-run when Redis dies
+    c = start_cluster(
+        template_out,
         tmp_path_factory.mktemp("cluster"),
-        cfg,
-        concurrency=2,
-        worker_env={"FBAS_TEST_PAUSE": f"2:4:{TAG}"},  # batch 2 sleeps 4 s: the job is mid-run when Redis dies
-        out_roots=[tmp_path_factory.getbasetemp()],
+        tmp_path_factory.getbasetemp(),
+        {"FBAS_TEST_PAUSE": f"2:4:{TAG}"},
+        task_time_limit=60.0,
+        visibility_timeout=120.0,
     )
-    c.start()
     try:
-        c.wait_ready()
         yield c
     finally:
         c.stop()

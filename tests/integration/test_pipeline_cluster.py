@@ -29,17 +29,6 @@ PAUSE_TAG = "pause-me"
 CRASH_TAG = "crash-me"
 
 
-@pytest.fixture(scope="module")
-def template_out(tmp_path_factory) -> Path:
-    """An output folder holding the built default model (copied into each job's folder)."""
-    from core.layout import OutputDir
-    from pipeline.ingest.model_cache import ensure_model
-
-    out = tmp_path_factory.mktemp("template")
-    ensure_model(FbasConfig(), OutputDir(out))
-    return out
-
-
 def _need_services() -> None:
     from services.triton import find_tritonserver
 

@@ -1,0 +1,120 @@
+"""A worker lost mid-batch (kill -9 of its whole process group, as when its host dies): the producer sees
+that its worker sent no heartbeat, sends the batch again at once instead of waiting for the broker's
+visibility timeout, another worker embeds it, and every row is there once. `status` names batches whose
+worker is gone instead of counting them as running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core.config import FbasConfig
+from tests.pipeline_support import check_oracle, seed_model, start_cluster, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TAG = "lost-worker"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cluster(template_out, tmp_path_factory):
+    c = start_cluster(
+        template_out,
+        tmp_path_factory.mktemp("cluster"),
+        tmp_path_factory.getbasetemp(),
+        {"FBAS_TEST_PAUSE": f"1:60:{TAG}"},  # batch 1 hangs on the cluster's worker until it is killed
+        task_time_limit=90.0,
+    )
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _cli_worker(cluster, out_root: Path, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FBAS_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        FBAS_BROKER=cluster.broker_url,
+        FBAS_TASK_KEY=cluster.task_key,
+        FBAS_TRITON=cluster.triton_url,
+        FBAS_OUT_ROOT=str(out_root),
+    )
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", "--concurrency", "1"],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+
+def test_a_lost_workers_batch_is_sent_again_without_waiting_for_the_broker(
+    cluster, template_out, tmp_path, stsb_en_test
+):
+    from pipeline.ingest.run import ingest
+    from workers.jobstate import connect, list_jobs
+
+    texts = [a for a, _, _ in stsb_en_test[:160]]
+    ids = [f"l{i}" for i in range(len(texts))]
+    corpus = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
+    out = tmp_path / TAG
+    seed_model(out, template_out)
+    cfg = FbasConfig()
+    cfg.queue.broker, cfg.queue.task_key, cfg.output.out = cluster.broker_url, cluster.task_key, str(out)
+    cfg.corpus.batch_rows = 32
+    client = connect(cluster.broker_url)
+    before = set(list_jobs(client))
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(r=ingest(str(corpus), cfg, progress=False)), daemon=True)
+    t.start()
+    job = wait_for(lambda: next(iter(set(list_jobs(client)) - before), None), 120, "the job in Redis")
+    where = wait_for(lambda: client.hget(f"fbas:job:{job}:running", "1"), 120, "batch 1 to start").decode()
+    assert int(where.rsplit(":", 1)[1]) in cluster.worker.children()
+    other = _cli_worker(cluster, tmp_path, tmp_path / "other-worker.log")
+    try:
+        os.killpg(cluster.worker.proc.pid, signal.SIGKILL)  # the whole worker, as if its host died
+        killed = time.monotonic()
+        t.join(timeout=90)
+        assert not t.is_alive(), "the job waited for the broker's visibility timeout (120 s)"
+        recovered_s = time.monotonic() - killed
+    finally:
+        other.send_signal(signal.SIGTERM)
+        other.wait(timeout=60)
+        client.close()
+    check_oracle(out, ids)
+    assert recovered_s < 60, recovered_s
+    assert "fbas.embed_batch" in (tmp_path / "other-worker.log").read_text(errors="replace")
+
+
+def test_status_names_batches_whose_worker_is_gone(cluster, tmp_path):
+    from output.status import job_status
+    from workers.jobstate import JobState, connect, heartbeat
+
+    client = connect(cluster.broker_url)
+    try:
+        state = JobState(client, "status-job")
+        state.create({"n_batches": 3, "planned_rows": 30, "out": str(tmp_path)}, "{}")
+        state.begin(0, "live-host:101")
+        state.begin(1, "dead-host:202")
+        heartbeat(client, "live-host:101", 30)
+        info = job_status(None, cluster.broker_url)
+    finally:
+        JobState(client, "status-job").delete()
+        client.close()
+    entry = info["jobs"]["status-job"]
+    assert entry["gone"] == {1: "dead-host:202"} and set(entry["running"]) == {0, 1}
+    text = "\n".join(info["lines"])
+    assert "1 running" in text and "taken by workers that are gone" in text and "1 (dead-host:202)" in text
