@@ -159,3 +159,57 @@ def test_stale_backend_regions_of_dead_owners_are_swept():
     finally:
         stale.unlink(missing_ok=True)
         live.unlink(missing_ok=True)
+
+
+def test_serve_starts_a_dead_tritonserver_again_on_the_same_ports(triton_repo: Path):
+    """kill -9 of the server under `fbas-pipeline serve`: serve says so, starts it again on the same ports,
+    and requests to the same address are answered again; SIGTERM still stops everything."""
+    import queue
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import numpy as np
+
+    from workers.triton_client import ClientOptions, TritonEncoder
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model-repository", str(triton_repo)]
+    cmd += ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+    proc = subprocess.Popen(
+        cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stderr=subprocess.PIPE, text=True
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+
+    def wait_line(pattern: str, timeout: float = 120) -> re.Match:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                m = re.search(pattern, lines.get(timeout=1))
+            except queue.Empty:
+                continue
+            if m:
+                return m
+        raise AssertionError(f"serve never printed {pattern!r}")
+
+    try:
+        url = wait_line(r"Triton serving .* gRPC (127\.0\.0\.1:\d+)").group(1)
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            server = int(f.read().split()[0])
+        os.killpg(server, signal.SIGKILL)
+        wait_line(r"tritonserver exited \(exit code -9\): starting it again in 1s on the same ports")
+        assert wait_line(r"tritonserver serves again \(gRPC (127\.0\.0\.1:\d+)\)").group(1) == url
+        with TritonEncoder(ClientOptions(url=url, ready_timeout=30)) as enc:
+            out = enc.embed(np.array([101, 7592, 102], np.int32), np.array([3], np.int32))
+            assert out.shape == (1, 384)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
