@@ -3,6 +3,7 @@ the per-user cache (``~/.cache/fbas/models/<key>``), else built."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -10,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from core.config import FbasConfig, fingerprint
-from core.errors import FbasError
+from core.errors import FbasError, InputError
 from core.layout import MODEL_SPEC, MODEL_SUBDIR, OutputDir
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,8 @@ def _valid_model(folder: Path, stamp: Path, key: str) -> bool:
 
 def ensure_model(cfg: FbasConfig, out: OutputDir, cache: Path | None = MODEL_CACHE) -> Path:
     """The built model for ``cfg.engine`` in ``OUT/.fbas/model``: reused while its key matches, else taken from
-    the per-user build cache (``~/.cache/fbas/models/<key>``, hard links), else built (and cached)."""
-    from engine.build import build_model
-
+    the per-user build cache (``~/.cache/fbas/models/<key>``, hard links), else built (and cached). A disk
+    too full for it is an ``InputError`` naming the folder and the space needed, with nothing partial left."""
     key = model_key(cfg)
     target, stamp = out.state(MODEL_SUBDIR), out.state(MODEL_SPEC)
     if _valid_model(target, stamp, key):
@@ -60,28 +60,91 @@ def ensure_model(cfg: FbasConfig, out: OutputDir, cache: Path | None = MODEL_CAC
     cached = cache / key if cache else None
     if cached is not None:
         try:
-            if not _valid_model(cached, cached.with_suffix(".key"), key):
-                logger.info(
-                    "building the model (%s, %s) into the cache %s",
-                    cfg.engine.model or "default",
-                    cfg.engine.precision,
-                    cached,
-                )
-                build_model(cfg.engine, cached, threads=cfg.runtime.threads)
-                cached.with_suffix(".key").write_text(key, encoding="utf-8")
-            tmp = target.with_name(target.name + ".copying")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(cached, tmp, copy_function=_link_or_copy)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            _fill_cache(cfg, cached, key)
+            _staged(target, ".copying", lambda tmp: shutil.copytree(cached, tmp, copy_function=_link_or_copy))
             stamp.write_text(key, encoding="utf-8")
             return target
-        except OSError as e:  # a read-only or full home folder: build in place instead
+        except OSError as e:
+            if _no_space(e) and _is_under(target, e):
+                raise _full(target.parent, _size(cached)) from None
             logger.warning("model cache %s unusable (%s): building into %s", cache, e, target)
     logger.info("building the model (%s, %s) into %s", cfg.engine.model or "default", cfg.engine.precision, target)
-    build_model(cfg.engine, target, threads=cfg.runtime.threads)
+    try:
+        _build(cfg, target)
+    except OSError as e:
+        if _no_space(e):
+            raise _full(target.parent, _build_size(cfg)) from None
+        raise
     stamp.write_text(key, encoding="utf-8")
     return target
+
+
+def _fill_cache(cfg: FbasConfig, cached: Path, key: str) -> None:
+    """Build the model into the cache unless it holds it already."""
+    if _valid_model(cached, cached.with_suffix(".key"), key):
+        return
+    logger.info(
+        "building the model (%s, %s) into the cache %s", cfg.engine.model or "default", cfg.engine.precision, cached
+    )
+    _build(cfg, cached)
+    cached.with_suffix(".key").write_text(key, encoding="utf-8")
+
+
+def _build(cfg: FbasConfig, folder: Path) -> None:
+    """``build_model`` into ``folder``; on any error its staging folder (``<folder>.building``) is removed."""
+    from engine.build import build_model
+
+    try:
+        build_model(cfg.engine, folder, threads=cfg.runtime.threads)
+    except BaseException:
+        shutil.rmtree(folder.with_name(folder.name + ".building"), ignore_errors=True)
+        raise
+
+
+def _staged(target: Path, suffix: str, fill) -> None:
+    """Fill ``<target><suffix>`` and rename it over ``target``; the staging folder is removed on any error."""
+    tmp = target.with_name(target.name + suffix)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        fill(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _no_space(e: OSError) -> bool:
+    """A write that failed for want of space (``copytree`` reports its files' errors as a list of strings)."""
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list):
+        return any(f"[Errno {errno.ENOSPC}]" in str(x) or f"[Errno {errno.EDQUOT}]" in str(x) for x in e.args[0])
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_under(target: Path, e: OSError) -> bool:
+    """Whether a failed write was in ``target``'s folder (not in the cache's)."""
+    where = str(e.args[0]) if isinstance(e, shutil.Error) else str(e.filename or e.filename2 or "")
+    return not where or str(target.parent) in where
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def _build_size(cfg: FbasConfig) -> int:
+    """About what a build writes: the checkpoint's weights (an ONNX or GPU engine holds them once)."""
+    from engine.checkpoint import default_model_path
+
+    src = Path(cfg.engine.model) if cfg.engine.model else default_model_path()
+    return _size(src) if src.is_dir() else 0
+
+
+def _full(folder: Path, need: int) -> InputError:
+    free = shutil.disk_usage(folder).free
+    return InputError(
+        f"{folder} is out of disk space for the model: it needs about {need / 2**20:,.0f} MB and "
+        f"{free / 2**20:,.0f} MB are free. Free some space there or write to another --out; nothing was left behind"
+    )
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -91,3 +91,27 @@ def test_the_gpu_target_on_a_host_without_one_fails_at_once_in_one_line(tmp_path
     r = _cli("ingest", str(corpus), "--out", str(tmp_path / "out"), "--target", "gpu", "--precision", "fp16")
     assert r.returncode == 2 and "needs an NVIDIA GPU and this host shows none" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_full_disk_at_the_start_is_named_and_leaves_nothing_behind(tmp_path):
+    """`ingest` into a 20 MB filesystem: the model (about 90 MB) cannot be placed there. One clear error names
+    the folder and the space needed; no partial model folder is left, so the disk is as free as before."""
+    import shutil
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)]).returncode:
+        import pytest
+
+        pytest.skip("needs root and mount(8) to make a small filesystem")
+    try:
+        free_before = shutil.disk_usage(mnt).free
+        r = _cli("ingest", str(ROOT / "pipeline" / "data" / "sample_corpus.parquet"), "--out", str(mnt / "o"))
+        assert r.returncode == 2, r.stderr
+        assert "out of disk space for the model" in r.stderr and f"{mnt}/o/.fbas" in r.stderr and "MB" in r.stderr
+        assert "Traceback" not in r.stderr
+        left = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*"))
+        assert not any(".copying" in p or ".building" in p or p.endswith("model") for p in left), left
+        assert shutil.disk_usage(mnt).free >= free_before - 64 * 1024, "space was left taken"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
