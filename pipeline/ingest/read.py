@@ -100,7 +100,7 @@ class Corpus:
                 continue
             with self.fs.open_input_file(f.path) as handle:
                 pf = pq.ParquetFile(handle, **self._read_options())
-                for rb in pf.iter_batches(batch_size=batch_rows, columns=cols, use_threads=True):
+                for rb in _checked(pf, f.path, batch_size=batch_rows, columns=cols, use_threads=True):
                     n = rb.num_rows
                     id_array = rb.column(self.id_column) if self.id_column else None
                     ids = id_array.to_pylist() if id_array is not None else list(range(row, row + n))
@@ -139,9 +139,43 @@ class Corpus:
                 row += f.num_rows
                 continue
             with self.fs.open_input_file(f.path) as handle:
-                for rb in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=[self.id_column]):
+                for rb in _checked(pq.ParquetFile(handle), f.path, batch_size=batch_rows, columns=[self.id_column]):
                     yield row, rb.column(0), rb.num_rows
                     row += rb.num_rows
+
+
+def _checked(pf: pq.ParquetFile, path: str, **kw: Any) -> Iterator[pa.RecordBatch]:
+    """``pf.iter_batches(**kw)``, with a damaged page (bad compression, a truncated file) reported as an
+    ``InputError`` that names the file and the row group instead of Arrow's bare error."""
+    it = pf.iter_batches(**kw)
+    done = 0
+    while True:
+        try:
+            rb = next(it)
+        except StopIteration:
+            return
+        except (OSError, pa.ArrowException) as e:
+            raise InputError(
+                f"{path}: {_damaged_row_group(pf, done, kw.get('columns'))} cannot be read ({e}): the file is "
+                "damaged. Repair or replace it, then rerun the same command (batches already finished are kept)"
+            ) from None
+        done += rb.num_rows
+        yield rb
+
+
+def _damaged_row_group(pf: pq.ParquetFile, done: int, columns: list[str] | None) -> str:
+    """Which row group a failed read hit: the first one, from the one holding row ``done`` on, that cannot be
+    read on its own (a record batch may span several)."""
+    md, first = pf.metadata, 0
+    for rg in range(md.num_row_groups):
+        n = md.row_group(rg).num_rows
+        if first + n > done:
+            try:
+                pf.read_row_group(rg, columns=columns)
+            except (OSError, pa.ArrowException):
+                return f"row group {rg} (rows {first}-{first + n - 1} of this file)"
+        first += n
+    return f"the data after row {done}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from core.errors import InputError
 from core.formats import Plan
 from core.layout import PENDING_FILE, OutputDir
 from core.tokenize import Tokenizer
+from output.check import committed_parts
 from pipeline.ingest.job import Job, JobContext, first_window, length_mode, save_job
 from pipeline.ingest.plan import Window, assemble_scan, plan_window, scan_windows
 from pipeline.ingest.produce import window_messages
@@ -49,13 +51,34 @@ def scan_and_send(
     plan and ``job.json`` (the caller checked ``resume_job`` first and the ids with ``check_unique_ids``). The
     plan is the same on every run, so an ingest stopped midway finds its committed batches again.
     ``on_window(batches, rows)``: planned so far."""
-    c, out, corpus, meta = ctx.cfg.corpus, ctx.out, ctx.corpus, ctx.meta
+    out, corpus = ctx.out, ctx.corpus
     out.make_dirs()
     # whose parts these will be, before the first one exists (job.json comes after the last window)
     OutputDir.write_atomic(
         out.state(PENDING_FILE),
         lambda p: p.write_text(json.dumps({"job": ctx.job_id, "corpus": corpus.uri}), encoding="utf-8"),
     )
+    try:
+        scanned, plans = _plan_and_send(ctx, windows, send, skip, on_window)
+    except InputError:
+        # a corpus that cannot be read (a damaged file): if no part of this job was committed, nothing needs
+        # the folder's claim, so a rerun with a repaired file, even one whose job differs, is not refused
+        if not committed_parts(out, ctx.job_id, None):
+            out.state(PENDING_FILE).unlink(missing_ok=True)
+        raise
+    scan = assemble_scan(corpus, id_hash, scanned, estimated=length_mode(ctx.cfg) == "estimate")
+    return save_job(ctx, scan, Plan.concat(plans))
+
+
+def _plan_and_send(
+    ctx: JobContext,
+    windows: Iterator[Window],
+    send: Callable[[dict], None],
+    skip: set[int],
+    on_window: Callable[[int, int], None] | None,
+) -> tuple[list[Window], list[Plan]]:
+    """Plan and send each window in turn; returns the scanned windows (lengths only) and their plans."""
+    c, out, corpus, meta = ctx.cfg.corpus, ctx.out, ctx.corpus, ctx.meta
     scanned, plans, n_batches, n_rows = [], [], 0, 0
     for w in windows:  # the next window is read while this one's batches wait for room in the queue
         wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
@@ -77,5 +100,4 @@ def scan_and_send(
         w.ids, w.texts = [], []  # sent: the job's files need only the lengths and the quarantine
         scanned.append(w)
         plans.append(wplan)
-    scan = assemble_scan(corpus, id_hash, scanned, estimated=length_mode(ctx.cfg) == "estimate")
-    return save_job(ctx, scan, Plan.concat(plans))
+    return scanned, plans
