@@ -24,11 +24,12 @@ $(VENV)/.setup-done: pyproject.toml deploy/install_triton.sh
 	bash deploy/install_triton.sh $(VENV)
 	touch $@
 
-# Test extras: transformers and sentence-transformers are the oracles; torch is the CPU build
-# (on this workplace's machines `pip install torch==2.13.0` takes a file already on disk).
+# Test extras: transformers and sentence-transformers are the oracles; torch is the CPU build, taken from
+# PyTorch's CPU index first (a plain `pip install torch` takes the CUDA build: gigabytes of wheels).
 setup-test: setup $(VENV)/.setup-test-done
 $(VENV)/.setup-test-done: pyproject.toml
-	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install -q --retries 1 --timeout 30 torch --index-url https://download.pytorch.org/whl/cpu \
+		|| $(PIP) install -q "torch==2.13.0+cpu" || $(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[test,lint]"
 	touch $@
 

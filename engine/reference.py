@@ -27,10 +27,17 @@ def pad_tokens(token_ids: np.ndarray, lengths: np.ndarray, pad_id: int = 0) -> t
     return ids, mask
 
 
-def _erf(x: np.ndarray) -> np.ndarray:
-    from scipy.special import erf  # NumPy has no erf; scipy is a dependency
+try:  # NumPy has no erf: SciPy's when it is installed (the test extras bring it), else math.erf per element
+    from scipy.special import erf as _fast_erf
+except ImportError:  # the runtime install leaves SciPy out: exact too, about 6x slower
+    _fast_erf = None
+_ERF = np.frompyfunc(math.erf, 1, 1)
 
-    return erf(x)
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    if _fast_erf is not None:
+        return _fast_erf(x)
+    return _ERF(x).astype(x.dtype, copy=False)
 
 
 def _gelu(x: np.ndarray, kind: str) -> np.ndarray:

@@ -87,6 +87,7 @@ def _broker_status(broker: str, job_id: str | None, info: dict[str, Any]) -> Non
                 "counters": c,
                 "running": st.running(),
                 "gone": st.orphans(),
+                "warnings": [m for _, m in st.warnings()][-3:],
                 "errors": st.errors(),
             }
             info["jobs"][j] = entry
@@ -102,6 +103,7 @@ def _broker_status(broker: str, job_id: str | None, info: dict[str, Any]) -> Non
                     "a running producer sends them again, else the broker does after the visibility timeout"
                 )
             lines.extend(f"  error: {e}" for e in entry["errors"][:3])
+            lines.extend(f"  a worker reported: {w}" for w in entry["warnings"])
         lines.append(f"queue: {info['queue_length']} batches waiting")
     finally:
         client.close()

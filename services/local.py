@@ -8,12 +8,14 @@
   bound to 127.0.0.1, a random password (given in a 0600 config file, never on a command line
   or in a log).
 * ``tritonserver``: ``services.triton.TritonProcess`` on a model repository written next to
-  the Redis folder; it starts in a helper thread so that the corpus scan overlaps its start.
-* one Celery worker (``python -m celery -A workers.app worker``) with ``concurrency`` processes.
+  the Redis folder; launched from the main thread, its model's load is waited for on a helper
+  thread so that the corpus scan overlaps it.
+* one supervised Celery worker (``services.worker.CeleryWorker``) with ``concurrency`` processes,
+  a task key of its own and ``OUT`` as the only folder it writes to.
 
-Redis and the worker get ``PR_SET_PDEATHSIG`` (they die with this process even on ``kill -9``);
-every child's pid is recorded in ``STATE/local-pids.json`` so that a later run reaps a
-cluster left behind by a killed one (``reap_stale``). Logs go to ``STATE/logs/``.
+Every child gets ``PR_SET_PDEATHSIG`` (it dies with this process even on ``kill -9``); their pids
+are recorded in ``STATE/local-pids.json`` so that a later run reaps anything still left, and the
+temporary folders of killed clusters are swept by the next local run. Logs go to ``STATE/logs/``.
 """
 
 from __future__ import annotations

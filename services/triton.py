@@ -48,6 +48,15 @@ __all__ = [
 ]
 
 
+# Lines tritonserver prints on a host without a GPU that mean nothing there (its CUDA and GPU-metrics probes):
+# kept in its log file, not echoed to the terminal of `serve`.
+HARMLESS_ON_CPU = (
+    "CudaDriverHelper has not been initialized",
+    "Failed to initialize NVML",
+    "DCGM",
+)
+
+
 class ServerExitedError(PermanentError):
     """tritonserver exited on its own (bad repository, model failed to load, port taken)."""
 
@@ -297,7 +306,7 @@ class TritonProcess:
                 if sink:
                     sink.write(line + "\n")
                     sink.flush()
-                if self.echo:
+                if self.echo and not any(n in line for n in HARMLESS_ON_CPU):
                     self.echo.write(line + "\n")
         finally:
             if sink:

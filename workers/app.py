@@ -1,7 +1,8 @@
 """The Celery app and its settings: at-least-once delivery that the output turns into exactly-once.
 
-    python -m celery -A workers.app worker -Q fbas --concurrency 2     # settings from FBAS_* variables
-    fbas-pipeline worker --broker redis://q:6379/0 --triton gpu1:8001   # the same, from flags
+    fbas-pipeline worker --triton gpu1:8001       # a supervised worker; FBAS_BROKER, FBAS_TASK_KEY set
+    python -m celery -A workers.app worker -Q fbas --concurrency 2    # the same, unsupervised: settings from
+                                                  # FBAS_* variables; restart it when it exits with code 75
 
 Settings (Celery ``userguide/tasks.rst``, ``configuration.rst``, kombu's Redis transport):
 

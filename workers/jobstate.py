@@ -124,6 +124,7 @@ class JobState:
         self.k_meta, self.k_tok, self.k_done = base + ":meta", base + ":tokenizer", base + ":done"
         self.k_counters, self.k_attempts = base + ":counters", base + ":attempts"
         self.k_running, self.k_errors = base + ":running", base + ":errors"
+        self.k_warnings = base + ":warnings"
         self._mark = client.register_script(_MARK_DONE)
 
     # -- producer side
@@ -245,9 +246,38 @@ class JobState:
         p.execute()
 
     @_guard
+    def report_warning(self, message: str) -> None:
+        """A passing trouble a worker met (Triton unreachable, a retry): the producer relays it, status shows it."""
+        p = self.r.pipeline()
+        p.lpush(self.k_warnings, f"{time.time():.3f} {message}")
+        p.ltrim(self.k_warnings, 0, 49)
+        p.execute()
+
+    @_guard
+    def warnings(self, since: float = 0.0) -> list[tuple[float, str]]:
+        """(time, message) of the warnings reported after ``since``, oldest first."""
+        out = []
+        for raw in self.r.lrange(self.k_warnings, 0, 49):
+            stamp, _, msg = raw.decode("utf-8", "replace").partition(" ")
+            try:
+                t = float(stamp)
+            except ValueError:
+                continue
+            if t > since:
+                out.append((t, msg))
+        return sorted(out)
+
+    @_guard
     def delete(self) -> None:
         self.r.delete(
-            self.k_meta, self.k_tok, self.k_done, self.k_counters, self.k_attempts, self.k_running, self.k_errors
+            self.k_meta,
+            self.k_tok,
+            self.k_done,
+            self.k_counters,
+            self.k_attempts,
+            self.k_running,
+            self.k_errors,
+            self.k_warnings,
         )
         self.r.srem(JOBS_KEY, self.job_id)
 

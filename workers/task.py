@@ -324,6 +324,7 @@ def embed_batch(self, msg: dict) -> dict:
             delay = _backoff(retries)
             logger.warning("batch %d: %s; retry %d/%d in %.1fs", m.batch, e, retries + 1, cfg.queue.max_retries, delay)
             state.count("retries")
+            state.report_warning(f"worker {socket.gethostname()}: batch {m.batch}: {str(e)[:300]}; retrying")
             raise self.retry(exc=e, countdown=delay) from None
         result = _all_quarantined(m, m.dim, f"transient error after {retries} retries: {str(e)[:300]}")
     except PermanentError as e:

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ORPHAN_CHECK_S = 2.0  # how often a producer looks for batches whose worker vanished
+RELAY_S = 1.0  # how often it relays what workers reported
+NO_WORKER_S = 10.0  # after this long with no batch taken, it says that nothing consumes
 
 __all__ = ["Watch", "ReadyOnce", "BrokerOutage", "sigterm_as_interrupt", "POLL_S"]
 
@@ -139,6 +141,7 @@ class Watch:
         self.state, self.cluster, self.cfg, self.bar, self.client = state, cluster, cfg, bar, client
         self.outage = outage
         self.last_orphan_check = time.monotonic()
+        self.last_relay, self.relayed_until, self.warned_idle = 0.0, time.time(), False
         self.last_n, self.last_change, self.last_poll, self.n_done = -1, time.monotonic(), 0.0, 0
 
     def tick(self, force: bool = False) -> int:
@@ -161,9 +164,36 @@ class Watch:
             raise ConfigError(f"a worker reported: {errors[0]}")
         self.n_done = n_done
         self.bar.update(counters)
+        self.relay()
         if self.n_done != self.last_n:
             self.last_n, self.last_change = self.n_done, now
         return self.n_done
+
+    def relay(self) -> None:
+        """Every ``RELAY_S``: say what workers reported meanwhile (Triton unreachable, retries), and, when no
+        worker has taken a batch ``NO_WORKER_S`` after the first one went out, that nothing consumes."""
+        now = time.monotonic()
+        if now - self.last_relay < RELAY_S:
+            return
+        self.last_relay = now
+        try:
+            for t, msg in self.state.warnings(self.relayed_until):
+                logger.warning("a worker reports: %s", msg)
+                self.relayed_until = max(self.relayed_until, t)
+            first_sent = self.bar.t0
+            idle = first_sent is not None and now - first_sent > NO_WORKER_S and not self.warned_idle
+            if idle and first_sent is not None and self.n_done == 0 and not self.state.running():
+                self.warned_idle = True
+                logger.warning(
+                    "no worker has taken a batch %.0fs after the first one was queued: is a worker running against "
+                    "this broker with the same FBAS_TASK_KEY (a worker drops tasks signed with another key and says "
+                    "so in its log)? `fbas-pipeline status --broker ...` shows the queue",
+                    now - first_sent,
+                )
+        except ServerUnavailableError as e:
+            if self.outage is None:
+                raise
+            self.outage.wait(e)
 
     def orphans(self) -> list[int]:
         """Batches whose worker process vanished (no heartbeat: killed, or its host lost), checked at most every

@@ -286,3 +286,15 @@ def test_shape_validation():
     )
     with pytest.raises(ValueError, match="hidden_act"):
         GpuBertEngine(shape, {}, pooling="mean", normalize=True, max_seq_len=8, precision="fp32", device="cpu")
+
+
+def test_the_reference_erf_without_scipy_is_exact(monkeypatch):
+    """The runtime install has no SciPy: the reference's erf then falls back on math.erf, equal to SciPy's."""
+    import scipy.special
+
+    import engine.reference as ref
+
+    x = np.linspace(-6, 6, 20001)
+    monkeypatch.setattr(ref, "_fast_erf", None)
+    assert np.abs(ref._erf(x) - scipy.special.erf(x)).max() < 1e-15
+    assert ref._erf(x.astype(np.float32)).dtype == np.float32

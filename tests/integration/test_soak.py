@@ -1,0 +1,30 @@
+"""The soak test at a CI size: a fleet ingest of 3,000 rows through four faults, one of each kind (a worker
+killed, Redis restarted, Triton killed, the output disk filled), seeded; every row exactly once at the end.
+Longer runs by hand: ``python -m tests.soak --rows 20000 --faults 20`` (docs/reliability.md has results)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_a_fleet_ingest_survives_a_seeded_fault_schedule(tmp_path):
+    from core.errors import ConfigError
+    from services.triton import find_tritonserver
+    from tests.soak import run_soak
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not on PATH (apt install redis-server)")
+    try:
+        find_tritonserver()
+    except ConfigError as e:
+        pytest.skip(f"tritonserver is not installed: {e}")
+    summary = run_soak(tmp_path / "soak", rows=3000, faults=4, seed=11)
+    print(summary)
+    assert summary["rows_checked"] == 3000, summary
+    kinds = ("kill_worker", "restart_redis", "kill_triton") + (("fill_disk",) if summary["disk_faults"] else ())
+    assert all(summary["faults"][k] >= 1 for k in kinds), summary
+    assert summary["attempts"][-1] == 0
