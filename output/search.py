@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,14 +34,16 @@ __all__ = ["Searcher", "Hit", "read_queries"]
 
 @dataclass(frozen=True)
 class Hit:
-    """One neighbour: the corpus id, its score (inner product) and its row position."""
+    """One neighbour: the corpus id, its score (inner product), its row position and, once read back from the
+    corpus (``Searcher.with_text``), its text and any other columns asked for."""
 
     id: Any
     score: float
     row_id: int
+    fields: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "score": round(float(self.score), 6)}
+        return {"id": self.id, "score": round(float(self.score), 6), **self.fields}
 
 
 class Searcher:
@@ -72,6 +74,7 @@ class Searcher:
         self._tokenizer: Any = None
         self._row_ids: np.ndarray | None = None
         self._ids: Any = None
+        self._corpus: Any = None
 
     # -- the engine, loaded on first use
     def _load_engine(self) -> None:
@@ -135,6 +138,21 @@ class Searcher:
     def search(self, texts: list[str], k: int = 10) -> list[list[Hit]]:
         """The ``k`` nearest corpus rows for each text, best first."""
         return self.search_vectors(self.embed(texts), k)
+
+    def with_text(self, hits: list[list[Hit]], columns: list[str] | None = None) -> list[list[Hit]]:
+        """The hits with their text (and ``columns``) read back from the corpus; unchanged, with one warning,
+        when the corpus is no longer what the job read."""
+        from output.corpus_text import CorpusText
+
+        if self._corpus is None:
+            self._corpus = CorpusText(self.manifest["corpus"])
+            if self._corpus.problem:
+                logger.warning("hits show ids only: %s", self._corpus.problem)
+        if self._corpus.problem:
+            return hits
+        flat = [h for hs in hits for h in hs]
+        rows = iter(self._corpus.rows([h.row_id for h in flat], columns))
+        return [[replace(h, fields=next(rows)) for h in hs] for hs in hits]
 
 
 def read_queries(path: str | Path) -> list[tuple[Any, str]]:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -232,11 +233,23 @@ def _add_search(sub: Subparsers, cfg: FbasConfig) -> None:
     p.add_argument("out", help="output folder of a finished ingest")
     p.add_argument("text", nargs="?", default=None, help="the query text")
     p.add_argument("-k", type=int, default=10, help="neighbours to return (default: 10)")
-    p.add_argument("--json", action="store_true", help='one JSON object per hit: {"id": ..., "score": ...}')
+    p.add_argument(
+        "--json", action="store_true", help='one JSON object per hit: {"id": ..., "score": ..., "text": ...}'
+    )
     p.add_argument(
         "--queries",
         default=None,
         help='Parquet or JSONL file with id and text: one JSON line per query {"query_id": ..., "hits": [...]}',
+    )
+    p.add_argument(
+        "--columns",
+        default=None,
+        help="more corpus columns to show with each hit, comma-separated (e.g. title,url); default: the text only",
+    )
+    p.add_argument(
+        "--no-text",
+        action="store_true",
+        help="ids and scores only: do not read the hits' texts back from the corpus (default: read them)",
     )
     add_section_flags(p, cfg, "runtime", skip=("token_budget", "max_batch_size"))
     p.set_defaults(func=_cmd_search)
@@ -404,18 +417,29 @@ def _cmd_search(args: argparse.Namespace, cfg: FbasConfig) -> int:
     if (args.text is None) == (args.queries is None):
         raise ConfigError("give either a query TEXT or --queries FILE")
     s = Searcher(args.out, threads=cfg.runtime.threads)
+    columns = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
+
+    def readable(hits: list) -> list:
+        return hits if args.no_text else s.with_text(hits, columns)
+
     if args.queries:
         for qid, hits in search_many(s, read_queries(args.queries), args.k):
-            sys.stdout.write(
-                json.dumps({"query_id": qid, "hits": [h.to_dict() for h in hits]}, ensure_ascii=False) + "\n"
-            )
+            hits = readable([hits])[0]
+            line = {"query_id": qid, "hits": [h.to_dict() for h in hits]}
+            sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
         return 0
-    hits = s.search([args.text], args.k)[0]
+    hits = readable(s.search([args.text], args.k))[0]
+    width = shutil.get_terminal_size((120, 24)).columns
     for rank, h in enumerate(hits, 1):
         if args.json:
             print(json.dumps(h.to_dict(), ensure_ascii=False))
-        else:
-            print(f"{rank:3d}  {h.score:.4f}  {h.id}")
+            continue
+        head = f"{rank:3d}  {h.score:.4f}  {h.id}"
+        extra = "  ".join(f"{c}={h.fields[c]}" for c in columns if c in h.fields)
+        text = " ".join(str(h.fields.get("text", "")).split())
+        rest = "  ".join(x for x in (extra, text) if x)
+        room = max(10, width - len(head) - 2)
+        print(f"{head}  {rest[: room - 1] + '…' if len(rest) > room else rest}" if rest else head)
     return 0
 
 

@@ -152,6 +152,8 @@ def save_job(ctx: JobContext, scan: Scan, plan: Plan) -> Job:
             "title_column": corpus.title_column,
             "id_type": corpus.id_type,
             "files": len(corpus.files),
+            # where each file is, its size and rows: what `search` reads hits' texts back from
+            "file_list": [[f.path, f.size, f.num_rows] for f in corpus.files],
         },
         "model": {
             "name": m.name,

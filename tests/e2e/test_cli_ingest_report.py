@@ -74,3 +74,41 @@ def test_a_second_ingest_into_a_busy_folder_is_refused_and_the_first_finishes(tm
 
     ids = pq.read_table(SAMPLE, columns=["id"]).column("id").to_pylist()
     check_oracle(out, ids)
+
+
+def test_search_shows_each_hits_text_and_asked_columns(tmp_path):
+    """Hits carry their text (and --columns) read back from the corpus, in every output form; a corpus that
+    moved after the ingest gives ids only, with one warning saying why."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FBAS_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    texts = ["A man is playing a guitar.", "A chef cooks pasta in a kitchen.", "Two dogs run on the beach."] * 20
+    corpus = tmp_path / "c.parquet"
+    table = {"id": [f"d{i}" for i in range(60)], "text": [f"{t} ({i})" for i, t in enumerate(texts)]}
+    table["url"] = [f"https://example.org/{i}" for i in range(60)]
+    pq.write_table(pa.table(table), corpus)
+    out = tmp_path / "out"
+
+    def fbas(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "pipeline.cli", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    assert fbas("ingest", str(corpus), "--out", str(out), "--no-progress").returncode == 0
+    plain = fbas("search", str(out), "someone plays the guitar", "-k", "2", "--columns", "url")
+    assert plain.returncode == 0, plain.stderr
+    first = plain.stdout.splitlines()[0]
+    assert "A man is playing a guitar." in first and "url=https://example.org/" in first
+    hits = [json.loads(x) for x in fbas("search", str(out), "pasta", "-k", "3", "--json").stdout.splitlines()]
+    assert all("chef cooks pasta" in h["text"] for h in hits) and len(hits) == 3
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"id": "q1", "text": "dogs at the sea"}) + "\n")
+    many = json.loads(fbas("search", str(out), "--queries", str(qfile), "-k", "1", "--columns", "url").stdout)
+    assert many["query_id"] == "q1" and "dogs run" in many["hits"][0]["text"] and many["hits"][0]["url"]
+    corpus.rename(tmp_path / "moved.parquet")
+    gone = fbas("search", str(out), "pasta", "-k", "1", "--json")
+    assert gone.returncode == 0 and "hits show ids only" in gone.stderr and "is gone" in gone.stderr
+    assert "text" not in json.loads(gone.stdout)
