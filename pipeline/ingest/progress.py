@@ -101,3 +101,34 @@ class IngestProgress:
 def _clock(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Steps:
+    """One line on stderr for each long one-off step of a job (model build, int8 calibration, Triton's start,
+    finalize), and one when it is done with its time, so a first run never shows a blank screen; silent
+    when ``enabled`` is false."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._started: dict[str, float] = {}
+        self._last_tick = 0.0
+
+    def begin(self, what: str) -> None:
+        self._started[what] = time.monotonic()
+        self.say(f"{what} ...")
+
+    def end(self, what: str, detail: str = "") -> None:
+        t0 = self._started.pop(what, None)
+        took = f" in {time.monotonic() - t0:.1f}s" if t0 is not None else ""
+        self.say(f"{what}: done{took}{', ' + detail if detail else ''}")
+
+    def tick(self, what: str, done: int, total: int, every: float = 5.0) -> None:
+        """A step's progress (``done`` of ``total``), at most every ``every`` seconds and at its end."""
+        now = time.monotonic()
+        if done >= total or now - self._last_tick >= every:
+            self._last_tick = now
+            self.say(f"{what}: {done}/{total}")
+
+    def say(self, line: str) -> None:
+        if self.enabled:
+            print(f"fbas: {line}", file=sys.stderr, flush=True)

@@ -50,11 +50,11 @@ from output.finalize import finalize
 from output.index import check_index_kind
 from output.ledger import LedgerFeeder, PartLedger
 from pipeline.ingest.job import Job, JobContext, register_job, resume_job
-from pipeline.ingest.model_cache import ensure_model
+from pipeline.ingest.model_cache import built_folder, ensure_model
 from pipeline.ingest.plan import Window, check_unique_ids, corpus_id_hashes
 from pipeline.ingest.produce import Sender, batch_messages
-from pipeline.ingest.progress import IngestProgress
-from pipeline.ingest.read import ReadAhead, open_corpus
+from pipeline.ingest.progress import IngestProgress, Steps
+from pipeline.ingest.read import Corpus, ReadAhead, open_corpus
 from pipeline.ingest.stream import scan_and_send, start_scan
 from pipeline.ingest.watch import POLL_S, BrokerOutage, ReadyOnce, Watch, sigterm_as_interrupt
 from workers.jobstate import connect, queued_batches
@@ -118,38 +118,31 @@ def ingest(
     progress: bool | None = None,
     worker_env: dict[str, str] | None = None,
     on_cluster: Callable[[LocalCluster], None] | None = None,
+    model_dir: str | Path | None = None,
 ) -> IngestResult:
     """Run (or resume) an ingest; local mode when ``cfg.queue.broker`` is None. See the module docstring.
 
-    ``worker_env`` adds environment variables for local-mode workers (tests use it for hooks);
-    ``on_cluster(cluster)`` is called once the local cluster has started (tests use it to kill parts).
+    ``model_dir``: a model folder built already (``fbas-pipeline build``), used as it is. ``worker_env`` adds
+    environment variables for local-mode workers (tests use it for hooks); ``on_cluster(cluster)`` is called
+    once the local cluster has started (tests use it to kill parts).
     """
     from engine.model_dir import load_tokenizer, read_meta
 
     t0 = time.perf_counter()
     out = OutputDir(cfg.output.out)
     corpus = open_corpus(corpus_uri, cfg.corpus)
-    if corpus.n_rows == 0:  # refused before anything is built or started
-        raise InputError(f"{corpus.uri} holds no rows: nothing to embed (check the path or glob)")
-    check_index_kind(cfg.output.index, corpus.n_rows)
-    if cfg.queue.broker is not None and not cfg.queue.task_key:
-        raise ConfigError(
-            "a fleet job needs the fleet's task key: set FBAS_TASK_KEY (the same secret as on the workers) in the "
-            "environment; workers refuse unsigned tasks"
-        )
-    if cfg.engine.target == "gpu" and cfg.queue.broker is None:  # local mode serves the engine here
-        from services.gpus import require_gpus
-
-        require_gpus("--target gpu in local mode")
+    built = Path(model_dir) if model_dir else built_folder(cfg.engine.model) if cfg.engine.model else None
+    cfg = _preflight(corpus, cfg, built)
+    steps = Steps(enabled=progress is not False)
     out.state("").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     sent = resumed = redelivered = docs = 0
     manifest: dict | None = None
     # one job per folder, for the job's life (a second one is refused, naming this process)
     with out.lock(), ExitStack() as stack, sigterm_as_interrupt():
-        model_dir = ensure_model(cfg, out)
+        model = ensure_model(cfg, out, steps=steps, built=built)
         timings["model_s"] = round(time.perf_counter() - t0, 3)  # a first build is reported apart from the rates
-        ctx = JobContext(corpus, cfg, out, read_meta(model_dir))
+        ctx = JobContext(corpus, cfg, out, read_meta(model))
         job = resume_job(ctx)
         logger.info("model and job folder ready after %.2fs", time.perf_counter() - t0)
         if job is not None and len(committed_parts(out, job.id, job.plan.n_batches)) == job.plan.n_batches:
@@ -160,18 +153,58 @@ def ingest(
             if job is None:  # a new job: null or duplicate ids stop it before anything starts or is read
                 id_hash = corpus_id_hashes(corpus)
                 check_unique_ids(corpus, id_hash)
-                new = _NewScan(id_hash, stack.enter_context(start_scan(ctx, load_tokenizer(model_dir, ctx.meta))))
+                new = _NewScan(id_hash, stack.enter_context(start_scan(ctx, load_tokenizer(model, ctx.meta))))
                 logger.info("%d ids checked, scan started after %.2fs", corpus.n_rows, time.perf_counter() - t0)
-            run = _start_services(stack, ctx, model_dir, progress, t0, worker_env, on_cluster)
+            run = _start_services(stack, ctx, model, progress, t0, worker_env, on_cluster, steps)
             feeder = _start_ledger(stack, ctx, job, new)
             q = _run_queue(run, job, new)
             job, sent, resumed, redelivered, docs = q.job, q.sent, q.resumed, q.redelivered, q.docs
             run.ready()  # nothing needed sending: Triton still serves the statistics below
             timings.update(_timings(run, job, t0))
-            manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered, ledger=feeder.stop())
+            manifest = _finalize(out, cfg, timings, redelivered, feeder.stop(), steps)
         if manifest is None:  # every batch was committed already: nothing was started
-            manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered)
+            manifest = _finalize(out, cfg, timings, redelivered, None, steps)
     return IngestResult(out.root, job.id, manifest, time.perf_counter() - t0, resumed, sent, docs)
+
+
+def _preflight(corpus: Corpus, cfg: FbasConfig, built: Path | None) -> FbasConfig:
+    """Refuse, before anything is built or started, what cannot work; returns the config to run with (a
+    built model's own engine settings replace the flags')."""
+    if corpus.n_rows == 0:
+        raise InputError(f"{corpus.uri} holds no rows: nothing to embed (check the path or glob)")
+    check_index_kind(cfg.output.index, corpus.n_rows)
+    if cfg.queue.broker is not None and not cfg.queue.task_key:
+        raise ConfigError(
+            "a fleet job needs the fleet's task key: set FBAS_TASK_KEY (the same secret as on the workers) in the "
+            "environment; workers refuse unsigned tasks"
+        )
+    if built is not None:
+        from engine.model_dir import read_meta
+
+        m = read_meta(built)
+        engine = replace(cfg.engine, target=m.target, precision=m.precision, max_seq_len=m.max_seq_len)
+        cfg = replace(cfg, engine=engine)
+        logger.info("using the built model %s (%s %s, %s) as it is", built, m.target, m.precision, m.fingerprint)
+    if cfg.engine.target == "gpu" and cfg.queue.broker is None:  # local mode serves the engine here
+        from services.gpus import require_gpus
+
+        require_gpus("--target gpu in local mode")
+    return cfg
+
+
+def _finalize(
+    out: OutputDir,
+    cfg: FbasConfig,
+    timings: dict[str, float],
+    redelivered: int,
+    ledger: PartLedger | None,
+    steps: Steps,
+) -> dict[str, Any]:
+    what = "finalizing (checking every part, writing the index and manifest)"
+    steps.begin(what)
+    manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered, ledger=ledger)
+    steps.end(what)
+    return manifest
 
 
 def _start_services(
@@ -182,6 +215,7 @@ def _start_services(
     t0: float,
     worker_env: dict[str, str] | None,
     on_cluster: Callable[[LocalCluster], None] | None,
+    steps: Steps,
 ) -> _Running:
     """Connect to the broker; in local mode, start the local cluster first (stopped by ``stack``)."""
     cluster = None
@@ -191,7 +225,10 @@ def _start_services(
 
         cluster = LocalCluster(model_dir, ctx.out.state(LOCAL_SUBDIR), ctx.cfg, worker_env=worker_env)
         stack.callback(cluster.stop)
+        what = "starting the local services (redis-server, tritonserver, workers)"
+        steps.begin(what)
         cluster.start()
+        steps.end(what)
         broker, key = cluster.broker_url, cluster.task_key
         if on_cluster:
             on_cluster(cluster)
@@ -206,7 +243,7 @@ def _start_services(
         broker,
         cluster,
         "off" if progress is False else "bar" if progress or sys.stderr.isatty() else "lines",
-        ReadyOnce(cluster, t0),
+        ReadyOnce(cluster, t0, steps),
         key,
     )
 

@@ -14,7 +14,7 @@ from core.config import FbasConfig, visibility_seconds
 from core.errors import ConfigError, ServerUnavailableError
 from core.redact import redact_url
 from pipeline.ingest.produce import queue_length
-from pipeline.ingest.progress import IngestProgress
+from pipeline.ingest.progress import IngestProgress, Steps
 from workers.jobstate import JobState, ping
 
 logger = logging.getLogger(__name__)
@@ -55,14 +55,17 @@ class ReadyOnce:
     """Waits, once, for the local cluster's Triton to serve the model (called before the first batch is
     queued, so the scan of the first window overlaps Triton's start); ``seconds``: when it was ready."""
 
-    def __init__(self, cluster: Any, t0: float) -> None:
-        self.cluster, self.t0 = cluster, t0
+    def __init__(self, cluster: Any, t0: float, steps: Steps | None = None) -> None:
+        self.cluster, self.t0, self.steps = cluster, t0, steps or Steps(enabled=False)
         self.seconds: float | None = None
 
     def __call__(self) -> None:
         if self.seconds is None:
             if self.cluster is not None:
+                what = "waiting for tritonserver to load the model"
+                self.steps.begin(what)
                 self.cluster.wait_ready()
+                self.steps.end(what)
             self.seconds = round(time.perf_counter() - self.t0, 3)
             logger.info("cluster ready, first batch going out after %.2fs", self.seconds)
 

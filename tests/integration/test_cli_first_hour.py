@@ -141,3 +141,25 @@ def test_a_corrupt_parquet_page_is_named_and_a_rerun_with_the_repaired_file_work
     fixed = _cli("ingest", str(corpus), "--out", str(out), "--no-progress")
     assert fixed.returncode == 0, fixed.stderr
     check_oracle(out, list(range(3000)))
+
+
+def test_ingest_uses_a_built_model_as_it_is_and_says_what_it_is_doing(tmp_path):
+    """A folder `build` wrote, given as --model-dir or as --model, is served as it is (its own settings, here
+    max_seq_len 128, win over the flags' defaults; nothing is built again), and the one-off steps are named on
+    stderr as they start and end."""
+    import json
+
+    built = tmp_path / "m128"
+    b = _cli("build", "--max-seq-len", "128", "--out", str(built))
+    assert b.returncode == 0, b.stderr
+    fingerprint = json.loads((built / "fbas_model.json").read_text())["fingerprint"]
+    corpus = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": list(range(50)), "text": [f"text number {i}" for i in range(50)]}), corpus)
+    for flag, out in (("--model-dir", tmp_path / "o1"), ("--model", tmp_path / "o2")):
+        r = _cli("ingest", str(corpus), "--out", str(out), flag, str(built))
+        assert r.returncode == 0, r.stderr
+        m = json.loads((out / "manifest.json").read_text())["model"]
+        assert m["fingerprint"] == fingerprint and m["max_seq_len"] == 128
+        assert "building the model" not in r.stderr
+        for step in ("starting the local services", "waiting for tritonserver to load the model", "finalizing"):
+            assert f"fbas: {step}" in r.stderr and "done in" in r.stderr, r.stderr

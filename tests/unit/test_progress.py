@@ -46,3 +46,19 @@ def test_off_prints_nothing(capsys):
     p.update(_counters(5, 50))
     p.close()
     assert capsys.readouterr().err == ""
+
+
+def test_steps_name_each_one_off_step_its_progress_and_its_time(capsys):
+    from pipeline.ingest.progress import Steps
+
+    s = Steps()
+    s.begin("building the model")
+    s.tick("calibrating int8, layers", 1, 6, every=0.0)
+    s.tick("calibrating int8, layers", 6, 6, every=60.0)  # the end is always said
+    s.end("building the model", "fingerprint f00")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "fbas: building the model ..."
+    assert err[1:3] == ["fbas: calibrating int8, layers: 1/6", "fbas: calibrating int8, layers: 6/6"]
+    assert err[3].startswith("fbas: building the model: done in ") and err[3].endswith("s, fingerprint f00")
+    Steps(enabled=False).begin("quiet")
+    assert capsys.readouterr().err == ""
