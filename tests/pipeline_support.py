@@ -128,21 +128,10 @@ def start_cluster(template_out: Path, state_dir: Path, out_root: Path, worker_en
     """A LocalCluster serving the built model in ``template_out`` to fleet-style producers (``broker_url``,
     ``task_key``), its worker writing anywhere under ``out_root``; ``queue``: QueueConfig fields. Skips
     the test when redis-server or tritonserver is missing."""
-    import shutil as _shutil
-
-    import pytest
-
     from core.config import FbasConfig
-    from core.errors import ConfigError
     from services.local import LocalCluster
-    from services.triton import find_tritonserver
 
-    if not _shutil.which("redis-server"):
-        pytest.skip("redis-server is not on PATH (apt install redis-server)")
-    try:
-        find_tritonserver()
-    except ConfigError as e:
-        pytest.skip(f"tritonserver is not installed: {e}")
+    need_services()
     cfg = FbasConfig()
     for k, v in queue.items():
         setattr(cfg.queue, k, v)
@@ -156,3 +145,40 @@ def start_cluster(template_out: Path, state_dir: Path, out_root: Path, worker_en
         c.stop()
         raise
     return c
+
+
+def fbas_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120):
+    """The real `fbas-pipeline` command (this checkout's), with no FBAS_* variable of the caller's unless
+    ``env`` gives it; run from ``cwd`` (default: the repository)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    pythonpath = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FBAS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=cwd or root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**clean, "PYTHONPATH": pythonpath, **(env or {})},
+    )
+
+
+def need_services() -> None:
+    """Skip the calling test, saying why, unless redis-server and tritonserver are installed."""
+    import shutil as _shutil
+
+    import pytest
+
+    from core.errors import ConfigError
+    from services.triton import find_tritonserver
+
+    if not _shutil.which("redis-server"):
+        pytest.skip("redis-server is not on PATH (apt install redis-server)")
+    try:
+        find_tritonserver()
+    except ConfigError as e:
+        pytest.skip(f"tritonserver is not installed: {e}")

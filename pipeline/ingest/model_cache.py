@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -73,8 +74,7 @@ def ensure_model(
         try:
             _staged(target, ".copying", lambda tmp: shutil.copytree(built, tmp, copy_function=_link_or_copy))
         except OSError as e:
-            if _no_space(e):
-                raise _full(target.parent, _size(built)) from None
+            _refuse_if_full(e, target, lambda: _size(built))
             raise
         stamp.write_text(key, encoding="utf-8")
         return target
@@ -86,15 +86,13 @@ def ensure_model(
             stamp.write_text(key, encoding="utf-8")
             return target
         except OSError as e:
-            if _no_space(e) and _is_under(target, e):
-                raise _full(target.parent, _size(cached)) from None
+            _refuse_if_full(e, target, lambda: _size(cached))
             logger.warning("model cache %s unusable (%s): building into %s", cache, e, target)
     logger.info("building the model (%s, %s) into %s", cfg.engine.model or "default", cfg.engine.precision, target)
     try:
         _build(cfg, target, steps)
     except OSError as e:
-        if _no_space(e):
-            raise _full(target.parent, _build_size(cfg)) from None
+        _refuse_if_full(e, target, lambda: _build_size(cfg))
         raise
     stamp.write_text(key, encoding="utf-8")
     return target
@@ -183,6 +181,13 @@ def _build_size(cfg: FbasConfig) -> int:
 
     src = Path(cfg.engine.model) if cfg.engine.model else default_model_path()
     return _size(src) if src.is_dir() else 0
+
+
+def _refuse_if_full(e: OSError, target: Path, need: Callable[[], int]) -> None:
+    """Turn a write into ``target``'s folder that failed for want of space into the ``InputError`` that names
+    the folder and the space the model needs."""
+    if _no_space(e) and _is_under(target, e):
+        raise _full(target.parent, need()) from None
 
 
 def _full(folder: Path, need: int) -> InputError:

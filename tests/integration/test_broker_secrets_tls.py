@@ -7,11 +7,12 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.pipeline_support import fbas_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "p@ss:w0rd-Zq"  # holds '@' and ':', the forms a naive redaction misses
@@ -26,16 +27,8 @@ def _free_port() -> int:
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The real command, run from ``cwd`` (a folder without ``out/``: status then reports the broker's jobs)."""
-    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})},
-    )
+    """The real command; from ``cwd`` (a folder without ``out/``) status reports the broker's jobs."""
+    return fbas_cli(*args, env={k: v for k, v in os.environ.items() if k.startswith("FBAS_")} | (env or {}), cwd=cwd)
 
 
 def _start_redis(tmp: Path, *args: str) -> subprocess.Popen:

@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tests.pipeline_support import fbas_cli
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FBAS_")}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**clean, "PYTHONPATH": pythonpath, **(env or {})},
-    )
+_cli = fbas_cli
 
 
 def test_status_of_a_missing_or_empty_folder_is_not_success(tmp_path):
@@ -163,3 +154,24 @@ def test_ingest_uses_a_built_model_as_it_is_and_says_what_it_is_doing(tmp_path):
         assert "building the model" not in r.stderr
         for step in ("starting the local services", "waiting for tritonserver to load the model", "finalizing"):
             assert f"fbas: {step}" in r.stderr and "done in" in r.stderr, r.stderr
+
+
+def test_setup_asks_for_the_cpu_torch_first_and_builds_without_warnings(tmp_path):
+    """`make setup-test` asks PyTorch's CPU index first (a stock index would hand out the CUDA build), and
+    building the package prints no setuptools warning (the license and data-folder warnings are gone)."""
+    import subprocess
+    import sys
+
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    installs = [x for x in lines if "$(PIP) install" in x and "torch" in x and not x.startswith("#")]
+    assert installs and "download.pytorch.org/whl/cpu" in installs[0], installs
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    text = r.stdout + r.stderr
+    assert "BuildBackendWarning" not in text and "SetuptoolsDeprecationWarning" not in text, text[-3000:]
+    assert list(tmp_path.glob("faster_bert_as_service-*.whl"))

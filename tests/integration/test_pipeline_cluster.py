@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.config import FbasConfig
-from core.errors import ConfigError, InputError
-from tests.pipeline_support import check_oracle, read_quarantine, read_vectors, seed_model, wait_for
+from core.errors import InputError
+from tests.pipeline_support import check_oracle, need_services, read_quarantine, read_vectors, seed_model, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,22 +29,11 @@ PAUSE_TAG = "pause-me"
 CRASH_TAG = "crash-me"
 
 
-def _need_services() -> None:
-    from services.triton import find_tritonserver
-
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server is not on PATH (apt install redis-server)")
-    try:
-        find_tritonserver()
-    except ConfigError as e:
-        pytest.skip(f"tritonserver is not installed: {e}")
-
-
 @pytest.fixture(scope="module")
 def cluster(template_out, tmp_path_factory):
     from services.local import LocalCluster
 
-    _need_services()
+    need_services()
     cfg = FbasConfig()
     cfg.queue.task_time_limit, cfg.queue.visibility_timeout, cfg.queue.max_retries = 60.0, 120.0, 2
     c = LocalCluster(
@@ -400,7 +389,7 @@ def test_a_cluster_stopped_while_its_model_loads_stops_at_once(template_out, tmp
     though Triton's are picked before Redis has bound its own."""
     from services.local import LocalCluster
 
-    _need_services()
+    need_services()
     monkeypatch.setenv("FBAS_TEST_LOAD_DELAY", "120")
     cfg = FbasConfig()
     cfg.serve.ready_timeout = 300

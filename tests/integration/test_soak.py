@@ -4,24 +4,16 @@ Longer runs by hand: ``python -m tests.soak --rows 20000 --faults 20`` (docs/rel
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_a_fleet_ingest_survives_a_seeded_fault_schedule(tmp_path):
-    from core.errors import ConfigError
-    from services.triton import find_tritonserver
+    from tests.pipeline_support import need_services
     from tests.soak import run_soak
 
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server is not on PATH (apt install redis-server)")
-    try:
-        find_tritonserver()
-    except ConfigError as e:
-        pytest.skip(f"tritonserver is not installed: {e}")
+    need_services()
     summary = run_soak(tmp_path / "soak", rows=3000, faults=4, seed=11)
     print(summary)
     assert summary["rows_checked"] == 3000, summary

@@ -91,54 +91,89 @@ def test_tritonserver_is_found():
     assert shutil.which(str(paths.binary))  # executable
 
 
-def test_serve_command_serves_until_sigterm(triton_repo: Path, tmp_path: Path):
-    """`fbas-pipeline serve`: serve on loopback, answer requests, stop cleanly on SIGTERM."""
-    import re
-    import signal
-    import subprocess
-    import sys
-    import threading
+class _Serve:
+    """`fbas-pipeline serve` on ``triton_repo`` (ports picked by the server) with its stderr read line by line."""
 
-    import numpy as np
+    def __init__(self, triton_repo: Path) -> None:
+        import queue
+        import subprocess
+        import sys
+        import threading
 
-    from workers.triton_client import ClientOptions, TritonEncoder
+        root = Path(__file__).resolve().parents[2]
+        cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model-repository", str(triton_repo)]
+        cmd += ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        stderr = self.proc.stderr
+        assert stderr is not None
+        threading.Thread(target=lambda: [self.lines.put(line) for line in stderr], daemon=True).start()
 
-    root = Path(__file__).resolve().parents[2]
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "serve",
-        "--model-repository",
-        str(triton_repo),
-        "--grpc-port",
-        "0",
-        "--http-port",
-        "0",
-        "--metrics-port",
-        "0",
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        url = None
-        for line in proc.stderr:  # type: ignore[union-attr]
-            m = re.search(r"Triton serving .* gRPC (127\.0\.0\.1:\d+)", line)
+    def wait_line(self, pattern: str, timeout: float = 120):
+        import queue
+        import re
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                m = re.search(pattern, self.lines.get(timeout=1))
+            except queue.Empty:
+                continue
             if m:
-                url = m.group(1)
-                break
-        assert url, "run_serve never reported readiness"
-        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining the server's log
+                return m
+        raise AssertionError(f"serve never printed {pattern!r}")
+
+    def embeds(self, url: str) -> None:
+        import numpy as np
+
+        from workers.triton_client import ClientOptions, TritonEncoder
+
         with TritonEncoder(ClientOptions(url=url, ready_timeout=30)) as enc:
             out = enc.embed(np.array([101, 7592, 102], np.int32), np.array([3], np.int32))
             assert out.shape == (1, 384)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+
+    def stop(self) -> int:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_serve_command_serves_until_sigterm(triton_repo: Path, tmp_path: Path):
+    """`fbas-pipeline serve`: serve on loopback, answer requests, stop cleanly on SIGTERM."""
+    serve = _Serve(triton_repo)
+    try:
+        url = serve.wait_line(r"Triton serving .* gRPC (127\.0\.0\.1:\d+)").group(1)
+        serve.embeds(url)
+        assert serve.stop() == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        serve.kill()
+
+
+def test_serve_starts_a_dead_tritonserver_again_on_the_same_ports(triton_repo: Path):
+    """kill -9 of the server under `fbas-pipeline serve`: serve says so, starts it again on the same ports,
+    and requests to the same address are answered again; SIGTERM still stops everything."""
+    import signal
+
+    serve = _Serve(triton_repo)
+    try:
+        url = serve.wait_line(r"Triton serving .* gRPC (127\.0\.0\.1:\d+)").group(1)
+        with open(f"/proc/{serve.proc.pid}/task/{serve.proc.pid}/children") as f:
+            server = int(f.read().split()[0])
+        os.killpg(server, signal.SIGKILL)
+        serve.wait_line(r"tritonserver exited \(exit code -9\): starting it again in 1s on the same ports")
+        assert serve.wait_line(r"tritonserver serves again \(gRPC (127\.0\.0\.1:\d+)\)").group(1) == url
+        serve.embeds(url)
+        assert serve.stop() == 0
+    finally:
+        serve.kill()
 
 
 def test_stale_backend_regions_of_dead_owners_are_swept():
@@ -159,57 +194,3 @@ def test_stale_backend_regions_of_dead_owners_are_swept():
     finally:
         stale.unlink(missing_ok=True)
         live.unlink(missing_ok=True)
-
-
-def test_serve_starts_a_dead_tritonserver_again_on_the_same_ports(triton_repo: Path):
-    """kill -9 of the server under `fbas-pipeline serve`: serve says so, starts it again on the same ports,
-    and requests to the same address are answered again; SIGTERM still stops everything."""
-    import queue
-    import re
-    import signal
-    import subprocess
-    import sys
-    import threading
-
-    import numpy as np
-
-    from workers.triton_client import ClientOptions, TritonEncoder
-
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model-repository", str(triton_repo)]
-    cmd += ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
-    proc = subprocess.Popen(
-        cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stderr=subprocess.PIPE, text=True
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
-
-    def wait_line(pattern: str, timeout: float = 120) -> re.Match:
-        import time
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                m = re.search(pattern, lines.get(timeout=1))
-            except queue.Empty:
-                continue
-            if m:
-                return m
-        raise AssertionError(f"serve never printed {pattern!r}")
-
-    try:
-        url = wait_line(r"Triton serving .* gRPC (127\.0\.0\.1:\d+)").group(1)
-        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-            server = int(f.read().split()[0])
-        os.killpg(server, signal.SIGKILL)
-        wait_line(r"tritonserver exited \(exit code -9\): starting it again in 1s on the same ports")
-        assert wait_line(r"tritonserver serves again \(gRPC (127\.0\.0\.1:\d+)\)").group(1) == url
-        with TritonEncoder(ClientOptions(url=url, ready_timeout=30)) as enc:
-            out = enc.embed(np.array([101, 7592, 102], np.int32), np.array([3], np.int32))
-            assert out.shape == (1, 384)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
