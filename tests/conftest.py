@@ -91,3 +91,18 @@ def built_int8(tmp_path_factory) -> Path:
         int8_target=0.998,
         calibration_size=128,
     )
+
+
+LISTING = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaaa)\nGPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-bbbb)\n"
+
+
+@pytest.fixture
+def two_gpu_host(tmp_path, monkeypatch):
+    """A host that shows two H100s: a stand-in nvidia-smi first on PATH (CPU machines have none)."""
+    import stat
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\ncat <<'EOF'\n" + LISTING + "EOF\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

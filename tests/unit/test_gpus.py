@@ -3,24 +3,10 @@ nvidia-smi on PATH plays a 2-GPU host; the real one is absent on CPU machines)."
 
 from __future__ import annotations
 
-import os
-import stat
-
 import pytest
 
 from core.errors import ConfigError
 from services.gpus import require_gpus, visible_gpus
-
-LISTING = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaaa)\nGPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-bbbb)\n"
-
-
-@pytest.fixture
-def two_gpu_host(tmp_path, monkeypatch):
-    smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\ncat <<'EOF'\n" + LISTING + "EOF\n")
-    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 
 def test_every_listed_gpu_unless_cuda_visible_devices_narrows_them(two_gpu_host, monkeypatch):
