@@ -102,7 +102,14 @@ class ServeConfig:
     output_dtype: str = _f("fp32", "dtype of the embeddings Triton returns", choices=("fp32", "fp16"))
     max_batch_requests: int = _f(16, "most requests Triton's dynamic batcher merges into one execution")
     max_queue_delay_us: int = _f(2000, "microseconds a request may wait for others to batch with")
-    instance_count: int = _f(1, "model instances (each runs the engine; CPU instances share the cores)")
+    instance_count: int = _f(
+        1, "model instances per device (each runs the engine; CPU instances share the cores, GPU ones a card)"
+    )
+    gpus: str = _f(
+        "",
+        "GPUs the gpu target runs on: comma-separated indices among the visible ones (CUDA_VISIBLE_DEVICES); "
+        "empty = every visible GPU, instance_count instances on each",
+    )
     max_docs_per_request: int = _f(1024, "most documents in one request; larger requests are refused/split")
     max_tokens_per_request: int = _f(262144, "most tokens in one request; larger requests are refused/split")
     shared_memory: bool = _f(False, "pass tensors through system shared memory (client on Triton's host only)")
@@ -149,6 +156,15 @@ class QueueConfig:
         120.0,
         "seconds a producer waits for a broker that stopped answering (retrying with backoff, a log line per "
         "try) before it exits; a rerun of the same command resumes",
+    )
+    worker_metrics_port: int = _f(
+        9108,
+        "workers: port of the Prometheus endpoint (/metrics) the worker serves (`worker --metrics-port`); 0 = none",
+    )
+    worker_metrics_host: str = _f(
+        "127.0.0.1",
+        "workers: address of the Prometheus endpoint (`worker --metrics-host`); loopback by default, 0.0.0.0 for "
+        "every interface",
     )
 
 

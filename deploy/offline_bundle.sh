@@ -24,7 +24,7 @@ BUNDLE="$(cd "$BUNDLE" && pwd)"
 # 1. wheels (exact versions that this repository's tests ran with)
 WHEELS=(celery==5.7.0 kombu==5.7.0 billiard==4.3.2 vine==5.1.0 amqp==5.4.2 click-didyoumean==0.3.1
         click-plugins==1.1.1.2 click-repl==0.4.1 prompt-toolkit==3.0.53 wcwidth==0.9.4 tzlocal==5.4.5
-        tzdata redis==8.1.0 tritonclient==2.73.0 python-rapidjson==1.25 faiss-cpu==1.15.1)
+        tzdata redis==8.1.0 tritonclient==2.73.0 python-rapidjson==1.25 faiss-cpu==1.15.1 prometheus-client==0.26.0)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$BUNDLE/wheels" "${WHEELS[@]}"

@@ -12,12 +12,12 @@
 #   worker-host.sh CMD ...   anything else runs as it is, e.g. `fbas-pipeline ingest ...` for the producer
 #
 # Settings (none is a secret): MODEL_DIR, MODEL_REPOSITORY, OUT_ROOT, TRITON_HOST (default 127.0.0.1),
-# TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT, FBAS_METRICS_PORT and FBAS_METRICS_HOST (the worker's
+# TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT, FBAS_WORKER_METRICS_PORT and FBAS_WORKER_METRICS_HOST (the worker's
 # metrics endpoint, default 0.0.0.0:9108), READY_TIMEOUT (default 600), DRAIN_TIMEOUT (default 170). The broker URL and the task key come only from
 # the environment (FBAS_BROKER, FBAS_TASK_KEY) and are never put on a command line.
 #
-# Ports are passed as flags to each command: FBAS_METRICS_PORT also names serve's Triton metrics port
-# (ServeConfig.metrics_port), so `serve` always gets --metrics-port "$TRITON_METRICS_PORT" explicitly.
+# Ports are passed as flags to each command: `serve --metrics-port` is Triton's, `worker --metrics-port` the
+# worker's own Prometheus endpoint (FBAS_WORKER_METRICS_PORT).
 set -euo pipefail
 
 MODE="${1:-both}"
@@ -28,9 +28,9 @@ TRITON_HOST="${TRITON_HOST:-127.0.0.1}"
 TRITON_GRPC_PORT="${TRITON_GRPC_PORT:-8001}"
 TRITON_HTTP_PORT="${TRITON_HTTP_PORT:-8000}"
 TRITON_METRICS_PORT="${TRITON_METRICS_PORT:-8002}"
-WORKER_METRICS_PORT="${FBAS_METRICS_PORT:-9108}"
+WORKER_METRICS_PORT="${FBAS_WORKER_METRICS_PORT:-9108}"
 # every interface: in a container, Prometheus (or a published port) reaches the container's address, not its loopback
-WORKER_METRICS_HOST="${FBAS_METRICS_HOST:-0.0.0.0}"
+WORKER_METRICS_HOST="${FBAS_WORKER_METRICS_HOST:-0.0.0.0}"
 READY_TIMEOUT="${READY_TIMEOUT:-600}"
 DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-170}"
 

@@ -8,7 +8,7 @@ from typing import Any
 from core.layout import JOB_FILE, MANIFEST, PENDING_FILE, OutputDir
 from core.redact import redact_url
 from output.check import committed_parts
-from workers.jobstate import JobState, connect, list_jobs
+from workers.jobstate import JobState, alive_workers, connect, list_jobs
 
 __all__ = ["job_status"]
 
@@ -102,8 +102,66 @@ def _broker_status(broker: str, job_id: str | None, info: dict[str, Any]) -> Non
                     f"  {len(entry['gone'])} batches were taken by workers that are gone (no heartbeat): {lost}; "
                     "a running producer sends them again, else the broker does after the visibility timeout"
                 )
+            entry["workers"] = _workers(st, client, entry["running"])
+            lines.extend(_worker_lines(entry["workers"]))
+            progress = _progress(meta, c, entry["workers"])
+            if progress:
+                entry["progress"] = progress
+                lines.append(
+                    f"  progress: {progress['rows_done']:,}/{progress['planned_rows']:,} rows, "
+                    f"{progress['docs_per_s']:,.0f} docs/s, ETA {_clock(progress['eta_s'])}"
+                )
             lines.extend(f"  error: {e}" for e in entry["errors"][:3])
             lines.extend(f"  a worker reported: {w}" for w in entry["warnings"])
         lines.append(f"queue: {info['queue_length']} batches waiting")
     finally:
         client.close()
+
+
+def _workers(st: JobState, client: Any, running: dict[int, str]) -> dict[str, dict[str, Any]]:
+    """Per worker process (host:pid) that committed or runs a batch of the job: docs, batches, docs/s between
+    its first and last commit, whether it still sends heartbeats, and the batches it runs now."""
+    stats = st.workers()
+    wheres = set(stats) | set(running.values())
+    alive = alive_workers(client, wheres)
+    out: dict[str, dict[str, Any]] = {}
+    for w in sorted(wheres):
+        s = stats.get(w, {})
+        span, docs, batches = s.get("last", 0.0) - s.get("first", 0.0), s.get("docs", 0.0), s.get("batches", 0.0)
+        # the first commit opens the span: the docs after it over the span (an average batch's docs left out)
+        rate = docs * (batches - 1) / batches / span if span > 0 and batches > 1 else None
+        out[w] = {
+            "docs": int(docs),
+            "batches": int(batches),
+            "docs_per_s": round(rate, 1) if rate else None,
+            "alive": w in alive,
+            "running": sorted(b for b, where in running.items() if where == w),
+        }
+    return out
+
+
+def _worker_lines(workers: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for w, s in workers.items():
+        rate = f", {s['docs_per_s']:,.0f} docs/s" if s["docs_per_s"] else ""
+        now = f", running batch {', '.join(map(str, s['running']))}" if s["running"] else ""
+        lines.append(
+            f"  worker {w}: {s['docs']:,} docs in {s['batches']} batches{rate}, "
+            f"{'alive' if s['alive'] else 'gone (no heartbeat)'}{now}"
+        )
+    return lines
+
+
+def _progress(meta: dict[str, str], counters: dict[str, int], workers: dict[str, dict[str, Any]]) -> dict | None:
+    """Rows done of the planned rows, the fleet's docs/s (the live workers' rates added up) and the ETA."""
+    planned = int(meta.get("planned_rows", 0) or 0)
+    rate = sum(s["docs_per_s"] or 0 for s in workers.values() if s["alive"])
+    if not planned or not rate:
+        return None
+    done = counters["docs"] + counters["quarantined"]
+    return {"rows_done": done, "planned_rows": planned, "docs_per_s": rate, "eta_s": max(0, planned - done) / rate}
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

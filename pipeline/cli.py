@@ -195,7 +195,7 @@ def _add_ingest(sub: Subparsers, cfg: FbasConfig) -> None:
         if section == "serve":
             skip = ("model_repository", "host", "grpc_port", "http_port", "metrics_port", "triton")
         elif section == "queue":
-            skip = ("out_root",)  # the workers' setting
+            skip = ("out_root", "worker_metrics_port", "worker_metrics_host")  # the workers' settings
         add_section_flags(p, cfg, section, skip=skip)
     p.add_argument(
         "--model-dir",
@@ -219,8 +219,25 @@ def _add_worker(sub: Subparsers, cfg: FbasConfig) -> None:
         "write the parts into each job's output folder (which this host must see).",
     )
     add_section_flags(p, cfg, "serve", skip=_skip(cfg.serve, _SERVE_FOR_WORKER))
-    add_section_flags(p, cfg, "queue", skip=("queue_depth",))
+    add_section_flags(p, cfg, "queue", skip=("queue_depth", "worker_metrics_port", "worker_metrics_host"))
     add_section_flags(p, cfg, "engine", skip=_skip(cfg.engine, ("target",)))  # sizes the pool (--concurrency 0)
+    metrics = p.add_argument_group("metrics options")
+    metrics.add_argument(
+        "--metrics-port",
+        dest="queue.worker_metrics_port",
+        default=argparse.SUPPRESS,
+        metavar="PORT",
+        help=f"port of the worker's Prometheus endpoint, /metrics; 0 = none (default: {cfg.queue.worker_metrics_port}; "
+        f"env {env_name('worker_metrics_port')})",
+    )
+    metrics.add_argument(
+        "--metrics-host",
+        dest="queue.worker_metrics_host",
+        default=argparse.SUPPRESS,
+        metavar="ADDRESS",
+        help=f"address it listens on (default: {cfg.queue.worker_metrics_host}, loopback; 0.0.0.0 for every "
+        f"interface; env {env_name('worker_metrics_host')})",
+    )
     p.add_argument("--loglevel", default="INFO", help="Celery log level (default: INFO)")
     p.set_defaults(func=_cmd_worker)
 
@@ -395,9 +412,15 @@ def _cmd_worker(args: argparse.Namespace, cfg: FbasConfig) -> int:
             "worker needs the fleet's task key to check that tasks come from its producers: set FBAS_TASK_KEY "
             "(the same secret on every producer and worker) in the environment"
         )
+    q = cfg.queue
+    metrics = (
+        f"metrics on http://{q.worker_metrics_host}:{q.worker_metrics_port}/metrics"
+        if q.worker_metrics_port
+        else "no metrics"
+    )
     print(
         f"fbas worker: broker {redact_url(cfg.queue.broker)}, Triton {cfg.serve.triton}, {pool_size(cfg)} processes, "
-        f"writes inside {cfg.queue.out_root or os.getcwd()}",
+        f"writes inside {cfg.queue.out_root or os.getcwd()}, {metrics}",
         file=sys.stderr,
         flush=True,
     )

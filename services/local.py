@@ -267,6 +267,7 @@ class LocalCluster:
                 env_name("visibility_timeout"): str(q.visibility_timeout),
                 env_name("shared_memory"): str(bool(getattr(self.cfg.serve, "shared_memory", False))),
                 env_name("task_key"): self.task_key,
+                env_name("worker_metrics_port"): "0",  # a local job's worker lives as long as the job: no endpoint
                 env_name("out_root"): ",".join(str(r) for r in self.out_roots),
             }
             self.worker = CeleryWorker(

@@ -13,6 +13,7 @@ from typing import Any
 
 from core.errors import ConfigError
 from engine.model_dir import META_FILE, read_meta
+from services.gpus import visible_gpus
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class ModelEntryOptions:
     max_queue_delay_us: int = 2000  # microseconds the batcher waits to grow a batch
     instance_count: int = 1  # model instances (engine copies) per device
     instance_kind: str = ""  # KIND_CPU | KIND_GPU; "" = from the engine's target
+    gpus: str = ""  # KIND_GPU: comma-separated visible GPU indices; "" = every GPU visible here (services.gpus)
     threads: int = 0  # engine threads per instance; 0 = all cores
     token_budget: int = 2048  # engine's padded tokens per internal sub-batch
     max_docs_per_request: int = 1024  # documents per request; more is rejected as [fbas:oversize]
@@ -58,6 +60,7 @@ class ModelEntryOptions:
             "max_queue_delay_us",
             "instance_count",
             "instance_kind",
+            "gpus",
             "max_docs_per_request",
             "max_tokens_per_request",
         ):
@@ -86,6 +89,24 @@ def preferred_batch_sizes(max_batch: int) -> list[int]:
     return sizes[-4:]
 
 
+def placement(kind: str, gpus: str) -> list[int]:
+    """The GPU ordinals (as the server sees them, after CUDA_VISIBLE_DEVICES) a KIND_GPU model gets one
+    instance group on: ``gpus`` when given, else every GPU visible here; empty (Triton then takes every
+    GPU it sees) for CPU instances, or when this host shows no GPU (a repository written for another host)."""
+    if kind != "KIND_GPU":
+        return []
+    if gpus.strip():
+        try:
+            chosen = [int(g) for g in gpus.split(",") if g.strip()]
+        except ValueError:
+            raise ConfigError(f"--gpus {gpus!r}: give comma-separated GPU indices, e.g. 0,1") from None
+        visible = visible_gpus()
+        if visible and any(g < 0 or g >= len(visible) for g in chosen):
+            raise ConfigError(f"--gpus {gpus}: this host shows {len(visible)} GPUs (0..{len(visible) - 1})")
+        return chosen
+    return list(range(len(visible_gpus())))
+
+
 def render_config(model_dir: str | Path, options: ModelEntryOptions) -> str:
     """The config.pbtxt text for the built model folder ``model_dir``."""
     meta = read_meta(model_dir)
@@ -103,6 +124,7 @@ def render_config(model_dir: str | Path, options: ModelEntryOptions) -> str:
         max_queue_delay_us=opts.max_queue_delay_us,
         instance_count=opts.instance_count,
         instance_kind=kind,
+        gpus_line=f"\n    gpus: [ {', '.join(map(str, gpus))} ]" if (gpus := placement(kind, opts.gpus)) else "",
         threads=opts.threads,
         token_budget=opts.token_budget,
         max_docs_per_request=opts.max_docs_per_request,

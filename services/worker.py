@@ -7,7 +7,9 @@
 The worker is configured through ``FBAS_*`` variables in its environment (never its command line, where
 ``ps`` would show a broker password). It dies with the thread that started it (``PR_SET_PDEATHSIG``), and a
 worker that exits with ``workers.watchdog.EX_RESTART`` (its broker came back after an outage) is started
-again, at most ``RESTARTS_PER_MINUTE`` times a minute.
+again, at most ``RESTARTS_PER_MINUTE`` times a minute. Each ``start`` gives the worker a fresh private
+``PROMETHEUS_MULTIPROC_DIR`` (``workers.metrics``), removed when the worker has stopped for good (or, after a
+``kill -9`` of its supervisor, by the next ``start`` on the host).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,8 +29,9 @@ from typing import Any
 
 from core.config import FbasConfig, config_env
 from core.envs import cpu_count, env_name
-from core.processes import die_with_parent_signal, kill_group
+from core.processes import die_with_parent_signal, kill_group, pid_alive
 from services.repository import REPO_ROOT
+from workers.metrics import MULTIPROC_ENV
 from workers.watchdog import EX_RESTART
 
 logger = logging.getLogger(__name__)
@@ -41,20 +46,40 @@ __all__ = [
 ]
 
 RESTARTS_PER_MINUTE = 5
+METRICS_DIR_PREFIX = "fbas-metrics-"  # + "<supervisor pid>-<random>": a worker's PROMETHEUS_MULTIPROC_DIR
 
 
-def default_concurrency(gpu: bool = False) -> int:
+def default_concurrency(gpu: bool = False, n_gpus: int = 1) -> int:
     """Worker processes for a host. CPU engine: half the cores, 2 to 4 (the engine needs the rest; one worker
-    tokenizes and writes while another waits on Triton). GPU engine: the cores + 4, 2 to 32: the workers'
-    tokenization is what feeds the GPU, and each worker leaves its core idle while it waits for Triton."""
+    tokenizes and writes while another waits on Triton). GPU engine: the cores + 4 per GPU, 2 to 32 per GPU:
+    the workers' tokenization is what feeds the GPUs, and each worker leaves its core idle while it waits
+    for Triton, so every card gets requests in flight while the cores tokenize."""
     if gpu:
-        return max(2, min(32, cpu_count() + 4))
+        return max(2, min(32 * max(1, n_gpus), cpu_count() + 4 * max(1, n_gpus)))
     return max(2, min(4, cpu_count() // 2))
 
 
 def pool_size(cfg: FbasConfig) -> int:
-    """Worker processes for ``cfg``: ``--concurrency``, or 0 = ``default_concurrency`` for its engine target."""
-    return cfg.queue.concurrency or default_concurrency(gpu=cfg.engine.target != "onnx")
+    """Worker processes for ``cfg``: ``--concurrency``, or 0 = ``default_concurrency`` for its engine target
+    and the GPUs it is served on (``--gpus``, else every visible one)."""
+    if cfg.queue.concurrency:
+        return cfg.queue.concurrency
+    gpu = cfg.engine.target != "onnx"
+    n_gpus = len([g for g in cfg.serve.gpus.split(",") if g.strip()]) if cfg.serve.gpus.strip() else 0
+    if gpu and not n_gpus:
+        from services.gpus import visible_gpus
+
+        n_gpus = len(visible_gpus())
+    return default_concurrency(gpu=gpu, n_gpus=n_gpus)
+
+
+def _new_metrics_dir() -> str:
+    """A fresh folder for a worker's metrics files, after removing those of supervisors that were killed."""
+    for d in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = d.name[len(METRICS_DIR_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
 
 
 def detach_dying_with_parent() -> None:
@@ -137,15 +162,22 @@ class CeleryWorker:
         """Start the worker, and a thread that starts it again when it asks to be (``EX_RESTART``). The
         thread spawns every later worker, so it lives as long as they do (their parent-death signal)."""
         self._stopping.clear()
+        metrics_dir = self.env[MULTIPROC_ENV] = _new_metrics_dir()  # the pool's metrics files (workers.metrics)
         ready = threading.Event()
         self._supervisor = threading.Thread(
-            target=self._supervise, args=(ready,), name="worker-supervisor", daemon=True
+            target=self._supervise, args=(ready, metrics_dir), name="worker-supervisor", daemon=True
         )
         self._supervisor.start()
         ready.wait()
         return self
 
-    def _supervise(self, ready: threading.Event) -> None:
+    def _supervise(self, ready: threading.Event, metrics_dir: str) -> None:
+        try:
+            self._run(ready)
+        finally:  # the worker stopped for good: its metrics files go with it
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _run(self, ready: threading.Event) -> None:
         recent: list[float] = []
         with self._lock:
             self.proc = self._spawn()

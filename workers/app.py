@@ -34,6 +34,7 @@ from celery import Celery
 from core.config import HARD_LIMIT_MARGIN, FbasConfig, apply_env, visibility_seconds
 from core.envs import read_env
 from core.redact import redact_url
+from workers.metrics import install as install_metrics
 from workers.watchdog import install as install_watchdog
 
 logger = logging.getLogger(__name__)
@@ -124,3 +125,4 @@ def current_config() -> FbasConfig:
 app = Celery("fbas")
 configure(current_config())
 install_watchdog()  # in a worker's main process only: the signal fires when a worker is ready
+install_metrics(lambda: current_config().queue)  # the same: serves the pool's metrics

@@ -48,10 +48,17 @@ JOBS_KEY = "fbas:jobs"
 COUNTERS = ("docs", "tokens", "quarantined", "redelivered", "retries")
 
 _MARK_DONE = """
+local where = redis.call('HGET', KEYS[3], ARGV[1])
 if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
   redis.call('HINCRBY', KEYS[2], 'docs', ARGV[2])
   redis.call('HINCRBY', KEYS[2], 'tokens', ARGV[3])
   redis.call('HINCRBY', KEYS[2], 'quarantined', ARGV[4])
+  if where and ARGV[5] then
+    redis.call('HINCRBY', KEYS[4], where .. '|docs', ARGV[2])
+    redis.call('HINCRBY', KEYS[4], where .. '|batches', 1)
+    redis.call('HSETNX', KEYS[4], where .. '|first', ARGV[5])
+    redis.call('HSET', KEYS[4], where .. '|last', ARGV[5])
+  end
   redis.call('HDEL', KEYS[3], ARGV[1])
   return 1
 end
@@ -125,6 +132,7 @@ class JobState:
         self.k_counters, self.k_attempts = base + ":counters", base + ":attempts"
         self.k_running, self.k_errors = base + ":running", base + ":errors"
         self.k_warnings = base + ":warnings"
+        self.k_workers = base + ":workers"  # "host:pid|docs|batches|first|last": what each worker committed
         self._mark = client.register_script(_MARK_DONE)
 
     # -- producer side
@@ -153,7 +161,7 @@ class JobState:
         """Drop the job's progress (done batches, counters, attempts, running batches): used when Redis
         holds batches as done that the output folder lacks (the same job sent to another folder, or parts
         deleted); the producer skips done batches, so those would never be embedded into this folder."""
-        self.r.delete(self.k_done, self.k_counters, self.k_running, self.k_attempts)
+        self.r.delete(self.k_done, self.k_counters, self.k_running, self.k_attempts, self.k_workers)
 
     @_guard
     def reconcile(self, committed: dict[int, tuple[int, int, int]]) -> int:
@@ -165,7 +173,7 @@ class JobState:
             p = self.r.pipeline(transaction=False)
             for batch, (docs, tokens, quarantined) in items[start : start + 1000]:
                 self._mark(
-                    keys=[self.k_done, self.k_counters, self.k_running],
+                    keys=[self.k_done, self.k_counters, self.k_running, self.k_workers],
                     args=[batch, docs, tokens, quarantined],
                     client=p,
                 )
@@ -231,7 +239,10 @@ class JobState:
     def mark_done(self, batch: int, docs: int, tokens: int, quarantined: int) -> bool:
         """Commit ``batch`` as done; counters move only the first time. True if it was new."""
         return bool(
-            self._mark(keys=[self.k_done, self.k_counters, self.k_running], args=[batch, docs, tokens, quarantined])
+            self._mark(
+                keys=[self.k_done, self.k_counters, self.k_running, self.k_workers],
+                args=[batch, docs, tokens, quarantined, f"{time.time():.3f}"],
+            )
         )
 
     @_guard
@@ -244,6 +255,16 @@ class JobState:
         p.lpush(self.k_errors, message)
         p.ltrim(self.k_errors, 0, 99)
         p.execute()
+
+    @_guard
+    def workers(self) -> dict[str, dict[str, float]]:
+        """Per worker process (host:pid): docs and batches it committed, and when its first and last commit
+        were (epoch seconds)."""
+        out: dict[str, dict[str, float]] = {}
+        for k, v in self.r.hgetall(self.k_workers).items():
+            where, _, field = k.decode().rpartition("|")
+            out.setdefault(where, {})[field] = float(v)
+        return out
 
     @_guard
     def report_warning(self, message: str) -> None:
@@ -278,6 +299,7 @@ class JobState:
             self.k_running,
             self.k_errors,
             self.k_warnings,
+            self.k_workers,
         )
         self.r.srem(JOBS_KEY, self.job_id)
 

@@ -37,6 +37,7 @@ from celery.signals import worker_process_init
 from core.envs import read_env
 from core.errors import InputError, PermanentError, ServerUnavailableError, TransientError
 from core.layout import OutputDir
+from workers import metrics
 from workers.app import TASK_NAME, app, current_config
 from workers.infer import embed_checked, encoder_for, subset
 from workers.jobstate import JobState, connect, heartbeat
@@ -201,14 +202,16 @@ def run_batch(m: BatchMessage, engine: Any, tokenizer: Any, dim: int, attempt: i
     """Tokenize and embed one batch; rows the engine cannot embed go to the batch's quarantine, as do texts
     with no tokens ([CLS] [SEP] only: control characters), which a producer that estimated lengths could
     not see (``--lengths estimate``); an exact scan quarantines them before they are sent."""
-    enc = tokenizer.encode(m.texts)
+    with metrics.stage(m.job, "tokenize"):
+        enc = tokenizer.encode(m.texts)
     _test_hooks(m, attempt)
     has_tokens = enc.lengths > 2
     failed: dict[int, str] = {int(r): "no_tokens" for r in np.flatnonzero(~has_tokens)}
     vectors = np.zeros((len(m.row_ids), dim), dtype=np.float32)
     send = np.flatnonzero(has_tokens)
     if len(send):
-        res = embed_checked(engine, *subset(enc.token_ids, enc.lengths, send), dim)
+        with metrics.stage(m.job, "infer"):
+            res = embed_checked(engine, *subset(enc.token_ids, enc.lengths, send), dim)
         vectors[send] = res.vectors
         failed.update((int(send[r]), why) for r, why in res.failed.items())
     ok = np.ones(len(m.row_ids), dtype=bool)
@@ -270,9 +273,16 @@ def _backoff(retries: int) -> float:
 def embed_batch(self, msg: dict) -> dict:
     """Celery entry point: one planned batch (see the module docstring). Returns a small summary dict."""
     cfg = current_config()
+    t_read = time.perf_counter()
     if not _trusted(msg, cfg):
+        metrics.batch("", "refused")  # no job label: the job named in it may be made up
         return {"error": "refused"}
-    m = BatchMessage.parse(msg)
+    try:
+        m = BatchMessage.parse(msg)
+    except InputError:
+        metrics.batch("", "refused")
+        raise
+    metrics.observe(m.job, "read", time.perf_counter() - t_read)
     assert cfg.queue.broker is not None, "a worker gets its tasks from the broker, so one is configured"
     state = JobState(_redis(cfg.queue.broker), m.job)
     out = OutputDir(m.out)
@@ -284,6 +294,7 @@ def embed_batch(self, msg: dict) -> dict:
         )
         logger.error(problem)
         state.report_error(problem)
+        metrics.batch(m.job, "error")
         return {"batch": m.batch, "error": "output folder not allowed"}
     where = f"{socket.gethostname()}:{os.getpid()}"
     attempt = state.begin(m.batch, where)
@@ -291,9 +302,11 @@ def embed_batch(self, msg: dict) -> dict:
     crashed = attempt - 1 - retries  # earlier deliveries that never finished
     if crashed > 0:
         state.count("redelivered")
+        metrics.redelivered(m.job)
     committed = out.read_part_meta(m.batch)
     if committed and committed.get("job") == m.job and committed.get("batch") == m.batch:
         state.mark_done(m.batch, committed["rows"], committed["tokens"], committed["quarantined"])
+        metrics.batch(m.job, "duplicate")
         return {"batch": m.batch, "already": True}
 
     t0 = time.perf_counter()
@@ -308,6 +321,7 @@ def embed_batch(self, msg: dict) -> dict:
             )
             logger.error(problem)
             state.report_error(problem)
+            metrics.batch(m.job, "error")
             return {"batch": m.batch, "error": "model mismatch"}
         if crashed > cfg.queue.max_retries:
             result = _all_quarantined(
@@ -325,6 +339,7 @@ def embed_batch(self, msg: dict) -> dict:
             logger.warning("batch %d: %s; retry %d/%d in %.1fs", m.batch, e, retries + 1, cfg.queue.max_retries, delay)
             state.count("retries")
             state.report_warning(f"worker {socket.gethostname()}: batch {m.batch}: {str(e)[:300]}; retrying")
+            metrics.batch(m.job, "retried")
             raise self.retry(exc=e, countdown=delay) from None
         result = _all_quarantined(m, m.dim, f"transient error after {retries} retries: {str(e)[:300]}")
     except PermanentError as e:
@@ -333,19 +348,24 @@ def embed_batch(self, msg: dict) -> dict:
         logger.exception("batch %d: unexpected error", m.batch)
         if retries < cfg.queue.max_retries:
             state.count("retries")
+            metrics.batch(m.job, "retried")
             raise self.retry(exc=e, countdown=_backoff(retries)) from None
         result = _all_quarantined(m, m.dim, f"error after {retries} retries: {type(e).__name__}: {str(e)[:300]}")
     try:
-        written = write_batch(out, result)
+        with metrics.stage(m.job, "write"):
+            written = write_batch(out, result)
     except OSError as e:  # disk full, permissions: a job error, not the rows' fault; a rerun redoes the batch
         problem = f"batch {m.batch}: cannot write to {out}: {e.strerror or e}"
         logger.error(problem)
         state.report_error(problem)
+        metrics.batch(m.job, "error")
         return {"batch": m.batch, "error": "write failed"}
     if not written:
         committed = out.read_part_meta(m.batch) or result.meta()
         state.mark_done(m.batch, committed["rows"], committed["tokens"], committed["quarantined"])
+        metrics.batch(m.job, "duplicate")
         return {"batch": m.batch, "already": True}
+    metrics.committed(m.job, result.n_tokens, len(result.q_row_ids))
     state.mark_done(m.batch, len(result.row_ids), int(result.n_tokens.sum(dtype=np.int64)), len(result.q_row_ids))
     logger.info(
         "batch %d: %d docs, %d quarantined in %.2fs",

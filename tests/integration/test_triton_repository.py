@@ -194,3 +194,41 @@ def test_stale_backend_regions_of_dead_owners_are_swept():
     finally:
         stale.unlink(missing_ok=True)
         live.unlink(missing_ok=True)
+
+
+def test_a_gpu_model_gets_an_instance_group_on_every_visible_gpu(
+    built_fp32: Path, tmp_path: Path, two_gpu_host, monkeypatch
+):
+    """Every GPU of a host (placement read from the generated config, on a stand-in 2-GPU host): by default one
+    instance group per visible GPU; --gpus picks some; CUDA_VISIBLE_DEVICES narrows what is visible; and the
+    worker pool grows with the GPUs it feeds."""
+    import json
+    import shutil
+
+    from services import worker
+    from services.repository import render_config
+
+    gpu_model = tmp_path / "gpu-model"
+    shutil.copytree(built_fp32, gpu_model)
+    meta = json.loads((gpu_model / "fbas_model.json").read_text())
+    (gpu_model / "fbas_model.json").write_text(json.dumps({**meta, "target": "gpu", "precision": "fp16"}))
+
+    def placed(**opts) -> str:
+        text = render_config(gpu_model, ModelEntryOptions(instance_count=2, **opts))
+        return text[text.index("instance_group") :].split("]", 1)[0] + "]"
+
+    every = placed()
+    assert "count: 2" in every and "kind: KIND_GPU" in every and "gpus: [ 0, 1 ]" in every
+    assert "gpus: [ 1 ]" in placed(gpus="1")
+    with pytest.raises(ConfigError, match="shows 2 GPUs"):
+        placed(gpus="2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert "gpus: [ 0 ]" in placed()  # the one visible card, as the server numbers it
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert "gpus" not in render_config(built_fp32, ModelEntryOptions())  # a CPU model: no GPU placement
+    monkeypatch.setattr(worker, "cpu_count", lambda: 16)
+    cfg = FbasConfig()
+    cfg.engine.target = "gpu"
+    assert worker.pool_size(cfg) == 16 + 4 * 2  # the cores, plus requests in flight for each card
+    cfg.serve.gpus = "0"
+    assert worker.pool_size(cfg) == 16 + 4

@@ -110,6 +110,10 @@ def test_status_names_batches_whose_worker_is_gone(cluster, tmp_path):
         state.begin(0, "live-host:101")
         state.begin(1, "dead-host:202")
         heartbeat(client, "live-host:101", 30)
+        for b in (5, 6):  # two batches the live worker committed, 0.2 s apart
+            state.begin(b, "live-host:101")
+            state.mark_done(b, 10, 100, 0)
+            time.sleep(0.2)
         info = job_status(None, cluster.broker_url)
     finally:
         JobState(client, "status-job").delete()
@@ -118,3 +122,11 @@ def test_status_names_batches_whose_worker_is_gone(cluster, tmp_path):
     assert entry["gone"] == {1: "dead-host:202"} and set(entry["running"]) == {0, 1}
     text = "\n".join(info["lines"])
     assert "1 running" in text and "taken by workers that are gone" in text and "1 (dead-host:202)" in text
+    live = entry["workers"]["live-host:101"]
+    assert live["docs"] == 20 and live["batches"] == 2 and live["alive"] and live["running"] == [0]
+    assert 10 / 0.5 < live["docs_per_s"] < 10 / 0.15
+    assert entry["workers"]["dead-host:202"]["alive"] is False
+    assert "worker live-host:101: 20 docs in 2 batches" in text and "worker dead-host:202" in text
+    progress = entry["progress"]
+    assert progress["rows_done"] == 20 and progress["planned_rows"] == 30 and progress["eta_s"] > 0
+    assert "progress: 20/30 rows" in text and "ETA" in text

@@ -211,7 +211,7 @@ def test_worker_pod_runs_triton_and_the_worker():
     assert probe["path"] == "/v2/health/ready" and ports.get(probe["port"], probe["port"]) == 8000
     assert vars(serve)["serve.host"] == "0.0.0.0", "the kubelet's probe reaches the pod IP, not loopback"
     assert [p["containerPort"] for p in worker["ports"] if p["name"] == "metrics"] == [9108]
-    assert {"name": "FBAS_METRICS_PORT", "value": "9108"} in worker["env"]
+    assert {"name": "FBAS_WORKER_METRICS_PORT", "value": "9108"} in worker["env"]
     assert worker["command"][-2:] == ["/opt/fbas/src/deploy/worker-host.sh", "worker"]
     # /data: the shared ReadWriteMany claim, which the producer Job mounts too
     claim = _find("PersistentVolumeClaim", "fbas-data")
@@ -448,7 +448,7 @@ def fake_host(tmp_path):
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "TRITON_HTTP_PORT": str(server.server_address[1]),
         "READY_TIMEOUT": "5",
-        "FBAS_METRICS_PORT": "9108",
+        "FBAS_WORKER_METRICS_PORT": "9108",
     }
     yield env, tmp_path
     server.shutdown()
@@ -466,10 +466,13 @@ def test_worker_host_commands_parse_with_the_cli(fake_host, mode):
     assert argv[0] == mode
     args = _parse_cli(argv)
     if mode == "serve":
-        # Triton's metrics port is given explicitly: FBAS_METRICS_PORT (the worker's, 9108) also names serve's
+        # Triton's metrics port is given explicitly, apart from the worker's (9108)
         assert int(vars(args)["serve.metrics_port"]) == 8002 and args.model_dir == "/opt/fbas/model"
     else:
         assert vars(args)["serve.triton"] == "127.0.0.1:8001" and vars(args)["queue.out_root"] == "/data"
         assert vars(args)["engine.target"] == "gpu"
         # scraped from outside the container: the worker's endpoint listens on every interface
-        assert vars(args)["queue.metrics_host"] == "0.0.0.0" and int(vars(args)["queue.metrics_port"]) == 9108
+        assert (
+            vars(args)["queue.worker_metrics_host"] == "0.0.0.0"
+            and int(vars(args)["queue.worker_metrics_port"]) == 9108
+        )
