@@ -36,7 +36,8 @@ def _corpus(path: Path, rows: int) -> list[str]:
 
 
 def run(work: Path, model: Path, corpus: Path, ids: list[str], hosts: int, concurrency: int) -> dict:
-    with Fleet(work / f"fleet-{hosts}", model) as fleet:
+    """One ingest of the corpus by a fresh fleet of ``hosts`` worker hosts (a fresh output folder)."""
+    with Fleet(work / f"fleet-{len(list(work.glob('fleet-*')))}-{hosts}", model) as fleet:
         fleet.start_broker()
         for _ in range(hosts):
             fleet.add_worker_host(concurrency=concurrency)

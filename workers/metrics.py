@@ -97,8 +97,9 @@ def committed(job: str, n_tokens: np.ndarray, quarantined: int) -> None:
 
 
 def install(queue_settings: Callable[[], Any]) -> None:
-    """In a worker's main process, once it is ready: serve the pool's metrics on ``worker_metrics_host:worker_metrics_port`` of
-    ``queue_settings()`` (a ``QueueConfig``; port 0: not at all). Pool processes that end are marked dead."""
+    """In a worker's main process, once it is ready: serve the pool's metrics on the ``worker_metrics_host`` and
+    ``worker_metrics_port`` of ``queue_settings()`` (a ``QueueConfig``; port 0: not at all). Pool processes that
+    end are marked dead."""
     from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
 
     servers: list[Any] = []

@@ -269,6 +269,18 @@ def _backoff(retries: int) -> float:
     return min(30.0, 2.0**retries) * random.uniform(0.75, 1.0)
 
 
+class _JobProblem(Exception):
+    """Something about the job, not the batch, that this worker cannot get past (a wrong model behind Triton,
+    an output folder it may not write to, a failed write): reported to the job, the batch left undone."""
+
+
+def _job_problem(state: JobState, m: BatchMessage, problem: str, code: str) -> dict:
+    logger.error(problem)
+    state.report_error(problem)
+    metrics.batch(m.job, "error")
+    return {"batch": m.batch, "error": code}
+
+
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True, max_retries=None)
 def embed_batch(self, msg: dict) -> dict:
     """Celery entry point: one planned batch (see the module docstring). Returns a small summary dict."""
@@ -292,12 +304,8 @@ def embed_batch(self, msg: dict) -> dict:
             f"({', '.join(map(str, out_roots(cfg)))}); start the worker with FBAS_OUT_ROOT (or --out-root) naming "
             "a folder that holds it"
         )
-        logger.error(problem)
-        state.report_error(problem)
-        metrics.batch(m.job, "error")
-        return {"batch": m.batch, "error": "output folder not allowed"}
-    where = f"{socket.gethostname()}:{os.getpid()}"
-    attempt = state.begin(m.batch, where)
+        return _job_problem(state, m, problem, "output folder not allowed")
+    attempt = state.begin(m.batch, f"{socket.gethostname()}:{os.getpid()}")
     retries = int(self.request.retries or 0)
     crashed = attempt - 1 - retries  # earlier deliveries that never finished
     if crashed > 0:
@@ -308,31 +316,35 @@ def embed_batch(self, msg: dict) -> dict:
         state.mark_done(m.batch, committed["rows"], committed["tokens"], committed["quarantined"])
         metrics.batch(m.job, "duplicate")
         return {"batch": m.batch, "already": True}
-
     t0 = time.perf_counter()
+    try:
+        result = _compute(self, cfg, m, state, attempt, crashed, retries)
+    except _JobProblem as e:
+        return _job_problem(state, m, str(e), "model mismatch")
+    return _commit(out, m, result, state, t0)
+
+
+def _compute(task: Any, cfg: Any, m: BatchMessage, state: JobState, attempt: int, crashed: int, retries: int):
+    """The batch's results: embedded, or quarantined whole when it keeps killing its workers or keeps failing;
+    a transient fault is retried (Celery's ``retry`` raises) while retries are left."""
     try:
         enc_model = encoder_for(cfg)
         info = enc_model.info
         if info.fingerprint and m.model and info.fingerprint != m.model:
-            problem = (
+            raise _JobProblem(
                 f"Triton at {cfg.serve.triton} serves model {cfg.serve.model_name!r} with fingerprint "
                 f"{info.fingerprint}, but job {m.job} was planned for {m.model}: serve the job's model "
                 "(the same `fbas-pipeline build` settings) or rerun ingest with this one"
             )
-            logger.error(problem)
-            state.report_error(problem)
-            metrics.batch(m.job, "error")
-            return {"batch": m.batch, "error": "model mismatch"}
         if crashed > cfg.queue.max_retries:
-            result = _all_quarantined(
+            logger.error("batch %d of job %s quarantined after %d crashed deliveries", m.batch, m.job, crashed)
+            return _all_quarantined(
                 m,
                 m.dim,
                 f"poison: {crashed} deliveries of this batch died without "
                 "finishing (worker killed, out of memory or over the time limit)",
             )
-            logger.error("batch %d of job %s quarantined after %d crashed deliveries", m.batch, m.job, crashed)
-        else:
-            result = run_batch(m, enc_model, _tokenizer(state, m.job, info.max_seq_len), info.dim, attempt)
+        return run_batch(m, enc_model, _tokenizer(state, m.job, info.max_seq_len), info.dim, attempt)
     except (TransientError, SoftTimeLimitExceeded) as e:
         if retries < cfg.queue.max_retries:
             delay = _backoff(retries)
@@ -340,26 +352,29 @@ def embed_batch(self, msg: dict) -> dict:
             state.count("retries")
             state.report_warning(f"worker {socket.gethostname()}: batch {m.batch}: {str(e)[:300]}; retrying")
             metrics.batch(m.job, "retried")
-            raise self.retry(exc=e, countdown=delay) from None
-        result = _all_quarantined(m, m.dim, f"transient error after {retries} retries: {str(e)[:300]}")
+            raise task.retry(exc=e, countdown=delay) from None
+        return _all_quarantined(m, m.dim, f"transient error after {retries} retries: {str(e)[:300]}")
     except PermanentError as e:
-        result = _all_quarantined(m, m.dim, f"permanent error: {str(e)[:300]}")
+        return _all_quarantined(m, m.dim, f"permanent error: {str(e)[:300]}")
+    except _JobProblem:
+        raise
     except Exception as e:  # noqa: BLE001 - task boundary: an unexpected error must not lose the batch
         logger.exception("batch %d: unexpected error", m.batch)
         if retries < cfg.queue.max_retries:
             state.count("retries")
             metrics.batch(m.job, "retried")
-            raise self.retry(exc=e, countdown=_backoff(retries)) from None
-        result = _all_quarantined(m, m.dim, f"error after {retries} retries: {type(e).__name__}: {str(e)[:300]}")
+            raise task.retry(exc=e, countdown=_backoff(retries)) from None
+        return _all_quarantined(m, m.dim, f"error after {retries} retries: {type(e).__name__}: {str(e)[:300]}")
+
+
+def _commit(out: OutputDir, m: BatchMessage, result: BatchOutput, state: JobState, t0: float) -> dict:
+    """Write the batch's files (the vectors part last: the commit) and mark it done; a duplicate delivery
+    whose twin committed first writes nothing."""
     try:
         with metrics.stage(m.job, "write"):
             written = write_batch(out, result)
     except OSError as e:  # disk full, permissions: a job error, not the rows' fault; a rerun redoes the batch
-        problem = f"batch {m.batch}: cannot write to {out}: {e.strerror or e}"
-        logger.error(problem)
-        state.report_error(problem)
-        metrics.batch(m.job, "error")
-        return {"batch": m.batch, "error": "write failed"}
+        return _job_problem(state, m, f"batch {m.batch}: cannot write to {out}: {e.strerror or e}", "write failed")
     if not written:
         committed = out.read_part_meta(m.batch) or result.meta()
         state.mark_done(m.batch, committed["rows"], committed["tokens"], committed["quarantined"])

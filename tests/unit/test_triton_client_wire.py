@@ -13,7 +13,8 @@ import struct
 import numpy as np
 import pytest
 
-from workers.triton_client import BadRowsError, RequestTooLargeError, _invalid, find_bad_rows, plan_chunks
+from workers.triton_client import BadRowsError, RequestTooLargeError, find_bad_rows, plan_chunks
+from workers.triton_transport import _invalid
 from workers.triton_wire import (
     ResponseFormatError,
     build_infer_request,
