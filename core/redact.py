@@ -15,49 +15,46 @@ __all__ = ["redact_url", "redact", "url_secrets"]
 MASK = "***"
 _SECRET_KEYS = re.compile(r"pass|secret|token|key", re.IGNORECASE)  # query parameters whose values are secret
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<netloc>[^/?#]*)(?P<rest>.*)$", re.DOTALL)
-
-
-def _split_userinfo(netloc: str) -> tuple[str | None, str]:
-    """(userinfo or None, host[:port]); the host follows the *last* ``@`` (a password may hold one)."""
-    if "@" not in netloc:
-        return None, netloc
-    userinfo, _, host = netloc.rpartition("@")
-    return userinfo, host
+# userinfo may hold '/', '?' or '#' unescaped (a base64 password): it runs to the last '@' before the host
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>.*)@(?P<tail>[^@]*)$", re.DOTALL)
 
 
 def redact_url(url: str | None) -> str:
     """The URL with its password (userinfo or query string) replaced by ``***``."""
     if not url:
         return str(url)
-    m = _URL.match(url)
-    if not m:
+    if not _URL.match(url):
         return redact(url)
-    userinfo, host = _split_userinfo(m["netloc"])
-    if userinfo is not None:
-        user, sep, _ = userinfo.partition(":")
-        userinfo = f"{user}:{MASK}" if sep else MASK  # a lone userinfo may be a password: hide it too
-        host = f"{userinfo}@{host}"
-    rest = re.sub(
+    # the query's secrets first (a password there may hold '@'), then the userinfo up to the last '@'
+    url = re.sub(
         r"([?&;])([^=&;#]*)=([^&;#]*)",
         lambda q: f"{q[1]}{q[2]}={MASK}" if _SECRET_KEYS.search(q[2]) else q[0],
-        m["rest"],
+        url,
     )
-    return f"{m['scheme']}{host}{rest}"
+    m = _USERINFO.match(url)
+    if not m:
+        return url
+    user, sep, _ = m["userinfo"].partition(":")
+    userinfo = f"{user}:{MASK}" if sep and "/" not in user else MASK  # a lone userinfo may be a password too
+    return f"{m['scheme']}{userinfo}@{m['tail']}"
 
 
 def url_secrets(url: str | None) -> list[str]:
     """Every secret value a URL carries (raw and percent-decoded), to scrub from other texts."""
-    m = _URL.match(url or "")
-    if not m:
+    if not _URL.match(url or ""):
         return []
+    url = url or ""
     found: list[str] = []
-    userinfo, _ = _split_userinfo(m["netloc"])
-    if userinfo:
-        user, sep, password = userinfo.partition(":")
-        found.append(password if sep else user)
-    query = m["rest"].partition("?")[2].partition("#")[0]
+    query = url.partition("?")[2].partition("#")[0]
     found += [v for k, v in parse_qsl(query, keep_blank_values=False) if _SECRET_KEYS.search(k)]
     found += [v for k, v in re.findall(r"([^=&;]*)=([^&;]*)", query) if _SECRET_KEYS.search(k)]  # as written
+    bare = url
+    for v in found:  # the query's values out first: one may hold an '@'
+        bare = bare.replace(v, "")
+    m = _USERINFO.match(bare)
+    if m:
+        user, sep, password = m["userinfo"].partition(":")
+        found.append(password if sep and "/" not in user else m["userinfo"])
     found += [unquote(s) for s in found]
     return sorted({s for s in found if s}, key=len, reverse=True)
 

@@ -90,21 +90,19 @@ def preferred_batch_sizes(max_batch: int) -> list[int]:
 
 
 def placement(kind: str, gpus: str) -> list[int]:
-    """The GPU ordinals (as the server sees them, after CUDA_VISIBLE_DEVICES) a KIND_GPU model gets one
-    instance group on: ``gpus`` when given, else every GPU visible here; empty (Triton then takes every
-    GPU it sees) for CPU instances, or when this host shows no GPU (a repository written for another host)."""
-    if kind != "KIND_GPU":
+    """The GPU ordinals (as the server sees them, after CUDA_VISIBLE_DEVICES) a KIND_GPU model is placed on
+    when ``--gpus`` names some: one instance group on each. Empty otherwise: Triton then puts the instances
+    on every GPU it sees where it runs (a repository may be written on another host than the one serving it)."""
+    if kind != "KIND_GPU" or not gpus.strip():
         return []
-    if gpus.strip():
-        try:
-            chosen = [int(g) for g in gpus.split(",") if g.strip()]
-        except ValueError:
-            raise ConfigError(f"--gpus {gpus!r}: give comma-separated GPU indices, e.g. 0,1") from None
-        visible = visible_gpus()
-        if visible and any(g < 0 or g >= len(visible) for g in chosen):
-            raise ConfigError(f"--gpus {gpus}: this host shows {len(visible)} GPUs (0..{len(visible) - 1})")
-        return chosen
-    return list(range(len(visible_gpus())))
+    try:
+        chosen = [int(g) for g in gpus.split(",") if g.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpus {gpus!r}: give comma-separated GPU indices, e.g. 0,1") from None
+    visible = visible_gpus()
+    if visible and any(g < 0 or g >= len(visible) for g in chosen):
+        raise ConfigError(f"--gpus {gpus}: this host shows {len(visible)} GPUs (0..{len(visible) - 1})")
+    return chosen
 
 
 def render_config(model_dir: str | Path, options: ModelEntryOptions) -> str:

@@ -112,6 +112,7 @@ class CeleryWorker:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._supervisor: threading.Thread | None = None
+        self._start_error: BaseException | None = None
 
     def command(self) -> list[str]:
         from workers.app import QUEUE
@@ -169,6 +170,8 @@ class CeleryWorker:
         )
         self._supervisor.start()
         ready.wait()
+        if self._start_error is not None:  # the first worker could not even be started
+            raise self._start_error
         return self
 
     def _supervise(self, ready: threading.Event, metrics_dir: str) -> None:
@@ -179,9 +182,14 @@ class CeleryWorker:
 
     def _run(self, ready: threading.Event) -> None:
         recent: list[float] = []
-        with self._lock:
-            self.proc = self._spawn()
-        ready.set()
+        try:
+            with self._lock:
+                self.proc = self._spawn()
+        except BaseException as e:  # noqa: BLE001 - handed to start(), in the caller's thread
+            self._start_error = e
+            return
+        finally:
+            ready.set()
         while True:
             proc = self.proc
             code = proc.wait() if proc is not None else None
@@ -198,9 +206,11 @@ class CeleryWorker:
                 self.proc = self._spawn()
 
     def alive(self) -> bool:
-        """Whether a worker runs, or is about to be started again."""
-        proc = self.proc
-        return proc is not None and (proc.poll() is None or proc.returncode == EX_RESTART)
+        """Whether a worker runs, or is about to be started again (its supervisor has not given up)."""
+        proc, supervisor = self.proc, self._supervisor
+        if proc is None or supervisor is None:
+            return False
+        return proc.poll() is None or (proc.returncode == EX_RESTART and supervisor.is_alive())
 
     def children(self) -> list[int]:
         """Pids of the worker's pool processes (its direct children)."""

@@ -37,6 +37,7 @@ __all__ = [
     "redact_url",
     "list_jobs",
     "ping",
+    "ping_error",
     "queued_batches",
     "heartbeat",
     "alive_workers",
@@ -345,29 +346,39 @@ def list_jobs(client: Any) -> Iterable[str]:
 
 def ping(client: Any) -> bool:
     """Whether the broker answers now."""
+    return ping_error(client) is None
+
+
+def ping_error(client: Any) -> str | None:
+    """None when the broker answers now; else ``"timeout"`` (it is slow: busy, or a network blip) or
+    ``"connection"`` (refused or dropped: it went away, or restarted)."""
     import redis
 
     try:
-        return bool(client.ping())
+        client.ping()
+        return None
+    except redis.TimeoutError:
+        return "timeout"
     except redis.RedisError:
-        return False
+        return "connection"
 
 
-def queued_batches(client: Any, queue: str, job_id: str) -> set[int]:
+def queued_batches(client: Any, queue: str, job_id: str, unacked: bool = True) -> set[int]:
     """Batches of ``job_id`` that the broker holds as messages: waiting in ``queue``, or delivered to a worker
-    and not acknowledged yet (kombu's ``unacked`` hash, redelivered after ``visibility_timeout``). After a
+    and not acknowledged yet (kombu's ``unacked`` hash, redelivered after ``visibility_timeout``; left out with
+    ``unacked`` False). After a
     broker outage, the batches the job still needs minus these are the ones the outage lost."""
     import redis
 
     try:
         waiting = client.lrange(queue, 0, -1)
-        unacked = client.hvals("unacked")
+        taken = client.hvals("unacked") if unacked else []
     except redis.RedisError as e:
         raise ServerUnavailableError(f"Redis error while reading queue {queue!r}: {type(e).__name__}") from None
     found: set[int] = set()
     for raw in waiting:
         _add_batch(found, raw, job_id)
-    for raw in unacked:  # [message, exchange, routing_key]
+    for raw in taken:  # [message, exchange, routing_key]
         try:
             _add_batch(found, json.dumps(json.loads(raw)[0]), job_id)
         except (ValueError, TypeError, IndexError):

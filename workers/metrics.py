@@ -64,6 +64,26 @@ STAGE_SECONDS = Histogram(
 )
 
 
+def _safe(fn: Callable[..., None]) -> Callable[..., None]:
+    """Metrics never fail a batch: an error writing them (a full or removed metrics folder) is logged once."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **kw: Any) -> None:
+        try:
+            fn(*a, **kw)
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, the batch's own work goes on
+            if not _FAILED:
+                _FAILED.append(e)
+                logger.warning("metrics not recorded (%s: %s); batches go on without them", type(e).__name__, e)
+
+    return wrapper
+
+
+_FAILED: list[BaseException] = []
+
+
+@_safe
 def observe(job: str, name: str, seconds: float) -> None:
     STAGE_SECONDS.labels(job, name).observe(seconds)
 
@@ -78,14 +98,17 @@ def stage(job: str, name: str) -> Iterator[None]:
         observe(job, name, time.perf_counter() - t0)
 
 
+@_safe
 def batch(job: str, outcome: str) -> None:
     BATCHES.labels(job, outcome).inc()
 
 
+@_safe
 def redelivered(job: str) -> None:
     REDELIVERIES.labels(job).inc()
 
 
+@_safe
 def committed(job: str, n_tokens: np.ndarray, quarantined: int) -> None:
     """A batch this worker committed: its embedded rows' token counts, and how many rows it quarantined."""
     rows = len(n_tokens)

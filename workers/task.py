@@ -139,6 +139,14 @@ def _redis(url: str) -> Any:
     return _REDIS[key]
 
 
+class JobNotReady(TransientError):
+    """The job's keys are not in Redis (yet, or again after a broker lost them): its producer writes them. Such
+    a batch waits for them (``NOT_READY_RETRIES`` x 5 s) rather than spending its retries for real faults."""
+
+
+NOT_READY_RETRIES = 120
+
+
 def _tokenizer(state: JobState, job: str, max_seq_len: int) -> Any:
     from core.tokenize import Tokenizer
 
@@ -146,7 +154,7 @@ def _tokenizer(state: JobState, job: str, max_seq_len: int) -> Any:
     if tok is None:
         text = state.tokenizer_json()
         if text is None:
-            raise TransientError(f"job {job} has no tokenizer in Redis yet (the producer writes it first)")
+            raise JobNotReady(f"job {job} has no tokenizer in Redis yet (the producer writes it first)")
         tok = Tokenizer(text, max_seq_len)
         if len(_TOKENIZERS) > 8:
             _TOKENIZERS.clear()
@@ -345,6 +353,10 @@ def _compute(task: Any, cfg: Any, m: BatchMessage, state: JobState, attempt: int
                 "finishing (worker killed, out of memory or over the time limit)",
             )
         return run_batch(m, enc_model, _tokenizer(state, m.job, info.max_seq_len), info.dim, attempt)
+    except JobNotReady as e:
+        if retries < NOT_READY_RETRIES:
+            raise task.retry(exc=e, countdown=5.0) from None
+        return _all_quarantined(m, m.dim, f"transient error after {retries} retries: {str(e)[:300]}")
     except (TransientError, SoftTimeLimitExceeded) as e:
         if retries < cfg.queue.max_retries:
             delay = _backoff(retries)
@@ -380,8 +392,8 @@ def _commit(out: OutputDir, m: BatchMessage, result: BatchOutput, state: JobStat
         state.mark_done(m.batch, committed["rows"], committed["tokens"], committed["quarantined"])
         metrics.batch(m.job, "duplicate")
         return {"batch": m.batch, "already": True}
-    metrics.committed(m.job, result.n_tokens, len(result.q_row_ids))
     state.mark_done(m.batch, len(result.row_ids), int(result.n_tokens.sum(dtype=np.int64)), len(result.q_row_ids))
+    metrics.committed(m.job, result.n_tokens, len(result.q_row_ids))
     logger.info(
         "batch %d: %d docs, %d quarantined in %.2fs",
         m.batch,

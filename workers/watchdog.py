@@ -14,13 +14,14 @@ import threading
 import time
 
 from core.redact import redact_url
-from workers.jobstate import connect_lazy, ping
+from workers.jobstate import connect_lazy, ping_error
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BrokerWatchdog", "EX_RESTART", "install"]
 
 EX_RESTART = 75  # EX_TEMPFAIL: "try again"; the supervisor restarts a worker that exits with it
+OUTAGE_PINGS = 3  # consecutive slow pings (every 2 s) that make an outage, not a broker busy for a moment
 
 
 class BrokerWatchdog(threading.Thread):
@@ -36,9 +37,11 @@ class BrokerWatchdog(threading.Thread):
     def run(self) -> None:
         client = connect_lazy(self.url, timeout=max(1.0, self.interval))
         down_since: float | None = None
+        misses = 0
         while not self.stopped.wait(self.interval):
-            if ping(client):
-                if down_since is not None:
+            error = ping_error(client)
+            if error is None:
+                if misses >= OUTAGE_PINGS and down_since is not None:
                     logger.warning(
                         "the broker %s answers again after %.0fs: restarting this worker so that it consumes again",
                         redact_url(self.url),
@@ -46,8 +49,14 @@ class BrokerWatchdog(threading.Thread):
                     )
                     self.on_recovered()
                     return
-            elif down_since is None:
+                down_since, misses = None, 0  # a missed ping or two (a busy broker) is no outage
+                continue
+            # a refused or dropped connection is an outage at once (the broker went away or restarted, and
+            # the consumer's connection with it); a slow answer only when it keeps happening
+            before, misses = misses, max(misses + 1, OUTAGE_PINGS if error == "connection" else 0)
+            if down_since is None:
                 down_since = time.monotonic()
+            if before < OUTAGE_PINGS <= misses:
                 logger.warning("the broker %s stopped answering: waiting for it", redact_url(self.url))
 
 

@@ -85,8 +85,8 @@ def ensure_model(
             _staged(target, ".copying", lambda tmp: shutil.copytree(cached, tmp, copy_function=_link_or_copy))
             stamp.write_text(key, encoding="utf-8")
             return target
-        except OSError as e:
-            _refuse_if_full(e, target, lambda: _size(cached))
+        except OSError as e:  # a full cache (or home quota) is no reason to stop: build into OUT instead
+            _refuse_if_full(e, target, lambda: _size(cached), unnamed_is_target=False)
             logger.warning("model cache %s unusable (%s): building into %s", cache, e, target)
     logger.info("building the model (%s, %s) into %s", cfg.engine.model or "default", cfg.engine.precision, target)
     try:
@@ -151,6 +151,7 @@ def _staged(target: Path, suffix: str, fill) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         fill(tmp)
+        target.with_name(MODEL_SPEC).unlink(missing_ok=True)  # the old key goes before the old model does
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except BaseException:
@@ -165,10 +166,10 @@ def _no_space(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _is_under(target: Path, e: OSError) -> bool:
+def _is_under(target: Path, e: OSError, unnamed_is_target: bool) -> bool:
     """Whether a failed write was in ``target``'s folder (not in the cache's)."""
     where = str(e.args[0]) if isinstance(e, shutil.Error) else str(e.filename or e.filename2 or "")
-    return not where or str(target.parent) in where
+    return str(target.parent) in where if where else unnamed_is_target
 
 
 def _size(folder: Path) -> int:
@@ -183,10 +184,11 @@ def _build_size(cfg: FbasConfig) -> int:
     return _size(src) if src.is_dir() else 0
 
 
-def _refuse_if_full(e: OSError, target: Path, need: Callable[[], int]) -> None:
+def _refuse_if_full(e: OSError, target: Path, need: Callable[[], int], unnamed_is_target: bool = True) -> None:
     """Turn a write into ``target``'s folder that failed for want of space into the ``InputError`` that names
-    the folder and the space the model needs."""
-    if _no_space(e) and _is_under(target, e):
+    the folder and the space the model needs. ``unnamed_is_target``: whether an error that names no file was
+    a write into ``target`` (not where a write into the cache also happened)."""
+    if _no_space(e) and _is_under(target, e, unnamed_is_target):
         raise _full(target.parent, need()) from None
 
 

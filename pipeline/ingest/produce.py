@@ -49,8 +49,11 @@ def batch_messages(
         return
     batch_of_row = plan.batch_of_row(corpus.n_rows)
     need = plan.sizes()
+    wanted = np.flatnonzero(todo)
+    span = np.concatenate([plan.rows(int(b)) for b in wanted])  # read only the files and row groups holding them
+    left = len(wanted)
     pending: dict[int, tuple[list, list, list, list]] = {}
-    for rb in corpus.batches():
+    for rb in corpus.batches(start=int(span.min()), stop=int(span.max()) + 1):
         n = len(rb)
         b = batch_of_row[rb.row0 : rb.row0 + n]
         pos = np.flatnonzero(b >= 0)
@@ -74,6 +77,7 @@ def batch_messages(
                     rep.append(len(rows) - 1)
             if len(rows) == need[bi]:
                 del pending[bi]
+                left -= 1
                 yield task_message(
                     job=job,
                     batch=bi,
@@ -86,6 +90,8 @@ def batch_messages(
                     texts=texts,
                     repaired=rep,
                 )
+        if not left:  # every wanted batch went out: the rest of the corpus need not be read
+            return
     if pending:  # the corpus changed between the scan and now
         missing = sorted(pending)[:5]
         raise InputError(

@@ -91,16 +91,23 @@ class Corpus:
     fingerprint: str = ""
     columns: list[str] = field(default_factory=list)
 
-    def batches(self, batch_rows: int = READ_BATCH_ROWS) -> Iterator[RowBatch]:
-        """Every row in order, ``batch_rows`` at a time (texts decoded; ids in their original type)."""
+    def batches(self, batch_rows: int = READ_BATCH_ROWS, start: int = 0, stop: int | None = None) -> Iterator[RowBatch]:
+        """Every row in order, ``batch_rows`` at a time (texts decoded; ids in their original type). With
+        ``start``/``stop``, only the files and row groups that hold rows ``start .. stop - 1`` are read (the
+        batches may hold rows around them)."""
         cols = [c for c in (self.id_column, self.text_column, self.title_column) if c]
+        whole = start <= 0 and stop is None
+        stop = self.n_rows if stop is None else stop
         row = 0
         for f in self.files:
-            if f.num_rows == 0:
+            if f.num_rows == 0 or f.row0 >= stop or f.row0 + f.num_rows <= start:
+                row = f.row0 + f.num_rows
                 continue
             with self.fs.open_input_file(f.path) as handle:
                 pf = pq.ParquetFile(handle, **self._read_options())
-                for rb in _checked(pf, f.path, batch_size=batch_rows, columns=cols, use_threads=True):
+                groups, row = _row_groups(pf.metadata, f.row0, start, stop)
+                kw: dict[str, Any] = {"row_groups": groups} if not whole else {}
+                for rb in _checked(pf, f.path, batch_size=batch_rows, columns=cols, use_threads=True, **kw):
                     n = rb.num_rows
                     id_array = rb.column(self.id_column) if self.id_column else None
                     ids = id_array.to_pylist() if id_array is not None else list(range(row, row + n))
@@ -114,7 +121,7 @@ class Corpus:
                         repaired |= rep_t
                     yield RowBatch(row, ids, id_array, texts, repaired)
                     row += n
-        if row != self.n_rows:
+        if whole and row != self.n_rows:
             raise InputError(
                 f"{self.uri} changed while it was read ({row} rows now, {self.n_rows} in the footers): "
                 "do not modify a corpus during an ingest"
@@ -144,6 +151,19 @@ class Corpus:
                     row += rb.num_rows
 
 
+def _row_groups(md: pq.FileMetaData, row0: int, start: int, stop: int) -> tuple[list[int], int]:
+    """The row groups of a file (its first row ``row0`` in the corpus) that hold rows ``start .. stop - 1``,
+    and the corpus row of the first one."""
+    groups, first, at = [], None, row0
+    for rg in range(md.num_row_groups):
+        n = md.row_group(rg).num_rows
+        if at < stop and at + n > start:
+            groups.append(rg)
+            first = at if first is None else first
+        at += n
+    return groups, row0 if first is None else first
+
+
 def _checked(pf: pq.ParquetFile, path: str, **kw: Any) -> Iterator[pa.RecordBatch]:
     """``pf.iter_batches(**kw)``, with a damaged page (bad compression, a truncated file) reported as an
     ``InputError`` that names the file and the row group instead of Arrow's bare error."""
@@ -156,8 +176,9 @@ def _checked(pf: pq.ParquetFile, path: str, **kw: Any) -> Iterator[pa.RecordBatc
             return
         except (OSError, pa.ArrowException) as e:
             raise InputError(
-                f"{path}: {_damaged_row_group(pf, done, kw.get('columns'))} cannot be read ({e}): the file is "
-                "damaged. Repair or replace it, then rerun the same command (batches already finished are kept)"
+                f"{path}: {_damaged_row_group(pf, done, kw.get('columns'))} cannot be read ({e}): repair or "
+                "replace the file if it is damaged, or wait until its storage answers if it is remote, then rerun "
+                "the same command (batches already finished are kept)"
             ) from None
         done += rb.num_rows
         yield rb

@@ -303,22 +303,35 @@ def _run_queue(run: _Running, job: Job | None, new: _NewScan | None) -> _Queued:
     ctx, cfg = run.ctx, run.ctx.cfg
     app = producer_app(FbasConfig(queue=replace(cfg.queue, broker=run.broker), serve=cfg.serve))
     tok_json = (run.model_dir / "tokenizer.json").read_text(encoding="utf-8")
-    outage = BrokerOutage(run.client, run.broker, cfg.queue.broker_wait)
+    # local mode: a dead redis-server is the cluster's failure, named by its check, not an outage to wait out
+    check = run.cluster.check if run.cluster is not None else None
+    outage = BrokerOutage(run.client, run.broker, cfg.queue.broker_wait, check=check)
     plan0 = job.plan if job is not None else None
     state, committed = outage.call(lambda: register_job(ctx, run.client, plan0, tok_json))
     logger.info("job %s registered in Redis (%d batches committed already)", ctx.job_id, len(committed))
     bar = IngestProgress(job.plan.n_rows if job is not None else ctx.corpus.n_rows, run.progress)
     watch = Watch(state, run.cluster, cfg, bar, run.client, outage)
     sender = Sender(app, run.client, QUEUE, cfg.queue.queue_depth, TASK_NAME, on_wait=watch.tick, key=run.task_key)
+    seen_outages = [0]
+
+    def after_outage() -> None:
+        """A broker that came back may have lost the job's keys (tokenizer, meta) while batches are still being
+        sent: write them again at once, so workers do not wait for them (the re-send of lost batches follows
+        in the wait loop)."""
+        if outage.outages != seen_outages[0]:
+            seen_outages[0] = outage.outages
+            watch.state, _ = outage.call(lambda: register_job(ctx, run.client, job.plan if job else None, tok_json))
 
     def send(msg: dict) -> None:
         run.ready()
         bar.start()
         outage.call(lambda: sender.send(msg))
+        after_outage()
 
     def on_window(n_batches: int, n_rows: int) -> None:
         outage.call(lambda: watch.state.set_planned(n_batches, n_rows))  # status shows the plan as it grows
         watch.tick()  # checks children and worker errors between sends too
+        after_outage()
 
     try:
         watch.tick(force=True)
@@ -333,7 +346,11 @@ def _run_queue(run: _Running, job: Job | None, new: _NewScan | None) -> _Queued:
             action = watch.needs_reenqueue(QUEUE)
             if action:
                 _send_again(run, job, action, watch, outage, send, tok_json)
-            lost = set(watch.orphans()) - outage.call(watch.state.done)
+            lost = set(watch.orphans())
+            if lost:  # done ones, and ones already back in the queue (a lost pool child's), are not sent again
+                lost -= outage.call(watch.state.done) | outage.call(
+                    lambda: queued_batches(run.client, QUEUE, ctx.job_id, unacked=False)
+                )
             for msg in run.messages(job.plan, set(range(job.plan.n_batches)) - lost) if lost else ():
                 send(msg)
             time.sleep(POLL_S)

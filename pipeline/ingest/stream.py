@@ -58,12 +58,19 @@ def scan_and_send(
         out.state(PENDING_FILE),
         lambda p: p.write_text(json.dumps({"job": ctx.job_id, "corpus": corpus.uri}), encoding="utf-8"),
     )
+    sent = [0]
+
+    def counted(msg: dict) -> None:
+        send(msg)
+        sent[0] += 1
+
     try:
-        scanned, plans = _plan_and_send(ctx, windows, send, skip, on_window)
+        scanned, plans = _plan_and_send(ctx, windows, counted, skip, on_window)
     except InputError:
-        # a corpus that cannot be read (a damaged file): if no part of this job was committed, nothing needs
-        # the folder's claim, so a rerun with a repaired file, even one whose job differs, is not refused
-        if not committed_parts(out, ctx.job_id, None):
+        # a corpus that cannot be read (a damaged file): if nothing of this job was sent (so no part of it can
+        # still be committed), nothing needs the folder's claim, and a rerun with a repaired file, even one
+        # whose job differs, is not refused
+        if not sent[0] and not committed_parts(out, ctx.job_id, None):
             out.state(PENDING_FILE).unlink(missing_ok=True)
         raise
     scan = assemble_scan(corpus, id_hash, scanned, estimated=length_mode(ctx.cfg) == "estimate")

@@ -81,8 +81,8 @@ class BrokerOutage:
     seconds, saying that a rerun resumes. Afterwards ``recovered`` is set: the producer then registers the job
     again and re-sends the batches the outage lost (``workers.jobstate.queued_batches``)."""
 
-    def __init__(self, client: Any, url: str, budget: float) -> None:
-        self.client, self.url, self.budget = client, url, budget
+    def __init__(self, client: Any, url: str, budget: float, check: Callable[[], None] | None = None) -> None:
+        self.client, self.url, self.budget, self.check = client, url, budget, check
         self.recovered = False
         self.outages = 0
 
@@ -95,6 +95,8 @@ class BrokerOutage:
                 self.wait(e)
 
     def wait(self, error: ServerUnavailableError) -> None:
+        if self.check is not None:
+            self.check()  # local mode: a dead child (redis-server) is named as such, not waited for
         if ping(self.client):
             raise error  # the broker answers: this error is not an outage
         t0, pause, tries = time.monotonic(), 0.5, 0
@@ -144,7 +146,8 @@ class Watch:
         self.state, self.cluster, self.cfg, self.bar, self.client = state, cluster, cfg, bar, client
         self.outage = outage
         self.last_orphan_check = time.monotonic()
-        self.last_relay, self.relayed_until, self.warned_idle = 0.0, time.time(), False
+        self.last_relay, self.warned_idle = 0.0, False
+        self.relayed: set[tuple[float, str]] | None = None
         self.last_n, self.last_change, self.last_poll, self.n_done = -1, time.monotonic(), 0.0, 0
 
     def tick(self, force: bool = False) -> int:
@@ -180,9 +183,13 @@ class Watch:
             return
         self.last_relay = now
         try:
-            for t, msg in self.state.warnings(self.relayed_until):
-                logger.warning("a worker reports: %s", msg)
-                self.relayed_until = max(self.relayed_until, t)
+            reports = self.state.warnings()
+            if self.relayed is None:  # what was reported before this run started is not news (workers' clocks
+                self.relayed = set(reports)  # may differ from ours, so entries are matched, not times compared)
+            for report in reports:
+                if report not in self.relayed:
+                    self.relayed.add(report)
+                    logger.warning("a worker reports: %s", report[1])
             first_sent = self.bar.t0
             idle = first_sent is not None and now - first_sent > NO_WORKER_S and not self.warned_idle
             if idle and first_sent is not None and self.n_done == 0 and not self.state.running():

@@ -199,9 +199,9 @@ def test_stale_backend_regions_of_dead_owners_are_swept():
 def test_a_gpu_model_gets_an_instance_group_on_every_visible_gpu(
     built_fp32: Path, tmp_path: Path, two_gpu_host, monkeypatch
 ):
-    """Every GPU of a host (placement read from the generated config, on a stand-in 2-GPU host): by default one
-    instance group per visible GPU; --gpus picks some; CUDA_VISIBLE_DEVICES narrows what is visible; and the
-    worker pool grows with the GPUs it feeds."""
+    """Every GPU of a host (placement read from the generated config, on a stand-in 2-GPU host): by default a
+    KIND_GPU group with no gpus list, which Triton places on every GPU it sees; --gpus picks some, checked
+    against what CUDA_VISIBLE_DEVICES leaves visible; and the worker pool grows with the GPUs it feeds."""
     import json
     import shutil
 
@@ -217,13 +217,15 @@ def test_a_gpu_model_gets_an_instance_group_on_every_visible_gpu(
         text = render_config(gpu_model, ModelEntryOptions(instance_count=2, **opts))
         return text[text.index("instance_group") :].split("]", 1)[0] + "]"
 
-    every = placed()
-    assert "count: 2" in every and "kind: KIND_GPU" in every and "gpus: [ 0, 1 ]" in every
-    assert "gpus: [ 1 ]" in placed(gpus="1")
+    every = placed()  # no gpus list: Triton puts count instances on every GPU it sees where it serves
+    assert "count: 2" in every and "kind: KIND_GPU" in every and "gpus" not in every
+    assert "gpus: [ 0, 1 ]" in placed(gpus="0,1") and "gpus: [ 1 ]" in placed(gpus="1")
     with pytest.raises(ConfigError, match="shows 2 GPUs"):
         placed(gpus="2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    assert "gpus: [ 0 ]" in placed()  # the one visible card, as the server numbers it
+    with pytest.raises(ConfigError, match="shows 1 GPUs"):  # one card visible: the server numbers it 0
+        placed(gpus="1")
+    assert "gpus: [ 0 ]" in placed(gpus="0")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert "gpus" not in render_config(built_fp32, ModelEntryOptions())  # a CPU model: no GPU placement
     monkeypatch.setattr(worker, "cpu_count", lambda: 16)

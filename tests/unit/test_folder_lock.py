@@ -91,3 +91,25 @@ def test_only_provably_abandoned_temp_files_are_removed(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_full_model_cache_falls_back_to_building_in_the_output_folder(tmp_path, monkeypatch):
+    """A full home quota (an error that names no file) while building into the cache is no reason to stop: the
+    model is built into OUT instead; only a full OUT is refused."""
+    import errno as _errno
+
+    from pipeline.ingest import model_cache as mc
+
+    built: list[Path] = []
+
+    def fake_build(cfg, folder, steps):
+        built.append(folder)
+        if folder.parent.name == "cache":
+            raise OSError(_errno.EDQUOT, "Disk quota exceeded")  # as a plain write() reports it: no filename
+        folder.mkdir(parents=True)
+
+    monkeypatch.setattr(mc, "_build", fake_build)
+    out = OutputDir(tmp_path / "out")
+    target = mc.ensure_model(FbasConfig(), out, cache=tmp_path / "cache")
+    assert target == out.state("model") and target.is_dir()
+    assert [b.parent.name for b in built] == ["cache", ".fbas"]

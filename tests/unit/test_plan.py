@@ -453,3 +453,25 @@ def test_the_estimate_has_a_fallback_when_the_first_window_cannot_measure_it(tmp
         )
         and (w.n_tokens >= 3).all()
     )
+
+
+def test_sending_some_batches_again_reads_only_the_row_groups_that_hold_them(tmp_path, minilm_tokenizer):
+    """A re-send of one batch (a lost worker's) must not read the whole corpus: only the row groups holding
+    its rows are decoded, and reading stops once the batch went out."""
+    from core.config import CorpusConfig
+    from pipeline.ingest.plan import plan_batches, scan_corpus
+
+    texts = [f"text number {i} " + "word " * (i % 13) for i in range(5000)]
+    p = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": list(range(5000)), "text": texts}), p, row_group_size=500)
+    corpus = open_corpus(str(p), CorpusConfig())
+    plan = plan_batches(scan_corpus(corpus, minilm_tokenizer).n_tokens, 2048, 64)
+    target = plan.n_batches // 2
+    read: list[tuple[int, int]] = []
+    real = corpus.batches
+    corpus.batches = lambda *a, **k: (read.append((rb.row0, len(rb))) or rb for rb in real(*a, **k))  # type: ignore
+    skip = set(range(plan.n_batches)) - {target}
+    msgs = list(batch_messages(corpus, plan, job="j", out="/o", model="m", dim=8, skip=skip))
+    assert [m["batch"] for m in msgs] == [target] and msgs[0]["row_ids"] == plan.rows(target).tolist()
+    assert msgs[0]["texts"] == [texts[r] for r in msgs[0]["row_ids"]]
+    assert sum(n for _, n in read) < 5000 / 2, f"read {sum(n for _, n in read)} of 5000 rows for one batch"

@@ -39,3 +39,10 @@ def test_secrets_are_scrubbed_from_any_text_that_quotes_them():
     for secret in ("p@ss", "p%40ss", "qs-secret"):
         assert secret not in out
     assert "host/0" in out
+
+
+@pytest.mark.parametrize("secret", ["p/ss", "ab+c/d==", "p?ss", "p#ss", "a@b/c?d"])
+def test_passwords_with_url_delimiters_are_hidden(secret):
+    for url in (f"redis://:{secret}@host:6379/0", f"redis://user:{secret}@host/0"):
+        shown = redact_url(url)
+        assert secret not in shown and shown.endswith("@host:6379/0" if ":6379" in url else "@host/0"), shown
