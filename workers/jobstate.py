@@ -134,6 +134,7 @@ class JobState:
         self.k_running, self.k_errors = base + ":running", base + ":errors"
         self.k_warnings = base + ":warnings"
         self.k_workers = base + ":workers"  # "host:pid|docs|batches|first|last": what each worker committed
+        self.k_crashes = base + ":crashes"  # batch -> deliveries that died unfinished (bounds poison batches)
         self._mark = client.register_script(_MARK_DONE)
 
     # -- producer side
@@ -162,7 +163,7 @@ class JobState:
         """Drop the job's progress (done batches, counters, attempts, running batches): used when Redis
         holds batches as done that the output folder lacks (the same job sent to another folder, or parts
         deleted); the producer skips done batches, so those would never be embedded into this folder."""
-        self.r.delete(self.k_done, self.k_counters, self.k_running, self.k_attempts, self.k_workers)
+        self.r.delete(self.k_done, self.k_counters, self.k_running, self.k_attempts, self.k_workers, self.k_crashes)
 
     @_guard
     def reconcile(self, committed: dict[int, tuple[int, int, int]]) -> int:
@@ -225,12 +226,19 @@ class JobState:
         return raw.decode("utf-8") if raw is not None else None
 
     @_guard
-    def begin(self, batch: int, where: str) -> int:
-        """Record that a delivery of ``batch`` starts on ``where`` (host:pid); return its attempt number (1 = first)."""
+    def begin(self, batch: int, where: str) -> tuple[int, int]:
+        """Record that a delivery of ``batch`` starts on ``where`` (host:pid); return (its attempt number, 1 = first;
+        how many earlier deliveries died unfinished). A delivery died when the next one finds it still running on
+        a worker process that is gone (this host: its pid; another host: no heartbeat): a second copy of a batch
+        sent while its first worker lives (a producer's re-send, a broker's redelivery) is not a crash."""
+        prev = self.r.hget(self.k_running, str(batch))
+        died = prev is not None and prev.decode() != where and _gone(self.r, prev.decode())
         p = self.r.pipeline()
         p.hincrby(self.k_attempts, str(batch), 1)
         p.hset(self.k_running, str(batch), where)
-        return int(p.execute()[0])
+        p.hincrby(self.k_crashes, str(batch), 1 if died else 0)
+        attempt, _, crashes = p.execute()
+        return int(attempt), int(crashes)
 
     @_guard
     def is_done(self, batch: int) -> bool:
@@ -301,6 +309,7 @@ class JobState:
             self.k_errors,
             self.k_warnings,
             self.k_workers,
+            self.k_crashes,
         )
         self.r.srem(JOBS_KEY, self.job_id)
 
@@ -332,6 +341,19 @@ def alive_workers(client: Any, wheres: Iterable[str]) -> set[str]:
         return {w for w, ok in zip(wheres, p.execute()) if ok}
     except redis.RedisError as e:
         raise ServerUnavailableError(f"Redis error while reading heartbeats: {type(e).__name__}") from None
+
+
+def _gone(client: Any, where: str) -> bool:
+    """Whether worker process ``where`` (host:pid) no longer runs: on this host, by its pid (exact); elsewhere,
+    by its heartbeat having expired."""
+    import socket
+
+    from core.processes import pid_alive
+
+    host, _, pid = where.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        return not pid_alive(int(pid))
+    return not client.exists(ALIVE_PREFIX + where)
 
 
 def list_jobs(client: Any) -> Iterable[str]:

@@ -9,7 +9,8 @@ Message (msgpack, one per planned batch; ``pipeline.ingest.produce`` builds it):
 What makes it idempotent and bounded (docs/reliability.md):
 
 * a batch whose vectors part is already committed for this job is only recorded done again;
-* every delivery is counted in Redis (``attempts``); a batch whose deliveries died without
+* every delivery is counted in Redis (``attempts``), and each one found to have died unfinished
+  (``crashes``: its worker process is gone); a batch whose deliveries died without
   finishing (worker killed, OOM, hard time limit) more than ``max_retries`` times is
   quarantined whole with that reason, so a poison batch never loops;
 * transient faults (Triton or Redis unreachable, the soft time limit) are retried by Celery
@@ -313,10 +314,9 @@ def embed_batch(self, msg: dict) -> dict:
             "a folder that holds it"
         )
         return _job_problem(state, m, problem, "output folder not allowed")
-    attempt = state.begin(m.batch, f"{socket.gethostname()}:{os.getpid()}")
+    attempt, crashed = state.begin(m.batch, f"{socket.gethostname()}:{os.getpid()}")
     retries = int(self.request.retries or 0)
-    crashed = attempt - 1 - retries  # earlier deliveries that never finished
-    if crashed > 0:
+    if crashed and attempt > 1:  # this delivery follows one that died (a later one counts it again: no matter)
         state.count("redelivered")
         metrics.redelivered(m.job)
     committed = out.read_part_meta(m.batch)

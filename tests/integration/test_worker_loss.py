@@ -130,3 +130,30 @@ def test_status_names_batches_whose_worker_is_gone(cluster, tmp_path):
     progress = entry["progress"]
     assert progress["rows_done"] == 20 and progress["planned_rows"] == 30 and progress["eta_s"] > 0
     assert "progress: 20/30 rows" in text and "ETA" in text
+
+
+def test_only_deliveries_whose_worker_died_count_as_crashes(cluster):
+    """A batch's second copy (a producer's re-send, a broker's redelivery) while its first worker lives is no
+    crash; a delivery whose worker process is gone (this host: its pid; another: no heartbeat) is one. Poison
+    batches are judged by crashes, so duplicates never quarantine a healthy batch."""
+    import socket
+    import subprocess
+    import sys
+
+    from workers.jobstate import JobState, connect, heartbeat
+
+    client = connect(cluster.broker_url)
+    st = JobState(client, "crash-job")
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        host = socket.gethostname()
+        assert st.begin(0, f"{host}:{dead.pid}") == (1, 0)
+        assert st.begin(0, f"{host}:{os.getpid()}") == (2, 1)  # the first one's process is gone
+        assert st.begin(0, "other-host:5") == (3, 1)  # this process still runs: a second copy, no crash
+        heartbeat(client, "other-host:5", 30)
+        assert st.begin(0, "third-host:6") == (4, 1)  # other-host:5 sends heartbeats: alive
+        assert st.begin(0, "fourth-host:7") == (5, 2)  # third-host:6 never sent one: gone
+    finally:
+        st.delete()
+        client.close()
