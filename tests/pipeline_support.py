@@ -182,3 +182,31 @@ def need_services() -> None:
         find_tritonserver()
     except ConfigError as e:
         pytest.skip(f"tritonserver is not installed: {e}")
+
+
+def ingest_in_background(cluster, template_out: Path, corpus: Path, out: Path, **settings):
+    """A fleet producer's ingest of ``corpus`` into ``out`` against ``cluster`` (``start_cluster``), on a thread;
+    ``settings``: ``section__field=value`` overrides (e.g. ``corpus__batch_rows=32``). Returns the thread and a
+    dict that gets ``r`` (the IngestResult) or ``e`` (the exception) when it ends."""
+    import threading
+
+    from core.config import FbasConfig
+    from pipeline.ingest.run import ingest
+
+    seed_model(out, template_out)
+    cfg = FbasConfig()
+    cfg.queue.broker, cfg.queue.task_key, cfg.output.out = cluster.broker_url, cluster.task_key, str(out)
+    for key, value in settings.items():
+        section, _, name = key.partition("__")
+        setattr(getattr(cfg, section), name, value)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["r"] = ingest(str(corpus), cfg, progress=False)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            result["e"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result

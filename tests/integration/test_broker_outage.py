@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -16,9 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import FbasConfig
 from core.errors import ServerUnavailableError
-from tests.pipeline_support import check_oracle, seed_model, start_cluster, wait_for
+from tests.pipeline_support import check_oracle, ingest_in_background, start_cluster, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -68,24 +66,9 @@ def _corpus(tmp_path: Path, stsb_en_test, n: int = 600) -> tuple[Path, list[str]
 
 
 def _ingest_thread(cluster, template_out, corpus: Path, out: Path, broker_wait: float):
-    from pipeline.ingest.run import ingest
-
-    seed_model(out, template_out)
-    cfg = FbasConfig()
-    cfg.queue.broker, cfg.output.out, cfg.queue.broker_wait = cluster.broker_url, str(out), broker_wait
-    cfg.queue.task_key = cluster.task_key
-    cfg.corpus.batch_rows = 32
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["r"] = ingest(str(corpus), cfg, progress=False)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            result["e"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, result
+    return ingest_in_background(
+        cluster, template_out, corpus, out, queue__broker_wait=broker_wait, corpus__batch_rows=32
+    )
 
 
 @pytest.mark.parametrize("keep_data", [True, False], ids=["aof", "no-persistence"])

@@ -7,7 +7,6 @@ only estimates lengths) runs in a thread while the test scrapes ``/metrics``."""
 from __future__ import annotations
 
 import socket
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,8 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import FbasConfig
-from tests.pipeline_support import check_oracle, seed_model, start_cluster, wait_for
+from tests.pipeline_support import check_oracle, ingest_in_background, start_cluster, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,7 +58,6 @@ def _counted(port: int) -> dict | None:
 
 
 def test_worker_metrics_match_the_manifest(template_out, tmp_path, stsb_en_test):
-    from pipeline.ingest.run import ingest
     from workers.metrics import MULTIPROC_ENV
 
     port = _free_port()
@@ -74,20 +71,10 @@ def test_worker_metrics_match_the_manifest(template_out, tmp_path, stsb_en_test)
         corpus = tmp_path / "c.parquet"
         pq.write_table(pa.table({"id": ids, "text": texts}), corpus)
         out = tmp_path / TAG
-        seed_model(out, template_out)
-        cfg = FbasConfig()
-        cfg.queue.broker, cfg.queue.task_key, cfg.output.out = cluster.broker_url, cluster.task_key, str(out)
-        cfg.corpus.batch_rows, cfg.corpus.lengths = 32, "estimate"  # no-token texts reach the worker
-        result: dict = {}
-
-        def run() -> None:
-            try:
-                result["r"] = ingest(str(corpus), cfg, progress=False)
-            except BaseException as e:  # noqa: BLE001 - handed to the test thread
-                result["e"] = e
-
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
+        # estimated lengths: the no-token texts reach the worker, which quarantines them
+        t, result = ingest_in_background(
+            cluster, template_out, corpus, out, corpus__batch_rows=32, corpus__lengths="estimate"
+        )
         during = wait_for(lambda: _counted(port), 120, "documents counted on the metrics endpoint")
         assert t.is_alive(), "the first scrape that counted documents came after the ingest"
         t.join(timeout=300)
