@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from core.formatting import clock
 from core.layout import JOB_FILE, MANIFEST, PENDING_FILE, OutputDir
 from core.redact import redact_url
 from output.check import committed_parts
@@ -109,7 +110,7 @@ def _broker_status(broker: str, job_id: str | None, info: dict[str, Any]) -> Non
                 entry["progress"] = progress
                 lines.append(
                     f"  progress: {progress['rows_done']:,}/{progress['planned_rows']:,} rows, "
-                    f"{progress['docs_per_s']:,.0f} docs/s, ETA {_clock(progress['eta_s'])}"
+                    f"{progress['docs_per_s']:,.0f} docs/s, ETA {clock(progress['eta_s'])}"
                 )
             lines.extend(f"  error: {e}" for e in entry["errors"][:3])
             lines.extend(f"  a worker reported: {w}" for w in entry["warnings"])
@@ -160,8 +161,3 @@ def _progress(meta: dict[str, str], counters: dict[str, int], workers: dict[str,
         return None
     done = counters["docs"] + counters["quarantined"]
     return {"rows_done": done, "planned_rows": planned, "docs_per_s": rate, "eta_s": max(0, planned - done) / rate}
-
-
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

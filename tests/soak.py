@@ -20,7 +20,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,15 +32,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.triton import free_port
 from tests.pipeline_support import check_oracle, wait_for  # noqa: E402
 
 FAULTS = ("kill_worker", "restart_redis", "kill_triton", "fill_disk")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -68,8 +62,8 @@ class Fleet:
     work: Path
     out_root: Path
     model_dir: Path
-    redis_port: int = field(default_factory=_port)
-    grpc: int = field(default_factory=_port)
+    redis_port: int = field(default_factory=free_port)
+    grpc: int = field(default_factory=free_port)
     password: str = field(default_factory=lambda: secrets.token_hex(12))
     task_key: str = field(default_factory=lambda: secrets.token_hex(32))
     redis: subprocess.Popen | None = None
@@ -108,7 +102,7 @@ class Fleet:
     def start_serve(self) -> None:
         cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model-dir", str(self.model_dir)]
         cmd += ["--model-repository", str(self.work / "repo"), "--grpc-port", str(self.grpc)]
-        cmd += ["--http-port", str(_port()), "--metrics-port", str(_port())]
+        cmd += ["--http-port", str(free_port()), "--metrics-port", str(free_port())]
         self.serve = subprocess.Popen(
             cmd, cwd=ROOT, env=self.env(), stdout=self._log("serve"), stderr=subprocess.STDOUT
         )

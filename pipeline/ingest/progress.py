@@ -6,6 +6,8 @@ import sys
 import time
 from contextlib import contextmanager
 
+from core.formatting import clock
+
 
 @contextmanager
 def progress_bar(total: int | None, desc: str, unit: str = "it", disable: bool = False):
@@ -75,7 +77,7 @@ class IngestProgress:
             return ""
         el = max(1e-6, time.monotonic() - self.t0)
         eta = max(0, self.total - self.done) / (new / el)
-        return f"{new / el:,.0f} docs/s, {(self.tokens - self.tokens0) / el:,.0f} tok/s, ETA {_clock(eta)}"
+        return f"{new / el:,.0f} docs/s, {(self.tokens - self.tokens0) / el:,.0f} tok/s, ETA {clock(eta)}"
 
     def print_line(self) -> None:
         self.last_line = time.monotonic()
@@ -96,11 +98,6 @@ class IngestProgress:
     @property
     def done_this_run(self) -> int:
         return self.done - (self.done0 or 0)
-
-
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 class Steps:

@@ -12,18 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from services.triton import free_port
 from tests.pipeline_support import fbas_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "p@ss:w0rd-Zq"  # holds '@' and ':', the forms a naive redaction misses
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -43,7 +38,7 @@ def _start_redis(tmp: Path, *args: str) -> subprocess.Popen:
 
 @pytest.fixture
 def redis_with_password(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = _start_redis(tmp_path, "--port", str(port), "--requirepass", SECRET)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -62,7 +57,7 @@ def test_no_form_of_the_password_reaches_status_or_its_errors(redis_with_passwor
         f"redis://:{SECRET}@127.0.0.1:{port}/0",  # the right password: works
         f"redis://127.0.0.1:{port}/0?password={SECRET}",  # query string: works
         f"redis://:{SECRET}x@127.0.0.1:{port}/0",  # wrong password: refused
-        f"redis://:{SECRET}@127.0.0.1:{_free_port()}/0",  # nobody listens: unreachable
+        f"redis://:{SECRET}@127.0.0.1:{free_port()}/0",  # nobody listens: unreachable
     ]
     outputs = []
     for url in forms:
@@ -105,7 +100,7 @@ def tls_redis(tmp_path):
         check=True,
         capture_output=True,
     )
-    port = _free_port()
+    port = free_port()
     proc = _start_redis(
         tmp_path,
         "--port",

@@ -9,7 +9,6 @@ import queue
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,22 +19,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from services.triton import free_port
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def fleet_env(tmp_path):
     if not shutil.which("redis-server"):
         pytest.skip("redis-server is not on PATH (apt install redis-server)")
-    port = _port()
+    port = free_port()
     redis = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL,
@@ -88,7 +83,7 @@ def test_a_producer_with_no_worker_says_so(fleet_env, tmp_path):
 
 
 def test_a_workers_trouble_reaches_the_producer_and_status(fleet_env, tmp_path):
-    worker_env = {**fleet_env, "FBAS_TRITON": f"127.0.0.1:{_port()}", "FBAS_READY_TIMEOUT": "2"}
+    worker_env = {**fleet_env, "FBAS_TRITON": f"127.0.0.1:{free_port()}", "FBAS_READY_TIMEOUT": "2"}
     worker = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "worker", "--concurrency", "1"],
         cwd=tmp_path,

@@ -6,7 +6,6 @@ only estimates lengths) runs in a thread while the test scrapes ``/metrics``."""
 
 from __future__ import annotations
 
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,18 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from services.triton import free_port
 from tests.pipeline_support import check_oracle, ingest_in_background, start_cluster, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TAG = "metrics-job"
 STAGES = ("read", "tokenize", "infer", "write")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scrape(port: int) -> dict[tuple[str, frozenset], float]:
@@ -60,7 +54,7 @@ def _counted(port: int) -> dict | None:
 def test_worker_metrics_match_the_manifest(template_out, tmp_path, stsb_en_test):
     from workers.metrics import MULTIPROC_ENV
 
-    port = _free_port()
+    port = free_port()
     # batch 1 sleeps 3 s on its first delivery, so the job is still running when the first batches are counted
     worker_env = {"FBAS_WORKER_METRICS_PORT": str(port), "FBAS_TEST_PAUSE": f"1:3:{TAG}"}
     cluster = start_cluster(template_out, tmp_path / "cluster", tmp_path, worker_env)
