@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import shutil
@@ -280,7 +281,8 @@ def section_base(res: dict, variants: list[str], profile: bool = False) -> None:
     for v in variants:
         precision, opts = parse_variant(v)
         try:
-            eng = GpuBertEngine(
+            build = functools.partial(
+                GpuBertEngine,
                 shape,
                 weights,
                 pooling="mean",
@@ -288,22 +290,12 @@ def section_base(res: dict, variants: list[str], profile: bool = False) -> None:
                 max_seq_len=512,
                 precision=precision,
                 device="cuda",
-                options=GpuOptions(**opts),
                 calibration=(packed[: 16 * S], lens[:16]),
             )
+            eng = build(options=GpuOptions(**opts))
             run = eng.prepare(packed, lens)
             if profile:
-                eager = GpuBertEngine(
-                    shape,
-                    weights,
-                    pooling="mean",
-                    normalize=False,
-                    max_seq_len=512,
-                    precision=precision,
-                    device="cuda",
-                    options=GpuOptions(**{**opts, "cuda_graphs": False}),
-                    calibration=(packed[: 16 * S], lens[:16]),
-                )
+                eager = build(options=GpuOptions(**{**opts, "cuda_graphs": False}))
                 table = profile_top(eager.prepare(packed, lens))
                 print(f"--- profile {v} (eager, 3 forwards) ---\n{table}", flush=True)
                 out.setdefault("profiles", {})[v] = table
