@@ -182,7 +182,17 @@ class CorpusConfig:
 
     text_column: str = _f("text", "column that holds the text to embed")
     id_column: str = _f("id", "column that holds each row's id; row position when the column is absent")
-    title_column: str | None = _f(None, "optional column embedded as title + ' ' + text")
+    title_column: str | None = _f(
+        None, "optional column embedded as title + ' ' + text (with --chunk: before every chunk of the text)"
+    )
+    chunk: str = _f(
+        "",
+        "cut long texts into chunks, each embedded and indexed on its own (search then returns documents by their "
+        "best chunk): tokens:N[:OVERLAP] (windows of at most N word pieces, cut between words, consecutive ones "
+        "sharing up to OVERLAP) or sentences:N[:OVERLAP] (the same, cut at the last sentence end in the window); "
+        "N must fit the model (at most max_seq_len - 2; 'tokens' alone: exactly that), OVERLAP < N (default 0); "
+        "empty = no chunking: texts past max_seq_len are truncated and flagged",
+    )
     batch_tokens: int = _f(16384, "token budget of one queued batch (sum of padded lengths)")
     batch_rows: int = _f(512, "most rows in one queued batch")
     plan_window: int = _f(
@@ -252,6 +262,11 @@ class FbasConfig:
                 f"batch_tokens ({c.batch_tokens}), batch_rows ({c.batch_rows}) and plan_window "
                 f"({c.plan_window}) must be >= 1"
             )
+        from core.chunking import ChunkSpec
+
+        spec = ChunkSpec.parse(c.chunk)  # a bad --chunk is refused here, naming the fix
+        if spec is not None and e.max_seq_len is not None:
+            spec.window(e.max_seq_len)
         if q.visibility_timeout and q.visibility_timeout <= q.task_time_limit:
             raise ConfigError(
                 f"visibility_timeout ({q.visibility_timeout}s) must exceed task_time_limit "

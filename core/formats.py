@@ -10,12 +10,53 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Scan", "Plan"]
+__all__ = ["Scan", "Plan", "ChunkCols", "CHUNK_FIELDS"]
+
+# a chunked job's per-chunk columns (vectors parts and task messages): the document's row position, the chunk's
+# index in it, its word-piece span and its character span into the document's text (``core.chunking``)
+CHUNK_FIELDS = ("doc_row", "chunk", "tok_start", "tok_end", "char_start", "char_end")
+_CHUNK_TYPES = (np.int64, np.int32, np.int32, np.int32, np.int64, np.int64)
+
+
+@dataclass
+class ChunkCols:
+    """Per-chunk columns (``CHUNK_FIELDS``), arrays of one length."""
+
+    doc_row: np.ndarray
+    chunk: np.ndarray
+    tok_start: np.ndarray
+    tok_end: np.ndarray
+    char_start: np.ndarray
+    char_end: np.ndarray
+
+    @classmethod
+    def empty(cls) -> ChunkCols:
+        return cls(*(np.zeros(0, t) for t in _CHUNK_TYPES))
+
+    @classmethod
+    def from_lists(cls, cols: dict) -> ChunkCols:
+        return cls(*(np.asarray(cols[f], t) for f, t in zip(CHUNK_FIELDS, _CHUNK_TYPES)))
+
+    def arrays(self) -> list[np.ndarray]:
+        return [getattr(self, f) for f in CHUNK_FIELDS]
+
+    def take(self, idx: np.ndarray) -> ChunkCols:
+        return ChunkCols(*(a[idx] for a in self.arrays()))
+
+    def to_lists(self) -> dict[str, list[int]]:
+        return {f: a.tolist() for f, a in zip(CHUNK_FIELDS, self.arrays())}
+
+    @classmethod
+    def concat(cls, parts: list[ChunkCols]) -> ChunkCols:
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate(a).astype(t) for a, t in zip(zip(*(p.arrays() for p in parts)), _CHUNK_TYPES)))
 
 
 @dataclass
 class Scan:
-    """What one pass over the corpus learned, per row (arrays of length ``n_rows``)."""
+    """What one pass over the corpus learned, per row (arrays of length ``n_rows``). In a chunked job a row is a
+    chunk (a quarantined document is one row without tokens) and ``doc_row`` names each one's document."""
 
     n_rows: int
     n_tokens: np.ndarray  # int32 [N]: tokens after truncation, [CLS]/[SEP] included (estimated with
@@ -27,6 +68,13 @@ class Scan:
     n_truncated: int = 0  # rows longer than max_seq_len (embedded truncated)
     n_repaired: int = 0  # rows whose invalid UTF-8 was replaced
     seconds: float = 0.0
+    doc_row: np.ndarray | None = None  # int64 [N]: chunked jobs only, each row's document (corpus row position)
+    n_docs: int = 0  # chunked jobs only: documents in the corpus
+
+    @property
+    def n_documents(self) -> int:
+        """Corpus rows: ``n_rows``, or the documents a chunked job cut into ``n_rows`` chunks."""
+        return self.n_docs if self.doc_row is not None else self.n_rows
 
     @property
     def n_embeddable(self) -> int:
@@ -34,6 +82,9 @@ class Scan:
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp.npz")
+        chunked: dict[str, np.ndarray | int] = {}
+        if self.doc_row is not None:
+            chunked = {"doc_row": self.doc_row, "n_docs": self.n_docs}
         np.savez(
             tmp,
             n_rows=self.n_rows,
@@ -42,6 +93,7 @@ class Scan:
             q_rows=self.q_rows,
             n_truncated=self.n_truncated,
             n_repaired=self.n_repaired,
+            **chunked,  # type: ignore[arg-type]
         )
         os.replace(tmp, path)
 
@@ -57,6 +109,8 @@ class Scan:
                 [],
                 int(z["n_truncated"]),
                 int(z["n_repaired"]),
+                doc_row=z["doc_row"] if "doc_row" in z.files else None,
+                n_docs=int(z["n_docs"]) if "n_docs" in z.files else 0,
             )
 
 

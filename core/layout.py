@@ -4,7 +4,10 @@
     OUT/index.faiss                           the merged index (ids = row_id)
     OUT/quarantine.parquet                    row_id, id, reason (only when rows were not embedded)
     OUT/vectors/part-000123.parquet           row_id int64, id, embedding fixed_size_list<float32>[dim],
-                                              n_tokens int32, truncated bool, repaired bool
+                                              n_tokens int32, truncated bool, repaired bool; a chunked job's
+                                              row_id numbers chunks, and doc_row int64 (the document's row),
+                                              chunk int32, tok_start/tok_end int32, char_start/char_end int64
+                                              follow (``core.formats.CHUNK_FIELDS``)
     OUT/.fbas/shards/part-000123.faiss        IndexIDMap2(IndexFlatIP) over the same rows, ids = row_id
     OUT/.fbas/quarantine/part-000123.parquet  the batch's quarantined rows (only when it has some)
     OUT/.fbas/job.json, scan.npz, plan.npz    what a rerun resumes (``core.formats``); job.pending while
@@ -94,7 +97,7 @@ def part_name(batch: int, suffix: str = ".parquet") -> str:
     return f"part-{batch:06d}{suffix}"
 
 
-def vectors_schema(dim: int, id_type: str, meta: dict | None = None) -> pa.Schema:
+def vectors_schema(dim: int, id_type: str, meta: dict | None = None, chunked: bool = False) -> pa.Schema:
     fields = [
         pa.field("row_id", pa.int64(), nullable=False),
         pa.field("id", pa.int64() if id_type == "int64" else pa.string(), nullable=False),
@@ -103,6 +106,15 @@ def vectors_schema(dim: int, id_type: str, meta: dict | None = None) -> pa.Schem
         pa.field("truncated", pa.bool_(), nullable=False),
         pa.field("repaired", pa.bool_(), nullable=False),
     ]
+    if chunked:
+        fields += [
+            pa.field("doc_row", pa.int64(), nullable=False),
+            pa.field("chunk", pa.int32(), nullable=False),
+            pa.field("tok_start", pa.int32(), nullable=False),
+            pa.field("tok_end", pa.int32(), nullable=False),
+            pa.field("char_start", pa.int64(), nullable=False),
+            pa.field("char_end", pa.int64(), nullable=False),
+        ]
     return pa.schema(fields, metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()} if meta else None)
 
 

@@ -107,6 +107,11 @@ class Tokenizer:
         ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=int(lengths.sum()))
         return Encoded(ids, lengths, full > lengths, full)
 
+    def pieces(self, texts: list[str]) -> list:
+        """HF encodings of ``texts`` without [CLS]/[SEP], with character ``offsets`` into each original text and
+        ``word_ids`` (what chunking cuts by; slower than ``lengths``, which skips the offsets)."""
+        return self._tok.encode_batch(texts, add_special_tokens=False)
+
     def tokens(self, text: str) -> list[str]:
         """Word pieces of one text, without specials (for debugging and tests)."""
         return self._tok.encode(text, add_special_tokens=False).tokens

@@ -6,7 +6,8 @@ so it can run again on its own; a finalize killed midway and rerun writes the sa
     check    every planned batch has its committed part, and no file in ``vectors/`` is a stranger
              (``output.check``); each part is read once by the ledger (``output.ledger``)
     merge    the parts' facts and the quarantine files, then the oracle: every input row exactly
-             once in C + Q, with its own id (``docs/reliability.md``)
+             once in C + Q, with its own id (``docs/reliability.md``); in a chunked job a row is a
+             chunk, and every document must have its chunks (or the row that quarantines it)
     index    the flat index the ledger wrote part by part, or one built now (``output.index``)
     manifest written last (``output.manifest``)
 
@@ -93,11 +94,12 @@ def finalize(
     try:
         ahead = _check_parts(out, ledger, job_id, n_batches)
         merged = _merge(out, ledger, plan, scan, job["corpus"]["id_type"])
+        _check_documents(scan)
         q_entry, reasons = _write_quarantine(out, merged.quarantine)
         t_index = time.perf_counter()
         index = write_index(out, ledger, index_type, n_batches, dim, merged.embedded, scan.n_rows)
         counts = {
-            "input_rows": scan.n_rows,
+            "input_rows": scan.n_documents,
             "embedded": merged.embedded,
             "quarantined": int(merged.quarantine.num_rows if merged.quarantine is not None else 0),
             "quarantine_reasons": reasons,
@@ -107,6 +109,8 @@ def finalize(
             "batches": n_batches,
             "redelivered": redelivered,
         }
+        if scan.doc_row is not None:  # rows are chunks: embedded, quarantined and truncated count chunks
+            counts["documents"], counts["chunks"] = scan.n_docs, scan.n_rows
         timings = {
             **(timings or {}),
             "finalize_s": round(time.perf_counter() - t0, 3),
@@ -207,6 +211,22 @@ def _merge(out: OutputDir, ledger: PartLedger, plan: Plan, scan: Scan, id_type: 
             "is a bug: please report it with the folder's .fbas/ contents"
         )
     return m
+
+
+def _check_documents(scan: Scan) -> None:
+    """A chunked job's document oracle: every document has at least one row (its chunks, or the one row that
+    quarantines it), and its rows are consecutive, so with the rows' own oracle (each exactly once in C + Q,
+    with its document's id) no document is lost and no chunk duplicated."""
+    if scan.doc_row is None:
+        return
+    per_doc = np.bincount(scan.doc_row, minlength=scan.n_docs) if len(scan.doc_row) else np.zeros(scan.n_docs)
+    lost = np.flatnonzero(per_doc == 0)
+    if len(lost) or len(per_doc) != scan.n_docs or (len(scan.doc_row) > 1 and (np.diff(scan.doc_row) < 0).any()):
+        raise OracleError(
+            f"the chunks do not cover every document exactly once: {len(lost)} documents without a chunk (rows "
+            f"{lost[:5].tolist()}), {len(per_doc)} documents seen of {scan.n_docs}. Nothing final was written; "
+            "this is a bug: please report it with the folder's .fbas/ contents"
+        )
 
 
 def _batch_quarantine(out: OutputDir, b: int, meta: dict[str, Any]) -> pa.Table:

@@ -5,7 +5,12 @@
 
 Queries are embedded in-process with the model the manifest records (its fingerprint is
 checked), so they get the same tokenizer, pooling, normalization and max_seq_len as the
-corpus. Scores are inner products (cosine for normalized models). ``--queries FILE`` reads
+corpus. Scores are inner products (cosine for normalized models).
+
+In a chunked job (``ingest --chunk``) the index holds chunks. ``by="doc"`` (the default) returns documents,
+each scored by its best chunk (the index is asked for more chunks until ``k`` documents are found, or it has no
+more), with that chunk's spans; ``by="chunk"`` returns chunks, several of one document possibly, and
+``with_text`` then shows each chunk's own text (its character span of the document's text). ``--queries FILE`` reads
 Parquet or JSONL with ``id`` (or BEIR's ``_id``) and ``text`` and writes one JSON line per
 query: ``{"query_id": ..., "hits": [{"id": ..., "score": ...}, ...]}``.
 """
@@ -39,11 +44,13 @@ class Hit:
 
     id: Any
     score: float
-    row_id: int
+    row_id: int  # the corpus row (the document's, in a chunked job)
     fields: dict[str, Any] = field(default_factory=dict)
+    chunk: dict[str, int] | None = None  # chunked jobs: the (best) chunk: its index and spans (CHUNK_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "score": round(float(self.score), 6), **self.fields}
+        spans = {k: v for k, v in (self.chunk or {}).items() if k != "doc_row"}
+        return {"id": self.id, "score": round(float(self.score), 6), **spans, **self.fields}
 
 
 class Searcher:
@@ -74,7 +81,9 @@ class Searcher:
         self._tokenizer: Any = None
         self._row_ids: np.ndarray | None = None
         self._ids: Any = None
+        self._chunks: dict[str, np.ndarray] = {}
         self._corpus: Any = None
+        self.chunked = "chunk" in (self.manifest.get("settings") or {})
 
     # -- the engine, loaded on first use
     def _load_engine(self) -> None:
@@ -103,18 +112,23 @@ class Searcher:
 
     # -- row id -> id
     def _load_ids(self) -> None:
-        rows, ids = [], []
+        from core.formats import CHUNK_FIELDS
+
+        extra = list(CHUNK_FIELDS) if self.chunked else []
+        rows, ids, cols = [], [], []
         for p in self.manifest["parts"]:
-            t = pq.read_table(self.out.path(p["file"]), columns=["row_id", "id"])
+            t = pq.read_table(self.out.path(p["file"]), columns=["row_id", "id", *extra])
             rows.append(t.column("row_id").to_numpy())
             ids.append(t.column("id").combine_chunks())
+            cols.append([t.column(c).to_numpy() for c in extra])
         row_ids = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         order = np.argsort(row_ids, kind="stable")
         self._row_ids = row_ids[order]
         all_ids = pa.concat_arrays(ids) if ids else pa.array([], pa.int64())
         self._ids = all_ids.take(pa.array(order))
+        self._chunks = {c: np.concatenate([x[i] for x in cols])[order] for i, c in enumerate(extra)} if cols else {}
 
-    def ids_of(self, row_ids: np.ndarray) -> list:
+    def _positions(self, row_ids: np.ndarray) -> np.ndarray:
         if self._row_ids is None:
             self._load_ids()
         assert self._row_ids is not None, "_load_ids() sets it"
@@ -122,26 +136,57 @@ class Searcher:
         pos = np.clip(pos, 0, max(0, len(self._row_ids) - 1))
         if len(row_ids) and not np.array_equal(self._row_ids[pos], row_ids):
             raise CheckpointError("the index holds row ids that no vectors part has: rerun the ingest's finalize")
-        return self._ids.take(pa.array(pos)).to_pylist()
+        return pos
 
-    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def ids_of(self, row_ids: np.ndarray) -> list:
+        return self._ids.take(pa.array(self._positions(row_ids))).to_pylist()
+
+    def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
+        """Hits for index rows (chunks, in a chunked job, with their spans and their document's row)."""
+        keep = rows >= 0
+        scores, rows = scores[keep], rows[keep]
+        pos = self._positions(rows)
+        ids = self._ids.take(pa.array(pos)).to_pylist()
+        if not self.chunked:
+            return [Hit(i, float(s), int(r)) for i, s, r in zip(ids, scores, rows)]
+        cols = {c: a[pos].tolist() for c, a in self._chunks.items()}
+        return [
+            Hit(i, float(s), int(cols["doc_row"][j]), chunk={c: v[j] for c, v in cols.items()})
+            for j, (i, s) in enumerate(zip(ids, scores))
+        ]
+
+    def search_vectors(self, vectors: np.ndarray, k: int, by: str = "doc") -> list[list[Hit]]:
+        """The ``k`` nearest rows (``by="chunk"``, or any job that is not chunked) or documents (``by="doc"``:
+        each scored by its best chunk) for each vector, best first."""
         if k < 1:
             raise InputError(f"-k {k}: ask for at least one neighbour")
-        scores, rows = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
-        out = []
-        for s_row, r_row in zip(scores, rows):
-            keep = r_row >= 0
-            ids = self.ids_of(r_row[keep])
-            out.append([Hit(i, float(s), int(r)) for i, s, r in zip(ids, s_row[keep], r_row[keep])])
-        return out
+        if by not in ("doc", "chunk"):
+            raise InputError(f"--by {by!r}: give doc (documents by their best chunk) or chunk")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not self.chunked or by == "chunk":
+            scores, rows = self.index.search(vectors, k)
+            return [self._hits(s, r) for s, r in zip(scores, rows)]
+        out: list[list[Hit] | None] = [None] * len(vectors)
+        todo, fetch = np.arange(len(vectors)), min(self.index.ntotal, 4 * k)
+        while len(todo):
+            scores, rows = self.index.search(vectors[todo], max(1, fetch))
+            left = []
+            for q, s, r in zip(todo.tolist(), scores, rows):
+                docs = _best_per_doc(self._hits(s, r), k)
+                if len(docs) >= k or fetch >= self.index.ntotal:
+                    out[q] = docs
+                else:
+                    left.append(q)
+            todo, fetch = np.asarray(left, dtype=np.int64), min(self.index.ntotal, 4 * fetch)
+        return [hs or [] for hs in out]
 
-    def search(self, texts: list[str], k: int = 10) -> list[list[Hit]]:
-        """The ``k`` nearest corpus rows for each text, best first."""
-        return self.search_vectors(self.embed(texts), k)
+    def search(self, texts: list[str], k: int = 10, by: str = "doc") -> list[list[Hit]]:
+        """The ``k`` nearest corpus rows for each text, best first (documents or chunks: ``search_vectors``)."""
+        return self.search_vectors(self.embed(texts), k, by)
 
-    def with_text(self, hits: list[list[Hit]], columns: list[str] | None = None) -> list[list[Hit]]:
+    def with_text(self, hits: list[list[Hit]], columns: list[str] | None = None, by: str = "doc") -> list[list[Hit]]:
         """The hits with their text (and ``columns``) read back from the corpus; unchanged, with one warning,
-        when the corpus is no longer what the job read."""
+        when the corpus is no longer what the job read. ``by="chunk"``: a chunk hit's text is its own span."""
         from output.corpus_text import CorpusText
 
         if self._corpus is None:
@@ -152,7 +197,27 @@ class Searcher:
             return hits
         flat = [h for hs in hits for h in hs]
         rows = iter(self._corpus.rows([h.row_id for h in flat], columns))
-        return [[replace(h, fields=next(rows)) for h in hs] for hs in hits]
+
+        def fields(h: Hit) -> dict[str, Any]:
+            f = next(rows)
+            if by == "chunk" and h.chunk is not None and isinstance(f.get("text"), str):
+                f["text"] = f["text"][h.chunk["char_start"] : h.chunk["char_end"]]
+            return f
+
+        return [[replace(h, fields=fields(h)) for h in hs] for hs in hits]
+
+
+def _best_per_doc(hits: list[Hit], k: int) -> list[Hit]:
+    """The first (best) hit of each document, at most ``k`` of them, in the order given (best first)."""
+    seen: set[int] = set()
+    out = []
+    for h in hits:
+        if h.row_id not in seen:
+            seen.add(h.row_id)
+            out.append(h)
+            if len(out) == k:
+                break
+    return out
 
 
 def read_queries(path: str | Path) -> list[tuple[Any, str]]:
@@ -180,10 +245,10 @@ def read_queries(path: str | Path) -> list[tuple[Any, str]]:
 
 
 def search_many(
-    searcher: Searcher, queries: list[tuple[Any, str]], k: int, chunk: int = 256
+    searcher: Searcher, queries: list[tuple[Any, str]], k: int, chunk: int = 256, by: str = "doc"
 ) -> Iterator[tuple[Any, list[Hit]]]:
     """(query id, hits) per query, embedding ``chunk`` queries per engine call."""
     for start in range(0, len(queries), chunk):
         part = queries[start : start + chunk]
-        hits = searcher.search([t for _, t in part], k)
+        hits = searcher.search([t for _, t in part], k, by)
         yield from zip((q for q, _ in part), hits)

@@ -278,6 +278,13 @@ def _add_search(sub: Subparsers, cfg: FbasConfig) -> None:
         action="store_true",
         help="ids and scores only: do not read the hits' texts back from the corpus (default: read them)",
     )
+    p.add_argument(
+        "--by",
+        choices=("doc", "chunk"),
+        default="doc",
+        help="for a job ingested with --chunk: doc returns documents, each scored by its best chunk (whose spans "
+        "it shows); chunk returns chunks, with their token and character spans and their own text (default: doc)",
+    )
     add_section_flags(p, cfg, "runtime", skip=("token_budget", "max_batch_size"))
     p.set_defaults(func=_cmd_search)
 
@@ -453,21 +460,23 @@ def _cmd_search(args: argparse.Namespace, cfg: FbasConfig) -> int:
     columns = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
 
     def readable(hits: list) -> list:
-        return hits if args.no_text else s.with_text(hits, columns)
+        return hits if args.no_text else s.with_text(hits, columns, args.by)
 
     if args.queries:
-        for qid, hits in search_many(s, read_queries(args.queries), args.k):
+        for qid, hits in search_many(s, read_queries(args.queries), args.k, by=args.by):
             hits = readable([hits])[0]
             line = {"query_id": qid, "hits": [h.to_dict() for h in hits]}
             sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
         return 0
-    hits = readable(s.search([args.text], args.k))[0]
+    hits = readable(s.search([args.text], args.k, args.by))[0]
     width = shutil.get_terminal_size((120, 24)).columns
     for rank, h in enumerate(hits, 1):
         if args.json:
             print(json.dumps(h.to_dict(), ensure_ascii=False))
             continue
         head = f"{rank:3d}  {h.score:.4f}  {h.id}"
+        if h.chunk is not None:
+            head += f"  #{h.chunk['chunk']} [{h.chunk['char_start']}:{h.chunk['char_end']}]"
         extra = "  ".join(f"{c}={h.fields[c]}" for c in columns if c in h.fields)
         text = " ".join(str(h.fields.get("text", "")).split())
         rest = "  ".join(x for x in (extra, text) if x)

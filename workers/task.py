@@ -6,6 +6,10 @@ Message (msgpack, one per planned batch; ``pipeline.ingest.produce`` builds it):
      "id_type": "int64" | "string", "row_ids": [int], "ids": [int | str], "texts": [str],
      "repaired": [positions in the batch whose invalid UTF-8 was replaced]}
 
+A chunked job's message is version 2: its rows are chunks (``texts``: each chunk's text, with its title) and
+``"chunks": {"doc_row": [int], "chunk": [int], "tok_start": [int], ...}`` (``core.formats.CHUNK_FIELDS``) gives
+the columns its vectors part adds. A worker that reads only version 1 refuses it, naming the upgrade.
+
 What makes it idempotent and bounded (docs/reliability.md):
 
 * a batch whose vectors part is already committed for this job is only recorded done again;
@@ -37,6 +41,7 @@ from celery.signals import worker_process_init
 
 from core.envs import read_env
 from core.errors import InputError, PermanentError, ServerUnavailableError, TransientError
+from core.formats import ChunkCols
 from core.layout import OutputDir
 from workers import metrics
 from workers.app import TASK_NAME, app, current_config
@@ -50,6 +55,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["embed_batch", "BatchMessage", "run_batch", "MESSAGE_VERSION"]
 
 MESSAGE_VERSION = 1
+MESSAGE_VERSIONS = (1, 2)  # 2: a chunked job's message
 _REDIS: dict[tuple[int, str], Any] = {}
 _TOKENIZERS: dict[str, Any] = {}
 
@@ -68,20 +74,24 @@ class BatchMessage:
     ids: list
     texts: list[str]
     repaired: np.ndarray  # bool [n]
+    chunks: ChunkCols | None = None  # version 2: a chunked job's per-row columns
 
     @classmethod
     def parse(cls, msg: dict) -> BatchMessage:
         try:
-            if msg.get("v") != MESSAGE_VERSION:
+            if msg.get("v") not in MESSAGE_VERSIONS:
                 raise InputError(
-                    f"message version {msg.get('v')!r}, this worker reads {MESSAGE_VERSION}: upgrade "
-                    "the worker or the producer so that both run the same fbas"
+                    f"message version {msg.get('v')!r}, this worker reads {', '.join(map(str, MESSAGE_VERSIONS))}: "
+                    "upgrade the worker or the producer so that both run the same fbas"
                 )
             n = len(msg["row_ids"])
             if len(msg["ids"]) != n or len(msg["texts"]) != n:
                 raise InputError(f"batch {msg['batch']}: row_ids, ids and texts differ in length")
             rep = np.zeros(n, dtype=bool)
             rep[np.asarray(msg.get("repaired") or [], dtype=np.int64)] = True
+            chunks = ChunkCols.from_lists(msg["chunks"]) if msg["v"] == 2 else None
+            if chunks is not None and any(len(a) != n for a in chunks.arrays()):
+                raise InputError(f"batch {msg['batch']}: chunk columns and row_ids differ in length")
             return cls(
                 str(msg["job"]),
                 int(msg["batch"]),
@@ -93,6 +103,7 @@ class BatchMessage:
                 list(msg["ids"]),
                 list(msg["texts"]),
                 rep,
+                chunks,
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise InputError(f"malformed batch message ({type(e).__name__}: {e})") from None
@@ -204,6 +215,7 @@ def _all_quarantined(m: BatchMessage, dim: int, reason: str) -> BatchOutput:
         m.row_ids,
         m.ids,
         [reason] * n,
+        m.chunks.take(np.zeros(0, np.int64)) if m.chunks is not None else None,
     )
 
 
@@ -241,6 +253,7 @@ def run_batch(m: BatchMessage, engine: Any, tokenizer: Any, dim: int, attempt: i
         m.row_ids[q],
         [m.ids[i] for i in q],
         [failed[int(i)] for i in q],
+        m.chunks.take(np.flatnonzero(ok)) if m.chunks is not None else None,
     )
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.formats import ChunkCols
 from core.layout import FORMAT, META_KEY, OutputDir, read_part_meta, vectors_schema
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class BatchOutput:
     q_row_ids: np.ndarray  # int64 [q] quarantined rows of the batch
     q_ids: list
     q_reasons: list[str]
+    chunks: ChunkCols | None = None  # a chunked job's columns of the embedded rows
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -104,19 +106,19 @@ def write_batch(out: OutputDir, b: BatchOutput) -> bool:
     blob = faiss.serialize_index(index)
     out.write_atomic(out.shard(b.batch), lambda p: p.write_bytes(blob.tobytes()))
 
-    schema = vectors_schema(b.dim, b.id_type, meta)
+    schema = vectors_schema(b.dim, b.id_type, meta, chunked=b.chunks is not None)
     flat = pa.array(np.ascontiguousarray(b.vectors).reshape(-1), type=pa.float32())
-    table = pa.Table.from_arrays(
-        [
-            pa.array(b.row_ids, pa.int64()),
-            _id_array(b.ids, b.id_type),
-            pa.FixedSizeListArray.from_arrays(flat, b.dim),
-            pa.array(b.n_tokens, pa.int32()),
-            pa.array(b.truncated, pa.bool_()),
-            pa.array(b.repaired, pa.bool_()),
-        ],
-        schema=schema,
-    )
+    columns = [
+        pa.array(b.row_ids, pa.int64()),
+        _id_array(b.ids, b.id_type),
+        pa.FixedSizeListArray.from_arrays(flat, b.dim),
+        pa.array(b.n_tokens, pa.int32()),
+        pa.array(b.truncated, pa.bool_()),
+        pa.array(b.repaired, pa.bool_()),
+    ]
+    if b.chunks is not None:
+        columns += [pa.array(a) for a in b.chunks.arrays()]
+    table = pa.Table.from_arrays(columns, schema=schema)
     committed = out.write_atomic(
         out.vectors_part(b.batch), lambda p: pq.write_table(table, p, compression="none"), keep_existing=ours
     )

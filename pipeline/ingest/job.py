@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.chunking import ChunkSpec
 from core.config import FbasConfig, fingerprint
 from core.errors import InputError
 from core.formats import Plan, Scan
@@ -27,7 +28,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JobContext", "Job", "first_window", "length_mode", "resume_job", "save_job", "register_job"]
+__all__ = [
+    "JobContext",
+    "Job",
+    "chunk_spec",
+    "first_window",
+    "length_mode",
+    "resume_job",
+    "save_job",
+    "register_job",
+]
 
 
 @dataclass(frozen=True)
@@ -67,9 +77,17 @@ def _batch_settings(cfg: FbasConfig) -> dict[str, int | str]:
         "first_window": first_window(cfg),
         "plan_version": PLAN_VERSION,
     }
-    if length_mode(cfg) == "estimate":  # named only then: jobs planned on exact lengths keep their ids
+    spec = chunk_spec(cfg)
+    if spec is not None:  # named only then: unchunked jobs keep their ids
+        settings["chunk"] = spec.label()
+    elif length_mode(cfg) == "estimate":  # named only then: jobs planned on exact lengths keep their ids
         settings["lengths"] = "estimate"
     return settings
+
+
+def chunk_spec(cfg: FbasConfig) -> ChunkSpec | None:
+    """The job's chunking (``corpus.chunk``), or None."""
+    return ChunkSpec.parse(cfg.corpus.chunk)
 
 
 def first_window(cfg: FbasConfig) -> int:
@@ -81,7 +99,10 @@ def first_window(cfg: FbasConfig) -> int:
 
 
 def length_mode(cfg: FbasConfig) -> str:
-    """``exact`` or ``estimate`` (``corpus.lengths``; auto = estimate where the engine does not pad: gpu)."""
+    """``exact`` or ``estimate`` (``corpus.lengths``; auto = estimate where the engine does not pad: gpu). A
+    chunked job's lengths are exact: chunking tokenizes every text anyway."""
+    if chunk_spec(cfg) is not None:
+        return "exact"
     mode = cfg.corpus.lengths
     if mode == "auto":
         return "estimate" if cfg.engine.target == "gpu" else "exact"
@@ -113,7 +134,7 @@ def resume_job(ctx: JobContext) -> Job | None:
         )
     if out.state(SCAN_FILE).exists() and out.state(PLAN_FILE).exists():
         scan, plan = Scan.load(out.state(SCAN_FILE)), Plan.load(out.state(PLAN_FILE))
-        if plan.n_batches == old.get("n_batches") and scan.n_rows == ctx.corpus.n_rows:
+        if plan.n_batches == old.get("n_batches") and scan.n_documents == ctx.corpus.n_rows:
             logger.info("resuming job %s: reusing its scan and plan", job_id)
             return Job(job_id, old, scan, plan, True)
     return None
@@ -180,6 +201,8 @@ def save_job(ctx: JobContext, scan: Scan, plan: Plan) -> Job:
             "truncated": scan.n_truncated if lengths == "exact" else None,
         },
     }
+    if scan.doc_row is not None:
+        info["scan"].update(documents=scan.n_docs, chunks=scan.n_rows)  # type: ignore[attr-defined]
     OutputDir.write_atomic(
         out.state(JOB_FILE), lambda p: p.write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
     )

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.errors import InputError
-from core.formats import Plan, Scan
+from core.formats import ChunkCols, Plan, Scan
 from core.ids import id_hashes
 from pipeline.ingest.read import READ_BATCH_ROWS, Corpus, RowBatch
 
@@ -104,6 +104,8 @@ class Window:
     q_reasons: list[str] = field(default_factory=list)
     n_truncated: int = 0
     seconds: float = 0.0  # reading this window and measuring its lengths
+    chunks: ChunkCols | None = None  # chunked jobs: a row is a chunk (``row0``: the first chunk's number)
+    n_docs: int = 0  # chunked jobs: documents read into this window
 
 
 def corpus_id_hashes(corpus: Corpus) -> np.ndarray:
@@ -227,6 +229,7 @@ def scan_windows(
     progress: Callable[[int], None] | None = None,
     first_rows: int = FIRST_WINDOW,
     estimate: bool = False,
+    chunker=None,
 ) -> Iterator[Window]:
     """The corpus in windows (``window_end``: ``first_rows`` rows, doubling up to ``window_rows``; the last
     one shorter), each with its rows' token lengths and quarantine. The boundaries are arithmetic, whatever
@@ -236,17 +239,22 @@ def scan_windows(
     exact, or with ``estimate`` a ``LengthEstimate`` calibrated on the first window's texts (held until that
     window is read whole, so the sample is the same whatever the files and record batches). Ids are not
     checked here: ``corpus_id_hashes`` + ``check_unique_ids`` do that before anything is read.
+
+    With ``chunker`` (a ``core.chunking.Chunker``) the windows are still cut by documents, but their rows are
+    chunks (``_chunk_rows``), numbered on from the previous window's, with exact lengths.
     """
     import time
 
-    lengths = None if estimate else tokenizer
+    lengths = None if estimate and chunker is None else tokenizer
+    next_chunk = 0  # chunked: the number of the next window's first chunk
     held: list[RowBatch] = []  # the first window's rows while the estimate waits for them
     w: Window | None = None
     t = time.perf_counter()
 
     def complete() -> Window:
-        nonlocal lengths
+        nonlocal lengths, next_chunk
         assert w is not None, "complete() closes the open window"
+        next_chunk += len(w.n_tokens) if chunker is not None else 0
         if lengths is None:
             lengths = LengthEstimate.calibrate([x for rb in held for x in rb.texts], tokenizer)
             for rb in held:
@@ -257,12 +265,15 @@ def scan_windows(
 
     # record batches no bigger than the first window: its rows are decoded first, not 32,768 of them, so the
     # first window is ready sooner, and later batches cost the same per row
-    for whole in corpus.batches(max(1, min(READ_BATCH_ROWS, first_rows))):
+    for whole in corpus.batches(max(1, min(READ_BATCH_ROWS, first_rows)), split_title=chunker is not None):
         for rb in _split_at(whole, window_rows, first_rows):
             if w is None:
-                w = Window(rb.row0, np.zeros(0, dtype=np.int32), [], [], np.zeros(0, dtype=bool))
+                row0 = rb.row0 if chunker is None else next_chunk
+                w = Window(row0, np.zeros(0, dtype=np.int32), [], [], np.zeros(0, dtype=bool))
                 w_end = window_end(rb.row0, window_rows, first_rows)
-            if lengths is None:
+            if chunker is not None:
+                _chunk_rows(rb, chunker, w)
+            elif lengths is None:
                 held.append(rb)
             else:
                 _scan_rows(rb, lengths, w)
@@ -289,6 +300,7 @@ def _split_at(rb: RowBatch, window_rows: int, first_rows: int = FIRST_WINDOW) ->
             rb.id_array.slice(start, end - start) if rb.id_array is not None else None,
             rb.texts[start:end],
             rb.repaired[start:end],
+            rb.titles[start:end] if rb.titles is not None else None,
         )
         start = end
 
@@ -317,11 +329,59 @@ def _scan_rows(rb: RowBatch, tokenizer, w: Window) -> None:
     w.texts.extend(rb.texts)
 
 
+def _chunk_rows(rb: RowBatch, chunker, w: Window) -> None:
+    """Append ``rb``'s documents to the chunked window ``w``, a row per chunk (``chunker``: a
+    ``core.chunking.Chunker``): each document's chunks in order, or one row without tokens for a document that
+    is quarantined (its reason as ``_scan_rows`` gives it), so every document has at least one row."""
+    n = len(rb)
+    good, bad = _classify(rb.texts)
+    titles = rb.titles
+    sp = chunker.split([rb.texts[i] for i in good], [titles[i] for i in good] if titles is not None else None)
+    per_good = np.bincount(sp.doc, minlength=len(good)) if len(good) else np.zeros(0, np.int64)
+    for j in np.flatnonzero(per_good == 0):
+        bad.append((good[int(j)], "no_tokens"))
+    per_doc = np.ones(n, dtype=np.int64)
+    good_idx = np.asarray(good, dtype=np.int64)
+    per_doc[good_idx] = np.maximum(per_good, 1)
+    first = np.concatenate([[0], np.cumsum(per_doc)[:-1]]).astype(np.int64)
+    n_units = int(per_doc.sum())
+    base = w.row0 + len(w.n_tokens)  # the number of this batch's first chunk
+    doc_of_unit = np.repeat(np.arange(n, dtype=np.int64), per_doc)
+    cols = ChunkCols.empty()
+    cols = ChunkCols(*(np.zeros(n_units, a.dtype) for a in cols.arrays()))
+    cols.doc_row = rb.row0 + doc_of_unit
+    pos = first[good_idx[sp.doc]] + sp.chunk if len(sp.doc) else np.zeros(0, np.int64)
+    cols.chunk[pos], cols.tok_start[pos], cols.tok_end[pos] = sp.chunk, sp.tok_start, sp.tok_end
+    cols.char_start[pos], cols.char_end[pos] = sp.char_start, sp.char_end
+    title_tok = np.zeros(n, dtype=np.int64)
+    title_tok[good_idx] = sp.title_tokens
+    want = 2 + title_tok[doc_of_unit[pos]] + (sp.tok_end - sp.tok_start)  # tokens with the title, [CLS], [SEP]
+    n_tokens = np.zeros(n_units, dtype=np.int32)
+    n_tokens[pos] = np.minimum(want, chunker.max_seq_len)
+    w.n_truncated += int((want > chunker.max_seq_len).sum())
+    texts: list[str | None] = [None] * n_units
+    for p, d, a, b in zip(pos.tolist(), doc_of_unit[pos].tolist(), sp.char_start.tolist(), sp.char_end.tolist()):
+        t, ti = rb.texts[d], titles[d] if titles is not None else None
+        texts[p] = f"{ti} {t[a:b]}" if ti and ti.strip() else t[a:b]
+    for i, reason in sorted(bad):
+        w.q_rows.append(base + int(first[i]))
+        w.q_ids.append(rb.ids[i])
+        w.q_reasons.append(reason)
+    w.n_tokens = np.concatenate([w.n_tokens, n_tokens])
+    w.repaired = np.concatenate([w.repaired, rb.repaired[doc_of_unit]])
+    w.ids.extend(rb.ids[d] for d in doc_of_unit.tolist())
+    w.texts.extend(texts)
+    w.chunks = cols if w.chunks is None else ChunkCols.concat([w.chunks, cols])
+    w.n_docs += n
+
+
 def assemble_scan(corpus: Corpus, id_hash: np.ndarray, windows: list[Window], estimated: bool = False) -> Scan:
     """The whole-corpus ``Scan`` from its windows (in order) and the id hashes (``estimated``: their lengths are
     ``LengthEstimate``'s, which the log says)."""
     n_tokens = np.concatenate([w.n_tokens for w in windows]) if windows else np.zeros(0, dtype=np.int32)
-    if len(n_tokens) != corpus.n_rows:
+    chunked = any(w.chunks is not None for w in windows)
+    doc_row = ChunkCols.concat([w.chunks for w in windows if w.chunks is not None]).doc_row if chunked else None
+    if (sum(w.n_docs for w in windows) if chunked else len(n_tokens)) != corpus.n_rows:
         raise InputError(
             f"{corpus.uri} yielded {len(n_tokens)} rows, its metadata says {corpus.n_rows}: the corpus "
             "changed while it was read; do not modify a corpus during an ingest, then rerun"
@@ -337,6 +397,10 @@ def assemble_scan(corpus: Corpus, id_hash: np.ndarray, windows: list[Window], es
         int(sum(int(w.repaired.sum()) for w in windows)),
         sum(w.seconds for w in windows),
     )
+    if doc_row is not None:  # rows are chunks: the id oracle checks each chunk against its document's id
+        scan.id_hash, scan.doc_row, scan.n_docs = id_hash[doc_row], doc_row, corpus.n_rows
+        scan.n_rows = len(n_tokens)
+        logger.info("cut %d documents into %d chunks", corpus.n_rows, len(n_tokens))
     truncated = "workers count truncation and texts without tokens" if estimated else f"{scan.n_truncated} truncated"
     logger.info(
         "scanned %d rows in %.1fs: %d to embed (%s%d tokens), %d quarantined, %d repaired, %s",

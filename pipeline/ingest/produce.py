@@ -112,10 +112,12 @@ def task_message(
     ids: list,
     texts: list[str],
     repaired: list[int],
+    chunks: dict[str, list[int]] | None = None,
 ) -> dict:
-    """One batch task (``workers.task``): rows in ascending order; ``repaired``: positions in the batch."""
-    return {
-        "v": 1,
+    """One batch task (``workers.task``): rows in ascending order; ``repaired``: positions in the batch;
+    ``chunks``: a chunked job's per-row columns (``core.formats.CHUNK_FIELDS``; message version 2)."""
+    msg: dict[str, object] = {
+        "v": 1 if chunks is None else 2,
         "job": job,
         "batch": batch,
         "out": out,
@@ -127,6 +129,9 @@ def task_message(
         "texts": texts,
         "repaired": repaired,
     }
+    if chunks is not None:
+        msg["chunks"] = chunks
+    return msg
 
 
 def window_messages(
@@ -159,6 +164,7 @@ def window_messages(
             ids=[window.ids[j] for j in local],
             texts=[window.texts[j] for j in local],
             repaired=[k for k, j in enumerate(local) if window.repaired[j]],
+            chunks=window.chunks.take(rows - window.row0).to_lists() if window.chunks is not None else None,
         )
 
 

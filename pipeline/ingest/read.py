@@ -71,6 +71,7 @@ class RowBatch:
     id_array: pa.Array | None  # the same ids as read (None for row-position ids), for vectorized hashing
     texts: list[str | None]  # None = null text; title + " " + text where a title column is used
     repaired: np.ndarray  # bool [n]: invalid UTF-8 was replaced in this row
+    titles: list[str | None] | None = None  # with ``split_title``: the titles, kept apart from the texts
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -91,10 +92,13 @@ class Corpus:
     fingerprint: str = ""
     columns: list[str] = field(default_factory=list)
 
-    def batches(self, batch_rows: int = READ_BATCH_ROWS, start: int = 0, stop: int | None = None) -> Iterator[RowBatch]:
+    def batches(
+        self, batch_rows: int = READ_BATCH_ROWS, start: int = 0, stop: int | None = None, split_title: bool = False
+    ) -> Iterator[RowBatch]:
         """Every row in order, ``batch_rows`` at a time (texts decoded; ids in their original type). With
         ``start``/``stop``, only the files and row groups that hold rows ``start .. stop - 1`` are read (the
-        batches may hold rows around them)."""
+        batches may hold rows around them). With ``split_title``, titles come in ``RowBatch.titles`` and the
+        texts are the text column's alone (chunking cuts the text and puts the title before each chunk)."""
         cols = [c for c in (self.id_column, self.text_column, self.title_column) if c]
         whole = start <= 0 and stop is None
         stop = self.n_rows if stop is None else stop
@@ -112,14 +116,18 @@ class Corpus:
                     id_array = rb.column(self.id_column) if self.id_column else None
                     ids = id_array.to_pylist() if id_array is not None else list(range(row, row + n))
                     texts, repaired = decode_texts(rb.column(self.text_column))
+                    kept: list[str | None] | None = None
                     if self.title_column:
                         titles, rep_t = decode_texts(rb.column(self.title_column))
-                        texts = [
-                            t if (t is None or not t.strip() or not ti or not ti.strip()) else f"{ti} {t}"
-                            for ti, t in zip(titles, texts)
-                        ]
+                        if split_title:
+                            kept = titles
+                        else:
+                            texts = [
+                                t if (t is None or not t.strip() or not ti or not ti.strip()) else f"{ti} {t}"
+                                for ti, t in zip(titles, texts)
+                            ]
                         repaired |= rep_t
-                    yield RowBatch(row, ids, id_array, texts, repaired)
+                    yield RowBatch(row, ids, id_array, texts, repaired, kept)
                     row += n
         if whole and row != self.n_rows:
             raise InputError(

@@ -49,13 +49,13 @@ from output.check import committed_parts
 from output.finalize import finalize
 from output.index import check_index_kind
 from output.ledger import LedgerFeeder, PartLedger
-from pipeline.ingest.job import Job, JobContext, register_job, resume_job
+from pipeline.ingest.job import Job, JobContext, chunk_spec, register_job, resume_job
 from pipeline.ingest.model_cache import built_folder, ensure_model
 from pipeline.ingest.plan import Window, check_unique_ids, corpus_id_hashes
 from pipeline.ingest.produce import Sender, batch_messages
 from pipeline.ingest.progress import IngestProgress, Steps
 from pipeline.ingest.read import Corpus, ReadAhead, open_corpus
-from pipeline.ingest.stream import scan_and_send, start_scan
+from pipeline.ingest.stream import chunk_messages, scan_and_send, start_scan
 from pipeline.ingest.watch import POLL_S, BrokerOutage, ReadyOnce, Watch, sigterm_as_interrupt
 from workers.jobstate import connect, queued_batches
 
@@ -104,8 +104,13 @@ class _Running:
     task_key: str  # signs every task message (the local cluster's, or the fleet's FBAS_TASK_KEY)
 
     def messages(self, plan: Any, skip: set[int]) -> Any:
-        """The task messages of ``plan``'s batches not in ``skip`` (their texts read again from the corpus)."""
+        """The task messages of ``plan``'s batches not in ``skip`` (their texts read again from the corpus; a
+        chunked job's chunks cut again)."""
         ctx = self.ctx
+        if chunk_spec(ctx.cfg) is not None:
+            from engine.model_dir import load_tokenizer
+
+            return chunk_messages(ctx, load_tokenizer(self.model_dir, ctx.meta), plan.n_batches, skip)
         return batch_messages(
             ctx.corpus, plan, job=ctx.job_id, out=str(ctx.out), model=ctx.meta.fingerprint, dim=ctx.meta.dim, skip=skip
         )
@@ -143,6 +148,9 @@ def ingest(
         model = ensure_model(cfg, out, steps=steps, built=built)
         timings["model_s"] = round(time.perf_counter() - t0, 3)  # a first build is reported apart from the rates
         ctx = JobContext(corpus, cfg, out, read_meta(model))
+        spec = chunk_spec(cfg)
+        if spec is not None:  # a window the model cannot take whole is refused before anything starts
+            spec.window(ctx.meta.max_seq_len)
         job = resume_job(ctx)
         logger.info("model and job folder ready after %.2fs", time.perf_counter() - t0)
         if job is not None and len(committed_parts(out, job.id, job.plan.n_batches)) == job.plan.n_batches:
@@ -156,12 +164,13 @@ def ingest(
                 new = _NewScan(id_hash, stack.enter_context(start_scan(ctx, load_tokenizer(model, ctx.meta))))
                 logger.info("%d ids checked, scan started after %.2fs", corpus.n_rows, time.perf_counter() - t0)
             run = _start_services(stack, ctx, model, progress, t0, worker_env, on_cluster, steps)
-            feeder = _start_ledger(stack, ctx, job, new)
+            # a new chunked job learns its chunks (the ledger's rows) only as it scans: finalize reads its parts
+            feeder = _start_ledger(stack, ctx, job, new) if job is not None or chunk_spec(cfg) is None else None
             q = _run_queue(run, job, new)
             job, sent, resumed, redelivered, docs = q.job, q.sent, q.resumed, q.redelivered, q.docs
             run.ready()  # nothing needed sending: Triton still serves the statistics below
             timings.update(_timings(run, job, t0))
-            manifest = _finalize(out, cfg, timings, redelivered, feeder.stop(), steps)
+            manifest = _finalize(out, cfg, timings, redelivered, feeder.stop() if feeder else None, steps)
         if manifest is None:  # every batch was committed already: nothing was started
             manifest = _finalize(out, cfg, timings, redelivered, None, steps)
     return IngestResult(out.root, job.id, manifest, time.perf_counter() - t0, resumed, sent, docs)

@@ -8,34 +8,66 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from core.chunking import Chunker
 from core.errors import InputError
 from core.formats import Plan
 from core.layout import PENDING_FILE, OutputDir
 from core.tokenize import Tokenizer
 from output.check import committed_parts
-from pipeline.ingest.job import Job, JobContext, first_window, length_mode, save_job
+from pipeline.ingest.job import Job, JobContext, chunk_spec, first_window, length_mode, save_job
 from pipeline.ingest.plan import Window, assemble_scan, plan_window, scan_windows
 from pipeline.ingest.produce import window_messages
 from pipeline.ingest.read import ReadAhead
 
-__all__ = ["start_scan", "scan_and_send"]
+__all__ = ["start_scan", "scan_and_send", "chunk_messages"]
+
+
+def _windows(ctx: JobContext, tokenizer: Tokenizer) -> Iterator[Window]:
+    cfg = ctx.cfg
+    spec = chunk_spec(cfg)
+    return scan_windows(
+        ctx.corpus,
+        tokenizer,
+        cfg.corpus.plan_window,
+        first_rows=first_window(cfg),
+        estimate=length_mode(cfg) == "estimate",
+        chunker=Chunker(tokenizer, spec) if spec is not None else None,
+    )
 
 
 def start_scan(ctx: JobContext, tokenizer: Tokenizer) -> ReadAhead[Window]:
-    """The corpus's windows (lengths by ``--lengths``), scanned on a thread from now on, one window ahead of
-    the consumer: ``ingest`` starts it as soon as the ids are checked, so the first window is read while
-    Celery and Redis are set up; close it (``with``) when done."""
-    cfg = ctx.cfg
-    return ReadAhead(
-        scan_windows(
-            ctx.corpus,
-            tokenizer,
-            cfg.corpus.plan_window,
-            first_rows=first_window(cfg),
-            estimate=length_mode(cfg) == "estimate",
-        ),
-        name="scan-ahead",
-    )
+    """The corpus's windows (lengths by ``--lengths``; with ``--chunk``, rows are chunks), scanned on a thread
+    from now on, one window ahead of the consumer: ``ingest`` starts it as soon as the ids are checked, so the
+    first window is read while Celery and Redis are set up; close it (``with``) when done."""
+    return ReadAhead(_windows(ctx, tokenizer), name="scan-ahead")
+
+
+def chunk_messages(ctx: JobContext, tokenizer: Tokenizer, n_batches: int, skip: set[int]) -> Iterator[dict]:
+    """A chunked job's task messages for its batches not in ``skip``, its chunks cut again (the cuts and the plan
+    are the same on every run) from a new pass over the corpus: what a resumed chunked job sends, as
+    ``produce.batch_messages`` does for rows."""
+    wanted = n_batches - len(skip & set(range(n_batches)))
+    if not wanted:
+        return
+    c, meta, first = ctx.cfg.corpus, ctx.meta, 0
+    for w in _windows(ctx, tokenizer):
+        wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
+        for msg in window_messages(
+            w,
+            wplan,
+            first,
+            job=ctx.job_id,
+            out=str(ctx.out),
+            model=meta.fingerprint,
+            dim=meta.dim,
+            id_type=ctx.corpus.id_type,
+            skip=skip,
+        ):
+            yield msg
+            wanted -= 1
+        first += wplan.n_batches
+        if wanted <= 0:
+            return
 
 
 def scan_and_send(
