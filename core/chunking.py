@@ -58,7 +58,7 @@ class ChunkSpec:
             overlap = int(parts[2]) if len(parts) > 2 and parts[2] else 0
         except ValueError:
             raise ConfigError(f"--chunk {spec!r}: N and OVERLAP must be whole numbers of tokens; {fix}") from None
-        if len(parts) > 1 and size < 1:
+        if len(parts) > 1 and parts[1] and size < 1:
             raise ConfigError(f"--chunk {spec!r}: a window of {size} tokens holds nothing; give N >= 1 ({fix})")
         if overlap < 0:
             raise ConfigError(f"--chunk {spec!r}: overlap {overlap} < 0; give 0 <= OVERLAP < N")

@@ -391,8 +391,13 @@ def _cmd_ingest(args: argparse.Namespace, cfg: FbasConfig) -> int:
 
     r = ingest(args.corpus, cfg, progress=False if args.no_progress else None, model_dir=args.model_dir)
     c, tm = r.manifest["counts"], r.manifest.get("timings", {})
+    unit = "docs"
+    if "chunks" in c:  # a chunked job: embedded, quarantined and truncated count chunks
+        unit = "chunks"
+        print(f"cut {c['documents']} documents into {c['chunks']} chunks ({r.manifest['settings']['chunk']})")
     print(
-        f"ingested {c['input_rows']} rows into {r.out}: {c['embedded']} embedded, {c['quarantined']} quarantined"
+        f"ingested {c['input_rows']} rows into {r.out}: {c['embedded']} {'chunks ' if unit == 'chunks' else ''}"
+        f"embedded, {c['quarantined']} quarantined"
         f"{' ' + json.dumps(c['quarantine_reasons']) if c['quarantine_reasons'] else ''}, {c['truncated']} "
         f"truncated; index {r.manifest['index']['type']} ({r.manifest['index']['ntotal']} vectors)"
     )
@@ -400,8 +405,8 @@ def _cmd_ingest(args: argparse.Namespace, cfg: FbasConfig) -> int:
     if r.docs_this_run and tm.get("embed_s"):
         print(
             f"{r.seconds:.1f}s in all: {tm.get('ready_s', 0):.1f}s to start (model {tm.get('model_s', 0):.1f}s, "
-            f"services), then {r.docs_this_run} docs in {tm['embed_s']:.1f}s "
-            f"({r.docs_this_run / tm['embed_s']:.0f} docs/s){resumed}"
+            f"services), then {r.docs_this_run} {unit} in {tm['embed_s']:.1f}s "
+            f"({r.docs_this_run / tm['embed_s']:.0f} {unit}/s){resumed}"
         )
     else:
         print(f"{r.seconds:.1f}s: nothing was left to embed{resumed}")
