@@ -191,7 +191,7 @@ class CorpusConfig:
         "best chunk): tokens:N[:OVERLAP] (windows of at most N word pieces, cut between words, consecutive ones "
         "sharing up to OVERLAP) or sentences:N[:OVERLAP] (the same, cut at the last sentence end in the window); "
         "N must fit the model (at most max_seq_len - 2; 'tokens' alone: exactly that), OVERLAP < N (default 0); "
-        "empty = no chunking: texts past max_seq_len are truncated and flagged",
+        "default: none (no chunking), texts past max_seq_len are truncated and flagged",
     )
     batch_tokens: int = _f(16384, "token budget of one queued batch (sum of padded lengths)")
     batch_rows: int = _f(512, "most rows in one queued batch")
@@ -223,6 +223,16 @@ class OutputConfig:
 
     out: str = _f("out", "output folder (local path or object-store URI)")
     index: str = _f("flat", "FAISS index type: flat | hnsw | ivfpq", choices=("flat", "hnsw", "ivfpq"))
+    update: bool = _f(
+        False,
+        "bring --out up to date with this corpus instead of embedding it all: rows whose id and text are already "
+        "there keep their vectors, new ids are embedded, changed texts are embedded again, and ids missing "
+        "from the corpus are removed (see --keep-missing); the manifest records each generation. An --out "
+        "without a finished job gets a full ingest",
+    )
+    keep_missing: bool = _f(
+        False, "with --update: keep the vectors of ids that are missing from the new corpus instead of removing them"
+    )
 
 
 @dataclass

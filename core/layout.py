@@ -13,6 +13,9 @@
     OUT/.fbas/job.json, scan.npz, plan.npz    what a rerun resumes (``core.formats``); job.pending while
                                               a new job's scan runs; quarantine-scan.parquet
     OUT/.fbas/model/, model.spec, local/      the built model, its build key, local mode's services
+    OUT/.fbas/content.npz, generations.json   ``ingest --update``: each row's id key and text hash, and the
+                                              generations so far; prev/ holds the generation an update replaces
+                                              until the new one is final, update/ the rows it embeds
 
 Part names are a pure function of the batch index, so a batch delivered twice writes the same
 files. Every file is written to ``<name>.tmp-<host>-<pid>-<random>`` in the same folder,
@@ -63,6 +66,10 @@ __all__ = [
     "MODEL_SPEC",
     "LOCAL_SUBDIR",
     "LOCK_FILE",
+    "CONTENT_FILE",
+    "GENERATIONS_FILE",
+    "PREV_SUBDIR",
+    "UPDATE_SUBDIR",
     "FolderLock",
     "PART_RE",
 ]
@@ -86,6 +93,10 @@ MODEL_SUBDIR = "model"  # the built model the job serves
 MODEL_SPEC = "model.spec"  # its build key
 LOCAL_SUBDIR = "local"  # local mode's services: logs, pids, Redis's files
 LOCK_FILE = "lock"  # the owner lock of a running job (FolderLock)
+CONTENT_FILE = "content.npz"  # --update: id keys and text hashes of the generation in OUT
+GENERATIONS_FILE = "generations.json"  # --update: what each generation changed
+PREV_SUBDIR = "prev"  # --update: the generation being replaced, until the new one is final
+UPDATE_SUBDIR = "update"  # --update: the rows to embed (delta.parquet) and their ingest
 
 PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
 

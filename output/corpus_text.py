@@ -57,7 +57,10 @@ class CorpusText:
         """``{text, *columns}`` for each row id, in the order given."""
         cols = [self.text_column, *[c for c in columns or [] if c != self.text_column]]
         by_file: dict[int, list[tuple[int, int]]] = {}
+        n_rows = self.starts[-1] + self.files[-1][2] if self.files else 0
         for k, r in enumerate(row_ids):
+            if r >= n_rows:  # a row kept from an earlier corpus (ingest --update --keep-missing): no text here
+                continue
             f = bisect.bisect_right(self.starts, r) - 1
             by_file.setdefault(f, []).append((k, r - self.starts[f]))
         out: list[dict[str, Any]] = [{} for _ in row_ids]

@@ -56,6 +56,8 @@ def write_manifest(
         "timings": timings,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if "generations" in job:  # ``ingest --update``: what each generation kept, added, changed and removed
+        manifest["generations"] = job["generations"]
     data = json.dumps(manifest, indent=2, sort_keys=True).encode()
     OutputDir.write_atomic(out.path(MANIFEST), lambda p: p.write_bytes(data))
     return manifest

@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "IngestResult",
     "JobContext",
     "Job",
     "chunk_spec",
@@ -40,6 +42,19 @@ __all__ = [
 ]
 
 
+@dataclass
+class IngestResult:
+    """What an ingest did (the manifest has the details)."""
+
+    out: Path
+    job: str
+    manifest: dict
+    seconds: float
+    resumed_batches: int
+    sent_batches: int
+    docs_this_run: int = 0  # rows embedded or quarantined by this run (not by an earlier, resumed one)
+
+
 @dataclass(frozen=True)
 class JobContext:
     """What every step of an ingest works on: the corpus, the settings, the output folder and the model."""
@@ -48,10 +63,16 @@ class JobContext:
     cfg: FbasConfig
     out: OutputDir
     meta: ModelMeta
+    generation: int = 0  # ``ingest --update``: the generation this job writes (0: a plain job)
 
     @cached_property
     def job_id(self) -> str:
-        """The job's identity: corpus fingerprint + model fingerprint + batch settings."""
+        """The job's identity: corpus fingerprint + model fingerprint + batch settings (+ the generation of an
+        update, whose batches are the parts it writes, not planned ones)."""
+        if self.generation:
+            return fingerprint(
+                {"corpus": self.corpus.fingerprint, "model": self.meta.fingerprint, "generation": self.generation}
+            )
         return fingerprint(
             {"corpus": self.corpus.fingerprint, "model": self.meta.fingerprint, "settings": _batch_settings(self.cfg)}
         )
@@ -140,8 +161,9 @@ def resume_job(ctx: JobContext) -> Job | None:
     return None
 
 
-def save_job(ctx: JobContext, scan: Scan, plan: Plan) -> Job:
-    """Write ``scan.npz``, ``plan.npz``, the scan's quarantine and, last, ``job.json`` (what a rerun resumes)."""
+def save_job(ctx: JobContext, scan: Scan, plan: Plan, extra: dict | None = None) -> Job:
+    """Write ``scan.npz``, ``plan.npz``, the scan's quarantine and, last, ``job.json`` (what a rerun resumes);
+    ``extra``: more keys for ``job.json`` (an update's ``generations``)."""
     corpus, cfg, out, job_id = ctx.corpus, ctx.cfg, ctx.out, ctx.job_id
     out.make_dirs()
     scan.save(out.state(SCAN_FILE))
@@ -203,6 +225,7 @@ def save_job(ctx: JobContext, scan: Scan, plan: Plan) -> Job:
     }
     if scan.doc_row is not None:
         info["scan"].update(documents=scan.n_docs, chunks=scan.n_rows)  # type: ignore[attr-defined]
+    info.update(extra or {})
     OutputDir.write_atomic(
         out.state(JOB_FILE), lambda p: p.write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
     )

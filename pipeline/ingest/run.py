@@ -49,7 +49,7 @@ from output.check import committed_parts
 from output.finalize import finalize
 from output.index import check_index_kind
 from output.ledger import LedgerFeeder, PartLedger
-from pipeline.ingest.job import Job, JobContext, chunk_spec, register_job, resume_job
+from pipeline.ingest.job import IngestResult, Job, JobContext, chunk_spec, register_job, resume_job
 from pipeline.ingest.model_cache import built_folder, ensure_model
 from pipeline.ingest.plan import Window, check_unique_ids, corpus_id_hashes
 from pipeline.ingest.produce import Sender, batch_messages
@@ -67,19 +67,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["ingest", "IngestResult"]
-
-
-@dataclass
-class IngestResult:
-    """What an ingest did (the manifest has the details)."""
-
-    out: Path
-    job: str
-    manifest: dict
-    seconds: float
-    resumed_batches: int
-    sent_batches: int
-    docs_this_run: int = 0  # rows embedded or quarantined by this run (not by an earlier, resumed one)
 
 
 @dataclass
@@ -133,6 +120,10 @@ def ingest(
     """
     from engine.model_dir import load_tokenizer, read_meta
 
+    if cfg.output.update:
+        from pipeline.ingest.update import update
+
+        return update(corpus_uri, cfg, ingest, progress=progress, model_dir=model_dir)
     t0 = time.perf_counter()
     out = OutputDir(cfg.output.out)
     corpus = open_corpus(corpus_uri, cfg.corpus)

@@ -1,0 +1,475 @@
+"""`fbas-pipeline ingest --update`: bring an output folder up to date with a corpus that grew or changed.
+
+    result = update("corpus.parquet", cfg)    # cfg.output.update; local mode when cfg.queue.broker is None
+
+Each row is known by its id's key and a hash of its text as embedded (title included): ``OUT/.fbas/content.npz``
+holds both for the generation in OUT. An update compares the corpus with it:
+
+    kept      the id is there with the same text hash and a vector: the vector is copied, not embedded
+    added     a new id: embedded
+    changed   the same id with another text, or one that was quarantined before: embedded again
+    removed   an id of the old generation that the corpus lacks (``--keep-missing`` keeps its vector, after
+              the corpus's rows)
+
+The rows to embed are written to ``OUT/.fbas/update/delta.parquet`` and ingested into ``OUT/.fbas/update/embed``
+by an ordinary job (the same machinery, resumable). The new generation is then written as a job of its own:
+its parts hold every row in corpus order (row ids = corpus positions, as a fresh ingest has them), and
+finalize checks it with the same oracle, rebuilds the index from the parts and writes the manifest, which lists
+every generation (``generations``: kept, added, changed, removed). Before anything of the new generation is
+written, the old one is moved to ``OUT/.fbas/prev/`` (the manifest first); it is deleted only once the new
+manifest and ``content.npz`` are written. An update killed at any point and run again finds ``prev/``, takes
+the old generation from there, clears what the killed run wrote and does it again: the same result.
+
+An OUT made by a plain ingest (no ``content.npz``) knows no text hashes: every row is embedded again once. An
+OUT without a finished job gets a full ingest. Chunked jobs cannot be updated yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.config import FbasConfig, fingerprint
+from core.errors import ConfigError, InputError
+from core.formats import Plan, Scan
+from core.ids import id_hashes
+from core.layout import (
+    CONTENT_FILE,
+    GENERATIONS_FILE,
+    INDEX_FILE,
+    JOB_FILE,
+    MANIFEST,
+    MODEL_SUBDIR,
+    PENDING_FILE,
+    PLAN_FILE,
+    PREV_SUBDIR,
+    QUARANTINE,
+    QUARANTINE_FILE,
+    SCAN_FILE,
+    SCAN_QUARANTINE,
+    SHARDS,
+    STATE,
+    UPDATE_SUBDIR,
+    VECTORS,
+    OutputDir,
+)
+from output.finalize import finalize
+from output.ledger import part_vectors
+from pipeline.ingest.job import IngestResult, JobContext, save_job
+from pipeline.ingest.plan import check_unique_ids, corpus_id_hashes
+from pipeline.ingest.read import Corpus, open_corpus
+from workers.write import BatchOutput, write_batch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["update", "content_hashes", "PART_ROWS"]
+
+PART_ROWS = 65_536  # rows per part of an updated generation
+_KEPT = ["id", "embedding", "n_tokens", "truncated", "repaired"]  # a part's columns an update carries over
+# a generation's files, in the order they move to prev/ (the manifest first: prev/ then holds the truth)
+_GENERATION = (MANIFEST, INDEX_FILE, QUARANTINE_FILE, VECTORS)
+_GENERATION_STATE = (CONTENT_FILE, GENERATIONS_FILE, JOB_FILE, SCAN_FILE, PLAN_FILE, SCAN_QUARANTINE)
+_REBUILT = (SHARDS, QUARANTINE, PENDING_FILE)  # state of the generation's job, made again
+
+
+def content_hashes(corpus: Corpus) -> np.ndarray:
+    """uint64 [n_rows]: a 64-bit BLAKE2b of each row's text as embedded (title + " " + text with a title column;
+    0 for a null text)."""
+    h = np.zeros(corpus.n_rows, dtype=np.uint64)
+    for rb in corpus.batches():
+        h[rb.row0 : rb.row0 + len(rb)] = [0 if t is None else _hash(t) for t in rb.texts]
+    return h
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+@dataclass
+class _Old:
+    """The generation an update replaces: its manifest, each embedded row's key, text hash and stored columns."""
+
+    manifest: dict
+    keys: np.ndarray  # uint64 [M]: id keys of its embedded rows, sorted
+    hashes: np.ndarray  # uint64 [M]: their text hashes (0 where unknown)
+    all_keys: np.ndarray  # uint64: id keys of all its rows, quarantined ones included
+    rows: np.ndarray  # int64 [M]: their row ids in it
+    table: pa.Table  # id, embedding, n_tokens, truncated, repaired of those rows, in ``keys`` order
+    generations: list[dict]
+
+
+def update(
+    corpus_uri: str,
+    cfg: FbasConfig,
+    ingest: Callable[..., IngestResult],
+    *,
+    progress: bool | None = None,
+    model_dir: str | Path | None = None,
+) -> IngestResult:
+    """Run (or finish) an update of ``cfg.output.out`` to ``corpus_uri`` (see the module docstring); ``ingest``:
+    ``pipeline.ingest.run.ingest``, which embeds the rows (``run`` calls this module, not the other way)."""
+    out = OutputDir(cfg.output.out)
+    plain = replace(cfg, output=replace(cfg.output, update=False, keep_missing=False))
+    if cfg.corpus.chunk:
+        raise ConfigError("--update does not handle --chunk yet: ingest a chunked corpus into a fresh --out")
+    prev = out.path(f"{STATE}/{PREV_SUBDIR}")
+    if not (out.path(MANIFEST).exists() or (prev / MANIFEST).exists()):  # nothing finished yet: a full ingest
+        r = ingest(corpus_uri, plain, progress=progress, model_dir=model_dir)
+        corpus = open_corpus(corpus_uri, cfg.corpus)
+        with out.lock():
+            _write_content(out, corpus_id_hashes(corpus), content_hashes(corpus))
+            gen = {"generation": 1, "created": _now(), "corpus": corpus.uri, "rows": corpus.n_rows, "added": None}
+            _write_json(out.state(GENERATIONS_FILE), [gen])
+        return r
+    t0 = time.perf_counter()
+    with out.lock():
+        staging = out.path(f"{STATE}/{UPDATE_SUBDIR}")
+        current = json.loads(((prev if (prev / MANIFEST).exists() else out.root) / MANIFEST).read_text("utf-8"))
+        if "chunk" in (current.get("settings") or {}):
+            raise ConfigError(f"{out} holds a chunked job: --update does not handle chunked jobs yet")
+        _check_model(plain, current["model"], OutputDir(staging / "embed"), model_dir, out)
+        _move_to_prev(out, prev)
+        old = _read_old(prev)
+        corpus = open_corpus(corpus_uri, cfg.corpus)
+        keys = corpus_id_hashes(corpus)
+        check_unique_ids(corpus, keys)
+        hashes = content_hashes(corpus)
+        pos = np.clip(np.searchsorted(old.keys, keys), 0, max(0, len(old.keys) - 1))
+        has = (old.keys[pos] == keys) if len(old.keys) else np.zeros(len(keys), dtype=bool)
+        kept = has & (old.hashes[pos] == hashes) & (hashes != 0)
+        known = has | np.isin(keys, old.all_keys)  # quarantined rows of the old generation are known too
+        delta_rows = np.flatnonzero(~kept)
+        key = fingerprint({"corpus": corpus.fingerprint, "old": old.manifest["job"], "rows": delta_rows.tolist()})
+        if (staging / "key").exists() and (staging / "key").read_text(encoding="utf-8") != key:
+            shutil.rmtree(staging)  # a killed update towards another corpus: its rows are not these
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / "key").write_text(key, encoding="utf-8")
+        embedded = _embed_delta(corpus, delta_rows, staging, plain, old, ingest, progress, model_dir, out)
+        missing = _missing(old, keys) if cfg.output.keep_missing else np.zeros(0, np.int64)
+        generation = int(old.generations[-1]["generation"]) + 1 if old.generations else 2
+        changes = {
+            "generation": generation,
+            "created": _now(),
+            "corpus": corpus.uri,
+            "rows": corpus.n_rows,
+            "kept": int(kept.sum()),
+            "added": int((~known).sum()),
+            "changed": int((known & ~kept).sum()),
+            "removed": int(len(old.all_keys) - known.sum() - len(missing)),
+            "kept_missing": len(missing),
+        }
+        _clear_generation(out)
+        manifest = _write_generation(out, cfg, corpus, keys, kept, pos, old, embedded, missing, changes)
+        all_keys = np.concatenate([keys, old.keys[missing]])
+        all_hashes = np.concatenate([hashes, old.hashes[missing]])
+        _write_content(out, all_keys, all_hashes)
+        _write_json(out.state(GENERATIONS_FILE), [*old.generations, changes])
+        shutil.rmtree(prev)
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("update %s: %s", out, json.dumps(changes))
+    sent = embedded.sent if embedded is not None else 0
+    done = embedded.docs if embedded is not None else 0
+    return IngestResult(out.root, manifest["job"], manifest, time.perf_counter() - t0, 0, sent, done)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    OutputDir.write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8"))
+
+
+def _write_content(out: OutputDir, keys: np.ndarray, hashes: np.ndarray) -> None:
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.savez(f, keys=keys.astype(np.uint64), hashes=hashes.astype(np.uint64))
+
+    OutputDir.write_atomic(out.state(CONTENT_FILE), write)
+
+
+def _move_to_prev(out: OutputDir, prev: Path) -> None:
+    """Move the generation in OUT to ``prev`` (the manifest first), unless a killed update already did: then what
+    OUT holds is that update's unfinished work, cleared and done again."""
+    if (prev / MANIFEST).exists():
+        logger.warning("%s holds an unfinished update: the generation before it is taken from %s", out, prev)
+        return
+    (prev / STATE).mkdir(parents=True, exist_ok=True)
+    for name in _GENERATION:
+        if out.path(name).exists():
+            out.path(name).rename(prev / name)
+    for name in _GENERATION_STATE:
+        if out.state(name).exists():
+            out.state(name).rename(prev / STATE / name)
+
+
+def _clear_generation(out: OutputDir) -> None:
+    """Remove the files of the generation being written (what a killed update left) before writing it again."""
+    for name in _GENERATION:
+        p = out.path(name)
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    for name in (*_GENERATION_STATE, *_REBUILT):
+        p = out.path(f"{STATE}/{name}")
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _read_old(prev: Path) -> _Old:
+    """The replaced generation from ``prev``: its manifest, and its embedded rows by id key."""
+    manifest = json.loads((prev / MANIFEST).read_text(encoding="utf-8"))
+    tables = [
+        pq.read_table(prev / VECTORS / Path(p["file"]).name, columns=["row_id", *_KEPT]) for p in manifest["parts"]
+    ]
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]) if tables else None
+    if table is None or not table.num_rows:
+        dim = int(manifest["model"]["dim"])
+        id_type = pa.int64() if manifest["corpus"]["id_type"] == "int64" else pa.string()
+        table = pa.table(
+            {
+                "row_id": pa.array([], pa.int64()),
+                "id": pa.array([], id_type),
+                "embedding": pa.array([], pa.list_(pa.float32(), dim)),
+                "n_tokens": pa.array([], pa.int32()),
+                "truncated": pa.array([], pa.bool_()),
+                "repaired": pa.array([], pa.bool_()),
+            }
+        )
+    keys = id_hashes(table.column("id"))
+    order = np.argsort(keys, kind="stable")
+    keys, table = keys[order], table.take(pa.array(order))
+    rows, table = table.column("row_id").to_numpy(), table.drop(["row_id"])
+    hashes = np.zeros(len(keys), dtype=np.uint64)
+    content = prev / STATE / CONTENT_FILE
+    all_keys = keys
+    if content.exists():
+        with np.load(content) as z:
+            ck, ch = z["keys"], z["hashes"]
+        all_keys = np.union1d(ck, keys)
+        if len(ck):
+            o = np.argsort(ck, kind="stable")
+            ck, ch = ck[o], ch[o]
+            at = np.clip(np.searchsorted(ck, keys), 0, len(ck) - 1)
+            hashes = np.where(ck[at] == keys, ch[at], 0).astype(np.uint64)
+    else:
+        logger.warning(
+            "%s was made by an ingest without --update, which keeps no text hashes: every row is embedded again "
+            "this once",
+            prev.parent.parent,
+        )
+    gens_path = prev / STATE / GENERATIONS_FILE
+    gens = json.loads(gens_path.read_text(encoding="utf-8")) if gens_path.exists() else []
+    return _Old(manifest, keys, hashes, all_keys, rows, table, gens)
+
+
+def _missing(old: _Old, keys: np.ndarray) -> np.ndarray:
+    """Positions in ``old`` of ids the corpus lacks, in their old row order."""
+    gone = np.flatnonzero(~np.isin(old.keys, keys))
+    return gone[np.argsort(old.rows[gone], kind="stable")]
+
+
+@dataclass
+class _Embedded:
+    """The delta's ingest: its rows' vectors and columns (by delta position) and its quarantine."""
+
+    rows: np.ndarray  # int64: delta positions embedded
+    table: pa.Table  # id, embedding, n_tokens, truncated, repaired, in ``rows`` order
+    q_rows: np.ndarray  # int64: delta positions quarantined
+    q_reasons: list[str]
+    sent: int
+    docs: int
+
+
+def _embed_delta(
+    corpus: Corpus,
+    rows: np.ndarray,
+    staging: Path,
+    cfg: FbasConfig,
+    old: _Old,
+    ingest: Callable[..., IngestResult],
+    progress: bool | None,
+    model_dir: str | Path | None,
+    out: OutputDir,
+) -> _Embedded | None:
+    """Write the rows to embed to ``staging/delta.parquet`` and ingest it into ``staging/embed`` (an ordinary
+    job: a rerun resumes it)."""
+    embed_out = OutputDir(staging / "embed")
+    if not len(rows):
+        return None
+    delta = staging / "delta.parquet"
+    if not delta.exists():
+        _write_delta(corpus, rows, delta)
+    sub_cfg = replace(
+        cfg,
+        output=replace(cfg.output, out=str(embed_out)),
+        corpus=replace(
+            cfg.corpus, id_column="id", text_column="text", title_column="title" if corpus.title_column else None
+        ),
+    )
+    r = ingest(str(delta), sub_cfg, progress=progress, model_dir=model_dir)
+    parts = [
+        pq.read_table(embed_out.path(p["file"]), columns=["row_id", *_KEPT]).replace_schema_metadata(None)
+        for p in r.manifest["parts"]
+    ]
+    if parts:
+        t = pa.concat_tables(parts)
+        t = t.take(pa.array(np.argsort(t.column("row_id").to_numpy(), kind="stable")))
+        rows, table = t.column("row_id").to_numpy(), t.drop(["row_id"])
+    else:  # every row to embed was quarantined
+        rows, table = np.zeros(0, np.int64), old.table.slice(0, 0)
+    q_rows, q_reasons = np.zeros(0, np.int64), []
+    qf = embed_out.path(QUARANTINE_FILE)
+    if qf.exists():
+        q = pq.read_table(qf)
+        q_rows, q_reasons = q.column("row_id").to_numpy().astype(np.int64), q.column("reason").to_pylist()
+    return _Embedded(rows, table, q_rows, q_reasons, r.sent_batches, r.docs_this_run)
+
+
+def _check_model(
+    cfg: FbasConfig, want: dict, embed_out: OutputDir, model_dir: str | Path | None, out: OutputDir
+) -> None:
+    """Refuse an update whose model (built into the staging folder, or taken from the build cache) is not the one
+    that made the folder's vectors, before anything in the folder is touched."""
+    from engine.model_dir import read_meta
+    from pipeline.ingest.model_cache import ensure_model
+
+    meta = read_meta(ensure_model(cfg, embed_out, built=Path(model_dir) if model_dir else None))
+    if meta.fingerprint != want["fingerprint"]:
+        raise InputError(
+            f"{out} holds vectors of model {want.get('name')} ({want['fingerprint']}, {want.get('precision')}, "
+            f"max_seq_len {want.get('max_seq_len')}); this --update would embed with {meta.name} "
+            f"({meta.fingerprint}, {meta.precision}, max_seq_len {meta.max_seq_len}): give the same model settings "
+            "as the folder's first ingest, or write the new model's vectors to another --out"
+        )
+
+
+def _write_delta(corpus: Corpus, rows: np.ndarray, path: Path) -> None:
+    """The corpus's ``rows`` (ascending) as a Parquet file: id, text and title as the corpus has them."""
+    ids: list = []
+    texts: list = []
+    titles: list = []
+    for rb in corpus.batches(split_title=True):
+        lo, hi = np.searchsorted(rows, [rb.row0, rb.row0 + len(rb)])
+        for r in rows[lo:hi].tolist():
+            i = r - rb.row0
+            ids.append(rb.ids[i])
+            texts.append(rb.texts[i])
+            if rb.titles is not None:
+                titles.append(rb.titles[i])
+    columns: dict[str, pa.Array] = {
+        "id": pa.array(ids, pa.int64() if corpus.id_type == "int64" else pa.string()),
+        "text": pa.array(texts, pa.string()),
+    }
+    if corpus.title_column:
+        columns["title"] = pa.array(titles, pa.string())
+    OutputDir.write_atomic(path, lambda p: pq.write_table(pa.table(columns), p))
+
+
+def _write_generation(
+    out: OutputDir,
+    cfg: FbasConfig,
+    corpus: Corpus,
+    keys: np.ndarray,
+    kept: np.ndarray,
+    pos: np.ndarray,
+    old: _Old,
+    embedded: _Embedded | None,
+    missing: np.ndarray,
+    changes: dict,
+) -> dict:
+    """Write the new generation as a job of its own (parts in corpus order, scan, plan, job.json) and finalize it."""
+    from engine.model_dir import read_meta
+
+    n, m = corpus.n_rows, len(missing)
+    src = np.full(n + m, -1, dtype=np.int64)  # row -> position in the combined table (old rows, then delta rows)
+    src[np.flatnonzero(kept)] = pos[kept]
+    src[n:] = missing
+    table = old.table
+    delta_rows = np.flatnonzero(~kept)
+    q_rows: list[int] = []
+    q_reasons: list[str] = []
+    if embedded is not None:
+        src[delta_rows[embedded.rows]] = len(old.table) + np.arange(len(embedded.rows))
+        table = pa.concat_tables([old.table, embedded.table.cast(old.table.schema)])
+        q_rows = delta_rows[embedded.q_rows].tolist()
+        q_reasons = list(embedded.q_reasons)
+    rows = np.flatnonzero(src >= 0)
+    t = table.take(pa.array(src[rows]))
+    meta = read_meta(out.state(MODEL_SUBDIR))
+    ctx = JobContext(corpus, cfg, out, meta, generation=int(changes["generation"]))
+    n_tokens = np.zeros(n + m, dtype=np.int32)
+    n_tokens[rows] = t.column("n_tokens").to_numpy()
+    offsets = np.arange(0, len(rows) + PART_ROWS, PART_ROWS)
+    offsets[-1] = len(rows)
+    offsets = np.unique(offsets)
+    vecs = part_vectors(t)
+    ids = t.column("id").to_pylist()
+    for b in range(len(offsets) - 1):
+        a, z = int(offsets[b]), int(offsets[b + 1])
+        write_batch(
+            out,
+            BatchOutput(
+                ctx.job_id,
+                b,
+                meta.fingerprint,
+                meta.dim,
+                corpus.id_type,
+                rows[a:z],
+                ids[a:z],
+                np.ascontiguousarray(vecs[a:z]),
+                n_tokens[rows[a:z]],
+                t.column("truncated").to_numpy(zero_copy_only=False)[a:z],
+                t.column("repaired").to_numpy(zero_copy_only=False)[a:z],
+                np.zeros(0, np.int64),
+                [],
+                [],
+            ),
+        )
+    sizes = np.diff(offsets)
+    plan = Plan(
+        rows.astype(np.int64),
+        offsets.astype(np.int64),
+        np.asarray([int(n_tokens[rows[a:z]].max(initial=0)) for a, z in zip(offsets[:-1], offsets[1:])], np.int32),
+        np.asarray([int(n_tokens[rows[a:z]].sum()) for a, z in zip(offsets[:-1], offsets[1:])], np.int64),
+    )
+    assert len(sizes) == plan.n_batches
+    corpus_ids = _corpus_ids(corpus, q_rows)
+    scan = Scan(
+        n + m,
+        n_tokens,
+        np.concatenate([keys, old.keys[missing]]),
+        np.asarray(q_rows, dtype=np.int64),
+        corpus_ids,
+        q_reasons,
+        int(t.column("truncated").to_numpy(zero_copy_only=False).sum()),
+        int(t.column("repaired").to_numpy(zero_copy_only=False).sum()),
+    )
+    save_job(ctx, scan, plan, extra={"generations": [*old.generations, changes]})
+    return finalize(out, cfg.output.index)
+
+
+def _corpus_ids(corpus: Corpus, rows: list[int]) -> list:
+    """The corpus's ids at ``rows`` (ascending)."""
+    if not rows:
+        return []
+    want = np.asarray(rows, dtype=np.int64)
+    got: list = []
+    for rb in corpus.batches():
+        lo, hi = np.searchsorted(want, [rb.row0, rb.row0 + len(rb)])
+        got.extend(rb.ids[int(r) - rb.row0] for r in want[lo:hi].tolist())
+    return got

@@ -1,0 +1,172 @@
+"""`ingest --update` end to end (local mode: real redis-server, tritonserver, Celery workers, all-MiniLM-L6-v2).
+
+The oracle of a growing corpus: after any sequence of updates OUT holds exactly the ids of the latest corpus, in
+its order, with vectors equal (within 1e-6) to a fresh ingest of it; only new and changed rows are embedded; an
+update killed midway and run again gives the same result; an update with another model is refused before the
+folder is touched; ``--keep-missing`` keeps the vectors of ids the corpus lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core.config import FbasConfig
+from core.errors import InputError
+from tests.pipeline_support import check_oracle, read_vectors, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write(path: Path, rows: list[tuple[str, str]]) -> Path:
+    pq.write_table(pa.table({"id": [i for i, _ in rows], "text": [t for _, t in rows]}), path, row_group_size=100)
+    return path
+
+
+@pytest.fixture(scope="module")
+def versions(stsb_en_test, tmp_path_factory) -> list[tuple[Path, list[str]]]:
+    """Three versions of a corpus of STS-B sentences: v1; v2 = v1 less 10 ids, 10 texts changed, 60 ids added (one
+    blank, quarantined); v3 = v2 with 5 more texts changed, 20 of its added ids gone, rows reordered."""
+    texts = list(dict.fromkeys([a for a, _, _ in stsb_en_test] + [b for _, b, _ in stsb_en_test]))
+    base = [(f"s{i}", t) for i, t in enumerate(texts[:700])]
+    v1 = base[:400]
+    v2 = [r for i, r in enumerate(v1) if not 10 <= i < 20]
+    v2 = [(i, t + " (revised)") if 30 <= n < 40 else (i, t) for n, (i, t) in enumerate(v2)]
+    v2 += base[400:459] + [("blank", "   ")]
+    v3 = [(i, "Changed again: " + t) if n % 80 == 5 else (i, t) for n, (i, t) in enumerate(v2)]
+    v3 = [r for r in v3 if r[0] not in {f"s{k}" for k in range(400, 420)}]
+    v3 = v3[200:] + v3[:200]
+    d = tmp_path_factory.mktemp("versions")
+    return [(_write(d / f"v{k}.parquet", v), [i for i, _ in v]) for k, v in enumerate((v1, v2, v3), 1)]
+
+
+def _cfg(out: Path, update: bool = True, keep_missing: bool = False) -> FbasConfig:
+    cfg = FbasConfig()
+    cfg.output.out = str(out)
+    cfg.output.update = update
+    cfg.output.keep_missing = keep_missing
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def fresh(versions, tmp_path_factory) -> list[Path]:
+    """A fresh (plain) ingest of every version: what an update must equal."""
+    from pipeline.ingest.run import ingest
+
+    outs = []
+    for k, (path, _) in enumerate(versions, 1):
+        out = tmp_path_factory.mktemp(f"fresh{k}") / "out"
+        ingest(str(path), _cfg(out, update=False), progress=False)
+        outs.append(out)
+    return outs
+
+
+def _same_as_fresh(out: Path, fresh_out: Path, ids: list[str]) -> None:
+    check_oracle(out, ids)
+    rows, got_ids, vecs = read_vectors(out)
+    rows0, ids0, vecs0 = read_vectors(fresh_out)
+    assert np.array_equal(rows, rows0) and got_ids == ids0, "the same ids at the same rows as a fresh ingest"
+    np.testing.assert_allclose(vecs, vecs0, atol=1e-6)
+    q = pq.read_table(out / "quarantine.parquet").to_pylist() if (out / "quarantine.parquet").exists() else []
+    q0 = (
+        pq.read_table(fresh_out / "quarantine.parquet").to_pylist()
+        if (fresh_out / "quarantine.parquet").exists()
+        else []
+    )
+    assert q == q0
+
+
+@pytest.fixture(scope="module")
+def v1_out(versions, tmp_path_factory) -> Path:
+    from pipeline.ingest.run import ingest
+
+    out = tmp_path_factory.mktemp("updated") / "out"
+    ingest(str(versions[0][0]), _cfg(out), progress=False)  # a first --update is a full ingest
+    return out
+
+
+def test_a_sequence_of_updates_equals_a_fresh_ingest_of_the_latest(versions, fresh, v1_out, tmp_path):
+    from pipeline.ingest.run import ingest
+
+    out = tmp_path / "out"
+    shutil.copytree(v1_out, out)
+    _same_as_fresh(out, fresh[0], versions[0][1])
+    r = ingest(str(versions[1][0]), _cfg(out), progress=False)
+    g = r.manifest["generations"][-1]
+    assert (g["generation"], g["kept"], g["added"], g["changed"], g["removed"]) == (2, 380, 60, 10, 10)
+    assert r.docs_this_run == 69, "only the added and changed rows were embedded (the blank one is quarantined)"
+    _same_as_fresh(out, fresh[1], versions[1][1])
+    r = ingest(str(versions[2][0]), _cfg(out), progress=False)
+    g = r.manifest["generations"][-1]
+    assert (g["generation"], g["changed"], g["removed"], g["added"]) == (3, 5 + 1, 20, 0), g  # the blank row again
+    _same_as_fresh(out, fresh[2], versions[2][1])
+    assert [x["generation"] for x in r.manifest["generations"]] == [1, 2, 3]
+    assert not (out / ".fbas" / "prev").exists() and not (out / ".fbas" / "update").exists()
+    r = ingest(str(versions[2][0]), _cfg(out), progress=False)  # nothing changed: nothing embedded
+    assert r.docs_this_run == 0 and r.manifest["generations"][-1]["kept"] == len(versions[2][1]) - 1
+    _same_as_fresh(out, fresh[2], versions[2][1])
+
+
+def test_an_update_killed_midway_and_run_again_gives_the_same_result(versions, fresh, v1_out, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(v1_out, out)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FBAS_TEST_PAUSE": "0:120:update"}
+    cmd = [sys.executable, "-m", "pipeline.cli", "ingest", str(versions[1][0]), "--out", str(out), "--update"]
+    log = open(tmp_path / "ingest.log", "ab")  # noqa: SIM115
+    p = subprocess.Popen([*cmd, "--no-progress"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    try:
+        wait_for(
+            lambda: list((out / ".fbas" / "update" / "embed" / "vectors").glob("*.parquet")) or None, 240, "a part"
+        )
+    finally:
+        p.kill()
+        p.wait(timeout=30)
+    assert (out / ".fbas" / "prev" / "manifest.json").exists() and not (out / "manifest.json").exists()
+    env.pop("FBAS_TEST_PAUSE")
+    done = subprocess.run([*cmd, "--no-progress"], env=env, capture_output=True, text=True, cwd=str(ROOT))
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_as_fresh(out, fresh[1], versions[1][1])
+    assert json.loads((out / "manifest.json").read_text())["generations"][-1]["changed"] == 10
+
+
+def test_an_update_with_another_model_is_refused_untouched(versions, v1_out, tmp_path):
+    from pipeline.ingest.run import ingest
+
+    out = tmp_path / "out"
+    shutil.copytree(v1_out, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if "update" not in p.parts)
+    cfg = _cfg(out)
+    cfg.engine.max_seq_len = 128
+    with pytest.raises(InputError, match="same model settings"):
+        ingest(str(versions[1][0]), cfg, progress=False)
+    after = sorted(p.relative_to(out) for p in out.rglob("*") if "update" not in p.parts)
+    assert before == after and (out / "manifest.json").exists()
+
+
+def test_keep_missing_keeps_the_vectors_of_ids_the_corpus_lost(versions, v1_out, tmp_path):
+    from output.search import Searcher
+    from pipeline.ingest.run import ingest
+
+    out = tmp_path / "out"
+    shutil.copytree(v1_out, out)
+    _, _, v1_vecs = read_vectors(v1_out)
+    r = ingest(str(versions[1][0]), _cfg(out, keep_missing=True), progress=False)
+    assert r.manifest["generations"][-1]["kept_missing"] == 10
+    rows, ids, vecs = read_vectors(out)
+    lost = [f"s{i}" for i in range(10, 20)]
+    assert ids[-10:] == lost and rows[-10:].tolist() == list(range(len(versions[1][1]), len(versions[1][1]) + 10))
+    np.testing.assert_array_equal(vecs[-10:], v1_vecs[10:20])
+    s = Searcher(out)
+    hit = s.with_text(s.search_vectors(v1_vecs[12:13], 1))[0][0]
+    assert hit.id == "s12" and "text" not in hit.fields  # no text: the corpus no longer has the row
