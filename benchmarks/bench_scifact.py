@@ -14,6 +14,9 @@ given, each in a fresh output folder (the built model is copied in, not rebuilt)
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_scifact.py --json out/bench_scifact.json \\
         --settings truncate,tokens,tokens::32,tokens:128:32,sentences::32
+    # cost alone, the settings alternating on the same corpus:
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_scifact.py --no-eval --docs 2000 \\
+        --settings truncate,tokens,truncate,tokens,truncate,tokens
 """
 
 from __future__ import annotations
@@ -36,13 +39,15 @@ DATA = ROOT / "tests" / "data" / "beir_scifact"
 MTEB_NDCG10 = 0.64508  # all-MiniLM-L6-v2, SciFact test, texts truncated at 256 tokens
 
 
-def write_corpus(folder: Path) -> tuple[Path, Path, Path]:
-    """SciFact as a Parquet corpus (id, title, text), its test queries as JSONL and the qrels path."""
+def write_corpus(folder: Path, n_docs: int = 0) -> tuple[Path, Path, Path]:
+    """SciFact as a Parquet corpus (id, title, text; the first ``n_docs``, 0 = all), its test queries as JSONL and
+    the qrels path."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     with gzip.open(DATA / "corpus.jsonl.gz", "rt", encoding="utf-8") as f:
         docs = [json.loads(line) for line in f]
+    docs = docs[:n_docs] if n_docs else docs
     corpus = folder / "scifact.parquet"
     columns = {"id": [d["_id"] for d in docs], "title": [d["title"] for d in docs], "text": [d["text"] for d in docs]}
     pq.write_table(pa.table(columns), corpus)
@@ -54,12 +59,14 @@ def write_corpus(folder: Path) -> tuple[Path, Path, Path]:
     return corpus, queries, DATA / "qrels" / "test.tsv"
 
 
-def run_setting(setting: str, corpus: Path, queries: Path, qrels: Path, work: Path, seed: Path | None) -> dict:
+def run_setting(
+    setting: str, corpus: Path, queries: Path, qrels: Path, work: Path, seed: Path | None, run: int, score: bool
+) -> dict:
     from core.config import FbasConfig
     from output.evaluate import evaluate
     from pipeline.ingest.run import ingest
 
-    out = work / setting.replace(":", "_")
+    out = work / f"{run:02d}-{setting.replace(':', '_')}"
     if seed is not None:  # the model built by the first setting: copied, not rebuilt
         (out / ".fbas").mkdir(parents=True)
         shutil.copytree(seed / ".fbas" / "model", out / ".fbas" / "model")
@@ -72,7 +79,7 @@ def run_setting(setting: str, corpus: Path, queries: Path, qrels: Path, work: Pa
     r = ingest(str(corpus), cfg, progress=False)
     wall = time.perf_counter() - t0
     t1 = time.perf_counter()
-    q = evaluate(out, queries, qrels)
+    q = evaluate(out, queries, qrels) if score else {"ndcg@10": float("nan"), "recall@100": float("nan"), "queries": 0}
     counts, timings = r.manifest["counts"], r.manifest["timings"]
     return {
         "setting": setting,
@@ -84,6 +91,7 @@ def run_setting(setting: str, corpus: Path, queries: Path, qrels: Path, work: Pa
         "truncated": counts["truncated"],
         "tokens": counts["tokens"],
         "embed_s": timings["embed_s"],
+        "scan_s": timings.get("scan_s"),
         "tokens_per_s": round(counts["tokens"] / timings["embed_s"], 1),
         "wall_s": round(wall, 2),
         "eval_s": round(time.perf_counter() - t1, 2),
@@ -96,16 +104,18 @@ def main() -> int:
     ap.add_argument("--settings", default="truncate,tokens,tokens::32,tokens:128:32,sentences::32")
     ap.add_argument("--json", default=None, help="append one JSON line per setting to this file")
     ap.add_argument("--work", default=None, help="folder for corpora and outputs (default: a temporary one)")
+    ap.add_argument("--docs", type=int, default=0, help="only the first DOCS abstracts (0 = all 5,183)")
+    ap.add_argument("--no-eval", action="store_true", help="cost only: ingest, do not score (a setting may repeat)")
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scifact-"))
     work.mkdir(parents=True, exist_ok=True)
-    corpus, queries, qrels = write_corpus(work)
+    corpus, queries, qrels = write_corpus(work, args.docs)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
     print(f"# SciFact test, all-MiniLM-L6-v2; {machine}; {time.strftime('%Y-%m-%d')}", flush=True)
     print("| setting | nDCG@10 | recall@100 | rows | truncated | tokens | tokens/s embedding | wall s |", flush=True)
     seed = None
-    for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
-        r = run_setting(setting, corpus, queries, qrels, work, seed)
+    for run, setting in enumerate(s.strip() for s in args.settings.split(",") if s.strip()):
+        r = run_setting(setting, corpus, queries, qrels, work, seed, run, not args.no_eval)
         seed = seed or Path(r["out"])
         r["load"] = round(os.getloadavg()[0], 2)
         print(
