@@ -45,9 +45,13 @@ def _folder_status(od: OutputDir, info: dict[str, Any]) -> str | None:
             "quarantined": quarantined,
             "finished": od.path(MANIFEST).exists(),
         }
+        unit = "rows"
+        if "chunk" in job.get("settings", {}):  # a chunked job: its rows are chunks
+            unit = "chunks"
+            f["chunk"], f["documents"] = job["settings"]["chunk"], job.get("scan", {}).get("documents")
         lines.append(
             f"job {job_id} in {od}: {f['done_batches']}/{f['planned_batches']} batches committed, "
-            f"{rows} rows embedded, {quarantined} quarantined"
+            f"{rows} {unit} embedded, {quarantined} quarantined"
             f"{', finalized' if f['finished'] else ''}"
         )
         return job_id
