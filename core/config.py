@@ -228,7 +228,7 @@ class OutputConfig:
         "bring --out up to date with this corpus instead of embedding it all: rows whose id and text are already "
         "there keep their vectors, new ids are embedded, changed texts are embedded again, and ids missing "
         "from the corpus are removed (see --keep-missing); the manifest records each generation. An --out "
-        "without a finished job gets a full ingest",
+        "without a finished job gets a full ingest; the model and --chunk must be the folder's",
     )
     keep_missing: bool = _f(
         False, "with --update: keep the vectors of ids that are missing from the new corpus instead of removing them"

@@ -20,8 +20,10 @@ written, the old one is moved to ``OUT/.fbas/prev/`` (the manifest first); it is
 manifest and ``content.npz`` are written. An update killed at any point and run again finds ``prev/``, takes
 the old generation from there, clears what the killed run wrote and does it again: the same result.
 
-An OUT made by a plain ingest (no ``content.npz``) knows no text hashes: every row is embedded again once. An
-OUT without a finished job gets a full ingest. Chunked jobs cannot be updated yet.
+In a chunked job (``--chunk``, which must be the folder's) the same holds per document: a kept document keeps
+all its chunks, a new or changed one is chunked and embedded by the rows' ingest, and the new generation numbers
+its chunks in corpus order, as a fresh chunked ingest does. An OUT made by a plain ingest (no ``content.npz``)
+knows no text hashes: every row is embedded again once. An OUT without a finished job gets a full ingest.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.chunking import ChunkSpec
 from core.config import FbasConfig, fingerprint
 from core.errors import ConfigError, InputError
-from core.formats import Plan, Scan
+from core.formats import CHUNK_FIELDS, ChunkCols, Plan, Scan
 from core.ids import id_hashes
 from core.layout import (
     CONTENT_FILE,
@@ -63,6 +66,7 @@ from core.layout import (
     UPDATE_SUBDIR,
     VECTORS,
     OutputDir,
+    vectors_schema,
 )
 from output.finalize import finalize
 from output.ledger import part_vectors
@@ -98,15 +102,19 @@ def _hash(text: str) -> int:
 
 @dataclass
 class _Old:
-    """The generation an update replaces: its manifest, each embedded row's key, text hash and stored columns."""
+    """The generation an update replaces: its manifest, each document with vectors (by id key: its text hash, its
+    rows in ``table``) and the rows' stored columns."""
 
     manifest: dict
-    keys: np.ndarray  # uint64 [M]: id keys of its embedded rows, sorted
-    hashes: np.ndarray  # uint64 [M]: their text hashes (0 where unknown)
-    all_keys: np.ndarray  # uint64: id keys of all its rows, quarantined ones included
-    rows: np.ndarray  # int64 [M]: their row ids in it
-    table: pa.Table  # id, embedding, n_tokens, truncated, repaired of those rows, in ``keys`` order
+    keys: np.ndarray  # uint64 [D]: id keys of its documents that have vectors, sorted
+    first: np.ndarray  # int64 [D]: each one's first row in ``table``
+    count: np.ndarray  # int64 [D]: its rows (chunks; 1 without chunking)
+    hashes: np.ndarray  # uint64 [D]: their text hashes (0 where unknown)
+    doc_rows: np.ndarray  # int64 [D]: their document rows in it
+    all_keys: np.ndarray  # uint64: id keys of all its documents, quarantined ones included
+    table: pa.Table  # _KEPT (+ CHUNK_FIELDS) of its rows, by key then chunk
     generations: list[dict]
+    chunk: str | None  # its chunking (the manifest's ``settings.chunk``)
 
 
 def update(
@@ -121,8 +129,7 @@ def update(
     ``pipeline.ingest.run.ingest``, which embeds the rows (``run`` calls this module, not the other way)."""
     out = OutputDir(cfg.output.out)
     plain = replace(cfg, output=replace(cfg.output, update=False, keep_missing=False))
-    if cfg.corpus.chunk:
-        raise ConfigError("--update does not handle --chunk yet: ingest a chunked corpus into a fresh --out")
+    spec = ChunkSpec.parse(cfg.corpus.chunk)
     prev = out.path(f"{STATE}/{PREV_SUBDIR}")
     if not (out.path(MANIFEST).exists() or (prev / MANIFEST).exists()):  # nothing finished yet: a full ingest
         r = ingest(corpus_uri, plain, progress=progress, model_dir=model_dir)
@@ -136,8 +143,12 @@ def update(
     with out.lock():
         staging = out.path(f"{STATE}/{UPDATE_SUBDIR}")
         current = json.loads(((prev if (prev / MANIFEST).exists() else out.root) / MANIFEST).read_text("utf-8"))
-        if "chunk" in (current.get("settings") or {}):
-            raise ConfigError(f"{out} holds a chunked job: --update does not handle chunked jobs yet")
+        had = (current.get("settings") or {}).get("chunk")
+        if had != (spec.label() if spec else None):
+            raise ConfigError(
+                f"{out} was ingested with --chunk {had or '(none)'}, this update asks for "
+                f"{spec.label() if spec else '(none)'}: give the folder's chunking, or ingest into another --out"
+            )
         _check_model(plain, current["model"], OutputDir(staging / "embed"), model_dir, out)
         _move_to_prev(out, prev)
         old = _read_old(prev)
@@ -145,7 +156,7 @@ def update(
         keys = corpus_id_hashes(corpus)
         check_unique_ids(corpus, keys)
         hashes = content_hashes(corpus)
-        pos = np.clip(np.searchsorted(old.keys, keys), 0, max(0, len(old.keys) - 1))
+        pos = np.clip(np.searchsorted(old.keys, keys), 0, max(0, len(old.keys) - 1)).astype(np.int64)
         has = (old.keys[pos] == keys) if len(old.keys) else np.zeros(len(keys), dtype=bool)
         kept = has & (old.hashes[pos] == hashes) & (hashes != 0)
         known = has | np.isin(keys, old.all_keys)  # quarantined rows of the old generation are known too
@@ -155,7 +166,7 @@ def update(
             shutil.rmtree(staging)  # a killed update towards another corpus: its rows are not these
         staging.mkdir(parents=True, exist_ok=True)
         (staging / "key").write_text(key, encoding="utf-8")
-        embedded = _embed_delta(corpus, delta_rows, staging, plain, old, ingest, progress, model_dir, out)
+        embedded = _embed_delta(corpus, delta_rows, staging, plain, old, ingest, progress, model_dir)
         missing = _missing(old, keys) if cfg.output.keep_missing else np.zeros(0, np.int64)
         generation = int(old.generations[-1]["generation"]) + 1 if old.generations else 2
         changes = {
@@ -178,9 +189,7 @@ def update(
         shutil.rmtree(prev)
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("update %s: %s", out, json.dumps(changes))
-    sent = embedded.sent if embedded is not None else 0
-    done = embedded.docs if embedded is not None else 0
-    return IngestResult(out.root, manifest["job"], manifest, time.perf_counter() - t0, 0, sent, done)
+    return IngestResult(out.root, manifest["job"], manifest, time.perf_counter() - t0, 0, embedded.sent, embedded.done)
 
 
 def _now() -> str:
@@ -231,29 +240,24 @@ def _clear_generation(out: OutputDir) -> None:
 
 
 def _read_old(prev: Path) -> _Old:
-    """The replaced generation from ``prev``: its manifest, and its embedded rows by id key."""
+    """The replaced generation from ``prev``: its manifest, and its embedded rows grouped by document."""
     manifest = json.loads((prev / MANIFEST).read_text(encoding="utf-8"))
-    tables = [
-        pq.read_table(prev / VECTORS / Path(p["file"]).name, columns=["row_id", *_KEPT]) for p in manifest["parts"]
-    ]
+    chunk = (manifest.get("settings") or {}).get("chunk")
+    cols = ["row_id", *_KEPT, *(CHUNK_FIELDS if chunk else ())]
+    tables = [pq.read_table(prev / VECTORS / Path(p["file"]).name, columns=cols) for p in manifest["parts"]]
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables]) if tables else None
     if table is None or not table.num_rows:
         dim = int(manifest["model"]["dim"])
         id_type = pa.int64() if manifest["corpus"]["id_type"] == "int64" else pa.string()
-        table = pa.table(
-            {
-                "row_id": pa.array([], pa.int64()),
-                "id": pa.array([], id_type),
-                "embedding": pa.array([], pa.list_(pa.float32(), dim)),
-                "n_tokens": pa.array([], pa.int32()),
-                "truncated": pa.array([], pa.bool_()),
-                "repaired": pa.array([], pa.bool_()),
-            }
-        )
-    keys = id_hashes(table.column("id"))
-    order = np.argsort(keys, kind="stable")
-    keys, table = keys[order], table.take(pa.array(order))
-    rows, table = table.column("row_id").to_numpy(), table.drop(["row_id"])
+        schema = vectors_schema(dim, "int64" if id_type == pa.int64() else "string", chunked=bool(chunk))
+        table = schema.empty_table().select(cols)
+    row_keys = id_hashes(table.column("id"))
+    chunk_ix = table.column("chunk").to_numpy() if chunk else np.zeros(len(row_keys), np.int32)
+    order = np.lexsort((chunk_ix, row_keys))
+    table = table.take(pa.array(order))
+    keys, first, count = np.unique(row_keys[order], return_index=True, return_counts=True)
+    doc_rows = table.column("doc_row" if chunk else "row_id").to_numpy()[first]
+    table = table.drop(["row_id"])
     hashes = np.zeros(len(keys), dtype=np.uint64)
     content = prev / STATE / CONTENT_FILE
     all_keys = keys
@@ -274,25 +278,28 @@ def _read_old(prev: Path) -> _Old:
         )
     gens_path = prev / STATE / GENERATIONS_FILE
     gens = json.loads(gens_path.read_text(encoding="utf-8")) if gens_path.exists() else []
-    return _Old(manifest, keys, hashes, all_keys, rows, table, gens)
+    return _Old(
+        manifest, keys, first.astype(np.int64), count.astype(np.int64), hashes, doc_rows, all_keys, table, gens, chunk
+    )
 
 
 def _missing(old: _Old, keys: np.ndarray) -> np.ndarray:
-    """Positions in ``old`` of ids the corpus lacks, in their old row order."""
+    """Positions in ``old.keys`` of documents the corpus lacks, in their old row order."""
     gone = np.flatnonzero(~np.isin(old.keys, keys))
-    return gone[np.argsort(old.rows[gone], kind="stable")]
+    return gone[np.argsort(old.doc_rows[gone], kind="stable")]
 
 
 @dataclass
 class _Embedded:
-    """The delta's ingest: its rows' vectors and columns (by delta position) and its quarantine."""
+    """The delta's ingest: its embedded rows (in row order: by document, then chunk), each one's document (a
+    delta position), and its quarantined rows' documents and reasons."""
 
-    rows: np.ndarray  # int64: delta positions embedded
-    table: pa.Table  # id, embedding, n_tokens, truncated, repaired, in ``rows`` order
-    q_rows: np.ndarray  # int64: delta positions quarantined
+    table: pa.Table  # _KEPT (+ CHUNK_FIELDS)
+    docs: np.ndarray  # int64 [len(table)]: delta position of each row's document
+    q_docs: np.ndarray  # int64: delta position of each quarantined row's document
     q_reasons: list[str]
     sent: int
-    docs: int
+    done: int
 
 
 def _embed_delta(
@@ -304,13 +311,12 @@ def _embed_delta(
     ingest: Callable[..., IngestResult],
     progress: bool | None,
     model_dir: str | Path | None,
-    out: OutputDir,
-) -> _Embedded | None:
-    """Write the rows to embed to ``staging/delta.parquet`` and ingest it into ``staging/embed`` (an ordinary
-    job: a rerun resumes it)."""
+) -> _Embedded:
+    """Write the documents to embed to ``staging/delta.parquet`` and ingest it into ``staging/embed`` (an ordinary
+    job, chunked as the folder is: a rerun resumes it)."""
     embed_out = OutputDir(staging / "embed")
     if not len(rows):
-        return None
+        return _Embedded(old.table.slice(0, 0), np.zeros(0, np.int64), np.zeros(0, np.int64), [], 0, 0)
     delta = staging / "delta.parquet"
     if not delta.exists():
         _write_delta(corpus, rows, delta)
@@ -322,22 +328,26 @@ def _embed_delta(
         ),
     )
     r = ingest(str(delta), sub_cfg, progress=progress, model_dir=model_dir)
+    cols = ["row_id", *old.table.column_names]
     parts = [
-        pq.read_table(embed_out.path(p["file"]), columns=["row_id", *_KEPT]).replace_schema_metadata(None)
+        pq.read_table(embed_out.path(p["file"]), columns=cols).replace_schema_metadata(None)
         for p in r.manifest["parts"]
     ]
+    table = old.table.slice(0, 0)
+    units = docs = np.zeros(0, np.int64)
     if parts:
         t = pa.concat_tables(parts)
         t = t.take(pa.array(np.argsort(t.column("row_id").to_numpy(), kind="stable")))
-        rows, table = t.column("row_id").to_numpy(), t.drop(["row_id"])
-    else:  # every row to embed was quarantined
-        rows, table = np.zeros(0, np.int64), old.table.slice(0, 0)
-    q_rows, q_reasons = np.zeros(0, np.int64), []
+        units, table = t.column("row_id").to_numpy(), t.drop(["row_id"])
+        docs = table.column("doc_row").to_numpy() if old.chunk else units
+    q_docs, q_reasons = np.zeros(0, np.int64), []
     qf = embed_out.path(QUARANTINE_FILE)
     if qf.exists():
         q = pq.read_table(qf)
-        q_rows, q_reasons = q.column("row_id").to_numpy().astype(np.int64), q.column("reason").to_pylist()
-    return _Embedded(rows, table, q_rows, q_reasons, r.sent_batches, r.docs_this_run)
+        q_docs, q_reasons = q.column("row_id").to_numpy().astype(np.int64), q.column("reason").to_pylist()
+        if old.chunk:  # a chunked job's quarantine names chunk rows: their documents are in its scan
+            q_docs = Scan.load(embed_out.state(SCAN_FILE)).doc_row[q_docs]  # type: ignore[index]
+    return _Embedded(table, docs.astype(np.int64), q_docs.astype(np.int64), q_reasons, r.sent_batches, r.docs_this_run)
 
 
 def _check_model(
@@ -388,77 +398,96 @@ def _write_generation(
     kept: np.ndarray,
     pos: np.ndarray,
     old: _Old,
-    embedded: _Embedded | None,
+    embedded: _Embedded,
     missing: np.ndarray,
     changes: dict,
 ) -> dict:
-    """Write the new generation as a job of its own (parts in corpus order, scan, plan, job.json) and finalize it."""
+    """Write the new generation as a job of its own (its rows in corpus order: each document's chunks, or the one
+    row that quarantines it; then ``missing`` documents), its scan, plan and job.json, and finalize it."""
     from engine.model_dir import read_meta
 
     n, m = corpus.n_rows, len(missing)
-    src = np.full(n + m, -1, dtype=np.int64)  # row -> position in the combined table (old rows, then delta rows)
-    src[np.flatnonzero(kept)] = pos[kept]
-    src[n:] = missing
-    table = old.table
-    delta_rows = np.flatnonzero(~kept)
-    q_rows: list[int] = []
-    q_reasons: list[str] = []
-    if embedded is not None:
-        src[delta_rows[embedded.rows]] = len(old.table) + np.arange(len(embedded.rows))
-        table = pa.concat_tables([old.table, embedded.table.cast(old.table.schema)])
-        q_rows = delta_rows[embedded.q_rows].tolist()
-        q_reasons = list(embedded.q_reasons)
-    rows = np.flatnonzero(src >= 0)
-    t = table.take(pa.array(src[rows]))
+    delta_rows = np.flatnonzero(~kept)  # corpus row of each delta position
+    n_delta = len(delta_rows)
+    emb_count = np.bincount(embedded.docs, minlength=n_delta).astype(np.int64)
+    emb_first = np.concatenate([[0], np.cumsum(emb_count)[:-1]]).astype(np.int64)
+    q_order = np.argsort(embedded.q_docs, kind="stable")
+    q_docs = embedded.q_docs[q_order]
+    q_count = np.bincount(q_docs, minlength=n_delta).astype(np.int64)
+    q_first = np.concatenate([[0], np.cumsum(q_count)[:-1]]).astype(np.int64)
+    # per document of the new generation: where its rows come from
+    doc_first = np.zeros(n + m, np.int64)  # first row in the combined table (old rows, then the delta's)
+    doc_emb = np.zeros(n + m, np.int64)  # rows with vectors
+    doc_q = np.zeros(n + m, np.int64)  # quarantined rows (after them)
+    doc_qfirst = np.zeros(n + m, np.int64)
+    k = np.flatnonzero(kept)
+    doc_first[k], doc_emb[k] = old.first[pos[k]], old.count[pos[k]]
+    doc_first[n:], doc_emb[n:] = old.first[missing], old.count[missing]
+    doc_first[delta_rows] = len(old.table) + emb_first
+    doc_emb[delta_rows], doc_q[delta_rows], doc_qfirst[delta_rows] = emb_count, q_count, q_first
+    per_doc = doc_emb + doc_q
+    unit_doc = np.repeat(np.arange(n + m, dtype=np.int64), per_doc)
+    offset = np.arange(len(unit_doc), dtype=np.int64) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+    has_vec = offset < doc_emb[unit_doc]
+    rows = np.flatnonzero(has_vec)  # the new generation's embedded rows
+    src = doc_first[unit_doc[rows]] + offset[rows]
+    table = pa.concat_tables([old.table, embedded.table.cast(old.table.schema)])
+    t = table.take(pa.array(src))
+    q_units = np.flatnonzero(~has_vec)
+    q_pick = q_order[doc_qfirst[unit_doc[q_units]] + offset[q_units] - doc_emb[unit_doc[q_units]]]
+    q_reasons = [embedded.q_reasons[int(i)] for i in q_pick]
     meta = read_meta(out.state(MODEL_SUBDIR))
     ctx = JobContext(corpus, cfg, out, meta, generation=int(changes["generation"]))
-    n_tokens = np.zeros(n + m, dtype=np.int32)
+    n_tokens = np.zeros(len(unit_doc), dtype=np.int32)
     n_tokens[rows] = t.column("n_tokens").to_numpy()
-    offsets = np.arange(0, len(rows) + PART_ROWS, PART_ROWS)
-    offsets[-1] = len(rows)
-    offsets = np.unique(offsets)
+    chunks = None
+    if old.chunk:
+        chunks = ChunkCols(unit_doc[rows], *(t.column(c).to_numpy() for c in CHUNK_FIELDS[1:]))
+    offsets = np.unique(np.r_[np.arange(0, len(rows), PART_ROWS), len(rows)]).astype(np.int64)
     vecs = part_vectors(t)
     ids = t.column("id").to_pylist()
+    truncated = t.column("truncated").to_numpy(zero_copy_only=False)
+    repaired = t.column("repaired").to_numpy(zero_copy_only=False)
     for b in range(len(offsets) - 1):
         a, z = int(offsets[b]), int(offsets[b + 1])
-        write_batch(
-            out,
-            BatchOutput(
-                ctx.job_id,
-                b,
-                meta.fingerprint,
-                meta.dim,
-                corpus.id_type,
-                rows[a:z],
-                ids[a:z],
-                np.ascontiguousarray(vecs[a:z]),
-                n_tokens[rows[a:z]],
-                t.column("truncated").to_numpy(zero_copy_only=False)[a:z],
-                t.column("repaired").to_numpy(zero_copy_only=False)[a:z],
-                np.zeros(0, np.int64),
-                [],
-                [],
-            ),
+        part = BatchOutput(
+            ctx.job_id,
+            b,
+            meta.fingerprint,
+            meta.dim,
+            corpus.id_type,
+            rows[a:z],
+            ids[a:z],
+            np.ascontiguousarray(vecs[a:z]),
+            n_tokens[rows[a:z]],
+            truncated[a:z],
+            repaired[a:z],
+            np.zeros(0, np.int64),
+            [],
+            [],
+            chunks.take(np.arange(a, z)) if chunks is not None else None,
         )
-    sizes = np.diff(offsets)
+        write_batch(out, part)
+    bounds = list(zip(offsets[:-1].tolist(), offsets[1:].tolist()))
     plan = Plan(
         rows.astype(np.int64),
-        offsets.astype(np.int64),
-        np.asarray([int(n_tokens[rows[a:z]].max(initial=0)) for a, z in zip(offsets[:-1], offsets[1:])], np.int32),
-        np.asarray([int(n_tokens[rows[a:z]].sum()) for a, z in zip(offsets[:-1], offsets[1:])], np.int64),
+        offsets,
+        np.asarray([int(n_tokens[rows[a:z]].max(initial=0)) for a, z in bounds], np.int32),
+        np.asarray([int(n_tokens[rows[a:z]].sum()) for a, z in bounds], np.int64),
     )
-    assert len(sizes) == plan.n_batches
-    corpus_ids = _corpus_ids(corpus, q_rows)
+    doc_keys = np.concatenate([keys, old.keys[missing]])
     scan = Scan(
-        n + m,
+        len(unit_doc),
         n_tokens,
-        np.concatenate([keys, old.keys[missing]]),
-        np.asarray(q_rows, dtype=np.int64),
-        corpus_ids,
+        doc_keys[unit_doc],
+        q_units.astype(np.int64),
+        _corpus_ids(corpus, unit_doc[q_units].tolist()),
         q_reasons,
-        int(t.column("truncated").to_numpy(zero_copy_only=False).sum()),
-        int(t.column("repaired").to_numpy(zero_copy_only=False).sum()),
+        int(truncated.sum()),
+        int(repaired.sum()),
     )
+    if old.chunk:
+        scan.doc_row, scan.n_docs = unit_doc, n + m
     save_job(ctx, scan, plan, extra={"generations": [*old.generations, changes]})
     return finalize(out, cfg.output.index)
 

@@ -78,13 +78,12 @@ def _same_as_fresh(out: Path, fresh_out: Path, ids: list[str]) -> None:
     rows0, ids0, vecs0 = read_vectors(fresh_out)
     assert np.array_equal(rows, rows0) and got_ids == ids0, "the same ids at the same rows as a fresh ingest"
     np.testing.assert_allclose(vecs, vecs0, atol=1e-6)
-    q = pq.read_table(out / "quarantine.parquet").to_pylist() if (out / "quarantine.parquet").exists() else []
-    q0 = (
-        pq.read_table(fresh_out / "quarantine.parquet").to_pylist()
-        if (fresh_out / "quarantine.parquet").exists()
-        else []
-    )
-    assert q == q0
+    assert _quarantine(out) == _quarantine(fresh_out)
+
+
+def _quarantine(out: Path) -> list[dict]:
+    q = out / "quarantine.parquet"
+    return pq.read_table(q).to_pylist() if q.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +169,41 @@ def test_keep_missing_keeps_the_vectors_of_ids_the_corpus_lost(versions, v1_out,
     s = Searcher(out)
     hit = s.with_text(s.search_vectors(v1_vecs[12:13], 1))[0][0]
     assert hit.id == "s12" and "text" not in hit.fields  # no text: the corpus no longer has the row
+
+
+def _chunk_table(out: Path) -> pa.Table:
+    import pyarrow.dataset as ds
+
+    t = ds.dataset(out / "vectors", format="parquet").to_table()
+    return t.take(pa.array(np.argsort(t.column("row_id").to_numpy(), kind="stable")))
+
+
+def test_a_chunked_corpus_updates_by_document(versions, v1_out, tmp_path):
+    """With --chunk a kept document keeps all its chunks and a changed one is chunked again: the folder equals a
+    fresh chunked ingest, chunk numbers, spans and vectors alike; the folder's chunking must be given."""
+    from core.errors import ConfigError
+    from pipeline.ingest.run import ingest
+
+    def cfg(out: Path, update: bool) -> FbasConfig:
+        c = _cfg(out, update=update)
+        c.corpus.chunk = "tokens:8:2"
+        return c
+
+    fresh_out, out = tmp_path / "fresh", tmp_path / "out"
+    ingest(str(versions[1][0]), cfg(fresh_out, False), progress=False)
+    ingest(str(versions[0][0]), cfg(out, True), progress=False)
+    r = ingest(str(versions[1][0]), cfg(out, True), progress=False)
+    g = r.manifest["generations"][-1]
+    assert (g["kept"], g["added"], g["changed"], g["removed"]) == (380, 60, 10, 10)
+    a, b = _chunk_table(out), _chunk_table(fresh_out)
+    assert a.num_rows > 450, "sentences of more than 8 tokens have several chunks"
+    for col in ("row_id", "id", "doc_row", "chunk", "tok_start", "tok_end", "char_start", "char_end", "n_tokens"):
+        assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+    va = np.asarray(a.column("embedding").to_pylist(), np.float32)
+    vb = np.asarray(b.column("embedding").to_pylist(), np.float32)
+    np.testing.assert_allclose(va, vb, atol=1e-6)
+    assert _quarantine(out) == _quarantine(fresh_out)
+    m, m0 = r.manifest["counts"], json.loads((fresh_out / "manifest.json").read_text())["counts"]
+    assert (m["documents"], m["chunks"], m["embedded"]) == (m0["documents"], m0["chunks"], m0["embedded"])
+    with pytest.raises(ConfigError, match=r"--chunk \(none\)"):
+        ingest(str(versions[1][0]), cfg(v1_out, True), progress=False)
