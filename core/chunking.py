@@ -16,6 +16,7 @@ Rules (pure functions of the text, the title and the spec, so every run cuts the
 * ``sentences:N[:OVERLAP]``: the same windows, cut at the last sentence start within the window when there is
   one (after ``. ! ?``, ``。！？；…``, or a line break), else at a word start as above; the overlap starts at a
   sentence start when one falls within it.
+* ``auto``: ``AUTO``, the setting that scored best on BEIR SciFact (``BENCHMARKS.md``).
 
 Consecutive chunks cover every piece (overlapping by at most OVERLAP pieces), so no token of a text is left out.
 """
@@ -28,9 +29,12 @@ import numpy as np
 
 from core.errors import ConfigError
 
-__all__ = ["ChunkSpec", "Chunker", "Spans", "MODES", "SENTENCE_ENDS"]
+__all__ = ["ChunkSpec", "Chunker", "Spans", "MODES", "SENTENCE_ENDS", "AUTO"]
 
 MODES = ("tokens", "sentences")
+# ``--chunk auto``: the setting that scored best on BEIR SciFact with all-MiniLM-L6-v2 (BENCHMARKS.md):
+# windows as long as the model takes, cut at sentence ends, 32 tokens of overlap
+AUTO = "sentences::32"
 SENTENCE_ENDS = frozenset(".!?。！？；…")
 _CLOSERS = frozenset("\"')]}”’」』）")  # a closing quote or bracket right after a sentence end belongs to it
 
@@ -45,12 +49,15 @@ class ChunkSpec:
 
     @classmethod
     def parse(cls, spec: str | None) -> ChunkSpec | None:
-        """``tokens[:N[:OVERLAP]]`` or ``sentences[:N[:OVERLAP]]``; empty or ``none``: no chunking (None)."""
+        """``tokens[:N[:OVERLAP]]``, ``sentences[:N[:OVERLAP]]`` or ``auto`` (``AUTO``); empty or ``none``: no
+        chunking (None)."""
         if spec is None or not spec.strip() or spec.strip().lower() in ("none", "off"):
             return None
+        if spec.strip().lower() == "auto":
+            spec = AUTO
         parts = spec.strip().split(":")
         mode = parts[0].lower()
-        fix = "write --chunk tokens:N[:OVERLAP] or sentences:N[:OVERLAP], e.g. tokens:200:32"
+        fix = f"write --chunk tokens:N[:OVERLAP] or sentences:N[:OVERLAP], e.g. tokens:200:32, or auto ({AUTO})"
         if mode not in MODES or len(parts) > 3:
             raise ConfigError(f"--chunk {spec!r}: unknown form; {fix}")
         try:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.chunking import SENTENCE_ENDS, Chunker, ChunkSpec
+from core.chunking import AUTO, SENTENCE_ENDS, Chunker, ChunkSpec
 from core.config import CorpusConfig, FbasConfig
 from core.errors import ConfigError
 from tests.conftest import DATA, read_cnsd
@@ -138,6 +138,7 @@ def test_a_window_past_the_model_is_refused(minilm_tokenizer):
         Chunker(minilm_tokenizer, ChunkSpec.parse("tokens:300"))
     assert ChunkSpec.parse("") is None and ChunkSpec.parse("none") is None
     assert ChunkSpec.parse("sentences::16") == ChunkSpec("sentences", 0, 16)
+    assert ChunkSpec.parse("auto") == ChunkSpec.parse(AUTO) and ChunkSpec.parse("AUTO") is not None
 
 
 def test_chunked_windows_number_chunks_in_corpus_order(minilm_tokenizer, tmp_path):
