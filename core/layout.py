@@ -5,7 +5,6 @@
     OUT/quarantine.parquet                    row_id, id, reason (only when rows were not embedded)
     OUT/vectors/part-000123.parquet           row_id int64, id, embedding fixed_size_list<float32>[dim],
                                               n_tokens int32, truncated bool, repaired bool
-    OUT/.fbas/shards/part-000123.faiss        IndexIDMap2(IndexFlatIP) over the same rows, ids = row_id
     OUT/.fbas/quarantine/part-000123.parquet  the batch's quarantined rows (only when it has some)
     OUT/.fbas/job.json, scan.npz, plan.npz    what a rerun resumes (``core.formats``); job.pending while
                                               a new job's scan runs; quarantine-scan.parquet
@@ -46,7 +45,6 @@ __all__ = [
     "META_KEY",
     "VECTORS",
     "STATE",
-    "SHARDS",
     "QUARANTINE",
     "MANIFEST",
     "INDEX_FILE",
@@ -68,7 +66,7 @@ FORMAT = 1  # the parts' footer format
 META_KEY = b"fbas"  # the Parquet footer key of a part's metadata
 
 # folders under OUT/
-VECTORS, STATE, SHARDS, QUARANTINE = "vectors", ".fbas", ".fbas/shards", ".fbas/quarantine"
+VECTORS, STATE, QUARANTINE = "vectors", ".fbas", ".fbas/quarantine"
 # files under OUT/
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
@@ -133,9 +131,6 @@ class OutputDir:
     def vectors_part(self, batch: int) -> Path:
         return self.path(f"{VECTORS}/{part_name(batch)}")
 
-    def shard(self, batch: int) -> Path:
-        return self.path(f"{SHARDS}/{part_name(batch, '.faiss')}")
-
     def quarantine_part(self, batch: int) -> Path:
         return self.path(f"{QUARANTINE}/{part_name(batch)}")
 
@@ -143,7 +138,7 @@ class OutputDir:
         return self.path(f"{STATE}/{name}")
 
     def make_dirs(self) -> None:
-        for d in (VECTORS, SHARDS, QUARANTINE):
+        for d in (VECTORS, QUARANTINE):
             self.path(d).mkdir(parents=True, exist_ok=True)
 
     def lock(self) -> FolderLock:

@@ -23,7 +23,7 @@ from core.envs import cpu_count
 from core.ids import id_hashes
 from core.layout import INDEX_FILE, JOB_FILE, OutputDir, part_name, read_part_meta
 from output.check import stat_key, tally
-from output.flat_index import FlatIndexFile, layout_matches, read_shard
+from output.flat_index import FlatIndexFile, layout_matches
 
 logger = logging.getLogger(__name__)
 
@@ -54,24 +54,6 @@ def part_vectors(t: pa.Table) -> np.ndarray:
     emb = t.column("embedding").combine_chunks()
     v = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size).astype(np.float32, copy=False)
     return np.ascontiguousarray(v)
-
-
-def shard_vectors(out: OutputDir, b: int, dim: int, rows: np.ndarray, vecs: np.ndarray) -> np.ndarray:
-    """Batch ``b``'s vectors for the index, after checking its FAISS shard against its committed part: the
-    shard must hold exactly the part's ``rows`` and ``vecs``. When it does not (missing, or rewritten by a later
-    duplicate delivery) a warning says so and the part's vectors are used: the committed part is the truth."""
-    if not len(rows):
-        return vecs
-    try:
-        got = read_shard(out.shard(b).read_bytes(), dim)
-    except FileNotFoundError:
-        got = None
-    if got is not None and np.array_equal(got[0], rows) and np.array_equal(got[1], vecs):
-        return got[1]
-    logger.warning(
-        "shard %s is missing or differs from its committed part: the part's vectors are used", out.shard(b).name
-    )
-    return vecs
 
 
 @dataclass
@@ -130,7 +112,7 @@ def read_part_facts(
 class PartLedger:
     """Finalize's per-part work, done in batch order: each committed part is read once, its rows counted
     against the corpus's ids (``id_hash``: the id key of every input row), its facts (footer, row ids,
-    SHA-256) kept and, for a flat index, its shard's vectors appended to the index file
+    SHA-256) kept and, for a flat index, its vectors appended to the index file
     (``FlatIndexFile``; ``planned_rows``: the rows the plan holds, when known, else read from job.json
     once it is written).
 
@@ -192,13 +174,7 @@ class PartLedger:
         return len(self.facts)
 
     def _one(self, b: int) -> tuple[PartFacts, np.ndarray, tuple[np.ndarray, np.ndarray] | None] | None:
-        got = read_part_facts(self.out, b, self.job, vectors=self.streams)
-        if got is None:
-            return None
-        facts, id_hash, vecs = got
-        if vecs is not None:
-            vecs = (vecs[0], shard_vectors(self.out, b, self.dim, *vecs))
-        return facts, id_hash, vecs
+        return read_part_facts(self.out, b, self.job, vectors=self.streams)
 
     def advance(self, stop: int | None = None, *, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Record parts from ``next_batch`` on, in order, up to ``stop`` (None: while parts are committed) or the

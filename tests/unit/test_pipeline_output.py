@@ -259,7 +259,7 @@ def test_metrics_match_hand_computed_values():
     assert r == {"ndcg@10": 0.5, "recall@100": 0.5, "queries": 2}
 
 
-def test_the_first_commit_of_a_batch_wins_and_shards_follow_their_parts(tmp_path):
+def test_the_first_commit_of_a_batch_wins(tmp_path):
     import faiss
 
     out, plan, ids, vectors = _job(tmp_path)
@@ -286,10 +286,7 @@ def test_the_first_commit_of_a_batch_wins_and_shards_follow_their_parts(tmp_path
     )
     assert write_batch(out, dup) is False
     assert out.vectors_part(0).read_bytes() == first
-    # a shard rewritten behind a committed part is not trusted: the index is built from the part
-    shard = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
-    shard.add_with_ids(vectors[rows] * 0.5, rows.astype(np.int64))
-    faiss.write_index(shard, str(out.shard(0)))
+    # the index holds the committed part's vectors, not the duplicate's
     finalize(out, "flat")
     index = faiss.read_index(str(out.path("index.faiss")))
     got = index.index.reconstruct_n(0, len(rows))
@@ -403,22 +400,6 @@ def test_a_streamed_flat_index_is_byte_for_byte_what_faiss_writes(tmp_path, monk
         got = faiss.read_index(str(tmp_path / "index.faiss"))
         _, found = got.search(chunks[2][1][:1], 1)
         assert found[0, 0] == chunks[2][0][0]
-
-
-def test_a_shard_is_read_only_when_laid_out_as_faiss_writes_it():
-    import faiss
-
-    from output.flat_index import read_shard
-
-    vecs = np.arange(3 * DIM, dtype=np.float32).reshape(3, DIM)
-    shard = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
-    shard.add_with_ids(vecs, np.array([4, 9, 2], np.int64))
-    data = faiss.serialize_index(shard).tobytes()
-    ids, got = read_shard(data, DIM)
-    assert ids.tolist() == [4, 9, 2] and np.array_equal(got, vecs)
-    assert read_shard(data, DIM * 2) is None, "another dimension"
-    assert read_shard(data[:-8], DIM) is None, "cut short"
-    assert read_shard(b"", DIM) is None
 
 
 def test_finalize_writes_the_same_flat_index_when_faiss_lays_it_out_otherwise(tmp_path, monkeypatch):
