@@ -1,8 +1,8 @@
-"""The batch task: tokenize, embed through Triton, write the part and the shard, record it done.
+"""The batch task: tokenize, embed through Triton, write the part, record it done.
 
 Message (msgpack, one per planned batch; ``pipeline.ingest.produce`` builds it):
 
-    {"v": 1, "job": str, "batch": int, "out": str, "model": str (model fingerprint), "dim": int,
+    {"v": 2, "job": str, "batch": int, "out": str, "model": str (model fingerprint), "dim": int,
      "id_type": "int64" | "string", "row_ids": [int], "ids": [int | str], "texts": [str],
      "repaired": [positions in the batch whose invalid UTF-8 was replaced]}
 
@@ -42,14 +42,13 @@ from workers import metrics
 from workers.app import TASK_NAME, app, current_config
 from workers.infer import embed_checked, encoder_for, subset
 from workers.jobstate import JobState, connect, heartbeat
-from workers.signing import verify
+from workers.signing import MESSAGE_VERSION, verify
 from workers.write import BatchOutput, write_batch
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["embed_batch", "BatchMessage", "run_batch", "MESSAGE_VERSION"]
 
-MESSAGE_VERSION = 1
 _REDIS: dict[tuple[int, str], Any] = {}
 _TOKENIZERS: dict[str, Any] = {}
 
@@ -251,13 +250,17 @@ def _trusted(msg: Any, cfg: Any) -> bool:
     if key and verify(msg, key):
         return True
     claimed = {k: msg.get(k) for k in ("job", "batch", "out")} if isinstance(msg, dict) else {}
-    logger.error(
-        "refused a task message %s: %s; nothing of it was embedded or written",
-        claimed,
-        "it is not signed with this fleet's FBAS_TASK_KEY (forged, or from a producer with another key)"
-        if key
-        else "this worker has no FBAS_TASK_KEY to check it with",
-    )
+    version = msg.get("v") if isinstance(msg, dict) else None
+    if not key:
+        why = "this worker has no FBAS_TASK_KEY to check it with"
+    elif version != MESSAGE_VERSION:
+        why = (
+            f"it is a version {version!r} message and this worker reads version {MESSAGE_VERSION}, whose signature "
+            "differs: run the same fbas release on producers and workers"
+        )
+    else:
+        why = "it is not signed with this fleet's FBAS_TASK_KEY (forged, or from a producer with another key)"
+    logger.error("refused a task message %s: %s; nothing of it was embedded or written", claimed, why)
     return False
 
 
@@ -329,7 +332,9 @@ def embed_batch(self, msg: dict) -> dict:
         result = _compute(self, cfg, m, state, attempt, crashed, retries)
     except _JobProblem as e:
         return _job_problem(state, m, str(e), "model mismatch")
-    return _commit(out, m, result, state, t0)
+    done = _commit(out, m, result, state, t0)
+    metrics.observe(m.job, "task", time.perf_counter() - t_read)
+    return done
 
 
 def _compute(task: Any, cfg: Any, m: BatchMessage, state: JobState, attempt: int, crashed: int, retries: int):

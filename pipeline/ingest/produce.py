@@ -24,7 +24,7 @@ import numpy as np
 from core.errors import InputError, ServerUnavailableError
 from core.formats import Plan
 from pipeline.ingest.read import Corpus
-from workers.signing import sign
+from workers.signing import MESSAGE_VERSION, sign
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def task_message(
 ) -> dict:
     """One batch task (``workers.task``): rows in ascending order; ``repaired``: positions in the batch."""
     return {
-        "v": 1,
+        "v": MESSAGE_VERSION,
         "job": job,
         "batch": batch,
         "out": out,
