@@ -95,7 +95,7 @@ def finalize(
         merged = _merge(out, ledger, plan, scan, job["corpus"]["id_type"])
         q_entry, reasons = _write_quarantine(out, merged.quarantine)
         t_index = time.perf_counter()
-        index = write_index(out, ledger, index_type, n_batches, dim, merged.embedded, scan.n_rows)
+        index = write_index(out, ledger, index_type, n_batches, dim, merged.embedded)
         counts = {
             "input_rows": scan.n_rows,
             "embedded": merged.embedded,

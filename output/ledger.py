@@ -1,5 +1,6 @@
 """The ledger of committed parts: each part read once, in batch order, its rows counted against the corpus's
-ids and, for a flat index, its vectors appended to the index file while later batches still embed.
+ids and its vectors put in the index while later batches still embed: appended to the index file for a flat
+index, added to the index for ivfpq (``output.ivf_index``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from core.ids import id_hashes
 from core.layout import INDEX_FILE, JOB_FILE, OutputDir, part_name, read_part_meta
 from output.check import stat_key, tally
 from output.flat_index import FlatIndexFile, layout_matches
+from output.ivf_index import IvfPqBuilder, index_params
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +140,10 @@ class PartLedger:
         self._start()
 
     def _start(self) -> None:
+        self.ivf: IvfPqBuilder | None = None
+        if self.index_type == "ivfpq":
+            # sized by the corpus's rows (known from the start), so the quantizers can train while the job runs
+            self.ivf = IvfPqBuilder(self.dim, index_params("ivfpq", len(self.id_hash), self.dim))
         self.facts: list[PartFacts] = []
         self.counts = np.zeros(len(self.id_hash), dtype=np.uint16)  # times each input row was seen
         self.unexpected: list[str] = []
@@ -174,7 +180,7 @@ class PartLedger:
         return len(self.facts)
 
     def _one(self, b: int) -> tuple[PartFacts, np.ndarray, tuple[np.ndarray, np.ndarray] | None] | None:
-        return read_part_facts(self.out, b, self.job, vectors=self.streams)
+        return read_part_facts(self.out, b, self.job, vectors=self.streams or self.ivf is not None)
 
     def advance(self, stop: int | None = None, *, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Record parts from ``next_batch`` on, in order, up to ``stop`` (None: while parts are committed) or the
@@ -188,8 +194,11 @@ class PartLedger:
             if got is None or should_stop():
                 break
             facts, id_hash, vecs = got
-            if vecs is not None and len(vecs[0]):
-                self._append(*vecs)  # first: if it fails, nothing of this part is recorded
+            if vecs is not None and len(vecs[0]):  # first: if it fails, nothing of this part is recorded
+                if self.ivf is not None:
+                    self.ivf.add(*vecs)
+                else:
+                    self._append(*vecs)
             tally(self.counts, facts.rows, id_hash, self.id_hash, part_name(self.next_batch), self.unexpected)
             self.facts.append(facts)
         return self.next_batch

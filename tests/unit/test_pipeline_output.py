@@ -31,7 +31,7 @@ from workers.write import BatchOutput, write_batch
 DIM = 16
 
 
-def _job(tmp_path, n=300, quarantine_rows=(5, 77)):
+def _job(tmp_path, n=300, quarantine_rows=(5, 77), batch_tokens=256, batch_rows=32):
     """An output folder with job.json, scan.npz, plan.npz for n rows (ids "r<i>"), nothing committed."""
     out = OutputDir(tmp_path / "out")
     out.make_dirs()
@@ -49,7 +49,7 @@ def _job(tmp_path, n=300, quarantine_rows=(5, 77)):
         [ids[r] for r in quarantine_rows],
         ["empty_text"] * len(quarantine_rows),
     )
-    plan = plan_batches(n_tokens, 256, 32)
+    plan = plan_batches(n_tokens, batch_tokens, batch_rows)
     scan.save(out.state("scan.npz"))
     plan.save(out.state("plan.npz"))
     pq.write_table(
@@ -245,6 +245,32 @@ def test_approximate_indexes_find_the_exact_neighbour(tmp_path, kind):
         assert got[:, 0].tolist() == want
     else:  # product quantization of random 16-d vectors is coarse: the true neighbour is near the top
         assert sum(found) >= 2
+
+
+def test_an_ivfpq_index_trains_and_fills_while_parts_commit_and_matches_one_built_at_finalize(tmp_path):
+    """The ledger trains ivfpq on the first ``train_size`` vectors in batch order and adds each later part as
+    it is read: fed part by part while a job runs, it writes the same index file as a finalize that reads
+    every part at the end, and it holds no more than ``train_size`` vectors plus one part before training."""
+    from output.ledger import PartLedger
+
+    out, plan, ids, vectors = _job(tmp_path, n=45_000, quarantine_rows=(1,), batch_tokens=1 << 20, batch_rows=2048)
+    ledger = PartLedger(out, "J1", DIM, "ivfpq", Scan.load(out.state("scan.npz")).id_hash)
+    assert ledger.ivf is not None
+    train_size, largest = ledger.ivf.params["train_size"], max(len(plan.rows(b)) for b in range(plan.n_batches))
+    assert train_size < 44_999, "the job has vectors left to add after training"
+    held = []
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b)
+        ledger.advance()
+        held.append(ledger.ivf._n_held)
+    assert max(held) < train_size + largest and held[-1] == 0, "trained once train_size vectors came"
+    assert ledger.ivf.index is not None and ledger.ivf.ntotal == 44_999
+    ahead = finalize(out, "ivfpq", ledger=ledger)
+    assert ahead["timings"]["parts_checked_ahead"] == plan.n_batches
+    first = out.path("index.faiss").read_bytes()
+    again = finalize(out, "ivfpq")  # no ledger: every part read now
+    assert again["index"]["sha256"] == ahead["index"]["sha256"] and again["index"]["params"]["trained_on"] == train_size
+    assert out.path("index.faiss").read_bytes() == first
 
 
 def test_metrics_match_hand_computed_values():
