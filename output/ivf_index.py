@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from core.envs import cpu_count
 from core.errors import PermanentError
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,15 @@ def index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
     }
 
 
+def _limit_threads() -> None:
+    """At most half the cores for FAISS's OpenMP work in the calling thread (the ledger's: the setting is per
+    thread): it runs while the workers embed, and OpenMP threads that wait by spinning on cores other processes
+    use make it slower, not faster."""
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, min(8, cpu_count() // 2)))
+
+
 class IvfPqBuilder:
     """``add(rows, vecs)`` part by part in batch order, then ``finish()`` -> (the trained, filled index, params)."""
 
@@ -59,6 +69,7 @@ class IvfPqBuilder:
         return self._n_held + (int(self.index.ntotal) if self.index is not None else 0)
 
     def add(self, rows: np.ndarray, vecs: np.ndarray) -> None:
+        _limit_threads()
         if self.index is not None:
             self.index.add_with_ids(np.ascontiguousarray(vecs, np.float32), rows.astype(np.int64))
             return
@@ -75,6 +86,7 @@ class IvfPqBuilder:
     def _train(self) -> None:
         import faiss
 
+        _limit_threads()
         p = self.params
         xt = np.concatenate([v for _, v in self._held]) if self._held else np.zeros((0, self.dim), np.float32)
         xt = np.ascontiguousarray(xt[: p["train_size"]], np.float32)
