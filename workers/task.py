@@ -124,7 +124,7 @@ def _preload(**_: Any) -> None:
     """Import the heavy modules in each pool process as it starts, not inside its first batch."""
     import importlib
 
-    for name in ("faiss", "pyarrow.parquet", "tokenizers", "workers.triton_client"):
+    for name in ("faiss", "pyarrow.parquet", "tokenizers", "dll.wordpiece", "workers.triton_client"):
         importlib.import_module(name)
     # pyarrow imports pandas, where it is installed, on its first pa.array (a slow import): now, not
     # inside the first batch's write
@@ -148,14 +148,14 @@ NOT_READY_RETRIES = 120
 
 
 def _tokenizer(state: JobState, job: str, max_seq_len: int) -> Any:
-    from core.tokenize import Tokenizer
+    from dll.wordpiece import make_tokenizer
 
     tok = _TOKENIZERS.get(job)
     if tok is None:
         text = state.tokenizer_json()
         if text is None:
             raise JobNotReady(f"job {job} has no tokenizer in Redis yet (the producer writes it first)")
-        tok = Tokenizer(text, max_seq_len)
+        tok = make_tokenizer(text, max_seq_len)  # the C tokenizer where it applies, else HF's
         if len(_TOKENIZERS) > 8:
             _TOKENIZERS.clear()
         _TOKENIZERS[job] = tok
