@@ -131,6 +131,7 @@ def _save(path: Path, write) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from workers running as another user
         os.replace(tmp, path)
     except OSError as e:
         logger.debug("cannot cache %s (%s)", path, e)
@@ -182,11 +183,10 @@ def _learn_reordering(norm, cps: np.ndarray, mapping: np.ndarray, flags: np.ndar
     identity = cps[mapping[cps] == cps]
     nonstarters: list[int] = []
     for chunk in _chunks(identity):
+        # a starter between them keeps hi before lo; a non-starter joins their run, which NFD sorts (lo first)
         chars = [chr(c) for c in chunk.tolist()]
-        after_hi = _normalize_each(norm, ["a" + hi + ch for ch in chars])
-        before_lo = _normalize_each(norm, ["a" + ch + lo for ch in chars])
-        for ch, got_hi, got_lo in zip(chars, after_hi, before_lo):
-            if got_hi != "a" + hi + ch or got_lo != "a" + ch + lo:
+        for ch, got in zip(chars, _normalize_each(norm, ["a" + hi + ch + lo for ch in chars])):
+            if got != "a" + hi + ch + lo:
                 nonstarters.append(ord(ch))
     # order them pairwise: x sorts after y when "a" x y comes out as "a" y x
     greater: dict[int, set[int]] = {x: set() for x in nonstarters}

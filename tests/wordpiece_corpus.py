@@ -2,11 +2,12 @@
 
 ``real_sentences(data)`` gives every distinct real sentence in ``tests/data``, English then Chinese, in file
 order: STS-B English (``stsb_en`` and ``stsb_multi_mt/stsb-en-*``), SciFact titles, abstracts split into
-sentences and queries; Chinese STS-B (``stsb_multi_mt/stsb-zh-*``, ``stsb_zh_cnsd``). There are about
-80,000 of them. ``parity_corpus(data, n)`` reaches ``n`` texts deterministically: all real sentences first,
-then texts derived from them in turn: an English word window (1 to 48 words from the English stream, from
-a start that moves by 7 words), a Chinese character window (1 to 64 characters of the Chinese stream,
-start moving by 5), an English sentence pair, a Chinese sentence pair and an English + Chinese pair.
+sentences and queries; Chinese STS-B (``stsb_multi_mt/stsb-zh-*``, ``stsb_zh_cnsd``): 66,577 of them
+(56,650 English, 9,927 Chinese). ``parity_corpus(data, n)`` reaches ``n`` texts deterministically: all
+real sentences first, then texts derived from them in turn: an English word window (1 to 48 words from the
+English stream, from a start that moves by 7 words), a Chinese character window (1 to 64 characters of the
+Chinese stream, start moving by 5), an English sentence pair, a Chinese sentence pair and an English +
+Chinese pair.
 
 ``random_unicode_texts(seed, n)`` gives seeded random strings drawn from every plane, weighted towards what
 BERT normalization treats specially (combining marks, the non-starters it reorders, controls, whitespace,

@@ -52,7 +52,7 @@ def test_real_english_and_chinese_texts_match_hf(wordpiece_lib, shared_data, min
     """``N_TEXTS`` texts (100,000 by default, 1,000,000 with ``FBAS_WORDPIECE_PARITY_TEXTS=1000000``) from
     ``tests.wordpiece_corpus.parity_corpus``: first every distinct real sentence of tests/data (STS-B English
     from both copies, SciFact titles, abstract sentences and queries, then the Chinese STS-B of stsb_multi_mt
-    and CNSD: about 80,000), then texts derived from them deterministically, in turn: English word windows,
+    and CNSD: 66,577), then texts derived from them deterministically, in turn: English word windows,
     Chinese character windows, English and Chinese sentence pairs, English + Chinese pairs. Ids, lengths,
     full lengths and truncation must equal HF's for every text, with max_seq_len 256 (MiniLM's) and untruncated."""
     texts, n_en, n_zh = parity_corpus(shared_data, N_TEXTS)
