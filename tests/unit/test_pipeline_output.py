@@ -271,6 +271,17 @@ def test_an_ivfpq_index_trains_and_fills_while_parts_commit_and_matches_one_buil
     again = finalize(out, "ivfpq")  # no ledger: every part read now
     assert again["index"]["sha256"] == ahead["index"]["sha256"] and again["index"]["params"]["trained_on"] == train_size
     assert out.path("index.faiss").read_bytes() == first
+    # what search sets on the read index: the manifest's nprobe, and the re-ranking depth kept in the file
+    import faiss
+
+    from output.ivf_index import tune
+
+    read = faiss.read_index(str(out.path("index.faiss")))
+    tune(read, again["index"]["params"])
+    assert faiss.extract_index_ivf(read).nprobe == again["index"]["params"]["nprobe"] >= 32
+    assert faiss.downcast_index(read.index).k_factor == again["index"]["params"]["k_factor"] == 8
+    _, got = read.search(vectors[[100, 30_000]], 1)
+    assert got[:, 0].tolist() == [100, 30_000], "re-ranked by the SQ8 copies, the query's own row comes first"
 
 
 def test_metrics_match_hand_computed_values():
