@@ -141,6 +141,10 @@ class MemorySampler:
         self._thread.join()
 
 
+def _peak_mb(samples_kb: list[int]) -> float | None:
+    return round(max(samples_kb) / 1024, 1) if samples_kb else None
+
+
 def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dict:
     peak_file = out.parent / f"{out.name}.peak.json"
     cmd = [sys.executable, "-c", PRODUCER, "ingest", str(corpus), "--out", str(out), "--no-progress", *flags]
@@ -169,8 +173,8 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
         "index_s": t.get("index_s"),
         "index": {k: m["index"][k] for k in ("type", "ntotal", "params")},
         "producer_peak_mb": round(int(peak_file.read_text()) / 1024, 1),
-        "producer_rss_embedding_peak_mb": round(max((kb for s, kb in rss if s < embed_end), default=0) / 1024, 1),
-        "producer_rss_finalize_peak_mb": round(max((kb for s, kb in rss if s >= embed_end), default=0) / 1024, 1),
+        "producer_rss_embedding_peak_mb": _peak_mb([kb for s, kb in rss if s < embed_end]),
+        "producer_rss_finalize_peak_mb": _peak_mb([kb for s, kb in rss if s >= embed_end]),  # None: too short
         "worker_process_peak_mb": round(mem.worker_peak_kb / 1024, 1),
         "worker_pool_total_peak_mb": round(mem.worker_total_peak_kb / 1024, 1),
         "tritonserver_peak_mb": round(mem.triton_peak_kb / 1024, 1),
