@@ -5,6 +5,7 @@
 #   make test-integration  real Redis, Triton and Celery workers; e2e runs of the CLI
 #   make test-gpu          the GPU tier (skipped as a whole without CUDA)
 #   make lint              ruff (lint + format), import-linter's layer contracts, mypy
+#   make wordpiece         (re)build the C WordPiece tokenizer, dll/build/libfbas_wordpiece.so (setup does)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,9 +13,11 @@ PIP    := $(PY) -m pip
 FBAS   := $(VENV)/bin/fbas-pipeline
 OUT    ?= out/sample
 
-.PHONY: setup setup-test run test test-unit test-integration test-gpu lint bench clean dll
+.PHONY: setup setup-test run test test-unit test-integration test-gpu lint bench clean dll wordpiece
 
-setup: $(VENV)/.setup-done
+WORDPIECE_LIB := dll/build/libfbas_wordpiece.so
+
+setup: $(VENV)/.setup-done $(WORDPIECE_LIB)
 $(VENV)/.setup-done: pyproject.toml deploy/install_triton.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -60,6 +63,13 @@ bench: setup-test
 
 dll:
 	bash dll/build.sh
+
+# The C tokenizer is optional: without a compiler (or with a failed build) fbas tokenizes with HF tokenizers.
+$(WORDPIECE_LIB): dll/src/fbas_wordpiece.c dll/build_wordpiece.sh
+	bash dll/build_wordpiece.sh || echo "no $(WORDPIECE_LIB): fbas will tokenize with HF tokenizers"
+
+wordpiece:
+	bash dll/build_wordpiece.sh
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

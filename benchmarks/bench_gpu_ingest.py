@@ -7,7 +7,7 @@ Both sides use the same built ``--target gpu`` model (fp16) on the same card:
 * **fbas**: ``fbas-pipeline ingest CORPUS --out OUT --target gpu ...`` in local mode, exactly as a
   user runs it in a fresh output folder: redis-server, tritonserver with the model on the GPU
   (``KIND_GPU``), a Celery worker with ``--concurrency`` processes tokenizing on the host's cores,
-  Parquet parts, FAISS shards, the merge and the checks. Wall time of the whole command.
+  Parquet parts, the merge and the checks. Wall time of the whole command.
 * **engine**: the same built folder loaded in-process (``load_engine(folder, device="cuda:0")``),
   ``embed(token_ids, lengths)`` on the whole pre-tokenized corpus, after one untimed pass that
   captures its CUDA graphs (a long-running Triton instance has them too).
@@ -90,6 +90,29 @@ def running_service(built: Path, state: Path, args: argparse.Namespace, max_len:
         yield cluster
     finally:
         cluster.stop()
+
+
+def worker_stages(cluster, out: Path) -> dict:
+    """Seconds the running service's worker spent in each stage (``workers.metrics``: read, tokenize, infer,
+    write, and the whole ``task``) on the job in ``out``, summed over its pool processes, with batch counts;
+    read from the pool's metrics files (the service's worker serves no endpoint)."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from workers.metrics import MULTIPROC_ENV
+
+    job = json.loads((out / "manifest.json").read_text())["job"]
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=cluster.worker.env[MULTIPROC_ENV])
+    got: dict = {}
+    for metric in registry.collect():
+        if metric.name != "fbas_stage_seconds":
+            continue
+        for sample in metric.samples:
+            if sample.labels.get("job_id") != job or not sample.name.endswith(("_sum", "_count")):
+                continue
+            kind = "s" if sample.name.endswith("_sum") else "batches"
+            got.setdefault(sample.labels["stage"], {})[kind] = round(sample.value, 3)
+    return got
 
 
 @contextmanager
@@ -383,6 +406,9 @@ def main() -> int:
                                     )
                                 after = svc_cluster.engine_stats()  # Triton's account of this run
                                 trace["triton"] = {k: round(after[k] - before[k], 3) for k in after}
+                                trace["worker_stages"] = worker_stages(
+                                    svc_cluster, work / f"svc-out-{case}-{ic}-{conc}-{m}-{k}"
+                                )
                                 runs.append({**got, **trace})
                                 label = f"{m} {name}" if m in roots else _key(m, modes, name)
                                 print(case, label, runs[-1], flush=True)

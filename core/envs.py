@@ -14,8 +14,19 @@ from collections.abc import Mapping
 PREFIX = "FBAS_"
 
 # FBAS_* variables that are not config fields: where the test data is, and hooks the tests use to pause, crash
-# or slow a worker or the Triton model (``tests/``, ``workers/task.py``, ``model_repository/model.py``).
-NOT_SETTINGS = frozenset({"shared_data", "gpu_test_model", "test_pause", "test_crash", "test_load_delay"})
+# or slow a worker or the Triton model (``tests/``, ``workers/task.py``, ``model_repository/model.py``); the C
+# WordPiece tokenizer's off switch (``FBAS_WORDPIECE=0``, ``dll/wordpiece.py``).
+NOT_SETTINGS = frozenset(
+    {
+        "shared_data",
+        "gpu_test_model",
+        "test_pause",
+        "test_crash",
+        "test_load_delay",
+        "wordpiece",
+        "wordpiece_parity_texts",
+    }
+)
 
 
 def env_name(field_name: str) -> str:

@@ -8,7 +8,6 @@
                                               row_id numbers chunks, and doc_row int64 (the document's row),
                                               chunk int32, tok_start/tok_end int32, char_start/char_end int64
                                               follow (``core.formats.CHUNK_FIELDS``)
-    OUT/.fbas/shards/part-000123.faiss        IndexIDMap2(IndexFlatIP) over the same rows, ids = row_id
     OUT/.fbas/quarantine/part-000123.parquet  the batch's quarantined rows (only when it has some)
     OUT/.fbas/job.json, scan.npz, plan.npz    what a rerun resumes (``core.formats``); job.pending while
                                               a new job's scan runs; quarantine-scan.parquet
@@ -52,7 +51,6 @@ __all__ = [
     "META_KEY",
     "VECTORS",
     "STATE",
-    "SHARDS",
     "QUARANTINE",
     "MANIFEST",
     "INDEX_FILE",
@@ -78,7 +76,7 @@ FORMAT = 1  # the parts' footer format
 META_KEY = b"fbas"  # the Parquet footer key of a part's metadata
 
 # folders under OUT/
-VECTORS, STATE, SHARDS, QUARANTINE = "vectors", ".fbas", ".fbas/shards", ".fbas/quarantine"
+VECTORS, STATE, QUARANTINE = "vectors", ".fbas", ".fbas/quarantine"
 # files under OUT/
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
@@ -156,9 +154,6 @@ class OutputDir:
     def vectors_part(self, batch: int) -> Path:
         return self.path(f"{VECTORS}/{part_name(batch)}")
 
-    def shard(self, batch: int) -> Path:
-        return self.path(f"{SHARDS}/{part_name(batch, '.faiss')}")
-
     def quarantine_part(self, batch: int) -> Path:
         return self.path(f"{QUARANTINE}/{part_name(batch)}")
 
@@ -166,7 +161,7 @@ class OutputDir:
         return self.path(f"{STATE}/{name}")
 
     def make_dirs(self) -> None:
-        for d in (VECTORS, SHARDS, QUARANTINE):
+        for d in (VECTORS, QUARANTINE):
             self.path(d).mkdir(parents=True, exist_ok=True)
 
     def lock(self) -> FolderLock:

@@ -4,6 +4,10 @@
 length per text, and the truncation facts (``n_tokens``, ``truncated``) that the output
 records. Lower-casing, accent stripping and Chinese character splitting follow the model's
 config, so Chinese text tokenizes exactly as Google's BERT ``BasicTokenizer`` does.
+
+``dll.wordpiece.make_tokenizer`` returns a C tokenizer with this class's interface and exactly its ids
+where the ``tokenizer.json`` is a plain BERT one; this class stays the reference it is tested against
+and the fallback for everything else.
 """
 
 from __future__ import annotations

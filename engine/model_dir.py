@@ -96,11 +96,12 @@ def read_meta(folder: str | Path) -> ModelMeta:
 
 
 def load_tokenizer(folder: str | Path, meta: ModelMeta | None = None):
-    """The folder's tokenizer, truncating at the model's max_seq_len."""
-    from core.tokenize import Tokenizer
+    """The folder's tokenizer, truncating at the model's max_seq_len: the C WordPiece tokenizer where it
+    applies (``dll.wordpiece``), else HF's."""
+    from dll.wordpiece import make_tokenizer
 
     meta = meta or read_meta(folder)
-    return Tokenizer.from_file(Path(folder) / "tokenizer.json", meta.max_seq_len)
+    return make_tokenizer((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"), meta.max_seq_len)
 
 
 def load_engine(

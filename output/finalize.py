@@ -97,7 +97,7 @@ def finalize(
         _check_documents(scan)
         q_entry, reasons = _write_quarantine(out, merged.quarantine)
         t_index = time.perf_counter()
-        index = write_index(out, ledger, index_type, n_batches, dim, merged.embedded, scan.n_rows)
+        index = write_index(out, ledger, index_type, n_batches, dim, merged.embedded)
         counts = {
             "input_rows": scan.n_documents,
             "embedded": merged.embedded,

@@ -32,7 +32,7 @@ import numpy as np
 
 from core.layout import OutputDir
 
-__all__ = ["FlatIndexFile", "layout_matches", "read_shard", "PREFIX_BYTES"]
+__all__ = ["FlatIndexFile", "layout_matches", "PREFIX_BYTES"]
 
 _DUMMY = 1 << 20  # two int64 fields FAISS writes with this value and ignores on read
 _METRIC_IP = 0  # faiss.METRIC_INNER_PRODUCT
@@ -151,17 +151,3 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     while len(view):
         done = os.pwrite(fd, view, offset)
         view, offset = view[done:], offset + done
-
-
-def read_shard(data: bytes, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """A worker's one-batch flat index file (``data``: its bytes) as (ids, vectors ``[n, dim]``), views of
-    ``data``; None when it is not laid out as this module writes (another dimension, cut short)."""
-    row = 4 * dim + 8
-    n, rest = divmod(len(data) - PREFIX_BYTES - 8, row)
-    if n < 0 or rest or data[:PREFIX_BYTES] != _prefix(dim, n):
-        return None
-    end = PREFIX_BYTES + 4 * n * dim
-    if struct.unpack_from("<Q", data, end)[0] != n:
-        return None
-    vecs = np.frombuffer(data, "<f4", n * dim, PREFIX_BYTES).reshape(n, dim)
-    return np.frombuffer(data, "<i8", n, end + 8), vecs

@@ -3,16 +3,16 @@ fixed sample of the vectors); ids are row_ids."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from core.errors import InputError, PermanentError
+from core.errors import InputError
 from core.layout import INDEX_FILE, OutputDir
 from output.check import OracleError
+from output.ivf_index import index_params
 from output.ledger import PartLedger, in_order, part_vectors
 from output.manifest import sha256_file
 
@@ -31,23 +31,6 @@ def check_index_kind(kind: str, n_rows: int) -> None:
         )
 
 
-def index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
-    if kind == "flat":
-        return {}
-    if kind == "hnsw":
-        return {"M": 32, "efConstruction": 200, "efSearch": 128}
-    nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), max(1, n // 39)))
-    m = next(c for c in (dim // 8, dim // 4, dim // 2, dim, 1) if c >= 1 and dim % c == 0)
-    nbits = 8 if n >= 256 * 39 else max(4, min(8, int(math.log2(max(16, n // 39)))))
-    return {
-        "nlist": nlist,
-        "m": m,
-        "nbits": nbits,
-        "nprobe": min(nlist, 16),
-        "train_size": min(n, max(256 * 39, 50 * nlist)),
-    }
-
-
 def read_vectors(out: OutputDir, b: int) -> tuple[np.ndarray, np.ndarray]:
     """Part ``b``'s (row ids, float32 vectors ``[rows, dim]``)."""
     t = pq.read_table(out.vectors_part(b), columns=["row_id", "embedding"])
@@ -60,10 +43,10 @@ def iter_vectors(out: OutputDir, n_batches: int):
             yield rows, v
 
 
-def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int, n_rows: int) -> tuple[Any, dict[str, Any]]:
-    """An hnsw, ivfpq or flat index over every committed part (``n`` vectors, row ids < ``n_rows``), in batch
-    order (a flat index is written part by part by ``PartLedger`` unless FAISS's file layout is not the one
-    ``output.flat_index`` knows)."""
+def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int) -> tuple[Any, dict[str, Any]]:
+    """An hnsw or flat index over every committed part (``n`` vectors), in batch order (a flat index is written
+    part by part by ``PartLedger`` unless FAISS's file layout is not the one ``output.flat_index`` knows; an
+    ivfpq index is filled by the ledger, ``output.ivf_index``)."""
     import faiss
 
     params = index_params(kind, n, dim)
@@ -75,30 +58,19 @@ def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int, n_r
         inner = faiss.IndexHNSWFlat(dim, params["M"], ip)
         inner.hnsw.efConstruction = params["efConstruction"]
         index = faiss.IndexIDMap2(inner)
-    elif kind == "ivfpq":
-        quant = faiss.IndexFlatIP(dim)
-        ivf = faiss.IndexIVFPQ(quant, dim, params["nlist"], params["m"], params["nbits"], ip)
-        rng = np.random.default_rng(0)
-        take = rng.random(n_rows) < min(1.0, params["train_size"] / max(n, 1))  # a fixed sample: deterministic
-        sample = [v[take[r]] for r, v in iter_vectors(out, n_batches)]
-        xt = np.concatenate(sample) if sample else np.zeros((0, dim), np.float32)
-        if len(xt) < params["nlist"]:
-            raise PermanentError(f"ivfpq needs at least {params['nlist']} vectors to train: use --index flat")
-        ivf.train(xt)
-        params["trained_on"] = len(xt)
-        index = ivf  # faiss's Python wrapper keeps the quantizer alive with the index
     else:
-        raise InputError(f"index type {kind!r} is not flat, hnsw or ivfpq")
+        raise InputError(f"index type {kind!r} is not flat or hnsw (ivfpq is built by the ledger)")
     for rows, v in iter_vectors(out, n_batches):
         index.add_with_ids(v, rows.astype(np.int64))
     return index, params
 
 
 def write_index(
-    out: OutputDir, ledger: PartLedger, kind: str, n_batches: int, dim: int, embedded: int, n_rows: int
+    out: OutputDir, ledger: PartLedger, kind: str, n_batches: int, dim: int, embedded: int
 ) -> dict[str, Any]:
-    """Put ``OUT/index.faiss`` in place: the flat index file the ledger wrote part by part, or an index built
-    now from the parts; returns the manifest's ``index`` entry. Either way it must hold every embedded row."""
+    """Put ``OUT/index.faiss`` in place: the flat index file the ledger wrote part by part, the ivfpq index it
+    filled, or an hnsw index built now from the parts; returns the manifest's ``index`` entry. Either way it
+    must hold every embedded row."""
     if ledger.streams:
         written = ledger.file.n if ledger.file is not None else 0
         if written != embedded:
@@ -107,7 +79,10 @@ def write_index(
     else:
         import faiss
 
-        index, params = build_index(out, kind, n_batches, dim, embedded, n_rows)
+        if ledger.ivf is not None:
+            index, params = ledger.ivf.finish()
+        else:
+            index, params = build_index(out, kind, n_batches, dim, embedded)
         if index.ntotal != embedded:
             raise OracleError(f"the index holds {index.ntotal} vectors, the parts {embedded}")
         digests: list[str] = []

@@ -1,5 +1,6 @@
 """The ledger of committed parts: each part read once, in batch order, its rows counted against the corpus's
-ids and, for a flat index, its vectors appended to the index file while later batches still embed.
+ids and its vectors put in the index while later batches still embed: appended to the index file for a flat
+index, added to the index for ivfpq (``output.ivf_index``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from core.envs import cpu_count
 from core.ids import id_hashes
 from core.layout import INDEX_FILE, JOB_FILE, OutputDir, part_name, read_part_meta
 from output.check import stat_key, tally
-from output.flat_index import FlatIndexFile, layout_matches, read_shard
+from output.flat_index import FlatIndexFile, layout_matches
+from output.ivf_index import IvfPqBuilder, index_params
 
 logger = logging.getLogger(__name__)
 
@@ -54,24 +56,6 @@ def part_vectors(t: pa.Table) -> np.ndarray:
     emb = t.column("embedding").combine_chunks()
     v = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size).astype(np.float32, copy=False)
     return np.ascontiguousarray(v)
-
-
-def shard_vectors(out: OutputDir, b: int, dim: int, rows: np.ndarray, vecs: np.ndarray) -> np.ndarray:
-    """Batch ``b``'s vectors for the index, after checking its FAISS shard against its committed part: the
-    shard must hold exactly the part's ``rows`` and ``vecs``. When it does not (missing, or rewritten by a later
-    duplicate delivery) a warning says so and the part's vectors are used: the committed part is the truth."""
-    if not len(rows):
-        return vecs
-    try:
-        got = read_shard(out.shard(b).read_bytes(), dim)
-    except FileNotFoundError:
-        got = None
-    if got is not None and np.array_equal(got[0], rows) and np.array_equal(got[1], vecs):
-        return got[1]
-    logger.warning(
-        "shard %s is missing or differs from its committed part: the part's vectors are used", out.shard(b).name
-    )
-    return vecs
 
 
 @dataclass
@@ -130,7 +114,7 @@ def read_part_facts(
 class PartLedger:
     """Finalize's per-part work, done in batch order: each committed part is read once, its rows counted
     against the corpus's ids (``id_hash``: the id key of every input row), its facts (footer, row ids,
-    SHA-256) kept and, for a flat index, its shard's vectors appended to the index file
+    SHA-256) kept and, for a flat index, its vectors appended to the index file
     (``FlatIndexFile``; ``planned_rows``: the rows the plan holds, when known, else read from job.json
     once it is written).
 
@@ -156,6 +140,10 @@ class PartLedger:
         self._start()
 
     def _start(self) -> None:
+        self.ivf: IvfPqBuilder | None = None
+        if self.index_type == "ivfpq":
+            # sized by the corpus's rows (known from the start), so the quantizers can train while the job runs
+            self.ivf = IvfPqBuilder(self.dim, index_params("ivfpq", len(self.id_hash), self.dim))
         self.facts: list[PartFacts] = []
         self.counts = np.zeros(len(self.id_hash), dtype=np.uint16)  # times each input row was seen
         self.unexpected: list[str] = []
@@ -192,13 +180,7 @@ class PartLedger:
         return len(self.facts)
 
     def _one(self, b: int) -> tuple[PartFacts, np.ndarray, tuple[np.ndarray, np.ndarray] | None] | None:
-        got = read_part_facts(self.out, b, self.job, vectors=self.streams)
-        if got is None:
-            return None
-        facts, id_hash, vecs = got
-        if vecs is not None:
-            vecs = (vecs[0], shard_vectors(self.out, b, self.dim, *vecs))
-        return facts, id_hash, vecs
+        return read_part_facts(self.out, b, self.job, vectors=self.streams or self.ivf is not None)
 
     def advance(self, stop: int | None = None, *, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Record parts from ``next_batch`` on, in order, up to ``stop`` (None: while parts are committed) or the
@@ -212,8 +194,11 @@ class PartLedger:
             if got is None or should_stop():
                 break
             facts, id_hash, vecs = got
-            if vecs is not None and len(vecs[0]):
-                self._append(*vecs)  # first: if it fails, nothing of this part is recorded
+            if vecs is not None and len(vecs[0]):  # first: if it fails, nothing of this part is recorded
+                if self.ivf is not None:
+                    self.ivf.add(*vecs)
+                else:
+                    self._append(*vecs)
             tally(self.counts, facts.rows, id_hash, self.id_hash, part_name(self.next_batch), self.unexpected)
             self.facts.append(facts)
         return self.next_batch

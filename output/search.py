@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from core.errors import CheckpointError, InputError
 from core.jsonl import iter_jsonl
 from core.layout import OutputDir
+from output.ivf_index import tune
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Searcher:
         self.index = faiss.read_index(str(self.out.path(idx["file"])))
         params = idx.get("params", {})
         if idx["type"] == "ivfpq":
-            faiss.extract_index_ivf(self.index).nprobe = int(params.get("nprobe", 16))
+            tune(self.index, params)
         elif idx["type"] == "hnsw":
             # downcast_index returns the concrete class, which faiss's stubs can only type as Index
             idmap = cast(faiss.IndexIDMap, faiss.downcast_index(self.index))

@@ -106,3 +106,21 @@ def two_gpu_host(tmp_path, monkeypatch):
     smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+@pytest.fixture(scope="session")
+def wordpiece_lib():
+    """The C WordPiece library (``dll/build/libfbas_wordpiece.so``), built here when ``make setup`` has not;
+    skips only where no C compiler exists."""
+    import shutil
+    import subprocess
+
+    from dll import wordpiece
+
+    if not wordpiece.LIB_PATH.exists():
+        if shutil.which(os.environ.get("CC", "cc")) is None:
+            pytest.skip("no C compiler to build dll/build/libfbas_wordpiece.so")
+        subprocess.run(["bash", str(ROOT / "dll" / "build_wordpiece.sh")], check=True)
+    lib = wordpiece.load_library(wordpiece.LIB_PATH)
+    assert lib is not None, f"{wordpiece.LIB_PATH} does not load"
+    return lib

@@ -13,7 +13,8 @@ every target it scrapes and would rename ours to ``exported_job``.
   message) and ``error`` (a job error: model mismatch, output folder not allowed or not writable);
 * ``fbas_quarantined_rows_total``, ``fbas_redeliveries_total`` (deliveries after a crashed one);
 * ``fbas_stage_seconds{stage}``: histograms of ``read`` (check and decode the message), ``tokenize``,
-  ``infer`` (the Triton calls) and ``write`` (part, shard and quarantine files).
+  ``infer`` (the Triton calls) and ``write`` (vectors and quarantine parts), and ``task``: a computed batch's
+  whole time in the task (what the four stages leave of it is Redis and the checks around them).
 
 Tasks run in Celery's prefork pool, so the metrics use prometheus_client's multiprocess mode: each pool process
 writes its own files into ``PROMETHEUS_MULTIPROC_DIR`` (a fresh private folder that
@@ -58,7 +59,7 @@ REDELIVERIES = Counter("fbas_redeliveries", "deliveries of a batch whose earlier
 STAGE_SECONDS = Histogram(
     "fbas_stage_seconds",
     "seconds per batch in each stage: read (check and decode the message), tokenize, infer (Triton calls), "
-    "write (quarantine, shard and vectors files)",
+    "write (quarantine and vectors parts); task: the whole task of a computed batch",
     [JOB, "stage"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
 )

@@ -1,14 +1,15 @@
-"""The batch task: tokenize, embed through Triton, write the part and the shard, record it done.
+"""The batch task: tokenize, embed through Triton, write the part, record it done.
 
 Message (msgpack, one per planned batch; ``pipeline.ingest.produce`` builds it):
 
-    {"v": 1, "job": str, "batch": int, "out": str, "model": str (model fingerprint), "dim": int,
+    {"v": 2, "job": str, "batch": int, "out": str, "model": str (model fingerprint), "dim": int,
      "id_type": "int64" | "string", "row_ids": [int], "ids": [int | str], "texts": [str],
      "repaired": [positions in the batch whose invalid UTF-8 was replaced]}
 
-A chunked job's message is version 2: its rows are chunks (``texts``: each chunk's text, with its title) and
-``"chunks": {"doc_row": [int], "chunk": [int], "tok_start": [int], ...}`` (``core.formats.CHUNK_FIELDS``) gives
-the columns its vectors part adds. A worker that reads only version 1 refuses it, naming the upgrade.
+A chunked job's message is version 3 (``CHUNKED_VERSION``): its rows are chunks (``texts``: each chunk's text,
+with its title) and ``"chunks": {"doc_row": [int], "chunk": [int], "tok_start": [int], ...}``
+(``core.formats.CHUNK_FIELDS``) gives the columns its vectors part adds. A worker that reads only version 2
+refuses it, naming the upgrade.
 
 What makes it idempotent and bounded (docs/reliability.md):
 
@@ -47,15 +48,14 @@ from workers import metrics
 from workers.app import TASK_NAME, app, current_config
 from workers.infer import embed_checked, encoder_for, subset
 from workers.jobstate import JobState, connect, heartbeat
-from workers.signing import verify
+from workers.signing import CHUNKED_VERSION, MESSAGE_VERSION, verify
 from workers.write import BatchOutput, write_batch
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["embed_batch", "BatchMessage", "run_batch", "MESSAGE_VERSION"]
 
-MESSAGE_VERSION = 1
-MESSAGE_VERSIONS = (1, 2)  # 2: a chunked job's message
+MESSAGE_VERSIONS = (MESSAGE_VERSION, CHUNKED_VERSION)
 _REDIS: dict[tuple[int, str], Any] = {}
 _TOKENIZERS: dict[str, Any] = {}
 
@@ -89,7 +89,7 @@ class BatchMessage:
                 raise InputError(f"batch {msg['batch']}: row_ids, ids and texts differ in length")
             rep = np.zeros(n, dtype=bool)
             rep[np.asarray(msg.get("repaired") or [], dtype=np.int64)] = True
-            chunks = ChunkCols.from_lists(msg["chunks"]) if msg["v"] == 2 else None
+            chunks = ChunkCols.from_lists(msg["chunks"]) if msg["v"] == CHUNKED_VERSION else None
             if chunks is not None and any(len(a) != n for a in chunks.arrays()):
                 raise InputError(f"batch {msg['batch']}: chunk columns and row_ids differ in length")
             return cls(
@@ -136,7 +136,7 @@ def _preload(**_: Any) -> None:
     """Import the heavy modules in each pool process as it starts, not inside its first batch."""
     import importlib
 
-    for name in ("faiss", "pyarrow.parquet", "tokenizers", "workers.triton_client"):
+    for name in ("faiss", "pyarrow.parquet", "tokenizers", "dll.wordpiece", "workers.triton_client"):
         importlib.import_module(name)
     # pyarrow imports pandas, where it is installed, on its first pa.array (a slow import): now, not
     # inside the first batch's write
@@ -160,14 +160,14 @@ NOT_READY_RETRIES = 120
 
 
 def _tokenizer(state: JobState, job: str, max_seq_len: int) -> Any:
-    from core.tokenize import Tokenizer
+    from dll.wordpiece import make_tokenizer
 
     tok = _TOKENIZERS.get(job)
     if tok is None:
         text = state.tokenizer_json()
         if text is None:
             raise JobNotReady(f"job {job} has no tokenizer in Redis yet (the producer writes it first)")
-        tok = Tokenizer(text, max_seq_len)
+        tok = make_tokenizer(text, max_seq_len)  # the C tokenizer where it applies, else HF's
         if len(_TOKENIZERS) > 8:
             _TOKENIZERS.clear()
         _TOKENIZERS[job] = tok
@@ -264,13 +264,18 @@ def _trusted(msg: Any, cfg: Any) -> bool:
     if key and verify(msg, key):
         return True
     claimed = {k: msg.get(k) for k in ("job", "batch", "out")} if isinstance(msg, dict) else {}
-    logger.error(
-        "refused a task message %s: %s; nothing of it was embedded or written",
-        claimed,
-        "it is not signed with this fleet's FBAS_TASK_KEY (forged, or from a producer with another key)"
-        if key
-        else "this worker has no FBAS_TASK_KEY to check it with",
-    )
+    version = msg.get("v") if isinstance(msg, dict) else None
+    if not key:
+        why = "this worker has no FBAS_TASK_KEY to check it with"
+    elif version not in MESSAGE_VERSIONS:
+        why = (
+            f"it is a version {version!r} message and this worker reads versions "
+            f"{', '.join(map(str, MESSAGE_VERSIONS))}, whose signature differs: run the same fbas release on "
+            "producers and workers"
+        )
+    else:
+        why = "it is not signed with this fleet's FBAS_TASK_KEY (forged, or from a producer with another key)"
+    logger.error("refused a task message %s: %s; nothing of it was embedded or written", claimed, why)
     return False
 
 
@@ -342,7 +347,9 @@ def embed_batch(self, msg: dict) -> dict:
         result = _compute(self, cfg, m, state, attempt, crashed, retries)
     except _JobProblem as e:
         return _job_problem(state, m, str(e), "model mismatch")
-    return _commit(out, m, result, state, t0)
+    done = _commit(out, m, result, state, t0)
+    metrics.observe(m.job, "task", time.perf_counter() - t_read)
+    return done
 
 
 def _compute(task: Any, cfg: Any, m: BatchMessage, state: JobState, attempt: int, crashed: int, retries: int):

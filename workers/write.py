@@ -1,9 +1,12 @@
-"""The output folder and the writers of one batch's results (Parquet part, FAISS shard, quarantine part).
+"""The writers of one batch's results (Parquet vectors part, quarantine part).
 
     OUT/vectors/part-000123.parquet        row_id int64, id, embedding fixed_size_list<float32>[dim],
                                            n_tokens int32, truncated bool, repaired bool
-    OUT/.fbas/shards/part-000123.faiss     IndexIDMap2(IndexFlatIP) over the same rows, ids = row_id
     OUT/.fbas/quarantine/part-000123.parquet  row_id, id, reason (only when the batch quarantined rows)
+
+The index is built from the vectors parts by the producer's ledger (``output.ledger``), so a worker writes
+each vector once. The vectors part is written without dictionary encoding and without column statistics
+(neither serves a column of float vectors, and both cost more than the write itself).
 
 Names are a pure function of the batch index, so a batch delivered twice writes the same
 files. Every file is written to ``<name>.tmp-<host>-<pid>-<random>`` in the same folder,
@@ -66,16 +69,18 @@ class BatchOutput:
         }
 
 
+PART_WRITE_OPTIONS: dict[str, Any] = {"compression": "none", "use_dictionary": False, "write_statistics": False}
+
+
 def _id_array(ids: list, id_type: str) -> pa.Array:
     return pa.array(ids, type=pa.int64() if id_type == "int64" else pa.string())
 
 
 def write_batch(out: OutputDir, b: BatchOutput) -> bool:
-    """Write quarantine part (if any), FAISS shard, then the vectors part (the commit point).
+    """Write the quarantine part (if any), then the vectors part (the commit point).
 
     Returns False, writing nothing, when this job's part for the batch is already committed (a
     duplicate delivery): the first commit wins, so a committed batch never changes afterwards."""
-    import faiss
 
     def ours(path: Path) -> bool:
         meta = read_part_meta(path) or {}
@@ -100,12 +105,6 @@ def write_batch(out: OutputDir, b: BatchOutput) -> bool:
     else:
         out.quarantine_part(b.batch).unlink(missing_ok=True)  # a stale one from an earlier, different attempt
 
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(b.dim))
-    if n:
-        index.add_with_ids(np.ascontiguousarray(b.vectors), np.ascontiguousarray(b.row_ids, dtype=np.int64))
-    blob = faiss.serialize_index(index)
-    out.write_atomic(out.shard(b.batch), lambda p: p.write_bytes(blob.tobytes()))
-
     schema = vectors_schema(b.dim, b.id_type, meta, chunked=b.chunks is not None)
     flat = pa.array(np.ascontiguousarray(b.vectors).reshape(-1), type=pa.float32())
     columns = [
@@ -120,7 +119,7 @@ def write_batch(out: OutputDir, b: BatchOutput) -> bool:
         columns += [pa.array(a) for a in b.chunks.arrays()]
     table = pa.Table.from_arrays(columns, schema=schema)
     committed = out.write_atomic(
-        out.vectors_part(b.batch), lambda p: pq.write_table(table, p, compression="none"), keep_existing=ours
+        out.vectors_part(b.batch), lambda p: pq.write_table(table, p, **PART_WRITE_OPTIONS), keep_existing=ours
     )
     logger.debug("batch %d: wrote %d vectors, %d quarantined (committed: %s)", b.batch, n, len(b.q_row_ids), committed)
     return committed

@@ -158,7 +158,7 @@ class LengthEstimate:
     @classmethod
     def calibrate(cls, texts: list, tokenizer) -> LengthEstimate:
         """Measure the ratio on the first embeddable ones of ``texts`` (the corpus's first window, in row order;
-        ``tokenizer``: a ``core.tokenize.Tokenizer``)."""
+        ``tokenizer``: a ``core.tokenize.Tokenizer`` or ``dll.wordpiece.FastTokenizer``)."""
         good, _ = _classify(texts)
         sample: list[str] = []
         n_chars = 0
@@ -235,7 +235,8 @@ def scan_windows(
     one shorter), each with its rows' token lengths and quarantine. The boundaries are arithmetic, whatever
     the files and record batches, so the windows (and the plan) are the same on every run.
 
-    ``tokenizer`` is a ``core.tokenize.Tokenizer`` (truncates at the model's max_seq_len). Lengths are
+    ``tokenizer`` is a ``core.tokenize.Tokenizer`` or ``dll.wordpiece.FastTokenizer`` (truncates at the model's
+    max_seq_len). Lengths are
     exact, or with ``estimate`` a ``LengthEstimate`` calibrated on the first window's texts (held until that
     window is read whole, so the sample is the same whatever the files and record batches). Ids are not
     checked here: ``corpus_id_hashes`` + ``check_unique_ids`` do that before anything is read.

@@ -24,7 +24,7 @@ import numpy as np
 from core.errors import InputError, ServerUnavailableError
 from core.formats import Plan
 from pipeline.ingest.read import Corpus
-from workers.signing import sign
+from workers.signing import CHUNKED_VERSION, MESSAGE_VERSION, sign
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +115,10 @@ def task_message(
     chunks: dict[str, list[int]] | None = None,
 ) -> dict:
     """One batch task (``workers.task``): rows in ascending order; ``repaired``: positions in the batch;
-    ``chunks``: a chunked job's per-row columns (``core.formats.CHUNK_FIELDS``; message version 2)."""
+    ``chunks``: a chunked job's per-row columns (``core.formats.CHUNK_FIELDS``; message version
+    ``CHUNKED_VERSION``, which a worker without chunking refuses)."""
     msg: dict[str, object] = {
-        "v": 1 if chunks is None else 2,
+        "v": MESSAGE_VERSION if chunks is None else CHUNKED_VERSION,
         "job": job,
         "batch": batch,
         "out": out,

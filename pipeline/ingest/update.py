@@ -61,7 +61,6 @@ from core.layout import (
     QUARANTINE_FILE,
     SCAN_FILE,
     SCAN_QUARANTINE,
-    SHARDS,
     STATE,
     UPDATE_SUBDIR,
     VECTORS,
@@ -84,7 +83,7 @@ _KEPT = ["id", "embedding", "n_tokens", "truncated", "repaired"]  # a part's col
 # a generation's files, in the order they move to prev/ (the manifest first: prev/ then holds the truth)
 _GENERATION = (MANIFEST, INDEX_FILE, QUARANTINE_FILE, VECTORS)
 _GENERATION_STATE = (CONTENT_FILE, GENERATIONS_FILE, JOB_FILE, SCAN_FILE, PLAN_FILE, SCAN_QUARANTINE)
-_REBUILT = (SHARDS, QUARANTINE, PENDING_FILE)  # state of the generation's job, made again
+_REBUILT = (QUARANTINE, f"{STATE}/{PENDING_FILE}")  # state of the generation's job, made again
 
 
 def content_hashes(corpus: Corpus) -> np.ndarray:
@@ -231,8 +230,8 @@ def _clear_generation(out: OutputDir) -> None:
             shutil.rmtree(p)
         else:
             p.unlink(missing_ok=True)
-    for name in (*_GENERATION_STATE, *_REBUILT):
-        p = out.path(f"{STATE}/{name}")
+    for name in (*(f"{STATE}/{n}" for n in _GENERATION_STATE), *_REBUILT):
+        p = out.path(name)
         if p.is_dir():
             shutil.rmtree(p)
         else:

@@ -20,7 +20,7 @@ from tests.pipeline_support import check_oracle, ingest_in_background, start_clu
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TAG = "metrics-job"
-STAGES = ("read", "tokenize", "infer", "write")
+STAGES = ("read", "tokenize", "infer", "write", "task")
 
 
 def _scrape(port: int) -> dict[tuple[str, frozenset], float]:

@@ -31,7 +31,7 @@ from workers.write import BatchOutput, write_batch
 DIM = 16
 
 
-def _job(tmp_path, n=300, quarantine_rows=(5, 77)):
+def _job(tmp_path, n=300, quarantine_rows=(5, 77), batch_tokens=256, batch_rows=32):
     """An output folder with job.json, scan.npz, plan.npz for n rows (ids "r<i>"), nothing committed."""
     out = OutputDir(tmp_path / "out")
     out.make_dirs()
@@ -49,7 +49,7 @@ def _job(tmp_path, n=300, quarantine_rows=(5, 77)):
         [ids[r] for r in quarantine_rows],
         ["empty_text"] * len(quarantine_rows),
     )
-    plan = plan_batches(n_tokens, 256, 32)
+    plan = plan_batches(n_tokens, batch_tokens, batch_rows)
     scan.save(out.state("scan.npz"))
     plan.save(out.state("plan.npz"))
     pq.write_table(
@@ -247,6 +247,43 @@ def test_approximate_indexes_find_the_exact_neighbour(tmp_path, kind):
         assert sum(found) >= 2
 
 
+def test_an_ivfpq_index_trains_and_fills_while_parts_commit_and_matches_one_built_at_finalize(tmp_path):
+    """The ledger trains ivfpq on the first ``train_size`` vectors in batch order and adds each later part as
+    it is read: fed part by part while a job runs, it writes the same index file as a finalize that reads
+    every part at the end, and it holds no more than ``train_size`` vectors plus one part before training."""
+    from output.ledger import PartLedger
+
+    out, plan, ids, vectors = _job(tmp_path, n=45_000, quarantine_rows=(1,), batch_tokens=1 << 20, batch_rows=2048)
+    ledger = PartLedger(out, "J1", DIM, "ivfpq", Scan.load(out.state("scan.npz")).id_hash)
+    assert ledger.ivf is not None
+    train_size, largest = ledger.ivf.params["train_size"], max(len(plan.rows(b)) for b in range(plan.n_batches))
+    assert train_size < 44_999, "the job has vectors left to add after training"
+    held = []
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b)
+        ledger.advance()
+        held.append(ledger.ivf._n_held)
+    assert max(held) < train_size + largest and held[-1] == 0, "trained once train_size vectors came"
+    assert ledger.ivf.index is not None and ledger.ivf.ntotal == 44_999
+    ahead = finalize(out, "ivfpq", ledger=ledger)
+    assert ahead["timings"]["parts_checked_ahead"] == plan.n_batches
+    first = out.path("index.faiss").read_bytes()
+    again = finalize(out, "ivfpq")  # no ledger: every part read now
+    assert again["index"]["sha256"] == ahead["index"]["sha256"] and again["index"]["params"]["trained_on"] == train_size
+    assert out.path("index.faiss").read_bytes() == first
+    # what search sets on the read index: the manifest's nprobe, and the re-ranking depth kept in the file
+    import faiss
+
+    from output.ivf_index import tune
+
+    read = faiss.read_index(str(out.path("index.faiss")))
+    tune(read, again["index"]["params"])
+    assert faiss.extract_index_ivf(read).nprobe == again["index"]["params"]["nprobe"] >= 32
+    assert faiss.downcast_index(read.index).k_factor == again["index"]["params"]["k_factor"] == 8
+    _, got = read.search(vectors[[100, 30_000]], 1)
+    assert got[:, 0].tolist() == [100, 30_000], "re-ranked by the SQ8 copies, the query's own row comes first"
+
+
 def test_metrics_match_hand_computed_values():
     rels = {"d1": 2, "d2": 1, "d9": 1}
     ranked = ["d2", "x", "d1"]
@@ -259,7 +296,7 @@ def test_metrics_match_hand_computed_values():
     assert r == {"ndcg@10": 0.5, "recall@100": 0.5, "queries": 2}
 
 
-def test_the_first_commit_of_a_batch_wins_and_shards_follow_their_parts(tmp_path):
+def test_the_first_commit_of_a_batch_wins(tmp_path):
     import faiss
 
     out, plan, ids, vectors = _job(tmp_path)
@@ -286,10 +323,7 @@ def test_the_first_commit_of_a_batch_wins_and_shards_follow_their_parts(tmp_path
     )
     assert write_batch(out, dup) is False
     assert out.vectors_part(0).read_bytes() == first
-    # a shard rewritten behind a committed part is not trusted: the index is built from the part
-    shard = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
-    shard.add_with_ids(vectors[rows] * 0.5, rows.astype(np.int64))
-    faiss.write_index(shard, str(out.shard(0)))
+    # the index holds the committed part's vectors, not the duplicate's
     finalize(out, "flat")
     index = faiss.read_index(str(out.path("index.faiss")))
     got = index.index.reconstruct_n(0, len(rows))
@@ -403,22 +437,6 @@ def test_a_streamed_flat_index_is_byte_for_byte_what_faiss_writes(tmp_path, monk
         got = faiss.read_index(str(tmp_path / "index.faiss"))
         _, found = got.search(chunks[2][1][:1], 1)
         assert found[0, 0] == chunks[2][0][0]
-
-
-def test_a_shard_is_read_only_when_laid_out_as_faiss_writes_it():
-    import faiss
-
-    from output.flat_index import read_shard
-
-    vecs = np.arange(3 * DIM, dtype=np.float32).reshape(3, DIM)
-    shard = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
-    shard.add_with_ids(vecs, np.array([4, 9, 2], np.int64))
-    data = faiss.serialize_index(shard).tobytes()
-    ids, got = read_shard(data, DIM)
-    assert ids.tolist() == [4, 9, 2] and np.array_equal(got, vecs)
-    assert read_shard(data, DIM * 2) is None, "another dimension"
-    assert read_shard(data[:-8], DIM) is None, "cut short"
-    assert read_shard(b"", DIM) is None
 
 
 def test_finalize_writes_the_same_flat_index_when_faiss_lays_it_out_otherwise(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import copy
 
 from workers.signing import SIG_FIELD, sign, verify
 
-MSG = {"v": 1, "job": "j", "batch": 3, "out": "/data/out", "row_ids": [7, 8], "ids": ["a", 9], "texts": ["x", "é"]}
+MSG = {"v": 2, "job": "j", "batch": 3, "out": "/data/out", "row_ids": [7, 8], "ids": ["a", 9], "texts": ["x", "é"]}
 
 
 def test_a_signed_message_verifies_and_any_change_breaks_it():
@@ -24,3 +24,9 @@ def test_the_signature_ignores_key_order():
     m = sign(copy.deepcopy(MSG), "k")
     reordered = dict(reversed(list(m.items())))
     assert verify(reordered, "k")
+
+
+def test_values_that_msgpack_cannot_pack_or_keys_that_do_not_sort_are_refused_not_raised():
+    m = sign(copy.deepcopy(MSG), "k")
+    assert not verify({**m, "texts": [object()]}, "k")
+    assert not verify({**m, 3: "x"}, "k"), "an int key beside str keys"

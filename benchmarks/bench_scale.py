@@ -1,0 +1,258 @@
+"""Cost per document from one million to ten million: the same running service ingests a 1 M-row and a
+10 M-row corpus, and the docs/s, peak memory of each process and finalize/index times are compared.
+
+    python benchmarks/bench_scale.py --tokenizer MINILM_DIR --data DATA --rows 1000000,10000000 \
+        --index ivfpq,flat --json results.json
+
+* **Corpus**: real English sentences (STS-B and the BEIR SciFact abstracts split into sentences, from
+  ``DATA``; about 50,000 distinct), cycled to ``rows`` rows with distinct integer ids, written in row groups
+  of 65,536. Repetition is fine for throughput; recall is measured apart (``bench_recall.py``).
+* **Service**: redis-server, tritonserver (the model on the GPU, ``--instance-count`` instances) and a Celery
+  worker, started once (``services.local.LocalCluster``, as ``fbas-pipeline serve`` + ``worker`` on a fleet
+  host); each corpus is submitted with ``ingest --broker``, as a user of a running service does.
+* **Memory**: the producer's peak RSS (``VmHWM`` at its exit; the producer also finalizes), its RSS
+  sampled every 0.5 s (peak while embedding and while finalizing), and the worker's pool processes' and
+  tritonserver's peak RSS (``VmHWM``), sampled every 0.5 s.
+* **Model**: all-MiniLM-L6-v2's shape with random weights (speed does not depend on their values).
+
+Each output folder is deleted after its run (a 10 M-row job writes 15 GB of parts, and a flat index as much).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_gpu_ingest import random_model, running_service  # noqa: E402
+from bench_ingest import commit_timeline, warm_model  # noqa: E402
+
+# the producer, with its peak RSS written at exit (VmHWM: ru_maxrss would keep the forking parent's peak across
+# exec); it also finalizes, in the same process
+PRODUCER = (
+    "import atexit, os, re, runpy, sys\n"
+    "def peak():\n"
+    "    status = open('/proc/self/status').read()\n"
+    "    open(os.environ['BENCH_PEAK_FILE'], 'w').write(re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
+    "atexit.register(peak)\n"
+    "sys.argv[0] = 'fbas-pipeline'\n"
+    "runpy.run_module('pipeline.cli', run_name='__main__')\n"
+)
+
+
+def real_sentences(data: Path) -> list[str]:
+    """Distinct English sentences: STS-B (both copies in DATA) and SciFact's abstracts split at sentence ends."""
+    seen: dict[str, None] = {}
+    for p in sorted((data / "stsb_multi_mt").glob("stsb-en-*.csv")):
+        with open(p, encoding="utf-8", newline="") as f:
+            for row in csv.reader(f):
+                seen.update(dict.fromkeys(row[:2]))
+    with gzip.open(data / "beir_scifact" / "corpus.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)
+            for s in re.split(r"(?<=[.!?])\s+", doc["text"]):
+                if len(s) > 20:
+                    seen[s] = None
+    return [s for s in seen if s.strip()]
+
+
+def write_corpus(sentences: list[str], rows: int, path: Path, group: int = 65_536) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
+    with pq.ParquetWriter(path, schema) as w:
+        for start in range(0, rows, group):
+            n = min(group, rows - start)
+            texts = [sentences[(start + i) % len(sentences)] for i in range(n)]
+            w.write_table(pa.table({"id": pa.array(range(start, start + n), pa.int64()), "text": texts}, schema))
+
+
+def _hwm_kb(pid: int, field: str = "VmHWM") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+class MemorySampler:
+    """Every ``period`` s: the producer's RSS (a timeline), and the peak ``VmHWM`` of the worker's processes
+    and of tritonserver."""
+
+    def __init__(self, producer: int, worker: int | None, triton: int | None, period: float = 0.5) -> None:
+        self.producer, self.worker, self.triton, self.period = producer, worker, triton, period
+        self.timeline: list[tuple[float, int]] = []
+        self.worker_peak_kb = self.worker_total_peak_kb = self.triton_peak_kb = 0
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.timeline.append((time.monotonic() - self._t0, _hwm_kb(self.producer, "VmRSS")))
+            if self.worker:
+                pids = _tree(self.worker)
+                self.worker_peak_kb = max([self.worker_peak_kb, *(_hwm_kb(p) for p in pids)])
+                now = sum(_hwm_kb(p, "VmRSS") for p in pids)
+                self.worker_total_peak_kb = max(self.worker_total_peak_kb, now)
+            if self.triton:
+                self.triton_peak_kb = max(self.triton_peak_kb, _hwm_kb(self.triton))
+            self._stop.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _peak_mb(samples_kb: list[int]) -> float | None:
+    return round(max(samples_kb) / 1024, 1) if samples_kb else None
+
+
+def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dict:
+    peak_file = out.parent / f"{out.name}.peak.json"
+    cmd = [sys.executable, "-c", PRODUCER, "ingest", str(corpus), "--out", str(out), "--no-progress", *flags]
+    t0, start = time.perf_counter(), time.time()
+    p = subprocess.Popen(
+        cmd, env={**env, "BENCH_PEAK_FILE": str(peak_file)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    worker = cluster.worker.proc.pid if cluster.worker is not None else None
+    triton = cluster.triton.pid if cluster.triton is not None else None
+    mem = MemorySampler(p.pid, worker, triton)
+    _, err = p.communicate()
+    wall = time.perf_counter() - t0
+    mem.stop()
+    if p.returncode != 0:
+        raise RuntimeError(f"ingest failed ({p.returncode}):\n{err[-3000:]}")
+    m = json.loads((out / "manifest.json").read_text())
+    t = m["timings"]
+    embed_end = wall - (t.get("finalize_s") or 0.0)
+    rss = mem.timeline
+    return {
+        "wall_s": round(wall, 2),
+        "docs": m["counts"]["embedded"],
+        "docs_per_s": round(m["counts"]["embedded"] / wall, 1),
+        "embed_s": t.get("embed_s"),
+        "finalize_s": t.get("finalize_s"),
+        "index_s": t.get("index_s"),
+        "index": {k: m["index"][k] for k in ("type", "ntotal", "params")},
+        "producer_peak_mb": round(int(peak_file.read_text()) / 1024, 1),
+        "producer_rss_embedding_peak_mb": _peak_mb([kb for s, kb in rss if s < embed_end]),
+        "producer_rss_finalize_peak_mb": _peak_mb([kb for s, kb in rss if s >= embed_end]),  # None: too short
+        "worker_process_peak_mb": round(mem.worker_peak_kb / 1024, 1),
+        "worker_pool_total_peak_mb": round(mem.worker_total_peak_kb / 1024, 1),
+        "tritonserver_peak_mb": round(mem.triton_peak_kb / 1024, 1),
+        "timeline": commit_timeline(out, start),
+        "disk_gb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9, 2),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", required=True, type=Path, help="all-MiniLM-L6-v2 folder (tokenizer + config)")
+    ap.add_argument("--data", required=True, type=Path, help="folder with stsb_multi_mt/ and beir_scifact/")
+    ap.add_argument("--rows", default="1000000,10000000", help="comma list of corpus sizes, run in this order")
+    ap.add_argument("--index", default="ivfpq", help="comma list of index types, each run at every size")
+    ap.add_argument("--target", default="gpu", help="engine target (onnx: a dry run on a CPU)")
+    ap.add_argument("--precision", default=None, help="default: fp16 on gpu, fp32 otherwise")
+    ap.add_argument("--instance-count", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=None, help="worker processes (default: sized to the host)")
+    ap.add_argument("--batch-tokens", type=int, default=65536)
+    ap.add_argument("--batch-rows", type=int, default=4096)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    args = ap.parse_args()
+
+    from services.worker import default_concurrency
+
+    gpu = args.target == "gpu"
+    args.precision = args.precision or ("fp16" if gpu else "fp32")
+    args.concurrency = args.concurrency or default_concurrency(gpu=gpu)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+    }
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "command": " ".join(sys.argv),
+        "runs": [],
+    }
+    if gpu:
+        import torch
+
+        res["gpu"] = torch.cuda.get_device_name()
+    work = args.work or Path(tempfile.mkdtemp(prefix="fbas-bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        model = random_model(args.tokenizer, work / "model-minilm", "minilm")
+        spec = {"model": str(model), "target": args.target, "max_seq_len": 256, "pooling": "mean", "normalize": True}
+        built = warm_model(work, args.precision, **spec)
+        sentences = real_sentences(args.data)
+        res["distinct_sentences"] = len(sentences)
+        flags = ["--model", str(model), "--target", args.target, "--precision", args.precision, "--max-seq-len", "256"]
+        flags += ["--pooling", "mean", "--normalize", "--batch-tokens", str(args.batch_tokens)]
+        flags += ["--batch-rows", str(args.batch_rows), "--max-docs-per-request", str(args.batch_rows)]
+        with running_service(built, work / "svc", args, 256, args.instance_count, args.concurrency) as cluster:
+            env["FBAS_TASK_KEY"] = cluster.task_key
+            for rows in (int(r) for r in args.rows.split(",")):
+                corpus = work / f"corpus-{rows}.parquet"
+                t0 = time.perf_counter()
+                write_corpus(sentences, rows, corpus)
+                print(f"corpus of {rows:,} rows written in {time.perf_counter() - t0:.1f} s", flush=True)
+                for kind in args.index.split(","):
+                    out = work / f"out-{rows}-{kind}"
+                    got = ingest(corpus, out, env, [*flags, "--index", kind, "--broker", cluster.broker_url], cluster)
+                    got.update(rows=rows, index_type=kind)
+                    print(json.dumps(got), flush=True)
+                    res["runs"].append(got)
+                    shutil.rmtree(out, ignore_errors=True)
+                    if args.json:
+                        args.json.write_text(json.dumps(res, indent=2))
+                corpus.unlink()
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
