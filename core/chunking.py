@@ -109,7 +109,7 @@ class Spans:
 class Chunker:
     """Cuts texts into chunks by a ``ChunkSpec`` with a model's tokenizer (see the module docstring)."""
 
-    def __init__(self, tokenizer, spec: ChunkSpec) -> None:  # tokenizer: core.tokenize.Tokenizer
+    def __init__(self, tokenizer, spec: ChunkSpec) -> None:  # core.tokenize.Tokenizer (HF: it has the offsets)
         self.tokenizer, self.spec = tokenizer, spec
         self.max_seq_len = int(tokenizer.max_seq_len)
         self.size = spec.window(self.max_seq_len)

@@ -11,7 +11,7 @@ import numpy as np
 from core.chunking import Chunker
 from core.errors import InputError
 from core.formats import Plan
-from core.layout import PENDING_FILE, OutputDir
+from core.layout import MODEL_SUBDIR, PENDING_FILE, OutputDir
 from core.tokenize import Tokenizer
 from output.check import committed_parts
 from pipeline.ingest.job import Job, JobContext, chunk_spec, first_window, length_mode, save_job
@@ -25,13 +25,17 @@ __all__ = ["start_scan", "scan_and_send", "chunk_messages"]
 def _windows(ctx: JobContext, tokenizer: Tokenizer) -> Iterator[Window]:
     cfg = ctx.cfg
     spec = chunk_spec(cfg)
+    chunker = None
+    if spec is not None:  # cuts by HF tokenizers' character offsets (the C tokenizer gives ids and lengths only)
+        hf = Tokenizer.from_file(ctx.out.state(MODEL_SUBDIR) / "tokenizer.json", ctx.meta.max_seq_len)
+        chunker = Chunker(hf, spec)
     return scan_windows(
         ctx.corpus,
         tokenizer,
         cfg.corpus.plan_window,
         first_rows=first_window(cfg),
         estimate=length_mode(cfg) == "estimate",
-        chunker=Chunker(tokenizer, spec) if spec is not None else None,
+        chunker=chunker,
     )
 
 

@@ -102,11 +102,12 @@ def test_every_document_and_chunk_is_accounted_for(clean_run, corpus):
 def test_chunks_cover_every_token_and_hold_the_exact_span(clean_run, corpus):
     """Consecutive chunks of a document cover all its word pieces; each stored vector is the engine's embedding
     of the title + " " + text[char_start:char_end], and that span tokenizes to the chunk's pieces."""
-    from engine.model_dir import load_engine, load_tokenizer
+    from core.tokenize import Tokenizer
+    from engine.model_dir import load_engine
 
     _, _, titles, texts = corpus
     model = clean_run.out / ".fbas" / "model"
-    tok, engine = load_tokenizer(model), load_engine(model)
+    tok, engine = Tokenizer.from_file(model / "tokenizer.json", 256), load_engine(model)
     t = _table(clean_run.out).to_pydict()
     by_doc: dict[int, list[int]] = {}
     for i, d in enumerate(t["doc_row"]):
