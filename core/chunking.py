@@ -33,8 +33,8 @@ __all__ = ["ChunkSpec", "Chunker", "Spans", "MODES", "SENTENCE_ENDS", "AUTO"]
 
 MODES = ("tokens", "sentences")
 # ``--chunk auto``: the setting that scored best on BEIR SciFact with all-MiniLM-L6-v2 (BENCHMARKS.md):
-# windows as long as the model takes, cut at sentence ends, 32 tokens of overlap
-AUTO = "sentences::32"
+# windows of 128 tokens, 32 of them shared with the next window
+AUTO = "tokens:128:32"
 SENTENCE_ENDS = frozenset(".!?。！？；…")
 _CLOSERS = frozenset("\"')]}”’」』）")  # a closing quote or bracket right after a sentence end belongs to it
 

@@ -190,7 +190,7 @@ class CorpusConfig:
         "cut long texts into chunks, each embedded and indexed on its own (search then returns documents by their "
         "best chunk): tokens:N[:OVERLAP] (windows of at most N word pieces, cut between words, consecutive ones "
         "sharing up to OVERLAP) or sentences:N[:OVERLAP] (the same, cut at the last sentence end in the window) "
-        "or auto (sentences::32, the best on BEIR SciFact, see BENCHMARKS.md); "
+        "or auto (tokens:128:32, the best on BEIR SciFact, see BENCHMARKS.md); "
         "N must fit the model (at most max_seq_len - 2; left out, as in 'tokens' or 'sentences::32': exactly "
         "that), OVERLAP < N (default 0); "
         "default: none (no chunking), texts past max_seq_len are truncated and flagged",
