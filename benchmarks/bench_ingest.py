@@ -127,6 +127,8 @@ def run_fbas(
         "scan_s": t.get("scan_s"),
         "finalize_s": t.get("finalize_s"),
         "index_s": t.get("index_s"),
+        "ledger_stop_s": t.get("ledger_stop_s"),
+        "parts_checked_ahead": t.get("parts_checked_ahead"),
         "engine_compute_s": t.get("engine_compute_s"),
         "docs": m["counts"]["embedded"],
         "padding_ratio": m["settings"].get("padding_ratio"),

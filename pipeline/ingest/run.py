@@ -161,7 +161,10 @@ def ingest(
             job, sent, resumed, redelivered, docs = q.job, q.sent, q.resumed, q.redelivered, q.docs
             run.ready()  # nothing needed sending: Triton still serves the statistics below
             timings.update(_timings(run, job, t0))
-            manifest = _finalize(out, cfg, timings, redelivered, feeder.stop() if feeder else None, steps)
+            t_stop = time.perf_counter()
+            ledger = feeder.stop() if feeder else None  # the ledger's part in progress ends first
+            timings["ledger_stop_s"] = round(time.perf_counter() - t_stop, 3)
+            manifest = _finalize(out, cfg, timings, redelivered, ledger, steps)
         if manifest is None:  # every batch was committed already: nothing was started
             manifest = _finalize(out, cfg, timings, redelivered, None, steps)
     return IngestResult(out.root, job.id, manifest, time.perf_counter() - t0, resumed, sent, docs)
