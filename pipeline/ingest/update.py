@@ -15,10 +15,15 @@ The rows to embed are written to ``OUT/.fbas/update/delta.parquet`` and ingested
 by an ordinary job (the same machinery, resumable). The new generation is then written as a job of its own:
 its parts hold every row in corpus order (row ids = corpus positions, as a fresh ingest has them), and
 finalize checks it with the same oracle, rebuilds the index from the parts and writes the manifest, which lists
-every generation (``generations``: kept, added, changed, removed). Before anything of the new generation is
-written, the old one is moved to ``OUT/.fbas/prev/`` (the manifest first); it is deleted only once the new
-manifest and ``content.npz`` are written. An update killed at any point and run again finds ``prev/``, takes
-the old generation from there, clears what the killed run wrote and does it again: the same result.
+every generation (``generations``: kept, added, changed, removed).
+
+Everything that can fail on the new corpus (its path, duplicate ids, the model, the index kind, the delta's
+ingest) runs while OUT still holds the old generation untouched. Only then is the old one moved to
+``OUT/.fbas/prev/`` (the manifest first, ``prev/moved`` last: a move cut short is finished by the next run) and
+the new one written; ``prev/`` is renamed to a tombstone and deleted once the new manifest and ``content.npz``
+are written. An update killed at any point and run again finds ``prev/``, takes the old generation from there,
+clears what the killed run wrote and does it again: the same result. The new generation keeps the folder's
+index kind unless another than the default (flat) is given; the delta's own ingest is always flat.
 
 In a chunked job (``--chunk``, which must be the folder's) the same holds per document: a kept document keeps
 all its chunks, a new or changed one is chunked and embedded by the rows' ingest, and the new generation numbers
@@ -43,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.chunking import ChunkSpec
-from core.config import FbasConfig, fingerprint
+from core.config import FbasConfig, OutputConfig, fingerprint
 from core.errors import ConfigError, InputError
 from core.formats import CHUNK_FIELDS, ChunkCols, Plan, Scan
 from core.ids import id_hashes
@@ -68,6 +73,7 @@ from core.layout import (
     vectors_schema,
 )
 from output.finalize import finalize
+from output.index import check_index_kind
 from output.ledger import part_vectors
 from pipeline.ingest.job import IngestResult, JobContext, save_job
 from pipeline.ingest.plan import check_unique_ids, corpus_id_hashes
@@ -84,6 +90,8 @@ _KEPT = ["id", "embedding", "n_tokens", "truncated", "repaired"]  # a part's col
 _GENERATION = (MANIFEST, INDEX_FILE, QUARANTINE_FILE, VECTORS)
 _GENERATION_STATE = (CONTENT_FILE, GENERATIONS_FILE, JOB_FILE, SCAN_FILE, PLAN_FILE, SCAN_QUARANTINE)
 _REBUILT = (QUARANTINE, f"{STATE}/{PENDING_FILE}")  # state of the generation's job, made again
+_MOVED = "moved"  # in prev/, written once the whole old generation is there
+_TOMBSTONE = ".deleting"  # prev/ and update/ are renamed to this name, then deleted
 
 
 def content_hashes(corpus: Corpus) -> np.ndarray:
@@ -141,32 +149,38 @@ def update(
     t0 = time.perf_counter()
     with out.lock():
         staging = out.path(f"{STATE}/{UPDATE_SUBDIR}")
-        current = json.loads(((prev if (prev / MANIFEST).exists() else out.root) / MANIFEST).read_text("utf-8"))
+        _sweep_tombstones(out)
+        if prev.exists() and not (prev / _MOVED).exists():  # a move cut short: OUT no longer holds the old whole
+            _move_to_prev(out, prev)
+        src = prev if (prev / _MOVED).exists() else out.root  # where the old generation is, whole
+        current = json.loads((src / MANIFEST).read_text("utf-8"))
         had = (current.get("settings") or {}).get("chunk")
         if had != (spec.label() if spec else None):
             raise ConfigError(
                 f"{out} was ingested with --chunk {had or '(none)'}, this update asks for "
                 f"{spec.label() if spec else '(none)'}: give the folder's chunking, or ingest into another --out"
             )
-        _check_model(plain, current["model"], OutputDir(staging / "embed"), model_dir, out)
-        _move_to_prev(out, prev)
-        old = _read_old(prev)
+        # everything that can fail on the new corpus fails here, before the old generation leaves OUT
         corpus = open_corpus(corpus_uri, cfg.corpus)
         keys = corpus_id_hashes(corpus)
         check_unique_ids(corpus, keys)
+        _check_model(plain, current["model"], OutputDir(staging / "embed"), model_dir, out)
+        old = _read_old(src)
+        index = _index_kind(cfg, current)
         hashes = content_hashes(corpus)
         pos = np.clip(np.searchsorted(old.keys, keys), 0, max(0, len(old.keys) - 1)).astype(np.int64)
         has = (old.keys[pos] == keys) if len(old.keys) else np.zeros(len(keys), dtype=bool)
         kept = has & (old.hashes[pos] == hashes) & (hashes != 0)
         known = has | np.isin(keys, old.all_keys)  # quarantined rows of the old generation are known too
         delta_rows = np.flatnonzero(~kept)
+        missing = _missing(old, keys) if cfg.output.keep_missing else np.zeros(0, np.int64)
+        check_index_kind(index, corpus.n_rows + len(missing))
         key = fingerprint({"corpus": corpus.fingerprint, "old": old.manifest["job"], "rows": delta_rows.tolist()})
         if (staging / "key").exists() and (staging / "key").read_text(encoding="utf-8") != key:
             shutil.rmtree(staging)  # a killed update towards another corpus: its rows are not these
         staging.mkdir(parents=True, exist_ok=True)
         (staging / "key").write_text(key, encoding="utf-8")
         embedded = _embed_delta(corpus, delta_rows, staging, plain, old, ingest, progress, model_dir)
-        missing = _missing(old, keys) if cfg.output.keep_missing else np.zeros(0, np.int64)
         generation = int(old.generations[-1]["generation"]) + 1 if old.generations else 2
         changes = {
             "generation": generation,
@@ -179,16 +193,23 @@ def update(
             "removed": int(len(old.all_keys) - known.sum() - len(missing)),
             "kept_missing": len(missing),
         }
+        _move_to_prev(out, prev)
         _clear_generation(out)
-        manifest = _write_generation(out, cfg, corpus, keys, kept, pos, old, embedded, missing, changes)
+        manifest = _write_generation(out, cfg, corpus, keys, kept, pos, old, embedded, missing, changes, index)
         all_keys = np.concatenate([keys, old.keys[missing]])
         all_hashes = np.concatenate([hashes, old.hashes[missing]])
         _write_content(out, all_keys, all_hashes)
         _write_json(out.state(GENERATIONS_FILE), [*old.generations, changes])
-        shutil.rmtree(prev)
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(prev)  # the new generation is final
+        _discard(staging)
     logger.info("update %s: %s", out, json.dumps(changes))
     return IngestResult(out.root, manifest["job"], manifest, time.perf_counter() - t0, 0, embedded.sent, embedded.done)
+
+
+def _index_kind(cfg: FbasConfig, current: dict) -> str:
+    """The new generation's index: the folder's, unless another kind than the default (flat) is asked for."""
+    default = OutputConfig().index
+    return cfg.output.index if cfg.output.index != default else str(current["index"]["type"])
 
 
 def _now() -> str:
@@ -208,18 +229,44 @@ def _write_content(out: OutputDir, keys: np.ndarray, hashes: np.ndarray) -> None
 
 
 def _move_to_prev(out: OutputDir, prev: Path) -> None:
-    """Move the generation in OUT to ``prev`` (the manifest first), unless a killed update already did: then what
-    OUT holds is that update's unfinished work, cleared and done again."""
-    if (prev / MANIFEST).exists():
+    """Move the generation in OUT to ``prev`` (the manifest first), then write ``prev/moved``. Each run moves what
+    is left (a name already in ``prev`` stays there: only the new generation's files can then be in OUT), so a
+    move cut short is finished by the next run; once ``moved`` exists, what OUT holds is a killed update's
+    unfinished work, cleared and done again."""
+    if (prev / _MOVED).exists():
         logger.warning("%s holds an unfinished update: the generation before it is taken from %s", out, prev)
         return
     (prev / STATE).mkdir(parents=True, exist_ok=True)
-    for name in _GENERATION:
-        if out.path(name).exists():
-            out.path(name).rename(prev / name)
-    for name in _GENERATION_STATE:
-        if out.state(name).exists():
-            out.state(name).rename(prev / STATE / name)
+    for src, dst in [
+        *((out.path(n), prev / n) for n in _GENERATION),
+        *((out.state(n), prev / STATE / n) for n in _GENERATION_STATE),
+    ]:
+        if src.exists() and not dst.exists():
+            _rename(src, dst)
+    (prev / _MOVED).write_bytes(b"")
+
+
+def _rename(src: Path, dst: Path) -> None:
+    src.rename(dst)
+
+
+def _discard(path: Path) -> None:
+    """Delete a folder at once for a later run: renamed to a tombstone first (atomic), then removed."""
+    if not path.exists():
+        return
+    tomb = path.with_name(path.name + _TOMBSTONE)
+    if tomb.exists():
+        shutil.rmtree(tomb)
+    path.rename(tomb)
+    shutil.rmtree(tomb)
+
+
+def _sweep_tombstones(out: OutputDir) -> None:
+    """Finish deleting what a killed update had renamed to a tombstone."""
+    for name in (PREV_SUBDIR, UPDATE_SUBDIR):
+        tomb = out.path(f"{STATE}/{name}{_TOMBSTONE}")
+        if tomb.exists():
+            shutil.rmtree(tomb)
 
 
 def _clear_generation(out: OutputDir) -> None:
@@ -239,7 +286,8 @@ def _clear_generation(out: OutputDir) -> None:
 
 
 def _read_old(prev: Path) -> _Old:
-    """The replaced generation from ``prev``: its manifest, and its embedded rows grouped by document."""
+    """The replaced generation from ``prev`` (``OUT/.fbas/prev``, or OUT itself before the move): its manifest,
+    and its embedded rows grouped by document."""
     manifest = json.loads((prev / MANIFEST).read_text(encoding="utf-8"))
     chunk = (manifest.get("settings") or {}).get("chunk")
     cols = ["row_id", *_KEPT, *(CHUNK_FIELDS if chunk else ())]
@@ -273,7 +321,7 @@ def _read_old(prev: Path) -> _Old:
         logger.warning(
             "%s was made by an ingest without --update, which keeps no text hashes: every row is embedded again "
             "this once",
-            prev.parent.parent,
+            prev,
         )
     gens_path = prev / STATE / GENERATIONS_FILE
     gens = json.loads(gens_path.read_text(encoding="utf-8")) if gens_path.exists() else []
@@ -321,7 +369,7 @@ def _embed_delta(
         _write_delta(corpus, rows, delta)
     sub_cfg = replace(
         cfg,
-        output=replace(cfg.output, out=str(embed_out)),
+        output=replace(cfg.output, out=str(embed_out), index="flat"),  # its own index is never searched
         corpus=replace(
             cfg.corpus, id_column="id", text_column="text", title_column="title" if corpus.title_column else None
         ),
@@ -400,6 +448,7 @@ def _write_generation(
     embedded: _Embedded,
     missing: np.ndarray,
     changes: dict,
+    index: str,
 ) -> dict:
     """Write the new generation as a job of its own (its rows in corpus order: each document's chunks, or the one
     row that quarantines it; then ``missing`` documents), its scan, plan and job.json, and finalize it."""
@@ -488,7 +537,7 @@ def _write_generation(
     if old.chunk:
         scan.doc_row, scan.n_docs = unit_doc, n + m
     save_job(ctx, scan, plan, extra={"generations": [*old.generations, changes]})
-    return finalize(out, cfg.output.index)
+    return finalize(out, index)
 
 
 def _corpus_ids(corpus: Corpus, rows: list[int]) -> list:

@@ -131,7 +131,7 @@ def test_an_update_killed_midway_and_run_again_gives_the_same_result(versions, f
     finally:
         p.kill()
         p.wait(timeout=30)
-    assert (out / ".fbas" / "prev" / "manifest.json").exists() and not (out / "manifest.json").exists()
+    assert (out / "manifest.json").exists() and not (out / ".fbas" / "prev").exists(), "OUT untouched until embedded"
     env.pop("FBAS_TEST_PAUSE")
     done = subprocess.run([*cmd, "--no-progress"], env=env, capture_output=True, text=True, cwd=str(ROOT))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -207,3 +207,110 @@ def test_a_chunked_corpus_updates_by_document(versions, v1_out, tmp_path):
     assert (m["documents"], m["chunks"], m["embedded"]) == (m0["documents"], m0["chunks"], m0["embedded"])
     with pytest.raises(ConfigError, match=r"--chunk \(none\)"):
         ingest(str(versions[1][0]), cfg(v1_out, True), progress=False)
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    """Every file of OUT (its update staging aside, where the model is built) and its bytes."""
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and "update" not in p.relative_to(out).parts
+    }
+
+
+def test_a_bad_corpus_leaves_the_folder_as_it_was(versions, v1_out, tmp_path):
+    """A missing corpus and one with duplicate ids fail before the old generation leaves OUT."""
+    from pipeline.ingest.run import ingest
+
+    out = tmp_path / "out"
+    shutil.copytree(v1_out, out)
+    before = _snapshot(out)
+    with pytest.raises(InputError):
+        ingest(str(tmp_path / "no-such.parquet"), _cfg(out), progress=False)
+    assert _snapshot(out) == before
+    dup = _write(tmp_path / "dup.parquet", [("s1", "one text"), ("s2", "another"), ("s1", "the same id again")])
+    with pytest.raises(InputError, match="s1"):
+        ingest(str(dup), _cfg(out), progress=False)
+    assert _snapshot(out) == before
+
+
+class _Killed(Exception):
+    """Stands for the process being killed at a step of an update."""
+
+
+@pytest.mark.parametrize("moves", [1, 2, 3, 4, 6])
+def test_an_update_killed_while_moving_the_old_generation_and_run_again_gives_the_same_result(
+    versions, fresh, v1_out, tmp_path, monkeypatch, moves
+):
+    """Killed after ``moves`` files of the old generation moved to prev/ (the manifest first, then index, vectors/
+    and the state files: content.npz, generations.json, ...), a rerun finishes the move, keeps the old vectors
+    and text hashes, and equals a fresh ingest."""
+    import pipeline.ingest.update as upd
+    from pipeline.ingest.run import ingest
+
+    out = tmp_path / "out"
+    shutil.copytree(v1_out, out)
+    real, done = upd._rename, []
+
+    def rename(src: Path, dst: Path) -> None:
+        if len(done) == moves:
+            raise _Killed
+        real(src, dst)
+        done.append(src.name)
+
+    monkeypatch.setattr(upd, "_rename", rename)
+    with pytest.raises(_Killed):
+        ingest(str(versions[1][0]), _cfg(out), progress=False)
+    monkeypatch.setattr(upd, "_rename", real)
+    r = ingest(str(versions[1][0]), _cfg(out), progress=False)
+    g = r.manifest["generations"][-1]
+    assert (g["kept"], g["added"], g["changed"], g["removed"]) == (380, 60, 10, 10), "the old hashes were kept"
+    _same_as_fresh(out, fresh[1], versions[1][1])
+    assert not (out / ".fbas" / "prev").exists()
+
+
+def test_an_update_killed_while_deleting_prev_is_finished_by_the_next_run(
+    versions, fresh, v1_out, tmp_path, monkeypatch
+):
+    """Killed midway through deleting the replaced generation (its vectors gone, its manifest still there), the
+    folder is final: a rerun with the same corpus keeps every row."""
+    import pipeline.ingest.update as upd
+    from pipeline.ingest.run import ingest
+
+    out = tmp_path / "out"
+    shutil.copytree(v1_out, out)
+    real = shutil.rmtree
+
+    def rmtree(path, *a, **k):
+        if Path(path).name.startswith("prev"):
+            real(Path(path) / "vectors")
+            raise _Killed
+        real(path, *a, **k)
+
+    monkeypatch.setattr(upd.shutil, "rmtree", rmtree)
+    with pytest.raises(_Killed):
+        ingest(str(versions[1][0]), _cfg(out), progress=False)
+    monkeypatch.setattr(upd.shutil, "rmtree", real)
+    assert (out / "manifest.json").exists()
+    r = ingest(str(versions[1][0]), _cfg(out), progress=False)
+    assert r.docs_this_run == 0 and r.manifest["generations"][-1]["kept"] == len(versions[1][1]) - 1
+    _same_as_fresh(out, fresh[1], versions[1][1])
+    assert not [p for p in (out / ".fbas").iterdir() if p.name.startswith(("prev", "update"))]
+
+
+def test_an_ivfpq_folder_takes_a_small_delta_and_stays_ivfpq(stsb_en_test, tmp_path):
+    """The delta's own ingest (5 rows) is not the folder's index: it is flat; the new generation keeps ivfpq
+    though --index is not given."""
+    from pipeline.ingest.run import ingest
+
+    texts = list(dict.fromkeys([a for a, _, _ in stsb_en_test] + [b for _, b, _ in stsb_en_test]))[:1105]
+    v1 = _write(tmp_path / "v1.parquet", [(f"s{i}", t) for i, t in enumerate(texts[:1100])])
+    v2 = _write(tmp_path / "v2.parquet", [(f"s{i}", t) for i, t in enumerate(texts)])
+    out = tmp_path / "out"
+    cfg = _cfg(out)
+    cfg.output.index = "ivfpq"
+    ingest(str(v1), cfg, progress=False)
+    r = ingest(str(v2), _cfg(out), progress=False)
+    assert r.docs_this_run == 5 and r.manifest["index"]["type"] == "ivfpq"
+    assert r.manifest["index"]["ntotal"] == 1105
+    check_oracle(out, [f"s{i}" for i in range(1105)])
