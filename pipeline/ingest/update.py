@@ -170,7 +170,9 @@ def update(
         hashes = content_hashes(corpus)
         pos = np.clip(np.searchsorted(old.keys, keys), 0, max(0, len(old.keys) - 1)).astype(np.int64)
         has = (old.keys[pos] == keys) if len(old.keys) else np.zeros(len(keys), dtype=bool)
-        kept = has & (old.hashes[pos] == hashes) & (hashes != 0)
+        kept = has & (hashes != 0)
+        if len(old.keys):  # an old generation without a vector (all its rows blank) keeps nothing
+            kept &= old.hashes[pos] == hashes
         known = has | np.isin(keys, old.all_keys)  # quarantined rows of the old generation are known too
         delta_rows = np.flatnonzero(~kept)
         missing = _missing(old, keys) if cfg.output.keep_missing else np.zeros(0, np.int64)

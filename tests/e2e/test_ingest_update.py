@@ -314,3 +314,16 @@ def test_an_ivfpq_folder_takes_a_small_delta_and_stays_ivfpq(stsb_en_test, tmp_p
     assert r.docs_this_run == 5 and r.manifest["index"]["type"] == "ivfpq"
     assert r.manifest["index"]["ntotal"] == 1105
     check_oracle(out, [f"s{i}" for i in range(1105)])
+
+
+def test_an_old_generation_without_vectors_updates(tmp_path):
+    """A first corpus whose every row is blank (all quarantined, no vector) updates like any other."""
+    from pipeline.ingest.run import ingest
+
+    out = tmp_path / "out"
+    ingest(str(_write(tmp_path / "v1.parquet", [("a", " "), ("b", "  ")])), _cfg(out), progress=False)
+    v2 = [("a", "A sentence now."), ("b", "  "), ("c", "Another one.")]
+    r = ingest(str(_write(tmp_path / "v2.parquet", v2)), _cfg(out), progress=False)
+    g = r.manifest["generations"][-1]
+    assert (g["kept"], g["added"], g["changed"], g["removed"]) == (0, 1, 2, 0), g
+    check_oracle(out, ["a", "b", "c"])
