@@ -177,7 +177,9 @@ def update(
         delta_rows = np.flatnonzero(~kept)
         missing = _missing(old, keys) if cfg.output.keep_missing else np.zeros(0, np.int64)
         check_index_kind(index, corpus.n_rows + len(missing))
-        key = fingerprint({"corpus": corpus.fingerprint, "old": old.manifest["job"], "rows": delta_rows.tolist()})
+        delta_text = hashlib.blake2b(delta_rows.astype(np.int64).tobytes(), digest_size=16)
+        delta_text.update(hashes[delta_rows].tobytes())  # an in-place edit of a delta row is another delta
+        key = fingerprint({"corpus": corpus.fingerprint, "old": old.manifest["job"], "delta": delta_text.hexdigest()})
         if (staging / "key").exists() and (staging / "key").read_text(encoding="utf-8") != key:
             shutil.rmtree(staging)  # a killed update towards another corpus: its rows are not these
         staging.mkdir(parents=True, exist_ok=True)

@@ -327,3 +327,38 @@ def test_an_old_generation_without_vectors_updates(tmp_path):
     g = r.manifest["generations"][-1]
     assert (g["kept"], g["added"], g["changed"], g["removed"]) == (0, 1, 2, 0), g
     check_oracle(out, ["a", "b", "c"])
+
+
+def test_a_rerun_does_not_reuse_a_delta_whose_text_was_edited_in_place(versions, v1_out, tmp_path, monkeypatch):
+    """Killed after the delta was embedded, then one delta row edited in place (the file's size unchanged): the
+    rerun embeds the edited text, not the staged one."""
+    import pipeline.ingest.update as upd
+    from pipeline.ingest.run import ingest
+
+    out = tmp_path / "out"
+    shutil.copytree(v1_out, out)
+    rows = pq.read_table(versions[1][0]).to_pylist()
+    v2 = _write(tmp_path / "v2.parquet", [(r["id"], r["text"]) for r in rows])
+
+    def killed(*a, **k):
+        raise _Killed
+
+    monkeypatch.setattr(upd, "_write_generation", killed)
+    with pytest.raises(_Killed):
+        ingest(str(v2), _cfg(out), progress=False)
+    monkeypatch.undo()
+    at = next(n for n, r in enumerate(rows) if r["id"] == "s400")  # an added row: in the delta
+    size, text = v2.stat().st_size, rows[at]["text"]
+    for k in range(len(text) - 1):  # swap two letters until the file keeps its size
+        edited = text[:k] + text[k + 1] + text[k] + text[k + 2 :]
+        if edited == text:
+            continue
+        _write(v2, [(r["id"], edited if n == at else r["text"]) for n, r in enumerate(rows)])
+        if v2.stat().st_size == size:
+            break
+    else:
+        pytest.skip("no same-size edit found")
+    ingest(str(v2), _cfg(out), progress=False)
+    fresh_out = tmp_path / "fresh"
+    ingest(str(v2), _cfg(fresh_out, update=False), progress=False)
+    _same_as_fresh(out, fresh_out, [r["id"] for r in rows])
