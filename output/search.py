@@ -35,6 +35,8 @@ from output.ivf_index import tune
 
 logger = logging.getLogger(__name__)
 
+MAX_DOC_FETCH = 10_000  # search --by doc: rows asked of the index per query at most (4 * k when that is more)
+
 __all__ = ["Searcher", "Hit", "read_queries"]
 
 
@@ -168,18 +170,28 @@ class Searcher:
             scores, rows = self.index.search(vectors, k)
             return [self._hits(s, r) for s, r in zip(scores, rows)]
         out: list[list[Hit] | None] = [None] * len(vectors)
-        todo, fetch = np.arange(len(vectors)), min(self.index.ntotal, 4 * k)
+        # k documents are among any k * (most chunks of a document) rows; past MAX_DOC_FETCH (k > the documents,
+        # or a few documents with many near chunks) what was found is returned rather than the whole index
+        bound = min(self.index.ntotal, k * self._max_chunks(), max(MAX_DOC_FETCH, 4 * k))
+        todo, fetch = np.arange(len(vectors)), min(bound, 4 * k)
         while len(todo):
             scores, rows = self.index.search(vectors[todo], max(1, fetch))
             left = []
             for q, s, r in zip(todo.tolist(), scores, rows):
                 docs = _best_per_doc(self._hits(s, r), k)
-                if len(docs) >= k or fetch >= self.index.ntotal:
+                if len(docs) >= k or fetch >= bound:
                     out[q] = docs
                 else:
                     left.append(q)
-            todo, fetch = np.asarray(left, dtype=np.int64), min(self.index.ntotal, 4 * fetch)
+            todo, fetch = np.asarray(left, dtype=np.int64), min(bound, 4 * fetch)
         return [hs or [] for hs in out]
+
+    def _max_chunks(self) -> int:
+        """The most chunks any document has (1 when none is indexed)."""
+        if self._row_ids is None:
+            self._load_ids()
+        chunk = self._chunks.get("chunk")
+        return int(chunk.max()) + 1 if chunk is not None and len(chunk) else 1
 
     def search(self, texts: list[str], k: int = 10, by: str = "doc") -> list[list[Hit]]:
         """The ``k`` nearest corpus rows for each text, best first (documents or chunks: ``search_vectors``)."""

@@ -527,3 +527,49 @@ def test_an_append_that_fails_midway_is_redone_cleanly(tmp_path, monkeypatch):
     m = finalize(out, "flat", ledger=ledger)
     assert out.path("index.faiss").read_bytes() == want
     assert m["index"]["sha256"] == clean["index"]["sha256"] and m["counts"] == clean["counts"]
+
+
+class _RowsIndex:
+    """A stand-in FAISS index: every query's neighbours are rows 0, 1, 2, ... with falling scores; it records
+    how many rows each search asked for."""
+
+    def __init__(self, ntotal: int) -> None:
+        self.ntotal, self.asked = ntotal, []
+
+    def search(self, x, k):
+        self.asked.append(k)
+        rows = np.tile(np.arange(min(k, self.ntotal), dtype=np.int64), (len(x), 1))
+        return -rows.astype(np.float32), rows
+
+
+def _chunked_searcher(doc_of: np.ndarray):
+    import pyarrow as pa
+
+    from output.search import Searcher
+
+    s = Searcher.__new__(Searcher)
+    s.index, s.chunked = _RowsIndex(len(doc_of)), True
+    s._row_ids = np.arange(len(doc_of), dtype=np.int64)
+    s._ids = pa.array([f"d{d}" for d in doc_of.tolist()])
+    chunk = np.zeros(len(doc_of), np.int64)
+    for d in np.unique(doc_of):
+        at = np.flatnonzero(doc_of == d)
+        chunk[at] = np.arange(len(at))
+    zeros = np.zeros(len(doc_of), np.int64)
+    s._chunks = {"doc_row": doc_of, "chunk": chunk, "tok_start": zeros, "tok_end": zeros}
+    s._chunks |= {"char_start": zeros, "char_end": zeros}
+    return s
+
+
+def test_search_by_doc_never_asks_for_the_whole_index(monkeypatch):
+    """k more than the documents: the rows fetched stop at MAX_DOC_FETCH (not ntotal) and what was found is
+    returned; k documents are found within k * (most chunks per document) rows."""
+    import output.search as search
+
+    s = _chunked_searcher(np.arange(1000, dtype=np.int64) // 100)  # 10 documents of 100 chunks, one after another
+    hits = s.search_vectors(np.zeros((1, DIM), np.float32), k=3)
+    assert [h.id for h in hits[0]] == ["d0", "d1", "d2"] and max(s.index.asked) == 300
+    s = _chunked_searcher(np.arange(1000, dtype=np.int64) % 10)  # 10 documents of 100 chunks, interleaved
+    monkeypatch.setattr(search, "MAX_DOC_FETCH", 100)
+    hits = s.search_vectors(np.zeros((2, DIM), np.float32), k=20)
+    assert [len(h) for h in hits] == [10, 10] and max(s.index.asked) == 100
