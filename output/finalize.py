@@ -94,7 +94,7 @@ def finalize(
     try:
         ahead = _check_parts(out, ledger, job_id, n_batches)
         merged = _merge(out, ledger, plan, scan, job["corpus"]["id_type"])
-        _check_documents(scan)
+        _check_documents(out, ledger, scan)
         q_entry, reasons = _write_quarantine(out, merged.quarantine)
         t_index = time.perf_counter()
         index = write_index(out, ledger, index_type, n_batches, dim, merged.embedded)
@@ -213,10 +213,12 @@ def _merge(out: OutputDir, ledger: PartLedger, plan: Plan, scan: Scan, id_type: 
     return m
 
 
-def _check_documents(scan: Scan) -> None:
+def _check_documents(out: OutputDir, ledger: PartLedger, scan: Scan) -> None:
     """A chunked job's document oracle: every document has at least one row (its chunks, or the one row that
     quarantines it), and its rows are consecutive, so with the rows' own oracle (each exactly once in C + Q,
-    with its document's id) no document is lost and no chunk duplicated."""
+    with its document's id) no document is lost and no chunk duplicated. The parts' own columns must agree:
+    each row's ``doc_row`` is the scan's, and a document's ``chunk`` numbers rise with its rows, below its
+    row count."""
     if scan.doc_row is None:
         return
     per_doc = np.bincount(scan.doc_row, minlength=scan.n_docs) if len(scan.doc_row) else np.zeros(scan.n_docs)
@@ -226,6 +228,26 @@ def _check_documents(scan: Scan) -> None:
             f"the chunks do not cover every document exactly once: {len(lost)} documents without a chunk (rows "
             f"{lost[:5].tolist()}), {len(per_doc)} documents seen of {scan.n_docs}. Nothing final was written; "
             "this is a bug: please report it with the folder's .fbas/ contents"
+        )
+    cols = [
+        pq.read_table(out.vectors_part(b), columns=["row_id", "doc_row", "chunk"]) for b in range(len(ledger.facts))
+    ]
+    if not cols:
+        return
+    t = pa.concat_tables([c.replace_schema_metadata(None) for c in cols])
+    rows = t.column("row_id").to_numpy()
+    order = np.argsort(rows, kind="stable")
+    rows, doc, chunk = rows[order], t.column("doc_row").to_numpy()[order], t.column("chunk").to_numpy()[order]
+    bad = doc != scan.doc_row[rows]
+    bad |= (chunk < 0) | (chunk >= per_doc[np.clip(doc, 0, len(per_doc) - 1)])
+    same_doc = doc[1:] == doc[:-1]
+    bad[1:] |= same_doc & (chunk[1:] <= chunk[:-1])
+    if bad.any():
+        at = rows[np.flatnonzero(bad)[:5]].tolist()
+        raise OracleError(
+            f"{int(bad.sum())} rows of the parts name another document or chunk than the job's scan (rows {at}): "
+            "a part's doc_row/chunk columns disagree with its rows. Nothing final was written; this is a bug: "
+            "please report it with the folder's .fbas/ contents"
         )
 
 

@@ -227,3 +227,26 @@ def test_killed_chunked_job_resumes_to_the_same_rows(clean_run, corpus, tmp_path
     np.testing.assert_allclose(va, vb, atol=2e-6)
     m = json.loads((out / "manifest.json").read_text())
     assert m["job"] == clean_run.manifest["job"] and m["counts"]["chunks"] == clean_run.manifest["counts"]["chunks"]
+
+
+@pytest.mark.parametrize("column", ["doc_row", "chunk"])
+def test_finalize_refuses_a_part_whose_chunk_columns_disagree_with_the_scan(clean_run, tmp_path, column):
+    """Finalize checks the parts' own doc_row and chunk columns, not only the scan's: a part naming another
+    document (or chunk) for a row is an oracle failure."""
+    import shutil
+
+    from core.layout import OutputDir
+    from output.check import OracleError
+    from output.finalize import finalize
+
+    out = tmp_path / "out"
+    shutil.copytree(clean_run.out, out)
+    (out / "manifest.json").unlink()
+    part = sorted((out / "vectors").glob("*.parquet"))[0]
+    t = pq.read_table(part)
+    col = t.column(column).to_numpy().copy()
+    col[0] += 1  # the first row of the part names the next document (or chunk)
+    i = t.schema.get_field_index(column)
+    pq.write_table(t.set_column(i, t.schema.field(i), pa.array(col, t.schema.field(i).type)), part)
+    with pytest.raises(OracleError, match="doc_row/chunk"):
+        finalize(OutputDir(out), clean_run.manifest["index"]["type"])
