@@ -5,7 +5,8 @@
 Each row is known by its id's key and a hash of its text as embedded (title included): ``OUT/.fbas/content.npz``
 holds both for the generation in OUT. An update compares the corpus with it:
 
-    kept      the id is there with the same text hash and a vector: the vector is copied, not embedded
+    kept      the id is there with the same text hash and a vector (and, chunked, no quarantined chunk): the
+              vector is copied, not embedded
     added     a new id: embedded
     changed   the same id with another text, or one that was quarantined before: embedded again
     removed   an id of the old generation that the corpus lacks (``--keep-missing`` keeps its vector, after
@@ -119,6 +120,7 @@ class _Old:
     hashes: np.ndarray  # uint64 [D]: their text hashes (0 where unknown)
     doc_rows: np.ndarray  # int64 [D]: their document rows in it
     all_keys: np.ndarray  # uint64: id keys of all its documents, quarantined ones included
+    q_keys: np.ndarray  # uint64: id keys of its documents with a quarantined row (chunk)
     table: pa.Table  # _KEPT (+ CHUNK_FIELDS) of its rows, by key then chunk
     generations: list[dict]
     chunk: str | None  # its chunking (the manifest's ``settings.chunk``)
@@ -173,6 +175,7 @@ def update(
         kept = has & (hashes != 0)
         if len(old.keys):  # an old generation without a vector (all its rows blank) keeps nothing
             kept &= old.hashes[pos] == hashes
+        kept &= ~np.isin(keys, old.q_keys)  # a document with a quarantined chunk is done again, all its chunks
         known = has | np.isin(keys, old.all_keys)  # quarantined rows of the old generation are known too
         delta_rows = np.flatnonzero(~kept)
         missing = _missing(old, keys) if cfg.output.keep_missing else np.zeros(0, np.int64)
@@ -327,10 +330,22 @@ def _read_old(prev: Path) -> _Old:
             "this once",
             prev,
         )
+    qf = prev / QUARANTINE_FILE
+    q_keys = id_hashes(pq.read_table(qf, columns=["id"]).column("id")) if qf.exists() else np.zeros(0, np.uint64)
     gens_path = prev / STATE / GENERATIONS_FILE
     gens = json.loads(gens_path.read_text(encoding="utf-8")) if gens_path.exists() else []
     return _Old(
-        manifest, keys, first.astype(np.int64), count.astype(np.int64), hashes, doc_rows, all_keys, table, gens, chunk
+        manifest,
+        keys,
+        first.astype(np.int64),
+        count.astype(np.int64),
+        hashes,
+        doc_rows,
+        all_keys,
+        np.unique(q_keys),
+        table,
+        gens,
+        chunk,
     )
 
 

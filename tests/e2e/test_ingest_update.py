@@ -362,3 +362,33 @@ def test_a_rerun_does_not_reuse_a_delta_whose_text_was_edited_in_place(versions,
     fresh_out = tmp_path / "fresh"
     ingest(str(v2), _cfg(fresh_out, update=False), progress=False)
     _same_as_fresh(out, fresh_out, [r["id"] for r in rows])
+
+
+def test_a_kept_document_with_a_quarantined_chunk_is_chunked_again(versions, tmp_path):
+    """A document whose chunk was quarantined (its other chunks have vectors) is not kept with a chunk missing:
+    it is embedded again, and the folder equals a fresh chunked ingest."""
+    from pipeline.ingest.run import ingest
+
+    def cfg(out: Path, update: bool) -> FbasConfig:
+        c = _cfg(out, update=update)
+        c.corpus.chunk = "tokens:8:2"
+        return c
+
+    fresh_out, out = tmp_path / "fresh", tmp_path / "out"
+    ingest(str(versions[0][0]), cfg(fresh_out, False), progress=False)
+    ingest(str(versions[0][0]), cfg(out, True), progress=False)
+    # the old generation as a worker's failure would leave it: one chunk of a long document quarantined
+    part = next(p for p in sorted((out / "vectors").glob("*.parquet")) if pq.read_table(p).num_rows)
+    t = pq.read_table(part)
+    at = next(i for i, c in enumerate(t.column("chunk").to_pylist()) if c == 1)
+    victim = t.slice(at, 1).to_pylist()[0]
+    pq.write_table(pa.concat_tables([t.slice(0, at), t.slice(at + 1)]), part)
+    q = pa.table({"row_id": [victim["row_id"]], "id": [victim["id"]], "reason": ["inference failed"]})
+    pq.write_table(q, out / "quarantine.parquet")
+    r = ingest(str(versions[0][0]), cfg(out, True), progress=False)
+    g = r.manifest["generations"][-1]
+    assert (g["kept"], g["changed"]) == (399, 1), g
+    a, b = _chunk_table(out), _chunk_table(fresh_out)
+    for col in ("row_id", "id", "doc_row", "chunk", "tok_start", "tok_end", "n_tokens"):
+        assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+    assert r.manifest["counts"]["chunks"] == json.loads((fresh_out / "manifest.json").read_text())["counts"]["chunks"]
