@@ -169,3 +169,16 @@ def test_chunked_windows_number_chunks_in_corpus_order(minilm_tokenizer, tmp_pat
     assert len(q) == 1 and a.doc_row[q[0]] == 5 and a.n_tokens[q[0]] == 0
     first_chunk = ta[int(np.flatnonzero(a.doc_row == 0)[0])]
     assert first_chunk.startswith(docs[0][0] + " "), "each chunk is embedded after its title"
+
+
+def test_sentence_mode_does_not_cut_inside_numbers_urls_or_abbreviations(minilm_tokenizer):
+    """A sentence ends at a mark followed by whitespace (or a CJK mark): "0.42" and "example.com" stay whole."""
+    from core.chunking import _sentence_starts, _word_starts
+
+    text = "The score rose to 0.42 on example.com today. Next sentence here! 第一句。第二句"
+    enc = minilm_tokenizer.pieces([text])[0]
+    starts = _sentence_starts(text, enc.offsets, _word_starts(enc.word_ids, len(enc.offsets)))
+    begun = [text[enc.offsets[j][0] : enc.offsets[j][1]] for j in starts.tolist()]
+    assert begun == ["Next", "第", "第"], "after '. ', '! ' and '。' only, not inside 0.42 or example.com"
+    sp = Chunker(minilm_tokenizer, ChunkSpec.parse("sentences:12")).split([text])
+    assert all(text[b - 1] != "." or text[b : b + 1] in ("", " ") for b in sp.char_end.tolist())
