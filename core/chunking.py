@@ -15,7 +15,8 @@ Rules (pure functions of the text, the title and the spec, so every run cuts the
   longer than the window); the next chunk starts at the first word start at or after ``end - OVERLAP``.
 * ``sentences:N[:OVERLAP]``: the same windows, cut at the last sentence start within the window when there is
   one (after ``. ! ?`` or ``…`` followed by whitespace, after ``。！？；``, or a line break), else at a word
-  start as above; the overlap starts at a sentence start when one falls within it.
+  start as above; the overlap starts at a sentence start when one falls within it (before the cut), else at
+  the first word start at or after ``end - OVERLAP``.
 * ``auto``: ``AUTO``, the setting that scored best on BEIR SciFact (``BENCHMARKS.md``).
 
 Consecutive chunks cover every piece (overlapping by at most OVERLAP pieces), so no token of a text is left out.
@@ -204,16 +205,16 @@ def _first_in(starts: np.ndarray | None, lo: int, hi: int) -> int | None:
 def _cuts(n: int, window: int, overlap: int, words: np.ndarray, sentences: np.ndarray | None) -> list[tuple[int, int]]:
     """``[(start, end)]`` piece spans covering ``0..n``: each at most ``window`` long, consecutive ones overlapping
     by at most ``overlap``; every start > the previous one."""
-    cuts, s = [], 0
+    cuts, s, e = [], 0, 0
     while True:
         if s + window >= n:
             cuts.append((s, n))
             return cuts
-        limit = s + window
-        e = _last_in(sentences, s, limit) or _last_in(words, s, limit) or limit
+        limit, after = s + window, max(s, e)  # a cut past the previous one (an overlap must not cut there again)
+        e = _last_in(sentences, after, limit) or _last_in(words, after, limit) or limit
         cuts.append((s, e))
         nxt = e
-        if overlap:
+        if overlap:  # the next chunk starts at a sentence start inside the overlap, else at a word start
             lo = max(s + 1, e - overlap)
-            nxt = _first_in(sentences, lo, e) or _first_in(words, lo, e) or e
+            nxt = _first_in(sentences, lo, e - 1) or _first_in(words, lo, e) or e
         s = nxt

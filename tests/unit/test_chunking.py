@@ -182,3 +182,13 @@ def test_sentence_mode_does_not_cut_inside_numbers_urls_or_abbreviations(minilm_
     assert begun == ["Next", "第", "第"], "after '. ', '! ' and '。' only, not inside 0.42 or example.com"
     sp = Chunker(minilm_tokenizer, ChunkSpec.parse("sentences:12")).split([text])
     assert all(text[b - 1] != "." or text[b : b + 1] in ("", " ") for b in sp.char_end.tolist())
+
+
+def test_sentence_mode_chunks_overlap(minilm_tokenizer):
+    """With OVERLAP > 0 consecutive chunks share pieces: a chunk cut at a sentence end does not make the next
+    one start right there."""
+    texts = [t for _, t in _english(40)]
+    sp = Chunker(minilm_tokenizer, ChunkSpec.parse("sentences:96:24")).split(texts)
+    same = sp.doc[1:] == sp.doc[:-1]
+    shared = (sp.tok_end[:-1] - sp.tok_start[1:])[same]
+    assert len(shared) and (shared > 0).all() and (shared <= 24).all()
