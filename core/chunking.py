@@ -11,8 +11,9 @@ so ``text[char_start:char_end]`` is what is embedded (after ``title + " "`` when
 Rules (pure functions of the text, the title and the spec, so every run cuts the same chunks):
 
 * ``tokens:N[:OVERLAP]``: at most N pieces a chunk (``N <= max_seq_len - 2``, less the title's pieces when
-  there is a title), cut at the last word start within the window (never inside a word, unless one word is
-  longer than the window); the next chunk starts at the first word start at or after ``end - OVERLAP``.
+  there is a title; a title that would leave less than N/2 is cut to its first words that leave N/2), cut at
+  the last word start within the window (never inside a word, unless one word is longer than the window);
+  the next chunk starts at the first word start at or after ``end - OVERLAP``.
 * ``sentences:N[:OVERLAP]``: the same windows, cut at the last sentence start within the window when there is
   one (after ``. ! ?`` or ``…`` followed by whitespace, after ``。！？；``, or a line break), else at a word
   start as above; the overlap starts at a sentence start when one falls within it (before the cut), else at
@@ -105,7 +106,9 @@ class Spans:
     tok_end: np.ndarray  # int32: one past the last
     char_start: np.ndarray  # int64: first character (Python str index into the original text)
     char_end: np.ndarray  # int64: one past the last
-    title_tokens: np.ndarray  # int32 [len(texts)]: word pieces of each text's title (0 without one)
+    title_tokens: np.ndarray  # int32 [len(texts)]: word pieces of each text's title as embedded (0 without one)
+    title_chars: np.ndarray  # int64 [len(texts)]: characters of the title embedded (-1: all; a title of more
+    # than max_seq_len - 2 - N/2 pieces is cut at a word start so that chunks keep at least half the window)
 
 
 class Chunker:
@@ -125,6 +128,13 @@ class Chunker:
             if have:
                 _, full = self.tokenizer.lengths([titles[i] for i in have])
                 title_tokens[have] = full - 2
+        title_chars = np.full(len(texts), -1, dtype=np.int64)
+        most = self.max_seq_len - 2 - max(1, self.size // 2)  # a title leaves at least half the window to the text
+        long = np.flatnonzero(title_tokens > most).tolist()
+        if long and titles is not None:  # cut at the last word start that fits (retokenizes to the same pieces)
+            for i, enc in zip(long, self.tokenizer.pieces([titles[i] for i in long])):
+                cut = _last_in(_word_starts(enc.word_ids, len(enc.offsets)), 0, most) or 0
+                title_tokens[i], title_chars[i] = cut, enc.offsets[cut - 1][1] if cut else 0
         cols: list[list[int]] = [[], [], [], [], [], []]
         for d, (text, enc) in enumerate(zip(texts, encs)):
             offsets = enc.offsets
@@ -151,6 +161,7 @@ class Chunker:
             np.asarray(cols[4], i64),
             np.asarray(cols[5], i64),
             title_tokens,
+            title_chars,
         )
 
 

@@ -356,6 +356,8 @@ def _chunk_rows(rb: RowBatch, chunker, w: Window) -> None:
     cols.char_start[pos], cols.char_end[pos] = sp.char_start, sp.char_end
     title_tok = np.zeros(n, dtype=np.int64)
     title_tok[good_idx] = sp.title_tokens
+    title_chars = np.full(n, -1, dtype=np.int64)
+    title_chars[good_idx] = sp.title_chars
     want = 2 + title_tok[doc_of_unit[pos]] + (sp.tok_end - sp.tok_start)  # tokens with the title, [CLS], [SEP]
     n_tokens = np.zeros(n_units, dtype=np.int32)
     n_tokens[pos] = np.minimum(want, chunker.max_seq_len)
@@ -363,6 +365,8 @@ def _chunk_rows(rb: RowBatch, chunker, w: Window) -> None:
     texts: list[str | None] = [None] * n_units
     for p, d, a, b in zip(pos.tolist(), doc_of_unit[pos].tolist(), sp.char_start.tolist(), sp.char_end.tolist()):
         t, ti = rb.texts[d], titles[d] if titles is not None else None
+        if ti is not None and title_chars[d] >= 0:  # a title too long for the window: its first words
+            ti = ti[: title_chars[d]]
         texts[p] = f"{ti} {t[a:b]}" if ti and ti.strip() else t[a:b]
     for i, reason in sorted(bad):
         w.q_rows.append(base + int(first[i]))

@@ -192,3 +192,21 @@ def test_sentence_mode_chunks_overlap(minilm_tokenizer):
     same = sp.doc[1:] == sp.doc[:-1]
     shared = (sp.tok_end[:-1] - sp.tok_start[1:])[same]
     assert len(shared) and (shared > 0).all() and (shared <= 24).all()
+
+
+def test_a_title_too_long_for_the_window_is_cut_to_leave_half_of_it(minilm_tokenizer):
+    """A title of more pieces than the model takes does not shrink the window to one piece: it is cut at a word
+    start so that chunks keep at least half the window, and title + chunk still fit the model."""
+    title, text = _english(1)[0]
+    long_title = " ".join([title] * 30)  # far past 254 pieces
+    chunker = Chunker(minilm_tokenizer, ChunkSpec.parse("tokens"))  # window 254
+    sp = chunker.split([text], [long_title])
+    c, kept = int(sp.title_chars[0]), int(sp.title_tokens[0])
+    assert 0 < kept <= 254 - 127 and len(minilm_tokenizer.pieces([long_title[:c]])[0].ids) == kept
+    sizes = sp.tok_end - sp.tok_start
+    assert (sizes[:-1] >= 127).all() and sizes.max() <= 254 - kept
+    for a, b in zip(sp.char_start, sp.char_end):
+        _, full = minilm_tokenizer.lengths([f"{long_title[:c]} {text[a:b]}"])
+        assert full[0] <= 256
+    short = chunker.split([text], [title])
+    assert short.title_chars[0] == -1, "a title that fits is kept whole"
