@@ -74,7 +74,7 @@ class BatchMessage:
     ids: list
     texts: list[str]
     repaired: np.ndarray  # bool [n]
-    chunks: ChunkCols | None = None  # version 2: a chunked job's per-row columns
+    chunks: ChunkCols | None = None  # version 3 (CHUNKED_VERSION): a chunked job's per-row columns
 
     @classmethod
     def parse(cls, msg: dict) -> BatchMessage:

@@ -48,3 +48,40 @@ def test_rows_without_tokens_and_rejected_rows_are_quarantined_and_the_rest_line
     assert np.array_equal(out.vectors, want), "each kept row has its own vector"
     assert out.n_tokens.tolist() == enc.lengths.tolist()
     assert all(2 not in c.tolist() for c in engine.calls), "no [CLS] [SEP]-only document was sent"
+
+
+def _message(v: int, **extra) -> dict:
+    return {
+        "v": v,
+        "job": "j",
+        "batch": 4,
+        "out": "/out",
+        "model": "m",
+        "id_type": "string",
+        "dim": 8,
+        "row_ids": [10, 11],
+        "ids": ["a", "a"],
+        "texts": ["first chunk", "second chunk"],
+        "repaired": [1],
+        **extra,
+    }
+
+
+def test_a_chunked_message_parses_with_its_chunk_columns():
+    """A version 3 message (CHUNKED_VERSION) carries each row's doc_row, chunk and spans; a length mismatch is
+    refused, and a plain message has none."""
+    import pytest
+
+    from core.errors import InputError
+    from core.formats import CHUNK_FIELDS
+    from workers.signing import CHUNKED_VERSION, MESSAGE_VERSION
+
+    assert CHUNKED_VERSION == 3
+    cols = {"doc_row": [5, 5], "chunk": [0, 1], "tok_start": [0, 3], "tok_end": [4, 6]}
+    cols |= {"char_start": [0, 9], "char_end": [12, 20]}
+    m = BatchMessage.parse(_message(CHUNKED_VERSION, chunks=cols))
+    assert m.chunks is not None and {f: getattr(m.chunks, f).tolist() for f in CHUNK_FIELDS} == cols
+    assert m.repaired.tolist() == [False, True] and m.row_ids.tolist() == [10, 11]
+    assert BatchMessage.parse(_message(MESSAGE_VERSION)).chunks is None
+    with pytest.raises(InputError, match="chunk columns"):
+        BatchMessage.parse(_message(CHUNKED_VERSION, chunks={**cols, "chunk": [0]}))
