@@ -285,6 +285,11 @@ class FbasConfig:
                 f"({q.task_time_limit}s), or tasks are delivered twice while they run: increase "
                 "--visibility-timeout or decrease --task-time-limit"
             )
+        if self.output.keep_missing and not self.output.update:
+            raise ConfigError(
+                "--keep-missing keeps the vectors of ids an --update's corpus lost; without --update every row comes "
+                "from the corpus: add --update, or drop --keep-missing"
+            )
         return self
 
 

@@ -40,6 +40,12 @@ def test_cross_field_validation_says_the_fix():
     cfg = FbasConfig(engine=EngineSpec(precision="fp16"))
     with pytest.raises(ConfigError, match="--target gpu"):
         cfg.validate()
+    cfg = FbasConfig()
+    cfg.output.keep_missing = True
+    with pytest.raises(ConfigError, match="add --update, or drop --keep-missing"):
+        cfg.validate()
+    cfg.output.update = True
+    cfg.validate()
 
 
 def test_env_names_and_reader():
