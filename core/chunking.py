@@ -7,6 +7,9 @@
 A text's word pieces (no [CLS]/[SEP]) are numbered 0..n-1; a chunk is the pieces ``[tok_start, tok_end)`` and
 the characters ``[char_start, char_end)`` of the original text that hold them (from the tokenizer's offsets),
 so ``text[char_start:char_end]`` is what is embedded (after ``title + " "`` when a title column is used).
+One exception: a word of more pieces than the window is cut between its pieces, and a span that starts or
+ends inside it holds the characters of those pieces, which tokenize again to other pieces ("##believ" alone
+is "bel ##iev"): what is embedded is then that substring, close to but not exactly the pieces counted.
 
 Rules (pure functions of the text, the title and the spec, so every run cuts the same chunks):
 

@@ -210,3 +210,18 @@ def test_a_title_too_long_for_the_window_is_cut_to_leave_half_of_it(minilm_token
         assert full[0] <= 256
     short = chunker.split([text], [title])
     assert short.title_chars[0] == -1, "a title that fits is kept whole"
+
+
+def test_a_word_longer_than_the_window_is_cut_at_its_pieces(minilm_tokenizer):
+    """A word of more pieces than the window is cut between pieces (the documented exception): every piece is in
+    a chunk, and each span is the characters of its pieces, which may tokenize again differently."""
+    text = "It was supercalifragilisticexpialidocious indeed."
+    enc = minilm_tokenizer.pieces([text])[0]
+    sp = Chunker(minilm_tokenizer, ChunkSpec.parse("tokens:4")).split([text])
+    cuts = [(int(a), int(b)) for a, b in zip(sp.tok_start, sp.tok_end)]
+    assert cuts[0][0] == 0 and cuts[-1][1] == len(enc.ids)
+    assert all(b == c for (_, b), (c, _) in zip(cuts, cuts[1:]))
+    for (a, b), cs, ce in zip(cuts, sp.char_start.tolist(), sp.char_end.tolist()):
+        assert (cs, ce) == (enc.offsets[a][0], enc.offsets[b - 1][1])
+    inside = [text[a:b] for a, b in zip(sp.char_start.tolist(), sp.char_end.tolist())]
+    assert any(minilm_tokenizer.pieces([t])[0].ids != enc.ids[s:e] for t, (s, e) in zip(inside, cuts))
