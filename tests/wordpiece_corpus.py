@@ -81,7 +81,8 @@ def _english(data: Path) -> list[str]:
     return texts
 
 
-def _chinese(data: Path) -> list[str]:
+def chinese_sentences(data: Path) -> list[str]:
+    """Every Chinese STS-B sentence in ``data`` (both copies), in file order, repeats kept."""
     texts: list[str] = []
     for split in ("test", "dev"):
         for a, b, _ in read_stsb_multi(data / "stsb_multi_mt" / f"stsb-zh-{split}.csv"):
@@ -98,7 +99,7 @@ def _distinct(texts: list[str]) -> list[str]:
 
 def real_sentences(data: Path) -> tuple[list[str], list[str]]:
     """(English, Chinese) distinct real sentences, in file order."""
-    return _distinct(_english(data)), _distinct(_chinese(data))
+    return _distinct(_english(data)), _distinct(chinese_sentences(data))
 
 
 def _derived(en: list[str], zh: list[str]) -> Iterator[str]:

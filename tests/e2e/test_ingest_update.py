@@ -34,6 +34,12 @@ def _write(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
+def _chunked_cfg(out: Path, update: bool) -> FbasConfig:
+    c = _cfg(out, update=update)
+    c.corpus.chunk = "tokens:8:2"
+    return c
+
+
 @pytest.fixture(scope="module")
 def versions(stsb_en_test, tmp_path_factory) -> list[tuple[Path, list[str]]]:
     """Three versions of a corpus of STS-B sentences: v1; v2 = v1 less 10 ids, 10 texts changed, 60 ids added (one
@@ -184,15 +190,10 @@ def test_a_chunked_corpus_updates_by_document(versions, v1_out, tmp_path):
     from core.errors import ConfigError
     from pipeline.ingest.run import ingest
 
-    def cfg(out: Path, update: bool) -> FbasConfig:
-        c = _cfg(out, update=update)
-        c.corpus.chunk = "tokens:8:2"
-        return c
-
     fresh_out, out = tmp_path / "fresh", tmp_path / "out"
-    ingest(str(versions[1][0]), cfg(fresh_out, False), progress=False)
-    ingest(str(versions[0][0]), cfg(out, True), progress=False)
-    r = ingest(str(versions[1][0]), cfg(out, True), progress=False)
+    ingest(str(versions[1][0]), _chunked_cfg(fresh_out, False), progress=False)
+    ingest(str(versions[0][0]), _chunked_cfg(out, True), progress=False)
+    r = ingest(str(versions[1][0]), _chunked_cfg(out, True), progress=False)
     g = r.manifest["generations"][-1]
     assert (g["kept"], g["added"], g["changed"], g["removed"]) == (380, 60, 10, 10)
     a, b = _chunk_table(out), _chunk_table(fresh_out)
@@ -206,7 +207,7 @@ def test_a_chunked_corpus_updates_by_document(versions, v1_out, tmp_path):
     m, m0 = r.manifest["counts"], json.loads((fresh_out / "manifest.json").read_text())["counts"]
     assert (m["documents"], m["chunks"], m["embedded"]) == (m0["documents"], m0["chunks"], m0["embedded"])
     with pytest.raises(ConfigError, match=r"--chunk \(none\)"):
-        ingest(str(versions[1][0]), cfg(v1_out, True), progress=False)
+        ingest(str(versions[1][0]), _chunked_cfg(v1_out, True), progress=False)
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:
@@ -370,14 +371,9 @@ def test_a_kept_document_with_a_quarantined_chunk_is_chunked_again(versions, tmp
     it is embedded again, and the folder equals a fresh chunked ingest."""
     from pipeline.ingest.run import ingest
 
-    def cfg(out: Path, update: bool) -> FbasConfig:
-        c = _cfg(out, update=update)
-        c.corpus.chunk = "tokens:8:2"
-        return c
-
     fresh_out, out = tmp_path / "fresh", tmp_path / "out"
-    ingest(str(versions[0][0]), cfg(fresh_out, False), progress=False)
-    ingest(str(versions[0][0]), cfg(out, True), progress=False)
+    ingest(str(versions[0][0]), _chunked_cfg(fresh_out, False), progress=False)
+    ingest(str(versions[0][0]), _chunked_cfg(out, True), progress=False)
     # the old generation as a worker's failure would leave it: one chunk of a long document quarantined
     part = next(p for p in sorted((out / "vectors").glob("*.parquet")) if pq.read_table(p).num_rows)
     t = pq.read_table(part)
@@ -386,7 +382,7 @@ def test_a_kept_document_with_a_quarantined_chunk_is_chunked_again(versions, tmp
     pq.write_table(pa.concat_tables([t.slice(0, at), t.slice(at + 1)]), part)
     q = pa.table({"row_id": [victim["row_id"]], "id": [victim["id"]], "reason": ["inference failed"]})
     pq.write_table(q, out / "quarantine.parquet")
-    r = ingest(str(versions[0][0]), cfg(out, True), progress=False)
+    r = ingest(str(versions[0][0]), _chunked_cfg(out, True), progress=False)
     g = r.manifest["generations"][-1]
     assert (g["kept"], g["changed"]) == (399, 1), g
     a, b = _chunk_table(out), _chunk_table(fresh_out)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from core.tokenize import Tokenizer, build_tokenizer_json, tokenizer_json_for
+from tests.wordpiece_corpus import chinese_sentences
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -15,19 +16,6 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 def _slow(vocab: str, lowercase: bool = True):
     transformers = pytest.importorskip("transformers", reason="transformers (test extra) is the tokenizer oracle")
     return transformers.BertTokenizer(vocab, do_lower_case=lowercase, tokenize_chinese_chars=True)
-
-
-def _zh_sentences(shared_data: Path) -> list[str]:
-    from tests.conftest import read_cnsd, read_stsb_multi
-
-    texts: list[str] = []
-    for split in ("test", "dev"):
-        for a, b, _ in read_stsb_multi(shared_data / "stsb_multi_mt" / f"stsb-zh-{split}.csv"):
-            texts += [a, b]
-    for name in ("STS-B.test.data", "STS-B.valid.data"):
-        for a, b, _ in read_cnsd(shared_data / "stsb_zh_cnsd" / name):
-            texts += [a, b]
-    return texts
 
 
 @pytest.mark.parametrize("source", ["tokenizer.json", "vocab.txt"])
@@ -39,7 +27,7 @@ def test_chinese_matches_google_bert(default_checkpoint, shared_data, source):
         tok_json = build_tokenizer_json(spec.vocab_file, lowercase=True, strip_accents=None)
     ours = Tokenizer(tok_json, max_seq_len=10_000)
     slow = _slow(spec.vocab_file)
-    texts = _zh_sentences(shared_data)
+    texts = chinese_sentences(shared_data)
     assert len(texts) > 10_000
     enc = ours.encode(texts)
     ids = np.split(enc.token_ids, np.cumsum(enc.lengths)[:-1])
