@@ -28,16 +28,15 @@ def peak_mb() -> float:
 
 
 def write_corpus(rows: int, path: Path) -> None:
-    import csv
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tests.conftest import read_stsb_multi
+
     sentences: dict[str, None] = {}
     for p in sorted((DATA / "stsb_multi_mt").glob("stsb-en-*.csv")):
-        with open(p, encoding="utf-8", newline="") as f:
-            for row in csv.reader(f):
-                sentences.update(dict.fromkeys(row[:2]))
+        for a, b, _ in read_stsb_multi(p):
+            sentences.update(dict.fromkeys((a, b)))
     texts = [s for s in sentences if s.strip()]
     schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
     with pq.ParquetWriter(path, schema) as w:
