@@ -56,13 +56,23 @@ from services.worker import default_concurrency
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+# MiniLM's config with these fields changed: a model whose engine costs little next to the pipeline around it, so
+# that a CPU host measures what the pipeline costs per document (bench_scale.py --shape tiny)
+SHAPES = {"tiny": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 256}}
+
+
 def random_model(tokenizer_dir: Path, dest: Path, shape: str) -> Path:
-    """A Hugging Face BERT folder with random weights: MiniLM's shape (its config.json) or BERT-base's."""
+    """A Hugging Face BERT folder with random weights: MiniLM's shape (its config.json), BERT-base's, or MiniLM's
+    with a ``SHAPES`` entry's changes."""
     import torch
     from bench_gpu import random_bert
 
     if not dest.exists():
         config = tokenizer_dir / "config.json" if shape == "minilm" else None
+        if shape in SHAPES:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            config = dest.parent / f"config-{shape}.json"
+            config.write_text(json.dumps({**json.loads((tokenizer_dir / "config.json").read_text()), **SHAPES[shape]}))
         with torch.device("cpu"):
             random_bert(30522, seed=3, config=config).save_pretrained(dest, safe_serialization=True)
         for f in TOKENIZER_FILES:
@@ -72,9 +82,18 @@ def random_model(tokenizer_dir: Path, dest: Path, shape: str) -> Path:
 
 
 @contextmanager
-def running_service(built: Path, state: Path, args: argparse.Namespace, max_len: int, instances: int, concurrency: int):
+def running_service(
+    built: Path,
+    state: Path,
+    args: argparse.Namespace,
+    max_len: int,
+    instances: int,
+    concurrency: int,
+    settings: dict[str, str] | None = None,
+):
     """redis-server + tritonserver (model loaded, ``instances`` instances) + a Celery worker, up until the
-    block ends; yields the cluster (``broker_url`` to pass to ``ingest --broker``, ``engine_stats()``)."""
+    block ends; yields the cluster (``broker_url`` to pass to ``ingest --broker``, ``engine_stats()``).
+    ``settings``: config fields by name (``output_dtype``: ``fp16``), applied last."""
     from core.config import FbasConfig, apply_env
     from core.envs import read_env
     from services.local import LocalCluster
@@ -83,6 +102,8 @@ def running_service(built: Path, state: Path, args: argparse.Namespace, max_len:
     cfg.engine.target, cfg.engine.precision, cfg.engine.max_seq_len = args.target, args.precision, max_len
     cfg.serve.instance_count, cfg.serve.max_docs_per_request = instances, args.batch_rows
     cfg.queue.concurrency = concurrency
+    if settings:
+        cfg = apply_env(cfg, settings)
     cluster = LocalCluster(built, state, cfg, out_roots=[state.parent])  # the runs' outputs sit beside it
     try:
         cluster.start()
@@ -163,6 +184,31 @@ def long_corpus(data: Path, tokenizer_dir: Path, n_docs: int, path: Path) -> int
     return len(docs)
 
 
+def bench_env() -> dict[str, str]:
+    """The environment the benchmarks' child processes run with: this checkout first on the path, no hub."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+def result_header(gpu: bool) -> dict:
+    """What every result file starts with: date, host, cores, the command and, on a GPU, the card."""
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "command": " ".join(sys.argv),
+    }
+    if gpu:
+        import torch
+
+        res["gpu"] = torch.cuda.get_device_name()
+    return res
+
+
 def _checkout_env(env: dict, root: Path) -> dict:
     """``env`` with ``root`` (a checkout whose producer runs) first on PYTHONPATH."""
     return {**env, "PYTHONPATH": os.pathsep.join([str(root), env["PYTHONPATH"]])}
@@ -171,6 +217,15 @@ def _checkout_env(env: dict, root: Path) -> dict:
 def _key(mode: str, modes: list[str], name: str) -> str:
     """A result's name: ``name``, prefixed with ``lengths=MODE`` when several modes run."""
     return name if len(modes) == 1 else f"lengths={mode} {name}"
+
+
+def _variants(spec: str) -> list[tuple[str, dict[str, str]]]:
+    """``--service-variants`` as (name, config fields); ``[("", {})]`` when none are given."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, _, fields = item.partition("=")
+        out.append((f"variant={name}", dict(f.split(":", 1) for f in filter(None, fields.split("+")))))
+    return out or [("", {})]
 
 
 def _summary(runs: list[dict], n: int, engine_s: float) -> dict:
@@ -219,6 +274,12 @@ def main() -> int:
         default=None,
         help="comma list of worker processes for the running service, one service per value (default: --concurrency)",
     )
+    ap.add_argument(
+        "--service-variants",
+        default="",
+        help="comma list of NAME=FIELD:VALUE[+FIELD:VALUE], e.g. fp16=output_dtype:fp16,shm=shared_memory:true: "
+        "one running service per variant, its config fields set so (default: one service, as configured)",
+    )
     ap.add_argument("--local-runs", type=int, default=None, help="local-mode runs per case (default: --runs)")
     ap.add_argument(
         "--cold-run",
@@ -260,23 +321,8 @@ def main() -> int:
     device = "cuda:0" if args.target == "gpu" else None
     args.precision = args.precision or ("fp16" if device else "fp32")
     args.concurrency = args.concurrency or default_concurrency(gpu=device is not None)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    res: dict = {
-        "date": time.strftime("%Y-%m-%d"),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "command": " ".join(sys.argv),
-        "cases": {},
-    }
-    if device:
-        import torch
-
-        res["gpu"] = torch.cuda.get_device_name()
+    env = bench_env()
+    res: dict = {**result_header(gpu=device is not None), "cases": {}}
     print(json.dumps(res), flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="fbas-bench-gpu-ingest-"))
     cold_done = False
@@ -376,8 +422,14 @@ def main() -> int:
                         r["summary"][_key(m, modes, f"instances={ic}")] = _summary(runs, n, eng)
                 if base:
                     r["summary"][f"baseline instances={ic}"] = _summary(base, n, eng)
-                for conc in (args.service_concurrency or str(args.concurrency)).split(",") if args.service else ():
+                variants = _variants(args.service_variants)
+                for conc, (vname, settings) in (
+                    [(c, v) for c in (args.service_concurrency or str(args.concurrency)).split(",") for v in variants]
+                    if args.service
+                    else []
+                ):
                     name = f"service instances={ic}" + (f" concurrency={conc}" if args.service_concurrency else "")
+                    name += f" {vname}" if vname else ""
                     svc = {m: r["fbas"].setdefault(_key(m, modes, name), []) for m in modes}
                     roots = dict(x.split("=", 1) for x in args.service_roots.split(",")) if args.service_roots else {}
                     if args.fbas_root:  # the baseline checkout's producer, against the same running service
@@ -385,7 +437,7 @@ def main() -> int:
                     for label in roots:
                         svc[label] = r["fbas"].setdefault(f"{label} {name}", [])
                     with running_service(
-                        built, work / f"svc-{case}-{ic}-{conc}", args, max_len, int(ic), int(conc)
+                        built, work / f"svc-{case}-{ic}-{conc}{vname}", args, max_len, int(ic), int(conc), settings
                     ) as svc_cluster:
                         broker = svc_cluster.broker_url
                         for k in range(args.runs):
@@ -397,7 +449,7 @@ def main() -> int:
                                 with gpu_trace(trace):
                                     got = run_fbas(
                                         corpus,
-                                        work / f"svc-out-{case}-{ic}-{conc}-{m}-{k}",
+                                        work / f"svc-out-{case}-{ic}-{conc}{vname}-{m}-{k}",
                                         {**_checkout_env(env, root), "FBAS_TASK_KEY": svc_cluster.task_key},
                                         args.precision,
                                         flags + extra,
@@ -407,7 +459,7 @@ def main() -> int:
                                 after = svc_cluster.engine_stats()  # Triton's account of this run
                                 trace["triton"] = {k: round(after[k] - before[k], 3) for k in after}
                                 trace["worker_stages"] = worker_stages(
-                                    svc_cluster, work / f"svc-out-{case}-{ic}-{conc}-{m}-{k}"
+                                    svc_cluster, work / f"svc-out-{case}-{ic}-{conc}{vname}-{m}-{k}"
                                 )
                                 runs.append({**got, **trace})
                                 label = f"{m} {name}" if m in roots else _key(m, modes, name)

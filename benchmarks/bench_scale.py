@@ -1,19 +1,29 @@
 """Cost per document from one million to ten million: the same running service ingests a 1 M-row and a
-10 M-row corpus, and the docs/s, peak memory of each process and finalize/index times are compared.
+10 M-row corpus, and the docs/s, peak memory of each process, finalize/index times and the ivfpq index's
+recall are compared.
 
     python benchmarks/bench_scale.py --tokenizer MINILM_DIR --data DATA --rows 1000000,10000000 \
         --index ivfpq,flat --json results.json
 
 * **Corpus**: real English sentences (STS-B and the BEIR SciFact abstracts split into sentences, from
-  ``DATA``; about 50,000 distinct), cycled to ``rows`` rows with distinct integer ids, written in row groups
-  of 65,536. Repetition is fine for throughput; recall is measured apart (``bench_recall.py``).
+  ``DATA``; about 50,000 distinct), two to a row (row ``i``: sentence ``i mod n`` then sentence
+  ``(i mod n + 1 + i div n) mod n``), so that every row's text is distinct (up to ``n * (n - 1)`` rows) and
+  recall@10 counts ten different neighbours rather than ten copies of one; distinct integer ids, row groups
+  of 65,536. ``--texts sentences``: one sentence a row, cycled (shorter rows, repeated texts; no recall then).
+* **Recall** (every ivfpq run): ``--queries`` rows made the same way from sentences held apart from the
+  corpus, embedded by the job's own model (``output.search.Searcher``) and searched in the job's own index
+  (as ``fbas-pipeline search`` opens it, default ``nprobe``); exact search is one pass over the job's parts.
+  recall@10 = |the index's 10 ids among the exact 10| / 10, averaged; latency: one query at a time on one
+  thread (p50/p99 over 200), and the whole query set in one call on every core.
 * **Service**: redis-server, tritonserver (the model on the GPU, ``--instance-count`` instances) and a Celery
   worker, started once (``services.local.LocalCluster``, as ``fbas-pipeline serve`` + ``worker`` on a fleet
   host); each corpus is submitted with ``ingest --broker``, as a user of a running service does.
 * **Memory**: the producer's peak RSS (``VmHWM`` at its exit; the producer also finalizes), its RSS
   sampled every 0.5 s (peak while embedding and while finalizing), and the worker's pool processes' and
   tritonserver's peak RSS (``VmHWM``), sampled every 0.5 s.
-* **Model**: all-MiniLM-L6-v2's shape with random weights (speed does not depend on their values).
+* **Model**: all-MiniLM-L6-v2's shape with random weights (speed does not depend on their values); ``--shape
+  tiny`` (one layer of 64, vectors of 64) on a CPU host, where MiniLM itself would take hours for 10 M rows:
+  there the run measures what the pipeline around the model costs per document.
 
 Each output folder is deleted after its run (a 10 M-row job writes 15 GB of parts, and a flat index as much).
 """
@@ -24,8 +34,6 @@ import argparse
 import csv
 import gzip
 import json
-import os
-import platform
 import re
 import shutil
 import subprocess
@@ -35,11 +43,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_gpu_ingest import random_model, running_service  # noqa: E402
+from bench_gpu_ingest import bench_env, random_model, result_header, running_service, worker_stages  # noqa: E402
 from bench_ingest import commit_timeline, warm_model  # noqa: E402
 
 # the producer, with its peak RSS written at exit (VmHWM: ru_maxrss would keep the forking parent's peak across
@@ -71,7 +81,16 @@ def real_sentences(data: Path) -> list[str]:
     return [s for s in seen if s.strip()]
 
 
-def write_corpus(sentences: list[str], rows: int, path: Path, group: int = 65_536) -> None:
+def pair_texts(sentences: list[str], start: int, n: int) -> list[str]:
+    """Rows ``start .. start + n - 1`` of the corpus: two sentences each, every row's pair distinct."""
+    k = len(sentences)
+    if start + n > k * (k - 1):
+        raise ValueError(f"{start + n:,} rows need more than {k:,} distinct sentences")
+    return [f"{sentences[i % k]} {sentences[(i % k + 1 + i // k) % k]}" for i in range(start, start + n)]
+
+
+def write_corpus(sentences: list[str], rows: int, path: Path, pairs: bool = True, group: int = 65_536) -> None:
+    """``rows`` rows of ``pair_texts`` (or, ``pairs`` False, of the sentences themselves, cycled)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -79,8 +98,66 @@ def write_corpus(sentences: list[str], rows: int, path: Path, group: int = 65_53
     with pq.ParquetWriter(path, schema) as w:
         for start in range(0, rows, group):
             n = min(group, rows - start)
-            texts = [sentences[(start + i) % len(sentences)] for i in range(n)]
+            if pairs:
+                texts = pair_texts(sentences, start, n)
+            else:
+                texts = [sentences[(start + i) % len(sentences)] for i in range(n)]
             w.write_table(pa.table({"id": pa.array(range(start, start + n), pa.int64()), "text": texts}, schema))
+
+
+def recall(out: Path, queries: list[str], k: int = 10) -> dict:
+    """The job's own index against exact search over its parts, on ``queries`` (see the module docstring)."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    from output.ledger import part_vectors
+    from output.search import Searcher
+
+    s = Searcher(out)
+    t0 = time.perf_counter()
+    q = s.embed(queries)
+    embed_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, got = s.index.search(q, k)
+    batch_s = time.perf_counter() - t0
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    lat = []
+    for qv in q[:200]:
+        t = time.perf_counter()
+        s.index.search(qv[None], k)
+        lat.append(time.perf_counter() - t)
+    faiss.omp_set_num_threads(threads)
+    # exact search: one pass over the parts, keeping each query's best k (and the vectors of the ids returned)
+    best_s = np.full((len(q), k), -np.inf, np.float32)
+    best_i = np.full((len(q), k), -1, np.int64)
+    need = np.unique(got[got >= 0])
+    found: dict[int, np.ndarray] = {}
+    t0 = time.perf_counter()
+    for p in s.manifest["parts"]:
+        t = pq.read_table(s.out.path(p["file"]), columns=["row_id", "embedding"])
+        rows, vecs = t.column("row_id").to_numpy(), part_vectors(t)
+        scores = np.concatenate([best_s, q @ vecs.T], axis=1)
+        cand = np.concatenate([best_i, np.broadcast_to(rows, (len(q), len(rows)))], axis=1)
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(scores, top, 1), np.take_along_axis(cand, top, 1)
+        hit = np.isin(rows, need)
+        found.update(zip(rows[hit].tolist(), vecs[hit]))
+    exact_s = time.perf_counter() - t0
+    kth = best_s.min(axis=1)
+    same = [len(set(a) & set(b)) / k for a, b in zip(got.tolist(), best_i.tolist())]
+    scored = np.array([[found[i] @ qv if i >= 0 else -9.0 for i in row] for qv, row in zip(q, got.tolist())])
+    return {
+        "queries": len(q),
+        "params": s.manifest["index"]["params"],
+        "recall@10": round(float(np.mean(same)), 4),
+        "recall@10 (ties within 1e-5)": round(float(np.mean((scored >= kth[:, None] - 1e-5).sum(1) / k)), 4),
+        "latency_ms_p50_1_thread": round(1e3 * float(np.median(lat)), 3),
+        "latency_ms_p99_1_thread": round(1e3 * float(np.quantile(lat, 0.99)), 3),
+        "batch_of_queries_s": round(batch_s, 3),
+        "query_embed_s": round(embed_s, 3),
+        "exact_pass_s": round(exact_s, 1),
+    }
 
 
 def _hwm_kb(pid: int, field: str = "VmHWM") -> int:
@@ -155,9 +232,11 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
     worker = cluster.worker.proc.pid if cluster.worker is not None else None
     triton = cluster.triton.pid if cluster.triton is not None else None
     mem = MemorySampler(p.pid, worker, triton)
+    before = cluster.engine_stats()
     _, err = p.communicate()
     wall = time.perf_counter() - t0
     mem.stop()
+    after = cluster.engine_stats()  # Triton's account of this run
     if p.returncode != 0:
         raise RuntimeError(f"ingest failed ({p.returncode}):\n{err[-3000:]}")
     m = json.loads((out / "manifest.json").read_text())
@@ -182,6 +261,8 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
         "worker_pool_total_peak_mb": round(mem.worker_total_peak_kb / 1024, 1),
         "tritonserver_peak_mb": round(mem.triton_peak_kb / 1024, 1),
         "timeline": commit_timeline(out, start),
+        "triton": {k: round(after[k] - before[k], 3) for k in after},
+        "worker_stages": worker_stages(cluster, out),
         "disk_gb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9, 2),
     }
 
@@ -192,12 +273,25 @@ def main() -> int:
     ap.add_argument("--data", required=True, type=Path, help="folder with stsb_multi_mt/ and beir_scifact/")
     ap.add_argument("--rows", default="1000000,10000000", help="comma list of corpus sizes, run in this order")
     ap.add_argument("--index", default="ivfpq", help="comma list of index types, each run at every size")
+    ap.add_argument(
+        "--shape",
+        default="minilm",
+        help="minilm: all-MiniLM-L6-v2's shape; tiny: 1 layer of 64 (a CPU host then measures the pipeline's "
+        "own cost per document, not the model's)",
+    )
+    ap.add_argument(
+        "--texts",
+        default="pairs",
+        choices=("pairs", "sentences"),
+        help="pairs: two sentences a row, every row distinct; sentences: one a row, cycled (shorter, repeated)",
+    )
     ap.add_argument("--target", default="gpu", help="engine target (onnx: a dry run on a CPU)")
     ap.add_argument("--precision", default=None, help="default: fp16 on gpu, fp32 otherwise")
     ap.add_argument("--instance-count", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=None, help="worker processes (default: sized to the host)")
     ap.add_argument("--batch-tokens", type=int, default=65536)
     ap.add_argument("--batch-rows", type=int, default=4096)
+    ap.add_argument("--queries", type=int, default=1000, help="held-apart queries for each ivfpq run's recall")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
@@ -207,30 +301,20 @@ def main() -> int:
     gpu = args.target == "gpu"
     args.precision = args.precision or ("fp16" if gpu else "fp32")
     args.concurrency = args.concurrency or default_concurrency(gpu=gpu)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "HF_HUB_OFFLINE": "1",
-    }
-    res: dict = {
-        "date": time.strftime("%Y-%m-%d"),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "command": " ".join(sys.argv),
-        "runs": [],
-    }
-    if gpu:
-        import torch
-
-        res["gpu"] = torch.cuda.get_device_name()
+    env = bench_env()
+    res: dict = {**result_header(gpu), "runs": []}
     work = args.work or Path(tempfile.mkdtemp(prefix="fbas-bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        model = random_model(args.tokenizer, work / "model-minilm", "minilm")
+        model = random_model(args.tokenizer, work / f"model-{args.shape}", args.shape)
         spec = {"model": str(model), "target": args.target, "max_seq_len": 256, "pooling": "mean", "normalize": True}
         built = warm_model(work, args.precision, **spec)
         sentences = real_sentences(args.data)
-        res["distinct_sentences"] = len(sentences)
+        rng = np.random.default_rng(0)
+        rng.shuffle(sentences)  # type: ignore[arg-type]
+        held, sentences = sentences[: 2 * args.queries], sentences[2 * args.queries :]
+        queries = [f"{a} {b}" for a, b in zip(held[0::2], held[1::2])]
+        res["distinct_sentences"], res["held_apart_sentences"] = len(sentences), len(held)
         flags = ["--model", str(model), "--target", args.target, "--precision", args.precision, "--max-seq-len", "256"]
         flags += ["--pooling", "mean", "--normalize", "--batch-tokens", str(args.batch_tokens)]
         flags += ["--batch-rows", str(args.batch_rows), "--max-docs-per-request", str(args.batch_rows)]
@@ -239,12 +323,17 @@ def main() -> int:
             for rows in (int(r) for r in args.rows.split(",")):
                 corpus = work / f"corpus-{rows}.parquet"
                 t0 = time.perf_counter()
-                write_corpus(sentences, rows, corpus)
+                write_corpus(sentences, rows, corpus, pairs=args.texts == "pairs")
                 print(f"corpus of {rows:,} rows written in {time.perf_counter() - t0:.1f} s", flush=True)
                 for kind in args.index.split(","):
                     out = work / f"out-{rows}-{kind}"
                     got = ingest(corpus, out, env, [*flags, "--index", kind, "--broker", cluster.broker_url], cluster)
                     got.update(rows=rows, index_type=kind)
+                    if args.queries and args.texts == "pairs":  # flat: the check of the measure itself (1.0)
+                        try:
+                            got["recall"] = recall(out, queries)
+                        except Exception as e:  # noqa: BLE001 - keep the runs that follow
+                            got["recall"] = {"error": repr(e)}
                     print(json.dumps(got), flush=True)
                     res["runs"].append(got)
                     shutil.rmtree(out, ignore_errors=True)

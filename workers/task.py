@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["embed_batch", "BatchMessage", "run_batch", "MESSAGE_VERSION"]
 
 MESSAGE_VERSIONS = (MESSAGE_VERSION, CHUNKED_VERSION)
+READS = ", ".join(map(str, MESSAGE_VERSIONS))  # for the errors that name them
 _REDIS: dict[tuple[int, str], Any] = {}
 _TOKENIZERS: dict[str, Any] = {}
 
@@ -81,7 +82,7 @@ class BatchMessage:
         try:
             if msg.get("v") not in MESSAGE_VERSIONS:
                 raise InputError(
-                    f"message version {msg.get('v')!r}, this worker reads {', '.join(map(str, MESSAGE_VERSIONS))}: "
+                    f"message version {msg.get('v')!r}, this worker reads {READS}: "
                     "upgrade the worker or the producer so that both run the same fbas"
                 )
             n = len(msg["row_ids"])
@@ -269,9 +270,8 @@ def _trusted(msg: Any, cfg: Any) -> bool:
         why = "this worker has no FBAS_TASK_KEY to check it with"
     elif version not in MESSAGE_VERSIONS:
         why = (
-            f"it is a version {version!r} message and this worker reads versions "
-            f"{', '.join(map(str, MESSAGE_VERSIONS))}, whose signature differs: run the same fbas release on "
-            "producers and workers"
+            f"it is a version {version!r} message and this worker reads versions {READS}, whose signature "
+            "differs: run the same fbas release on producers and workers"
         )
     else:
         why = "it is not signed with this fleet's FBAS_TASK_KEY (forged, or from a producer with another key)"
