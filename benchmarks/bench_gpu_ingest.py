@@ -113,15 +113,26 @@ def running_service(
         cluster.stop()
 
 
-def worker_stages(cluster, out: Path) -> dict:
+def worker_stages(cluster, out: Path, since: dict | None = None) -> dict:
     """Seconds the running service's worker spent in each stage (``workers.metrics``: read, tokenize, infer,
     write, and the whole ``task``) on the job in ``out``, summed over its pool processes, with batch counts;
-    read from the pool's metrics files (the service's worker serves no endpoint)."""
+    read from the pool's metrics files (the service's worker serves no endpoint). ``since``: an earlier
+    ``all_worker_stages`` to subtract (a rerun of the same corpus is the same job: its counters go on)."""
+    job = json.loads((out / "manifest.json").read_text())["job"]
+    got = all_worker_stages(cluster).get(job, {})
+    before = (since or {}).get(job, {})
+    return {
+        stage: {k: round(v - before.get(stage, {}).get(k, 0.0), 3) for k, v in kinds.items()}
+        for stage, kinds in got.items()
+    }
+
+
+def all_worker_stages(cluster) -> dict:
+    """``{job: {stage: {"s": seconds, "batches": n}}}`` for every job the running service's worker has seen."""
     from prometheus_client import CollectorRegistry, multiprocess
 
     from workers.metrics import MULTIPROC_ENV
 
-    job = json.loads((out / "manifest.json").read_text())["job"]
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=cluster.worker.env[MULTIPROC_ENV])
     got: dict = {}
@@ -129,10 +140,11 @@ def worker_stages(cluster, out: Path) -> dict:
         if metric.name != "fbas_stage_seconds":
             continue
         for sample in metric.samples:
-            if sample.labels.get("job_id") != job or not sample.name.endswith(("_sum", "_count")):
+            if not sample.name.endswith(("_sum", "_count")):
                 continue
             kind = "s" if sample.name.endswith("_sum") else "batches"
-            got.setdefault(sample.labels["stage"], {})[kind] = round(sample.value, 3)
+            stages = got.setdefault(sample.labels.get("job_id"), {})
+            stages.setdefault(sample.labels["stage"], {})[kind] = round(sample.value, 3)
     return got
 
 
@@ -445,7 +457,7 @@ def main() -> int:
                                 root = Path(roots[m]) if m in roots else ROOT
                                 extra = ("--broker", broker) + (() if m in roots else ("--lengths", m))
                                 trace: dict = {}
-                                before = svc_cluster.engine_stats()
+                                before, stages0 = svc_cluster.engine_stats(), all_worker_stages(svc_cluster)
                                 with gpu_trace(trace):
                                     got = run_fbas(
                                         corpus,
@@ -459,7 +471,7 @@ def main() -> int:
                                 after = svc_cluster.engine_stats()  # Triton's account of this run
                                 trace["triton"] = {k: round(after[k] - before[k], 3) for k in after}
                                 trace["worker_stages"] = worker_stages(
-                                    svc_cluster, work / f"svc-out-{case}-{ic}-{conc}{vname}-{m}-{k}"
+                                    svc_cluster, work / f"svc-out-{case}-{ic}-{conc}{vname}-{m}-{k}", since=stages0
                                 )
                                 runs.append({**got, **trace})
                                 label = f"{m} {name}" if m in roots else _key(m, modes, name)

@@ -46,6 +46,45 @@ def job_vectors(out: Path) -> np.ndarray:
     return np.concatenate([part_vectors(pq.read_table(p, columns=["embedding"])) for p in parts])
 
 
+def single_query_ms(index, queries: np.ndarray, k: int) -> list[float]:
+    """Milliseconds of each query searched alone, on one FAISS thread."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    lat = []
+    try:
+        for qv in queries:
+            t = time.perf_counter()
+            index.search(qv[None], k)
+            lat.append(1e3 * (time.perf_counter() - t))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return lat
+
+
+def measure(index, q: np.ndarray, k: int, nprobe: int, exact_ids: np.ndarray, kth: np.ndarray, exact_scores) -> dict:
+    """Recall@k of ``index`` at ``nprobe`` against the exact ids, and its latency. ``kth``: each query's k-th exact
+    score; ``exact_scores(got)``: the exact score of every id returned (None: no tie-aware recall)."""
+    import faiss
+
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    t0 = time.perf_counter()
+    _, got = index.search(q, k)
+    batch_s = time.perf_counter() - t0
+    hit = np.mean([len(set(a) & set(b)) / k for a, b in zip(got.tolist(), exact_ids.tolist())])
+    ties = None if exact_scores is None else float(np.mean((exact_scores(got) >= kth[:, None] - 1e-5).sum(1) / k))
+    lat = single_query_ms(index, q[:200], k)
+    return {
+        "nprobe": nprobe,
+        "recall@10": round(float(hit), 4),
+        "recall@10 (ties)": None if ties is None else round(ties, 4),
+        "latency_ms_p50": round(float(np.median(lat)), 3),
+        "latency_ms_p99": round(float(np.quantile(lat, 0.99)), 3),
+        "batch_of_queries_s": round(batch_s, 3),
+    }
+
+
 def sentence_vectors(data: Path, work: Path, held: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """The real MiniLM vectors of the corpus's sentences and of the ``held`` held-apart ones (cached in
     ``work``), with the sentences, in ``bench_scale``'s order."""
@@ -93,6 +132,7 @@ def pairs_recall(args: argparse.Namespace) -> dict:
     """``--pairs``: see the module docstring."""
     import faiss
 
+    from output import ivf_index
     from output.ivf_index import IvfPqBuilder, index_params
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -124,6 +164,9 @@ def pairs_recall(args: argparse.Namespace) -> dict:
         }
         print(json.dumps(res["proxy_cosine"]), file=sys.stderr, flush=True)
     n, dim, chunk = args.pairs, v.shape[1], 65_536
+    # every core for the build: the ledger takes half of them, beside the workers, which do not run here
+    ivf_index._limit_threads = lambda: None
+    faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
     params = index_params("ivfpq", n, dim)
     builder = IvfPqBuilder(dim, params)
     best_s = np.full((len(q), args.k), -np.inf, np.float32)
@@ -144,36 +187,14 @@ def pairs_recall(args: argparse.Namespace) -> dict:
             print(f"{a + len(x):,} of {n:,} vectors indexed ({t_build:.0f} s)", file=sys.stderr, flush=True)
     index, params = builder.finish()
     res.update(params=params, build_s=round(t_build, 1), train_s=round(builder.train_s, 1), exact_s=round(t_exact, 1))
-    faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
     kth = best_s.min(axis=1)
 
-    def measure(nprobe: int) -> dict:
-        faiss.extract_index_ivf(index).nprobe = nprobe
-        t0 = time.perf_counter()
-        _, got = index.search(q, args.k)
-        batch_s = time.perf_counter() - t0
-        hit = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(got.tolist(), best_i.tolist())])
-        scores = np.stack([pair_vectors(v, row) @ qv for qv, row in zip(q, got)])  # the exact score of each id
-        ties = float(np.mean((scores >= kth[:, None] - 1e-5).sum(1) / args.k))
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        lat = []
-        for qv in q[:200]:
-            t = time.perf_counter()
-            index.search(qv[None], args.k)
-            lat.append(time.perf_counter() - t)
-        faiss.omp_set_num_threads(threads)
-        return {
-            "nprobe": nprobe,
-            "recall@10": round(float(hit), 4),
-            "recall@10 (ties)": round(ties, 4),
-            "latency_ms_p50": round(1e3 * float(np.median(lat)), 3),
-            "latency_ms_p99": round(1e3 * float(np.quantile(lat, 0.99)), 3),
-            "batch_of_queries_s": round(batch_s, 3),
-        }
+    def exact_scores(got: np.ndarray) -> np.ndarray:
+        return np.stack([pair_vectors(v, row) @ qv for qv, row in zip(q, got)])
 
-    res["default"] = measure(int(params["nprobe"]))
-    res["others"] = [measure(int(p)) for p in (args.nprobe.split(",") if args.nprobe else [])]
+    nprobes = [int(params["nprobe"])] + [int(p) for p in (args.nprobe.split(",") if args.nprobe else [])]
+    got = [measure(index, q, args.k, p, best_i, kth, exact_scores) for p in nprobes]
+    res["default"], res["others"] = got[0], got[1:]
     return res
 
 
@@ -225,31 +246,14 @@ def main() -> int:
     ex_d, ex_i = exact.search(q, args.k)
     ex_i = ids[ex_i]
 
-    def measure(nprobe: int) -> dict:
-        faiss.extract_index_ivf(index).nprobe = nprobe
-        _, got = index.search(q, args.k)
-        hit = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(got.tolist(), ex_i.tolist())])
-        pos = {int(i): r for r, i in enumerate(ids.tolist())} if len(ids) <= 2_000_000 else None
-        if pos is not None:  # the exact score of every returned id
-            scores = np.array([[base[pos[i]] @ qv if i >= 0 else -9.0 for i in row] for qv, row in zip(q, got)])
-            ties = float(np.mean((scores >= ex_d[:, -1:] - 1e-5).sum(1) / args.k))
-        else:
-            ties = None
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        lat = []
-        for qv in q[:200]:
-            t = time.perf_counter()
-            index.search(qv[None], args.k)
-            lat.append(time.perf_counter() - t)
-        faiss.omp_set_num_threads(threads)
-        return {
-            "nprobe": nprobe,
-            "recall@10": round(float(hit), 4),
-            "recall@10 (ties)": None if ties is None else round(ties, 4),
-            "latency_ms_p50": round(1e3 * float(np.median(lat)), 3),
-            "latency_ms_p99": round(1e3 * float(np.quantile(lat, 0.99)), 3),
-        }
+    pos = {int(i): r for r, i in enumerate(ids.tolist())} if len(ids) <= 2_000_000 else None
+
+    def exact_scores(got: np.ndarray) -> np.ndarray:
+        assert pos is not None
+        return np.array([[base[pos[i]] @ qv if i >= 0 else -9.0 for i in row] for qv, row in zip(q, got)])
+
+    def run(nprobe: int) -> dict:
+        return measure(index, q, args.k, nprobe, ex_i, ex_d[:, -1], exact_scores if pos is not None else None)
 
     res = {
         "vectors": n,
@@ -258,8 +262,8 @@ def main() -> int:
         "params": params,
         "build_s": round(build_s, 2),
         "train_s": round(builder.train_s, 2),
-        "default": measure(int(params["nprobe"])),
-        "others": [measure(int(p)) for p in (args.nprobe.split(",") if args.nprobe else [])],
+        "default": run(int(params["nprobe"])),
+        "others": [run(int(p)) for p in (args.nprobe.split(",") if args.nprobe else [])],
     }
     print(json.dumps(res, indent=2))
     if args.json:

