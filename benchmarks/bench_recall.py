@@ -19,7 +19,8 @@ installed package, fp32); vector ``i`` is the normalized sum of the vectors of t
 ``i`` of that corpus (``bench_scale.pair_texts``), made on the fly, chunk by chunk, never all held. Queries:
 ``--queries`` pairs of sentences held apart from the corpus, made the same way. The sum stands in for the
 embedding of the two sentences' concatenation; ``proxy_cosine`` reports how close it is, on ``--check``
-pairs embedded for real.
+pairs embedded for real, and ``--real N`` measures recall at N rows both ways (the texts embedded for real,
+their proxy), so that the proxy's recall can be compared with the real one where both can be computed.
 """
 
 from __future__ import annotations
@@ -85,15 +86,34 @@ def measure(index, q: np.ndarray, k: int, nprobe: int, exact_ids: np.ndarray, kt
     }
 
 
+def real_model(work: Path):
+    """The real all-MiniLM-L6-v2 (the installed package) built for the CPU, fp32: (engine, tokenizer)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_ingest import warm_model
+
+    from engine.checkpoint import default_model_path
+    from engine.model_dir import load_engine, load_tokenizer
+
+    spec = {"model": str(default_model_path()), "target": "onnx", "max_seq_len": 256}
+    built = warm_model(work, "fp32", **spec, pooling="mean", normalize=True)
+    return load_engine(built), load_tokenizer(built)
+
+
+def embed_texts(model, texts: list[str], what: str) -> np.ndarray:
+    engine, tok = model
+    out = []
+    for a in range(0, len(texts), 2048):
+        enc = tok.encode(texts[a : a + 2048])
+        out.append(engine.embed(enc.token_ids, enc.lengths))
+        print(f"embedded {a + len(out[-1]):,} of {len(texts):,} {what}", file=sys.stderr, flush=True)
+    return np.ascontiguousarray(np.concatenate(out), np.float32)
+
+
 def sentence_vectors(data: Path, work: Path, held: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """The real MiniLM vectors of the corpus's sentences and of the ``held`` held-apart ones (cached in
     ``work``), with the sentences, in ``bench_scale``'s order."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_ingest import warm_model
     from bench_scale import real_sentences
-
-    from engine.checkpoint import default_model_path
-    from engine.model_dir import load_engine, load_tokenizer
 
     sentences = real_sentences(data)
     np.random.default_rng(0).shuffle(sentences)  # type: ignore[arg-type]
@@ -102,19 +122,8 @@ def sentence_vectors(data: Path, work: Path, held: int) -> tuple[np.ndarray, np.
     if cache.exists():
         z = np.load(cache)
         return z["corpus"], z["apart"], corpus, apart
-    spec = {"model": str(default_model_path()), "target": "onnx", "max_seq_len": 256}
-    built = warm_model(work, "fp32", **spec, pooling="mean", normalize=True)
-    engine, tok = load_engine(built), load_tokenizer(built)
-
-    def embed(texts: list[str]) -> np.ndarray:
-        out = []
-        for a in range(0, len(texts), 2048):
-            enc = tok.encode(texts[a : a + 2048])
-            out.append(engine.embed(enc.token_ids, enc.lengths))
-            print(f"embedded {a + len(out[-1]):,} of {len(texts):,} sentences", file=sys.stderr, flush=True)
-        return np.ascontiguousarray(np.concatenate(out), np.float32)
-
-    v_corpus, v_apart = embed(corpus), embed(apart)
+    model = real_model(work)
+    v_corpus, v_apart = embed_texts(model, corpus, "sentences"), embed_texts(model, apart, "sentences")
     np.savez(cache, corpus=v_corpus, apart=v_apart)
     return v_corpus, v_apart, corpus, apart
 
@@ -128,73 +137,85 @@ def pair_vectors(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), np.float32)
 
 
-def pairs_recall(args: argparse.Namespace) -> dict:
-    """``--pairs``: see the module docstring."""
+def chunked_recall(vectors, n: int, q: np.ndarray, k: int, nprobes: list[int]) -> dict:
+    """Build the ivfpq index over ``vectors(rows)`` for rows 0..n-1 (65,536 at a time, in order, as parts reach
+    the ledger) while an exact search keeps each query's best k; then ``measure`` at each nprobe (the first:
+    the default, 0 for it)."""
     import faiss
 
     from output import ivf_index
     from output.ivf_index import IvfPqBuilder, index_params
 
+    # every core for the build: the ledger takes half of them, beside the workers, which do not run here
+    ivf_index._limit_threads = lambda: None  # type: ignore[assignment]
+    faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
+    dim, chunk = q.shape[1], 65_536
+    builder = IvfPqBuilder(dim, index_params("ivfpq", n, dim))
+    best_s = np.full((len(q), k), -np.inf, np.float32)
+    best_i = np.full((len(q), k), -1, np.int64)
+    t_build = t_exact = 0.0
+    for a in range(0, n, chunk):
+        ids = np.arange(a, min(a + chunk, n), dtype=np.int64)
+        x = vectors(ids)
+        t0 = time.perf_counter()
+        builder.add(ids, x)
+        t1 = time.perf_counter()
+        scores = np.concatenate([best_s, q @ x.T], axis=1)
+        cand = np.concatenate([best_i, np.broadcast_to(ids, (len(q), len(ids)))], axis=1)
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(scores, top, 1), np.take_along_axis(cand, top, 1)
+        t_build, t_exact = t_build + t1 - t0, t_exact + time.perf_counter() - t1
+        if (a // chunk) % 16 == 0:
+            print(f"{a + len(x):,} of {n:,} vectors indexed ({t_build:.0f} s)", file=sys.stderr, flush=True)
+    index, params = builder.finish()
+    kth = best_s.min(axis=1)
+
+    def exact_scores(got: np.ndarray) -> np.ndarray:
+        return np.stack([vectors(row) @ qv for qv, row in zip(q, got)])
+
+    got = [measure(index, q, k, p or int(params["nprobe"]), best_i, kth, exact_scores) for p in nprobes]
+    return {
+        "vectors": n,
+        "params": params,
+        "build_s": round(t_build, 1),
+        "train_s": round(builder.train_s, 1),
+        "exact_s": round(t_exact, 1),
+        "default": got[0],
+        "others": got[1:],
+    }
+
+
+def pairs_recall(args: argparse.Namespace) -> dict:
+    """``--pairs``: see the module docstring."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_scale import pair_texts
+
     args.work.mkdir(parents=True, exist_ok=True)
     v, v_apart, corpus, apart = sentence_vectors(args.data, args.work, 2 * args.queries)
     q = v_apart[0::2] + v_apart[1::2]
     q = np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True), np.float32)
-    res: dict = {"sentences": len(v), "vectors": args.pairs, "dim": v.shape[1], "queries": len(q)}
+    nprobes = [0] + [int(p) for p in (args.nprobe.split(",") if args.nprobe else [])]
+    res: dict = {"sentences": len(v), "dim": v.shape[1], "queries": len(q)}
+    model = real_model(args.work) if args.check or args.real else None
     if args.check:  # how close the sum is to the embedding of the concatenated text
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from bench_ingest import warm_model
-        from bench_scale import pair_texts
-
-        from engine.checkpoint import default_model_path
-        from engine.model_dir import load_engine, load_tokenizer
-
-        spec = {"model": str(default_model_path()), "target": "onnx", "max_seq_len": 256}
-        built = warm_model(args.work, "fp32", **spec, pooling="mean", normalize=True)
-        engine, tok = load_engine(built), load_tokenizer(built)
         rows = np.random.default_rng(1).choice(args.pairs, args.check, replace=False)
-        texts = [pair_texts(corpus, int(r), 1)[0] for r in rows]
-        enc = tok.encode(texts)
-        real = engine.embed(enc.token_ids, enc.lengths)
-        proxy = pair_vectors(v, rows)
-        cos = np.sum(real * proxy, axis=1)
+        real = embed_texts(model, [pair_texts(corpus, int(r), 1)[0] for r in rows], "pairs")
+        cos = np.sum(real * pair_vectors(v, rows), axis=1)
         res["proxy_cosine"] = {
             "pairs": len(rows),
             "mean": round(float(cos.mean()), 4),
             "p5": round(float(np.quantile(cos, 0.05)), 4),
         }
         print(json.dumps(res["proxy_cosine"]), file=sys.stderr, flush=True)
-    n, dim, chunk = args.pairs, v.shape[1], 65_536
-    # every core for the build: the ledger takes half of them, beside the workers, which do not run here
-    ivf_index._limit_threads = lambda: None
-    faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
-    params = index_params("ivfpq", n, dim)
-    builder = IvfPqBuilder(dim, params)
-    best_s = np.full((len(q), args.k), -np.inf, np.float32)
-    best_i = np.full((len(q), args.k), -1, np.int64)
-    t_build = t_exact = 0.0
-    for a in range(0, n, chunk):
-        ids = np.arange(a, min(a + chunk, n), dtype=np.int64)
-        x = pair_vectors(v, ids)
-        t0 = time.perf_counter()
-        builder.add(ids, x)
-        t1 = time.perf_counter()
-        scores = np.concatenate([best_s, q @ x.T], axis=1)
-        cand = np.concatenate([best_i, np.broadcast_to(ids, (len(q), len(ids)))], axis=1)
-        top = np.argpartition(-scores, args.k - 1, axis=1)[:, : args.k]
-        best_s, best_i = np.take_along_axis(scores, top, 1), np.take_along_axis(cand, top, 1)
-        t_build, t_exact = t_build + t1 - t0, t_exact + time.perf_counter() - t1
-        if (a // chunk) % 16 == 0:
-            print(f"{a + len(x):,} of {n:,} vectors indexed ({t_build:.0f} s)", file=sys.stderr, flush=True)
-    index, params = builder.finish()
-    res.update(params=params, build_s=round(t_build, 1), train_s=round(builder.train_s, 1), exact_s=round(t_exact, 1))
-    kth = best_s.min(axis=1)
-
-    def exact_scores(got: np.ndarray) -> np.ndarray:
-        return np.stack([pair_vectors(v, row) @ qv for qv, row in zip(q, got)])
-
-    nprobes = [int(params["nprobe"])] + [int(p) for p in (args.nprobe.split(",") if args.nprobe else [])]
-    got = [measure(index, q, args.k, p, best_i, kth, exact_scores) for p in nprobes]
-    res["default"], res["others"] = got[0], got[1:]
+    if args.real:  # the same measure on the first --real rows embedded for real, and on their proxy
+        x = embed_texts(model, pair_texts(corpus, 0, args.real), "pairs")
+        qr = embed_texts(model, [f"{a} {b}" for a, b in zip(apart[0::2], apart[1::2])], "queries")
+        res["at_real"] = {
+            "real": chunked_recall(lambda rows: x[rows], args.real, qr, args.k, nprobes),
+            "proxy": chunked_recall(lambda rows: pair_vectors(v, rows), args.real, q, args.k, nprobes),
+        }
+        print(json.dumps(res["at_real"]), file=sys.stderr, flush=True)
+    res["proxy"] = chunked_recall(lambda rows: pair_vectors(v, rows), args.pairs, q, args.k, nprobes)
     return res
 
 
@@ -207,6 +228,9 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "tests" / "data", help="--pairs: stsb_multi_mt/, beir_scifact/")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "bench-recall", help="--pairs: model and vector cache")
     ap.add_argument("--check", type=int, default=2000, help="--pairs: pairs embedded for real to check the proxy")
+    ap.add_argument(
+        "--real", type=int, default=0, help="--pairs: also measure this many rows embedded for real, and their proxy"
+    )
     ap.add_argument("--queries", type=int, default=1000, help="vectors held apart as queries")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--nprobe", default=None, help="comma list of nprobe values to try besides the default")
