@@ -64,12 +64,22 @@ def single_query_ms(index, queries: np.ndarray, k: int) -> list[float]:
     return lat
 
 
-def measure(index, q: np.ndarray, k: int, nprobe: int, exact_ids: np.ndarray, kth: np.ndarray, exact_scores) -> dict:
-    """Recall@k of ``index`` at ``nprobe`` against the exact ids, and its latency. ``kth``: each query's k-th exact
-    score; ``exact_scores(got)``: the exact score of every id returned (None: no tie-aware recall)."""
-    import faiss
+def measure(
+    index,
+    q: np.ndarray,
+    k: int,
+    nprobe: int,
+    exact_ids: np.ndarray,
+    kth: np.ndarray,
+    exact_scores,
+    k_factor: float | None = None,
+) -> dict:
+    """Recall@k of ``index`` at ``nprobe`` (and re-ranking ``k_factor``, where given) against the exact ids, and
+    its latency. ``kth``: each query's k-th exact score; ``exact_scores(got)``: the exact score of every id
+    returned (None: no tie-aware recall)."""
+    from output.ivf_index import tune
 
-    faiss.extract_index_ivf(index).nprobe = nprobe
+    tune(index, {"nprobe": nprobe} | ({"k_factor": k_factor} if k_factor else {}))
     t0 = time.perf_counter()
     _, got = index.search(q, k)
     batch_s = time.perf_counter() - t0
@@ -78,6 +88,7 @@ def measure(index, q: np.ndarray, k: int, nprobe: int, exact_ids: np.ndarray, kt
     lat = single_query_ms(index, q[:200], k)
     return {
         "nprobe": nprobe,
+        **({"k_factor": k_factor} if k_factor else {}),
         "recall@10": round(float(hit), 4),
         "recall@10 (ties)": None if ties is None else round(ties, 4),
         "latency_ms_p50": round(float(np.median(lat)), 3),
@@ -137,10 +148,10 @@ def pair_vectors(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), np.float32)
 
 
-def chunked_recall(vectors, n: int, q: np.ndarray, k: int, nprobes: list[int]) -> dict:
+def chunked_recall(vectors, n: int, q: np.ndarray, k: int, nprobes: list[int], k_factors: list[float]) -> dict:
     """Build the ivfpq index over ``vectors(rows)`` for rows 0..n-1 (65,536 at a time, in order, as parts reach
-    the ledger) while an exact search keeps each query's best k; then ``measure`` at each nprobe (the first:
-    the default, 0 for it)."""
+    the ledger) while an exact search keeps each query's best k; then ``measure`` at the defaults and at each
+    other nprobe and k_factor (0: the default's)."""
     import faiss
 
     from output import ivf_index
@@ -173,7 +184,11 @@ def chunked_recall(vectors, n: int, q: np.ndarray, k: int, nprobes: list[int]) -
     def exact_scores(got: np.ndarray) -> np.ndarray:
         return np.stack([vectors(row) @ qv for qv, row in zip(q, got)])
 
-    got = [measure(index, q, k, p or int(params["nprobe"]), best_i, kth, exact_scores) for p in nprobes]
+    combos = [(0, 0.0)] + [(p, f) for p in nprobes for f in k_factors if (p, f) != (0, 0.0)]
+    got = [
+        measure(index, q, k, p or int(params["nprobe"]), best_i, kth, exact_scores, f or float(params["k_factor"]))
+        for p, f in combos
+    ]
     return {
         "vectors": n,
         "params": params,
@@ -195,6 +210,7 @@ def pairs_recall(args: argparse.Namespace) -> dict:
     q = v_apart[0::2] + v_apart[1::2]
     q = np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True), np.float32)
     nprobes = [0] + [int(p) for p in (args.nprobe.split(",") if args.nprobe else [])]
+    k_factors = [0.0] + [float(f) for f in (args.k_factor.split(",") if args.k_factor else [])]
     res: dict = {"sentences": len(v), "dim": v.shape[1], "queries": len(q)}
     model = real_model(args.work) if args.check or args.real else None
     if args.check:  # how close the sum is to the embedding of the concatenated text
@@ -211,11 +227,11 @@ def pairs_recall(args: argparse.Namespace) -> dict:
         x = embed_texts(model, pair_texts(corpus, 0, args.real), "pairs")
         qr = embed_texts(model, [f"{a} {b}" for a, b in zip(apart[0::2], apart[1::2])], "queries")
         res["at_real"] = {
-            "real": chunked_recall(lambda rows: x[rows], args.real, qr, args.k, nprobes),
-            "proxy": chunked_recall(lambda rows: pair_vectors(v, rows), args.real, q, args.k, nprobes),
+            "real": chunked_recall(lambda rows: x[rows], args.real, qr, args.k, nprobes, k_factors),
+            "proxy": chunked_recall(lambda rows: pair_vectors(v, rows), args.real, q, args.k, nprobes, k_factors),
         }
         print(json.dumps(res["at_real"]), file=sys.stderr, flush=True)
-    res["proxy"] = chunked_recall(lambda rows: pair_vectors(v, rows), args.pairs, q, args.k, nprobes)
+    res["proxy"] = chunked_recall(lambda rows: pair_vectors(v, rows), args.pairs, q, args.k, nprobes, k_factors)
     return res
 
 
@@ -234,6 +250,7 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=1000, help="vectors held apart as queries")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--nprobe", default=None, help="comma list of nprobe values to try besides the default")
+    ap.add_argument("--k-factor", default=None, help="--pairs: comma list of re-ranking k_factors to try with each")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 

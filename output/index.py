@@ -57,7 +57,7 @@ def build_index(out: OutputDir, kind: str, n_batches: int, dim: int, n: int) -> 
     elif kind == "hnsw":
         inner = faiss.IndexHNSWFlat(dim, params["M"], ip)
         inner.hnsw.efConstruction = params["efConstruction"]
-        index = faiss.IndexIDMap2(inner)
+        index = faiss.IndexIDMap(inner)  # no reverse map (see ivf_index.new_ivfpq)
     else:
         raise InputError(f"index type {kind!r} is not flat or hnsw (ivfpq is built by the ledger)")
     for rows, v in iter_vectors(out, n_batches):
