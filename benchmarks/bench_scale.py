@@ -10,11 +10,12 @@ recall are compared.
   ``(i mod n + 1 + i div n) mod n``), so that every row's text is distinct (up to ``n * (n - 1)`` rows) and
   recall@10 counts ten different neighbours rather than ten copies of one; distinct integer ids, row groups
   of 65,536. ``--texts sentences``: one sentence a row, cycled (shorter rows, repeated texts; no recall then).
-* **Recall** (every ivfpq run): ``--queries`` rows made the same way from sentences held apart from the
-  corpus, embedded by the job's own model (``output.search.Searcher``) and searched in the job's own index
-  (as ``fbas-pipeline search`` opens it, default ``nprobe``); exact search is one pass over the job's parts.
-  recall@10 = |the index's 10 ids among the exact 10| / 10, averaged; latency: one query at a time on one
-  thread (p50/p99 over 200), and the whole query set in one call on every core.
+* **Recall** (every run of pair rows; on a flat index it checks the measure itself, 1.0): ``--queries`` rows
+  made the same way from sentences held apart from the corpus, embedded by the job's own model
+  (``output.search.Searcher``) and searched in the job's own index (as ``fbas-pipeline search`` opens it, with
+  its recorded parameters); exact search is one pass over the job's parts. recall@10 = |the index's 10 ids
+  among the exact 10| / 10, averaged; latency: one query at a time on one thread (p50/p99 over 200), and the
+  whole query set in one call on every core.
 * **Service**: redis-server, tritonserver (the model on the GPU, ``--instance-count`` instances) and a Celery
   worker, started once (``services.local.LocalCluster``, as ``fbas-pipeline serve`` + ``worker`` on a fleet
   host); each corpus is submitted with ``ingest --broker``, as a user of a running service does.
