@@ -36,7 +36,7 @@ def index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
     by 8-bit scalar-quantized copies (``refine: sq8``: PQ alone caps recall@10 near 0.7 on sentence embeddings);
     ``nprobe`` lists searched: at least 64, and an eighth of them. On vectors of MiniLM's structure
     (``bench_recall.py --pairs``, BENCHMARKS.md) recall@10 at 10 M was 0.775 with a thirty-second and k_factor 8,
-    0.921 with an eighth and 32; at 1 M an eighth reached 0.902 where a sixteenth stopped at 0.854. k_factor
+    0.921 with an eighth and 32; at 1 M 128 of 1,000 lists reached 0.902 where 64 stopped at 0.854. k_factor
     costs little (the re-ranking reads 320 8-bit copies), nprobe most of the time (40 ms a query on one thread
     at 10 M)."""
     if kind == "flat":
