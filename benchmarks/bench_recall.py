@@ -26,11 +26,14 @@ their proxy), so that the proxy's recall can be compared with the real one where
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -120,9 +123,11 @@ def embed_texts(model, texts: list[str], what: str) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(out), np.float32)
 
 
-def sentence_vectors(data: Path, work: Path, held: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+def sentence_vectors(
+    data: Path, work: Path, held: int, model: Callable[[], Any]
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """The real MiniLM vectors of the corpus's sentences and of the ``held`` held-apart ones (cached in
-    ``work``), with the sentences, in ``bench_scale``'s order."""
+    ``work``; ``model()`` gives the model when they are not), with the sentences, in ``bench_scale``'s order."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_scale import real_sentences
 
@@ -133,8 +138,7 @@ def sentence_vectors(data: Path, work: Path, held: int) -> tuple[np.ndarray, np.
     if cache.exists():
         z = np.load(cache)
         return z["corpus"], z["apart"], corpus, apart
-    model = real_model(work)
-    v_corpus, v_apart = embed_texts(model, corpus, "sentences"), embed_texts(model, apart, "sentences")
+    v_corpus, v_apart = embed_texts(model(), corpus, "sentences"), embed_texts(model(), apart, "sentences")
     np.savez(cache, corpus=v_corpus, apart=v_apart)
     return v_corpus, v_apart, corpus, apart
 
@@ -148,10 +152,30 @@ def pair_vectors(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), np.float32)
 
 
+class ExactTopK:
+    """Each query's best ``k`` by inner product over vectors that come in chunks: exact search in one pass."""
+
+    def __init__(self, q: np.ndarray, k: int) -> None:
+        self.q, self.k = q, k
+        self.scores = np.full((len(q), k), -np.inf, np.float32)
+        self.ids = np.full((len(q), k), -1, np.int64)
+
+    def add(self, ids: np.ndarray, x: np.ndarray) -> None:
+        scores = np.concatenate([self.scores, self.q @ x.T], axis=1)
+        cand = np.concatenate([self.ids, np.broadcast_to(ids, (len(self.q), len(ids)))], axis=1)
+        top = np.argpartition(-scores, self.k - 1, axis=1)[:, : self.k]
+        self.scores, self.ids = np.take_along_axis(scores, top, 1), np.take_along_axis(cand, top, 1)
+
+    @property
+    def kth(self) -> np.ndarray:
+        """Each query's k-th best exact score."""
+        return self.scores.min(axis=1)
+
+
 def chunked_recall(vectors, n: int, q: np.ndarray, k: int, nprobes: list[int], k_factors: list[float]) -> dict:
     """Build the ivfpq index over ``vectors(rows)`` for rows 0..n-1 (65,536 at a time, in order, as parts reach
     the ledger) while an exact search keeps each query's best k; then ``measure`` at the defaults and at each
-    other nprobe and k_factor (0: the default's)."""
+    other nprobe and k_factor (0: the default's), each setting once."""
     import faiss
 
     from output import ivf_index
@@ -162,8 +186,7 @@ def chunked_recall(vectors, n: int, q: np.ndarray, k: int, nprobes: list[int], k
     faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
     dim, chunk = q.shape[1], 65_536
     builder = IvfPqBuilder(dim, index_params("ivfpq", n, dim))
-    best_s = np.full((len(q), k), -np.inf, np.float32)
-    best_i = np.full((len(q), k), -1, np.int64)
+    exact = ExactTopK(q, k)
     t_build = t_exact = 0.0
     for a in range(0, n, chunk):
         ids = np.arange(a, min(a + chunk, n), dtype=np.int64)
@@ -171,24 +194,19 @@ def chunked_recall(vectors, n: int, q: np.ndarray, k: int, nprobes: list[int], k
         t0 = time.perf_counter()
         builder.add(ids, x)
         t1 = time.perf_counter()
-        scores = np.concatenate([best_s, q @ x.T], axis=1)
-        cand = np.concatenate([best_i, np.broadcast_to(ids, (len(q), len(ids)))], axis=1)
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(scores, top, 1), np.take_along_axis(cand, top, 1)
+        exact.add(ids, x)
         t_build, t_exact = t_build + t1 - t0, t_exact + time.perf_counter() - t1
         if (a // chunk) % 16 == 0:
             print(f"{a + len(x):,} of {n:,} vectors indexed ({t_build:.0f} s)", file=sys.stderr, flush=True)
     index, params = builder.finish()
-    kth = best_s.min(axis=1)
 
     def exact_scores(got: np.ndarray) -> np.ndarray:
         return np.stack([vectors(row) @ qv for qv, row in zip(q, got)])
 
-    combos = [(0, 0.0)] + [(p, f) for p in nprobes for f in k_factors if (p, f) != (0, 0.0)]
-    got = [
-        measure(index, q, k, p or int(params["nprobe"]), best_i, kth, exact_scores, f or float(params["k_factor"]))
-        for p, f in combos
-    ]
+    # the defaults first, then every other setting once (an explicit value equal to a default is not run twice)
+    default = (int(params["nprobe"]), float(params["k_factor"]))
+    combos = dict.fromkeys([default] + [(p or default[0], f or default[1]) for p in nprobes for f in k_factors])
+    got = [measure(index, q, k, p, exact.ids, exact.kth, exact_scores, f) for p, f in combos]
     return {
         "vectors": n,
         "params": params,
@@ -206,16 +224,16 @@ def pairs_recall(args: argparse.Namespace) -> dict:
     from bench_scale import pair_texts
 
     args.work.mkdir(parents=True, exist_ok=True)
-    v, v_apart, corpus, apart = sentence_vectors(args.data, args.work, 2 * args.queries)
+    model = functools.cache(lambda: real_model(args.work))  # built and loaded once, and only if needed
+    v, v_apart, corpus, apart = sentence_vectors(args.data, args.work, 2 * args.queries, model)
     q = v_apart[0::2] + v_apart[1::2]
     q = np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True), np.float32)
     nprobes = [0] + [int(p) for p in (args.nprobe.split(",") if args.nprobe else [])]
     k_factors = [0.0] + [float(f) for f in (args.k_factor.split(",") if args.k_factor else [])]
     res: dict = {"sentences": len(v), "dim": v.shape[1], "queries": len(q)}
-    model = real_model(args.work) if args.check or args.real else None
     if args.check:  # how close the sum is to the embedding of the concatenated text
         rows = np.random.default_rng(1).choice(args.pairs, args.check, replace=False)
-        real = embed_texts(model, [pair_texts(corpus, int(r), 1)[0] for r in rows], "pairs")
+        real = embed_texts(model(), [pair_texts(corpus, int(r), 1)[0] for r in rows], "pairs")
         cos = np.sum(real * pair_vectors(v, rows), axis=1)
         res["proxy_cosine"] = {
             "pairs": len(rows),
@@ -224,8 +242,8 @@ def pairs_recall(args: argparse.Namespace) -> dict:
         }
         print(json.dumps(res["proxy_cosine"]), file=sys.stderr, flush=True)
     if args.real:  # the same measure on the first --real rows embedded for real, and on their proxy
-        x = embed_texts(model, pair_texts(corpus, 0, args.real), "pairs")
-        qr = embed_texts(model, [f"{a} {b}" for a, b in zip(apart[0::2], apart[1::2])], "queries")
+        x = embed_texts(model(), pair_texts(corpus, 0, args.real), "pairs")
+        qr = embed_texts(model(), [f"{a} {b}" for a, b in zip(apart[0::2], apart[1::2])], "queries")
         res["at_real"] = {
             "real": chunked_recall(lambda rows: x[rows], args.real, qr, args.k, nprobes, k_factors),
             "proxy": chunked_recall(lambda rows: pair_vectors(v, rows), args.real, q, args.k, nprobes, k_factors),

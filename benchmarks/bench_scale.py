@@ -116,7 +116,7 @@ def write_corpus(sentences: list[str], rows: int, path: Path, pairs: bool = True
 def recall(out: Path, queries: list[str], k: int = 10) -> dict:
     """The job's own index against exact search over its parts, on ``queries`` (see the module docstring)."""
     import pyarrow.parquet as pq
-    from bench_recall import single_query_ms
+    from bench_recall import ExactTopK, single_query_ms
 
     from output.ledger import part_vectors
     from output.search import Searcher
@@ -130,23 +130,19 @@ def recall(out: Path, queries: list[str], k: int = 10) -> dict:
     batch_s = time.perf_counter() - t0
     lat = single_query_ms(s.index, q[:200], k)
     # exact search: one pass over the parts, keeping each query's best k (and the vectors of the ids returned)
-    best_s = np.full((len(q), k), -np.inf, np.float32)
-    best_i = np.full((len(q), k), -1, np.int64)
+    exact = ExactTopK(q, k)
     need = np.unique(got[got >= 0])
     found: dict[int, np.ndarray] = {}
     t0 = time.perf_counter()
     for p in s.manifest["parts"]:
         t = pq.read_table(s.out.path(p["file"]), columns=["row_id", "embedding"])
         rows, vecs = t.column("row_id").to_numpy(), part_vectors(t)
-        scores = np.concatenate([best_s, q @ vecs.T], axis=1)
-        cand = np.concatenate([best_i, np.broadcast_to(rows, (len(q), len(rows)))], axis=1)
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(scores, top, 1), np.take_along_axis(cand, top, 1)
+        exact.add(rows, vecs)
         hit = np.isin(rows, need)
         found.update(zip(rows[hit].tolist(), vecs[hit]))
     exact_s = time.perf_counter() - t0
-    kth = best_s.min(axis=1)
-    same = [len(set(a) & set(b)) / k for a, b in zip(got.tolist(), best_i.tolist())]
+    kth = exact.kth
+    same = [len(set(a) & set(b)) / k for a, b in zip(got.tolist(), exact.ids.tolist())]
     scored = np.array([[found[i] @ qv if i >= 0 else -9.0 for i in row] for qv, row in zip(q, got.tolist())])
     return {
         "queries": len(q),
