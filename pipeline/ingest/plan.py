@@ -35,11 +35,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.envs import cpu_count
 from core.errors import InputError
 from core.formats import ChunkCols, Plan, Scan
 from core.ids import id_hashes
@@ -111,8 +114,21 @@ class Window:
 def corpus_id_hashes(corpus: Corpus) -> np.ndarray:
     """uint64 [n_rows]: every row's id hash, from the id column alone (no text is read)."""
     h = np.zeros(corpus.n_rows, dtype=np.uint64)
-    for row0, arr, m in corpus.id_arrays():
+
+    def keys(row0: int, arr, m: int) -> None:
         h[row0 : row0 + m] = id_hashes(arr, row0, m)
+
+    # on threads (NumPy releases the GIL), a few chunks ahead at most; waited for in order, so a bad id (a null)
+    # is reported from the first chunk that holds one
+    workers = max(1, min(8, cpu_count()))
+    with ThreadPoolExecutor(workers, thread_name_prefix="id-keys") as pool:
+        ahead: deque = deque()
+        for row0, arr, m in corpus.id_arrays():
+            ahead.append(pool.submit(keys, row0, arr, m))
+            if len(ahead) > 2 * workers:
+                ahead.popleft().result()
+        while ahead:
+            ahead.popleft().result()
     return h
 
 
@@ -439,11 +455,13 @@ def check_unique_ids(corpus: Corpus, id_hash: np.ndarray, show: int = 5) -> None
     """Raise ``InputError`` naming duplicate ids (hash collisions are confirmed on the real ids)."""
     if corpus.id_column is None or id_hash.size < 2:
         return
-    order = np.argsort(id_hash, kind="stable")
-    sorted_h = id_hash[order]
+    sorted_h = np.sort(id_hash)  # the common case, no duplicate, needs no order (argsort: 3x the time)
     same = sorted_h[1:] == sorted_h[:-1]
     if not same.any():
         return
+    order = np.argsort(id_hash, kind="stable")
+    sorted_h = id_hash[order]
+    same = sorted_h[1:] == sorted_h[:-1]
     cand_hashes = np.unique(sorted_h[1:][same])
     cand_rows = np.sort(order[np.isin(sorted_h, cand_hashes)])
     # second, id-only pass: fetch the candidates' real ids

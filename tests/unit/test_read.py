@@ -100,6 +100,26 @@ def test_id_hashes_are_stable_and_spread():
         id_hashes(pa.array(["a", None]))
 
 
+def test_id_keys_keep_their_values_whichever_way_they_are_computed():
+    """The keys are stored (``.fbas/content.npz`` of an updated folder), so their values may never change: these
+    were computed by the first implementation. Ids of similar lengths go by byte position, ids of very
+    different lengths by powers; both must give the same keys."""
+    from core import ids as ids_mod
+
+    fixed = ["", "a", "doc-1", "中文", "x" * 3000]  # lengths spread past _MAX_SPREAD: the powers path
+    want = [0x0, 0xF0EEA8C8A0607D15, 0x69CB749FEFDD5E23, 0x8DBC4F06B4701A6A, 0x9F32E19C283F1F8C]
+    assert [int(x) for x in id_hashes(pa.array(fixed))] == want
+    assert [int(x) for x in id_hashes(pa.array(fixed[:4]))] == want[:4]  # the by-position path
+    rng = np.random.default_rng(0)
+    mixed = ["".join(chr(int(c)) for c in rng.integers(0x20, 0xD000, rng.integers(0, 30))) for _ in range(3000)]
+    col = pa.array(mixed, pa.large_string())
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64)[: len(mixed) + 1]
+    data = np.frombuffer(col.buffers()[2], dtype=np.uint8)
+    lengths = np.diff(offsets)
+    by_pos, by_pow = ids_mod._by_position(offsets, data, lengths), ids_mod._by_powers(offsets, data, lengths)
+    assert np.array_equal(by_pos, by_pow) and len(np.unique(by_pos)) == len(set(mixed))
+
+
 def test_the_first_rows_of_a_big_row_group_are_read_without_its_whole_column(tmp_path):
     """A producer's first window must not wait for (or hold) a whole row group's text: one row group of
     20,000 texts (about 40 MB of text) gives its first 1,024 rows with a few MB of Arrow memory, and the rows
