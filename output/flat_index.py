@@ -22,23 +22,56 @@ version writes something else, finalize builds the index in memory and lets FAIS
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import hashlib
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from core.layout import OutputDir
+from core.layout import OutputDir, drop_cached
 
 __all__ = ["FlatIndexFile", "layout_matches", "PREFIX_BYTES"]
 
 _DUMMY = 1 << 20  # two int64 fields FAISS writes with this value and ignores on read
 _METRIC_IP = 0  # faiss.METRIC_INNER_PRODUCT
 PREFIX_BYTES = 2 * (4 + 33) + 8
-_SYNC_BYTES = 128 << 20  # flush to disk every 128 MB, so the final fsync has little left to write
+_SYNC_BYTES = 64 << 20  # write back to disk every 64 MB, so the final fsync has little left to write
 _READ_BYTES = 8 << 20
+_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4  # sync_file_range(2) flags
+_WAIT_ALL = _WAIT_BEFORE | _WRITE | _WAIT_AFTER
+
+
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux), which Python's ``os`` lacks, or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_RANGE = _sync_file_range()
+
+
+def _range_sync(fd: int, offset: int, length: int, flags: int) -> bool:
+    """``sync_file_range``; False where it is missing or the file system refuses it (the caller then syncs
+    the whole file); raises ``OSError`` on an I/O error."""
+    if _SYNC_RANGE is None:
+        return False
+    if _SYNC_RANGE(fd, offset, length, flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"sync_file_range: {os.strerror(err)}")
 
 
 def _prefix(dim: int, n: int) -> bytes:
@@ -78,8 +111,9 @@ class FlatIndexFile:
         self.n = 0
         self.expected: int | None = None
         self._ids: list[np.ndarray] = []
-        self._hash: hashlib._Hash | None = None  # of the bytes so far, with the prefix for ``expected`` rows
-        self._unsynced = 0
+        self._hash: _Hasher | None = None  # of the bytes so far, with the prefix for ``expected`` rows
+        self._written = self._flushing = 0  # bytes up to these offsets are on disk / on their way there
+        self.failed = False  # a write-back failed: the file is in doubt
         self._fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
 
     def _end(self) -> int:
@@ -92,22 +126,40 @@ class FlatIndexFile:
         assert self._fd is not None, "add() after commit()"
         # ``.data`` is ``memoryview(arr)``; numpy's stubs declare ndarray a Buffer only for Python >= 3.12
         data = np.ascontiguousarray(vecs).reshape(-1).data.cast("B")
-        _pwrite_all(self._fd, data, self._end())
-        unsynced = self._unsynced + len(data)
-        if unsynced >= _SYNC_BYTES:
-            os.fdatasync(self._fd)
-            unsynced = 0
+        start = self._end()
+        _pwrite_all(self._fd, data, start)
+        if start + len(data) - self._flushing >= _SYNC_BYTES:
+            self._write_back(start + len(data))
         if self._hash is not None:  # from here on nothing can fail: the part is counted
             self._hash.update(data)
         self._ids.append(np.asarray(ids, np.int64))
         self.n += len(ids)
-        self._unsynced = unsynced
+
+    def _write_back(self, end: int) -> None:
+        """Start writing ``[_flushing, end)`` to disk without waiting for it, then wait for the window before
+        it (written meanwhile, as a rule) and let its pages go: the ledger never blocks on a whole window's
+        flush, and at most two windows are unwritten at once. Where ``sync_file_range`` is missing or refused
+        (not Linux; some file systems), ``fdatasync``. An error sets ``failed``: bytes of parts counted
+        already may be lost, so the file must be written again from the start (``PartLedger`` does)."""
+        fd = self._fd
+        assert fd is not None
+        try:
+            if not _range_sync(fd, self._flushing, end - self._flushing, _WRITE):
+                os.fdatasync(fd)
+            elif not _range_sync(fd, self._written, self._flushing - self._written, _WAIT_ALL):
+                os.fdatasync(fd)
+            elif self._flushing > self._written:
+                drop_cached(fd, self._written, self._flushing - self._written)
+        except OSError:
+            self.failed = True
+            raise
+        self._written, self._flushing = self._flushing, end
 
     def expect(self, n: int) -> None:
         """Start the hash, for a file of ``n`` vectors: the prefix, then the vectors written so far (read back)."""
         if self.expected is None:
             h = self._hash_from(_prefix(self.dim, n))
-            self._hash, self.expected = h, n
+            self._hash, self.expected = _Hasher(h), n
 
     def _hash_from(self, prefix: bytes):
         """SHA-256 of ``prefix`` and the vectors written so far."""
@@ -125,7 +177,9 @@ class FlatIndexFile:
     def commit(self) -> str:
         """Write the prefix and the ids, flush to disk and rename over ``final``; returns the file's SHA-256."""
         prefix = _prefix(self.dim, self.n)
-        h = self._hash if self.expected == self.n else self._hash_from(prefix)
+        ahead = self._hash.result() if self._hash is not None else None
+        self._hash = None
+        h = ahead if self.expected == self.n else self._hash_from(prefix)
         assert h is not None and self._fd is not None, "commit() once; expect() sets the hash with expected"
         ids = _ids_bytes(np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64))
         end = self._end()
@@ -140,6 +194,9 @@ class FlatIndexFile:
 
     def discard(self) -> None:
         """Close and remove the unfinished file (nothing happens after ``commit``)."""
+        if self._hash is not None:
+            self._hash.cancel()
+            self._hash = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -151,3 +208,41 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     while len(view):
         done = os.pwrite(fd, view, offset)
         view, offset = view[done:], offset + done
+
+
+class _Hasher:
+    """A SHA-256 fed in order on its own thread (``hashlib`` releases the GIL on large buffers), so that hashing
+    one part's vectors overlaps writing the next: the ledger's per-part work in order is then the write alone.
+    ``update`` keeps a reference to the bytes until they are hashed (the caller must not change them)."""
+
+    def __init__(self, h) -> None:
+        self._h = h
+        self._q: queue.Queue = queue.Queue(maxsize=8)
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="index-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._q.get()) is not None:
+            if self._error is None and not self._cancelled:
+                try:
+                    self._h.update(data)
+                except BaseException as e:  # noqa: BLE001 - re-raised by result()
+                    self._error = e
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._q.put(data)
+
+    def result(self):
+        """The hash object once every update is in (raises what hashing raised)."""
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._h
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._q.put(None)
+        self._thread.join()

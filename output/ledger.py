@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from core.envs import cpu_count
 from core.ids import id_hashes
-from core.layout import INDEX_FILE, JOB_FILE, OutputDir, part_name, read_part_meta
+from core.layout import INDEX_FILE, JOB_FILE, OutputDir, drop_cached, part_name, read_part_meta
 from output.check import stat_key, tally
 from output.flat_index import FlatIndexFile, layout_matches
 from output.ivf_index import IvfPqBuilder, index_params
@@ -83,7 +83,9 @@ def read_part_facts(
     before = stat_key(path)
     if before is None:
         return None
-    data = path.read_bytes()
+    with open(path, "rb") as f:
+        data = f.read()
+        drop_cached(f.fileno())  # read once: its cache pages go back for the workers' next parts
     if stat_key(path) != before:
         return None
     meta = read_part_meta(pa.BufferReader(data)) or {}
@@ -173,7 +175,13 @@ class PartLedger:
         file = self._open_file()
         if file.expected is None and (planned := self._planned()) is not None:
             file.expect(planned)
-        file.add(rows, vecs)
+        try:
+            file.add(rows, vecs)
+        except OSError:
+            if file.failed:  # parts counted already may not be on disk: the index file starts over
+                logger.warning("writing the index file failed; it will be written again from the first part")
+                self._start()
+            raise
 
     @property
     def next_batch(self) -> int:

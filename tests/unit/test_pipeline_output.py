@@ -517,12 +517,52 @@ def test_an_append_that_fails_midway_is_redone_cleanly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fi.os, "pwrite", half_then_fail)
     monkeypatch.setattr(fi.os, "fdatasync", sync_fails_once)
+    monkeypatch.setattr(fi, "_SYNC_RANGE", None)  # the write-back's own failure: the next test
     monkeypatch.setattr(fi, "_SYNC_BYTES", 2000)
     ledger = PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash, plan.n_rows)
     for _ in range(2):
         with pytest.raises(OSError):
             ledger.advance()
     assert faults == {"pwrite": 0, "sync": 0}
+    assert ledger.advance() == plan.n_batches
+    m = finalize(out, "flat", ledger=ledger)
+    assert out.path("index.faiss").read_bytes() == want
+    assert m["index"]["sha256"] == clean["index"]["sha256"] and m["counts"] == clean["counts"]
+
+
+def test_a_failed_write_back_starts_the_index_file_over(tmp_path, monkeypatch):
+    """The index file is written back to disk window by window while later parts are appended
+    (``sync_file_range``): an I/O error there may have lost bytes of parts counted already, so the ledger
+    starts the file over from the first part, and the index is byte for byte a clean run's."""
+    import ctypes
+
+    import output.flat_index as fi
+    from output.ledger import PartLedger
+
+    out, plan, ids, vectors = _job(tmp_path)
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b)
+    clean = finalize(out, "flat")
+    want = out.path("index.faiss").read_bytes()
+    real = fi._SYNC_RANGE
+    if real is None:
+        pytest.skip("no sync_file_range on this platform: the fdatasync path is the test above")
+    calls = {"n": 0, "failed": 0}
+
+    def fails_on_second_wait(fd, offset, length, flags):
+        calls["n"] += 1
+        if flags == fi._WAIT_ALL and calls["n"] >= 4 and not calls["failed"]:
+            calls["failed"] = 1
+            ctypes.set_errno(5)
+            return -1
+        return real(fd, offset, length, flags)
+
+    monkeypatch.setattr(fi, "_SYNC_RANGE", fails_on_second_wait)
+    monkeypatch.setattr(fi, "_SYNC_BYTES", 2000)
+    ledger = PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash, plan.n_rows)
+    with pytest.raises(OSError, match="Input/output error"):
+        ledger.advance()
+    assert calls["failed"] == 1 and ledger.next_batch == 0  # started over
     assert ledger.advance() == plan.n_batches
     m = finalize(out, "flat", ledger=ledger)
     assert out.path("index.faiss").read_bytes() == want
