@@ -52,10 +52,26 @@ def _producer(env: dict, tmp_path: Path) -> tuple[subprocess.Popen, queue.Queue]
     corpus = tmp_path / "c.parquet"
     pq.write_table(pa.table({"id": list(range(40)), "text": [f"a short text {i}" for i in range(40)]}), corpus)
     cmd = [sys.executable, "-m", "pipeline.cli", "ingest", str(corpus), "--out", str(tmp_path / "out"), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    # PYTHONFAULTHANDLER: a producer that does not stop is sent SIGABRT (``_stop``) and prints every thread's stack
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "PYTHONFAULTHANDLER": "1"}, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
     return proc, lines
+
+
+def _stop(proc: subprocess.Popen, lines: queue.Queue) -> None:
+    """Ctrl-C the producer; one that has not exited 60 s later fails the test with its threads' stacks."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(timeout=30)
+        time.sleep(0.5)
+        tail = []
+        while not lines.empty():
+            tail.append(lines.get())
+        pytest.fail("the producer did not stop within 60 s of SIGINT; its output ends:\n" + "".join(tail[-80:]))
 
 
 def _wait_line(lines: queue.Queue, needle: str, timeout: float) -> str:
@@ -78,8 +94,7 @@ def test_a_producer_with_no_worker_says_so(fleet_env, tmp_path):
         assert "FBAS_TASK_KEY" in line and "status" in line
         assert time.monotonic() - t0 < 90
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        _stop(proc, lines)
 
 
 def test_a_workers_trouble_reaches_the_producer_and_status(fleet_env, tmp_path):
@@ -105,7 +120,6 @@ def test_a_workers_trouble_reaches_the_producer_and_status(fleet_env, tmp_path):
         )
         assert "a worker reported:" in status.stdout and "Triton" in status.stdout, status.stdout
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        _stop(proc, lines)
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
