@@ -469,7 +469,7 @@ def main() -> int:
                                         root=root,
                                     )
                                 after = svc_cluster.engine_stats()  # Triton's account of this run
-                                trace["triton"] = {k: round(after[k] - before[k], 3) for k in after}
+                                trace["triton"] = {k: round(after[k] - before[k], 3) for k in after if k in before}
                                 trace["worker_stages"] = worker_stages(
                                     svc_cluster, work / f"svc-out-{case}-{ic}-{conc}{vname}-{m}-{k}", since=stages0
                                 )

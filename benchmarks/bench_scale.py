@@ -258,7 +258,7 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
         "worker_pool_total_peak_mb": round(mem.worker_total_peak_kb / 1024, 1),
         "tritonserver_peak_mb": round(mem.triton_peak_kb / 1024, 1),
         "timeline": commit_timeline(out, start),
-        "triton": {k: round(after[k] - before[k], 3) for k in after},
+        "triton": {k: round(after[k] - before[k], 3) for k in after if k in before},
         "worker_stages": worker_stages(cluster, out, since=stages0),
         "disk_gb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9, 2),
     }

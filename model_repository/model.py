@@ -13,6 +13,9 @@ Both inputs are ragged (``allow_ragged_batch``), so requests with different T an
 batched together; Triton's batch dimension counts requests. ``execute`` validates every
 request on its own, concatenates the valid ones, runs the engine once, and splits the rows
 back per request. A bad request gets its own ``INVALID_ARG`` error, never failing the others.
+Two counters on Triton's metrics endpoint say where an instance's time goes (``fbas_model_execute_seconds_total``:
+inside ``execute``; ``fbas_engine_embed_seconds_total``: inside the engine's ``embed``, a part of it): Triton's
+own ``compute_infer`` less the first is the stub's hand-over, the first less the second this file's Python.
 Error messages carry a machine-readable tag that ``workers.triton_client`` reads:
 
     [fbas:oversize]          the request exceeds max_docs_per_request / max_tokens_per_request
@@ -113,6 +116,41 @@ def check_request(token_ids: np.ndarray, lengths: np.ndarray, limits: dict) -> t
     return ids, lens
 
 
+class _Timers:
+    """The instance's time in ``execute`` and in the engine, as Triton custom metrics (counters, seconds);
+    a stub without the metrics API counts nothing, and a failed count never fails a request."""
+
+    def __init__(self, args: dict) -> None:
+        family = getattr(pb_utils, "MetricFamily", None)
+        self.metrics: list = []
+        if family is None:
+            return
+        labels = {"model": args.get("model_name", ""), "version": str(args.get("model_version", ""))}
+        labels["instance"] = args.get("model_instance_name", "")
+        # the families must outlive their metrics (the stub deletes a metric's values with its family)
+        self.families = [
+            family(
+                name="fbas_model_execute_seconds_total",
+                description="seconds spent in the fbas model's execute (validation, engine, responses)",
+                kind=family.COUNTER,
+            ),
+            family(
+                name="fbas_engine_embed_seconds_total",
+                description="seconds spent in the engine's embed (the model itself, host copies included)",
+                kind=family.COUNTER,
+            ),
+        ]
+        self.metrics = [f.Metric(labels=labels) for f in self.families]
+
+    def add(self, execute_s: float, embed_s: float) -> None:
+        try:
+            for metric, value in zip(self.metrics, (execute_s, embed_s)):
+                metric.increment(value)
+        except Exception as e:  # noqa: BLE001 - accounting only: the request's answer does not depend on it
+            pb_utils.Logger.log_warn(f"fbas: the model's time counters stopped ({e!r})")
+            self.metrics = []
+
+
 def _test_load_delay() -> None:
     """Test hook: ``FBAS_TEST_LOAD_DELAY=SECONDS`` makes each instance's load that much slower, so a test can
     stop a local cluster while its model is still loading."""
@@ -161,6 +199,7 @@ class TritonPythonModel:
         t1 = time.perf_counter()
         self._warmup(meta, gpu=device is not None)
         t2 = time.perf_counter()
+        self.timers = _Timers(args)
         # the split says where a slow start goes: the runtime's imports and weights, or the warm-up's
         # first kernels and CUDA graphs
         self.logger.log_info(
@@ -192,6 +231,8 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         """Validate each request, run the valid ones as one engine call, answer each request once."""
+        t0 = time.perf_counter()
+        embed_s = 0.0
         responses: list = [None] * len(requests)
         good: list[tuple[int, np.ndarray, np.ndarray]] = []
         for i, request in enumerate(requests):
@@ -205,7 +246,10 @@ class TritonPythonModel:
                 responses[i] = self._error(str(e), pb_utils.TritonError.INVALID_ARG)
         if good:
             try:
-                rows = self.engine.embed(np.concatenate([g[1] for g in good]), np.concatenate([g[2] for g in good]))
+                ids, lens = np.concatenate([g[1] for g in good]), np.concatenate([g[2] for g in good])
+                t1 = time.perf_counter()
+                rows = self.engine.embed(ids, lens)
+                embed_s = time.perf_counter() - t1
                 start = 0
                 for i, _, lens in good:
                     responses[i] = self._ok(rows[start : start + lens.size])
@@ -214,6 +258,7 @@ class TritonPythonModel:
                 self.logger.log_warn(f"fbas: batch of {len(good)} requests failed ({e!r}); retrying one by one")
                 for i, ids, lens in good:
                     responses[i] = self._one(ids, lens)
+        self.timers.add(time.perf_counter() - t0, embed_s)
         return responses
 
     def _one(self, ids: np.ndarray, lens: np.ndarray):

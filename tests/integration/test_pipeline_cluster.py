@@ -102,6 +102,22 @@ def test_the_same_job_into_a_second_folder_is_embedded_again(cluster, template_o
         state.r.hdel(state.k_running, "0")
 
 
+def test_triton_and_the_model_account_for_a_jobs_engine_time(cluster, template_out, tmp_path, stsb_en_test):
+    """engine_stats() splits an instance's time: Triton's queue and compute, the model's seconds in execute and,
+    inside them, in the engine (the model's custom metrics on Triton's metrics endpoint). Benchmarks read the
+    split to tell the engine from the serving around it."""
+    texts = [a for a, _, _ in stsb_en_test[:200]]
+    corpus = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": [f"t{i}" for i in range(len(texts))], "text": texts}), corpus)
+    before = cluster.engine_stats()
+    r = _ingest(cluster, template_out, corpus, tmp_path / "out", batch_tokens=1024)
+    after = cluster.engine_stats()
+    d = {k: after[k] - before[k] for k in after}
+    assert d["engine_requests"] >= r.manifest["counts"]["batches"] > 1
+    assert 0 < d["model_embed_s"] < d["model_execute_s"], d
+    assert d["engine_compute_s"] > 0 and d["engine_input_s"] >= 0 and d["engine_output_s"] >= 0, d
+
+
 @pytest.mark.parametrize("lengths", ["exact", "estimate"])
 def test_bad_rows_are_quarantined_or_flagged_and_nothing_is_lost(cluster, template_out, tmp_path, lengths):
     """With estimated lengths the producer cannot see that a text has no tokens: its worker quarantines it, with
