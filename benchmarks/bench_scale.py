@@ -19,6 +19,7 @@ recall are compared.
 * **Service**: redis-server, tritonserver (the model on the GPU, ``--instance-count`` instances) and a Celery
   worker, started once (``services.local.LocalCluster``, as ``fbas-pipeline serve`` + ``worker`` on a fleet
   host); each corpus is submitted with ``ingest --broker``, as a user of a running service does.
+* **GPU**: its utilization over each run (``nvidia-smi`` every 100 ms; the mean and 5 s bins).
 * **Memory**: the producer's peak RSS (``VmHWM`` at its exit; the producer also finalizes), its RSS
   sampled every 0.5 s (peak while embedding and while finalizing), and the worker's pool processes' and
   tritonserver's peak RSS (``VmHWM``), sampled every 0.5 s.
@@ -53,6 +54,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_gpu_ingest import (  # noqa: E402
     all_worker_stages,
     bench_env,
+    gpu_trace,
     random_model,
     result_header,
     running_service,
@@ -230,7 +232,9 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
     triton = cluster.triton.pid if cluster.triton is not None else None
     mem = MemorySampler(p.pid, worker, triton)
     before, stages0 = cluster.engine_stats(), all_worker_stages(cluster)
-    _, err = p.communicate()
+    util: dict = {}
+    with gpu_trace(util, bin_s=5.0):
+        _, err = p.communicate()
     wall = time.perf_counter() - t0
     mem.stop()
     after = cluster.engine_stats()  # Triton's account of this run
@@ -261,6 +265,9 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
         "triton": {k: round(after[k] - before[k], 3) for k in after if k in before},
         "worker_stages": worker_stages(cluster, out, since=stages0),
         "disk_gb": round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9, 2),
+        # the GPU's busy % over the whole run (nvidia-smi, mean of 5 s bins), and the bins
+        "gpu_util_mean": round(sum(util["gpu_util"]) / len(util["gpu_util"]), 1) if util.get("gpu_util") else None,
+        "gpu_util": util.get("gpu_util"),
     }
 
 
