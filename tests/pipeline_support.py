@@ -17,6 +17,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 
+def ctrl_c_works() -> None:
+    """``preexec_fn`` for a child a test will Ctrl-C (SIGINT): a shell running the tests in the background
+    (``make test &``, nohup, some CI runners) starts them with SIGINT ignored, every child inherits that, and
+    Python then installs no KeyboardInterrupt handler: the child would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def write_stsb_corpus(pairs: list[tuple[str, str, float]], path: Path) -> Path:
     """STS-B pairs as a corpus: rows 0..n-1 are sentence 1, rows n..2n-1 sentence 2 (ids "s<row>")."""
     texts = [a for a, _, _ in pairs] + [b for _, b, _ in pairs]

@@ -20,6 +20,7 @@ from core.config import FbasConfig
 from tests.pipeline_support import (
     check_oracle,
     count_parts,
+    ctrl_c_works,
     pid_alive,
     read_vectors,
     seed_model,
@@ -137,6 +138,7 @@ def _start(corpus: Path, out: Path, extra_env: dict[str, str] | None = None) -> 
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=str(ROOT),
+        preexec_fn=ctrl_c_works,  # noqa: PLW1509 - only resets a signal disposition
     )
 
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.triton import free_port
+from tests.pipeline_support import ctrl_c_works
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,7 +54,14 @@ def _producer(env: dict, tmp_path: Path) -> tuple[subprocess.Popen, queue.Queue]
     pq.write_table(pa.table({"id": list(range(40)), "text": [f"a short text {i}" for i in range(40)]}), corpus)
     cmd = [sys.executable, "-m", "pipeline.cli", "ingest", str(corpus), "--out", str(tmp_path / "out"), "--no-progress"]
     # PYTHONFAULTHANDLER: a producer that does not stop is sent SIGABRT (``_stop``) and prints every thread's stack
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "PYTHONFAULTHANDLER": "1"}, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**env, "PYTHONFAULTHANDLER": "1"},
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_works,  # noqa: PLW1509 - only resets a signal disposition
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
     return proc, lines
