@@ -315,48 +315,8 @@ class LocalCluster:
         return out
 
     def engine_stats(self) -> dict[str, float]:
-        """Triton's own account of the model's work so far: executions, requests and compute seconds
-        (``compute_infer``: time inside the engine, the yardstick for pipeline efficiency)."""
-        from workers.triton_client import ClientOptions, TritonEncoder
-
-        with TritonEncoder(
-            ClientOptions(url=self.triton_url, model_name=self.triton.model_name, ready_timeout=5.0)
-        ) as enc:
-            st = enc.model_statistics()
-        infer = st.get("inference_stats", {})
-
-        def secs(key: str) -> float:
-            return round(int(infer.get(key, {}).get("ns", 0)) / 1e9, 3)
-
-        return {
-            "engine_executions": int(st.get("execution_count", 0)),
-            "engine_requests": int(st.get("inference_count", 0)),
-            "engine_compute_s": secs("compute_infer"),
-            "engine_queue_s": secs("queue"),
-            "engine_input_s": secs("compute_input"),
-            "engine_output_s": secs("compute_output"),
-            **self._model_timers(),
-        }
-
-    def _model_timers(self) -> dict[str, float]:
-        """The model's own counters on Triton's metrics endpoint (``model_repository/model.py``), summed over
-        its instances: seconds in ``execute`` and in the engine's ``embed``; empty when they cannot be read."""
-        import urllib.request
-
-        from prometheus_client.parser import text_string_to_metric_families
-
-        names = {"fbas_model_execute_seconds": "model_execute_s", "fbas_engine_embed_seconds": "model_embed_s"}
-        try:
-            with urllib.request.urlopen(self.triton.metrics_url, timeout=5.0) as r:
-                text = r.read().decode("utf-8", "replace")
-        except OSError:
-            return {}
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            key = names.get(family.name)
-            if key is not None:
-                out[key] = round(sum(s.value for s in family.samples if s.name.endswith("_total")), 3)
-        return out
+        """Triton's own account of the model's work so far (``TritonProcess.model_stats``)."""
+        return self.triton.model_stats()
 
     def wait_ready(self) -> None:
         """Block until Triton serves the model; raise its start error (with its log tail) if it failed."""

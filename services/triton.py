@@ -193,6 +193,43 @@ class TritonProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    def model_stats(self) -> dict[str, float]:
+        """Triton's account of the model's work so far, summed over its instances: executions and requests;
+        seconds in the queue and in compute (``compute_infer`` is counted once per request, so a merged
+        execution counts several times; input and output copies apart); and the model's own counters
+        (``model_repository/model.py``): seconds in ``execute`` and, inside them, in the engine's ``embed``
+        (absent when the metrics endpoint cannot be read)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from workers.triton_client import ClientOptions, TritonEncoder
+
+        with TritonEncoder(ClientOptions(url=self.grpc_url, model_name=self.model_name, ready_timeout=5.0)) as enc:
+            st = enc.model_statistics()
+        infer = st.get("inference_stats", {})
+
+        def secs(key: str) -> float:
+            return round(int(infer.get(key, {}).get("ns", 0)) / 1e9, 3)
+
+        out = {
+            "engine_executions": int(st.get("execution_count", 0)),
+            "engine_requests": int(st.get("inference_count", 0)),
+            "engine_compute_s": secs("compute_infer"),
+            "engine_queue_s": secs("queue"),
+            "engine_input_s": secs("compute_input"),
+            "engine_output_s": secs("compute_output"),
+        }
+        names = {"fbas_model_execute_seconds": "model_execute_s", "fbas_engine_embed_seconds": "model_embed_s"}
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=5.0) as r:
+                text = r.read().decode("utf-8", "replace")
+        except OSError:
+            return out
+        for family in text_string_to_metric_families(text):
+            key = names.get(family.name)
+            if key is not None:
+                out[key] = round(sum(s.value for s in family.samples if s.name.endswith("_total")), 3)
+        return out
+
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(list(self._tail)[-n:])
 
