@@ -385,14 +385,20 @@ class GpuBertEngine:
         return k.pool(x, cu, self.pooling, self.normalize, max_len)
 
     # --- host side -----------------------------------------------------------------------------
-    def embed(self, token_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Packed token ids int32 ``[T]`` + lengths int32 ``[N]`` -> float32 ``[N, dim]``."""
+    def embed(self, token_ids: np.ndarray, lengths: np.ndarray, out_dtype: Any = np.float32) -> np.ndarray:
+        """Packed token ids int32 ``[T]`` + lengths int32 ``[N]`` -> ``[N, dim]`` of ``out_dtype`` (float32, or
+        float16 for a server whose outputs are fp16: rounded on the device, so half the bytes cross to the host,
+        the same values as rounding the float32 rows there)."""
         token_ids, lengths, offsets = packed_inputs(token_ids, lengths, self.max_seq_len, self.vocab_size)
-        out = np.empty((len(lengths), self.dim), dtype=np.float32)
+        out_dtype = np.dtype(out_dtype)
+        if out_dtype not in (np.float32, np.float16):
+            raise ValueError(f"out_dtype must be float32 or float16, not {out_dtype}")
+        dev_dtype = torch.float16 if out_dtype == np.float16 else torch.float32
+        out = np.empty((len(lengths), self.dim), dtype=out_dtype)
         with self._lock, torch.inference_mode():
             for a, b in self._chunks(offsets):
                 run = self._prepare(token_ids[offsets[a] : offsets[b]], lengths[a:b])
-                out[a:b] = run().cpu().numpy()
+                out[a:b] = run().to(dev_dtype).cpu().numpy()
         return out
 
     def _chunks(self, offsets: np.ndarray) -> list[tuple[int, int]]:

@@ -26,6 +26,7 @@ Error messages carry a machine-readable tag that ``workers.triton_client`` reads
 from __future__ import annotations
 
 import ctypes
+import inspect
 import json
 import os
 import time
@@ -200,6 +201,10 @@ class TritonPythonModel:
         self._warmup(meta, gpu=device is not None)
         t2 = time.perf_counter()
         self.timers = _Timers(args)
+        # an engine that rounds to the output dtype itself (the GPU engine: on the device) is asked to
+        self._embed_kw = (
+            {"out_dtype": self.out_dtype} if "out_dtype" in inspect.signature(self.engine.embed).parameters else {}
+        )
         # the split says where a slow start goes: the runtime's imports and weights, or the warm-up's
         # first kernels and CUDA graphs
         self.logger.log_info(
@@ -248,7 +253,7 @@ class TritonPythonModel:
             try:
                 ids, lens = np.concatenate([g[1] for g in good]), np.concatenate([g[2] for g in good])
                 t1 = time.perf_counter()
-                rows = self.engine.embed(ids, lens)
+                rows = self.engine.embed(ids, lens, **self._embed_kw)
                 embed_s = time.perf_counter() - t1
                 start = 0
                 for i, _, lens in good:

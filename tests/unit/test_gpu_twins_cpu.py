@@ -132,6 +132,19 @@ def test_graph_padding_plan_gives_the_same_vectors(minilm, encoded):
     assert np.abs(got - plain).max() < 1e-5
 
 
+def test_fp16_rows_are_the_float32_rows_rounded(minilm, encoded):
+    """A server with fp16 outputs has the engine round on the device (half the bytes to the host): the rows
+    must be exactly the float32 rows rounded to float16, as the host rounding gave before."""
+    ck, _ = minilm
+    eng = engine_for(ck, "mean", True)
+    full = eng.embed(encoded.token_ids, encoded.lengths)
+    half = eng.embed(encoded.token_ids, encoded.lengths, out_dtype=np.float16)
+    assert half.dtype == np.float16 and half.shape == full.shape
+    np.testing.assert_array_equal(half, full.astype(np.float16))
+    with pytest.raises(ValueError, match="float32 or float16"):
+        eng.embed(encoded.token_ids, encoded.lengths, out_dtype=np.int8)
+
+
 def test_a_text_alone_and_inside_a_batch_gives_the_same_vector(minilm, encoded):
     ck, _ = minilm
     eng = engine_for(ck, "mean", True)
