@@ -38,21 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_gpu_ingest import SHAPES, random_model  # noqa: E402
+from bench_gpu import stsb_sentences  # noqa: E402
+from bench_gpu_ingest import random_model  # noqa: E402
 from bench_ingest import warm_model  # noqa: E402
-
-WIDE = {"hidden_size": 384, "num_hidden_layers": 1, "num_attention_heads": 6, "intermediate_size": 384}
-
-
-def sentences(data: Path, n: int) -> list[str]:
-    import csv
-
-    out: list[str] = []
-    for f in sorted((data / "stsb_multi_mt").glob("stsb-en-*.csv")):
-        with open(f, encoding="utf-8") as fh:
-            for row in csv.reader(fh):
-                out.append(row[0])
-    return [out[i % len(out)] for i in range(n)]
 
 
 def one_variant(built: Path, work: Path, name: str, ids: np.ndarray, lens: np.ndarray, requests: int) -> dict:
@@ -114,7 +102,6 @@ def main() -> int:
 
     from engine.model_dir import load_engine, load_tokenizer
 
-    SHAPES.setdefault("wide", WIDE)
     res: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "cores": os.cpu_count(),
@@ -127,7 +114,8 @@ def main() -> int:
         work = Path(tmp)
         model = random_model(args.tokenizer, work / f"model-{args.shape}", args.shape)
         built = warm_model(work, precision, model=str(model), target=args.target, max_seq_len=128)
-        enc = load_tokenizer(built).encode(sentences(args.data, args.rows))
+        texts = stsb_sentences(args.data / "stsb_multi_mt")
+        enc = load_tokenizer(built).encode([texts[i % len(texts)] for i in range(args.rows)])
         ids, lens = enc.token_ids, enc.lengths
         res["tokens_per_request"] = int(lens.sum())
         engine = load_engine(built)
