@@ -178,14 +178,12 @@ def chunked_recall(vectors, n: int, q: np.ndarray, k: int, nprobes: list[int], k
     other nprobe and k_factor (0: the default's), each setting once."""
     import faiss
 
-    from output import ivf_index
     from output.ivf_index import IvfPqBuilder, index_params
 
-    # every core for the build: the ledger takes half of them, beside the workers, which do not run here
-    ivf_index._limit_threads = lambda: None  # type: ignore[assignment]
     faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
     dim, chunk = q.shape[1], 65_536
     builder = IvfPqBuilder(dim, index_params("ivfpq", n, dim))
+    builder.all_cores = True  # no workers here: the build has the machine, as a job's finalize does
     exact = ExactTopK(q, k)
     t_build = t_exact = 0.0
     for a in range(0, n, chunk):

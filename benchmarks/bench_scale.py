@@ -255,6 +255,8 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
         "finalize_s": t.get("finalize_s"),
         "index_s": t.get("index_s"),
         "ledger_stop_s": t.get("ledger_stop_s"),
+        "index_train_s": t.get("index_train_s"),  # ivfpq: training, and adding every vector (job + finalize)
+        "index_add_s": t.get("index_add_s"),
         "parts_checked_ahead": t.get("parts_checked_ahead"),
         "batches": m["counts"]["batches"],
         "index": {k: m["index"][k] for k in ("type", "ntotal", "params")},

@@ -117,6 +117,8 @@ def finalize(
             "parts_checked_ahead": ahead,
             "index_s": round(time.perf_counter() - t_index, 3),
         }
+        if ledger.ivf is not None:  # the ivfpq index's own work over the whole job (the ledger's and finalize's)
+            timings["index_train_s"], timings["index_add_s"] = round(ledger.ivf.train_s, 3), round(ledger.ivf.add_s, 3)
         manifest = write_manifest(
             out, job, counts=counts, index=index, parts=merged.parts, quarantine=q_entry, timings=timings
         )
@@ -163,6 +165,7 @@ def _check_parts(out: OutputDir, ledger: PartLedger, job_id: str, n_batches: int
             missing,
         )
     ahead = ledger.next_batch
+    ledger.use_all_cores()
     if ledger.advance(n_batches) != n_batches or ledger.changed() is not None:
         raise PermanentError(
             f"parts in {out}/{VECTORS} changed while finalize read them: is another ingest "

@@ -57,13 +57,16 @@ def index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
     }
 
 
-def _limit_threads() -> None:
-    """At most half the cores for FAISS's OpenMP work in the calling thread (the ledger's: the setting is per
-    thread): it runs while the workers embed, and OpenMP threads that wait by spinning on cores other processes
-    use make it slower, not faster."""
+def _set_threads(all_cores: bool) -> None:
+    """FAISS's OpenMP threads for the calling thread (the setting is per thread). While the job runs, a quarter
+    of the cores (at most 8): the index is built beside the workers, and OpenMP threads that need cores other
+    processes hold make it slower, not faster (on 2 busy cores, 2 threads added 24,000 vectors a second and 1
+    thread 54,000; NOTES 4l). Once the workers are done (finalize), every core. Ingest also makes OpenMP's
+    threads sleep rather than spin while they wait (``core.envs.quiet_openmp``)."""
     import faiss
 
-    faiss.omp_set_num_threads(max(1, min(8, cpu_count() // 2)))
+    n = cpu_count()
+    faiss.omp_set_num_threads(n if all_cores else max(1, min(8, n // 4)))
 
 
 def new_ivfpq(dim: int, p: dict[str, Any]) -> Any:
@@ -91,23 +94,35 @@ def tune(index: Any, p: dict[str, Any]) -> None:
 
 
 class IvfPqBuilder:
-    """``add(rows, vecs)`` part by part in batch order, then ``finish()`` -> (the trained, filled index, params)."""
+    """``add(rows, vecs)`` part by part in batch order, then ``finish()`` -> (the trained, filled index, params).
+
+    Parts are added ``ADD_BATCH`` vectors at a time (a GPU job's parts of ~900 rows are small work for FAISS's
+    threads); the index is the same whatever the batching, since each list receives its vectors in batch order.
+    ``all_cores`` (set once the workers are done) lets FAISS use every core for what is left."""
+
+    ADD_BATCH = 16_384
 
     def __init__(self, dim: int, params: dict[str, Any]) -> None:
         self.dim, self.params = dim, dict(params)
-        self._held: list[tuple[np.ndarray, np.ndarray]] = []
+        self._held: list[tuple[np.ndarray, np.ndarray]] = []  # until trained
         self._n_held = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # after: the next add's parts
+        self._n_pending = 0
         self.index: Any = None
+        self.all_cores = False
         self.train_s = 0.0
+        self.add_s = 0.0
 
     @property
     def ntotal(self) -> int:
-        return self._n_held + (int(self.index.ntotal) if self.index is not None else 0)
+        return self._n_held + self._n_pending + (int(self.index.ntotal) if self.index is not None else 0)
 
     def add(self, rows: np.ndarray, vecs: np.ndarray) -> None:
-        _limit_threads()
         if self.index is not None:
-            self.index.add_with_ids(np.ascontiguousarray(vecs, np.float32), rows.astype(np.int64))
+            self._pending.append((rows, vecs))
+            self._n_pending += len(rows)
+            if self._n_pending >= self.ADD_BATCH:
+                self._flush()
             return
         self._held.append((rows, vecs))
         self._n_held += len(rows)
@@ -117,11 +132,22 @@ class IvfPqBuilder:
     def finish(self) -> tuple[Any, dict[str, Any]]:
         if self.index is None:
             self._train()
+        self._flush()
         return self.index, self.params
 
-    def _train(self) -> None:
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        _set_threads(self.all_cores)
+        t0 = time.perf_counter()
+        rows = np.concatenate([r for r, _ in self._pending]).astype(np.int64)
+        vecs = np.ascontiguousarray(np.concatenate([v for _, v in self._pending]), np.float32)
+        self._pending, self._n_pending = [], 0
+        self.index.add_with_ids(vecs, rows)
+        self.add_s += time.perf_counter() - t0
 
-        _limit_threads()
+    def _train(self) -> None:
+        _set_threads(self.all_cores)
         p = self.params
         xt = np.concatenate([v for _, v in self._held]) if self._held else np.zeros((0, self.dim), np.float32)
         xt = np.ascontiguousarray(xt[: p["train_size"]], np.float32)

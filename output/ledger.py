@@ -211,6 +211,11 @@ class PartLedger:
             self.facts.append(facts)
         return self.next_batch
 
+    def use_all_cores(self) -> None:
+        """The workers are done: what is left of the index's work may use every core."""
+        if self.ivf is not None:
+            self.ivf.all_cores = True
+
     def commit_index(self) -> str:
         """Put the flat index file in place (an empty one when no part had vectors); returns its SHA-256."""
         digest = self._open_file().commit()

@@ -265,8 +265,11 @@ def test_an_ivfpq_index_trains_and_fills_while_parts_commit_and_matches_one_buil
         held.append(ledger.ivf._n_held)
     assert max(held) < train_size + largest and held[-1] == 0, "trained once train_size vectors came"
     assert ledger.ivf.index is not None and ledger.ivf.ntotal == 44_999
+    assert not ledger.ivf.all_cores, "a quarter of the cores while the workers run"
     ahead = finalize(out, "ivfpq", ledger=ledger)
     assert ahead["timings"]["parts_checked_ahead"] == plan.n_batches
+    assert ledger.ivf.all_cores, "every core once finalize has the machine"
+    assert ahead["timings"]["index_train_s"] > 0 and ahead["timings"]["index_add_s"] > 0
     first = out.path("index.faiss").read_bytes()
     again = finalize(out, "ivfpq")  # no ledger: every part read now
     assert again["index"]["sha256"] == ahead["index"]["sha256"] and again["index"]["params"]["trained_on"] == train_size
