@@ -1,6 +1,7 @@
 """The producer's own per-part and per-id work, this checkout against another (a baseline commit), same run.
 
     python benchmarks/bench_ledger.py --baseline ../fbas-base [--parts 240] [--ids 2154000] [--rounds 2]
+                                      [--index flat|ivfpq] [--busy K]
 
 Two measures, each run in a fresh process per checkout, the checkouts alternating:
 
@@ -8,6 +9,10 @@ Two measures, each run in a fresh process per checkout, the checkouts alternatin
   ``workers.write.write_batch``) while the ledger (``output.ledger.PartLedger``, flat index) reads them eight
   parts behind it, as the producer's feeder does during a job; then the last parts and the index commit.
   Reported: ms a part for the writer and for the ledger. What the ledger cannot keep up with is finalize's tail.
+  ``--index ivfpq``: the ledger trains the index on the first parts and adds the rest (the vectors are random
+  around 2,000 centres), and the last step is finalize's (every core where the checkout allows it, then the
+  index finished). ``--busy K`` keeps K other processes spinning meanwhile, as a GPU host's workers hold its
+  cores.
 * **ids**: a new job's id check (``pipeline.ingest.plan.corpus_id_hashes`` + ``check_unique_ids``) on a
   corpus of ``--ids`` string ids in row groups of 32,768, as the STS-B benchmark corpus has them.
 
@@ -35,17 +40,25 @@ from core.ids import id_hashes
 from core.layout import OutputDir
 from output.ledger import PartLedger
 from workers.write import BatchOutput, write_batch
-n, rows, dim, root = int(sys.argv[2]), 4096, 384, sys.argv[3]
+n, rows, dim, root, kind = int(sys.argv[2]), 4096, 384, sys.argv[3], sys.argv[4]
 out = OutputDir(root)
 out.make_dirs()
 out.state("").mkdir(parents=True, exist_ok=True)
 ids = [f"doc-{i}" for i in range(n * rows)]
-vecs = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
-ledger = PartLedger(out, "job", dim, "flat", id_hashes(ids), n * rows)
+rng = np.random.default_rng(0)
+centres = rng.standard_normal((2000, dim)).astype(np.float32)
+def part_vecs(b):
+    if kind == "flat":  # the same random part each time (what the flat ledger does does not depend on values)
+        return vecs0
+    v = centres[rng.integers(0, 2000, rows)] + 0.5 * rng.standard_normal((rows, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+vecs0 = rng.standard_normal((rows, dim)).astype(np.float32)
+ledger = PartLedger(out, "job", dim, kind, id_hashes(ids), n * rows)
 write_s = ledger_s = 0.0
 for b in range(n):
-    t0 = time.perf_counter()
     r = np.arange(b * rows, (b + 1) * rows)
+    vecs = part_vecs(b)
+    t0 = time.perf_counter()
     write_batch(out, BatchOutput("job", b, "m", dim, "string", r, ids[b * rows : (b + 1) * rows], vecs,
                 np.full(rows, 16, np.int32), np.zeros(rows, bool), np.zeros(rows, bool), np.zeros(0, np.int64), [], []))
     t1 = time.perf_counter()
@@ -54,11 +67,17 @@ for b in range(n):
         ledger.advance(b + 1)
     ledger_s += time.perf_counter() - t1
 t0 = time.perf_counter()
+getattr(ledger, "use_all_cores", lambda: None)()  # finalize's: the workers are done
 assert ledger.advance(n) == n
-ledger.commit_index()
-ledger_s += time.perf_counter() - t0
+if kind == "flat":
+    ledger.commit_index()
+else:
+    ledger.ivf.finish()
+tail = time.perf_counter() - t0
+ledger_s += tail
 shutil.rmtree(root, ignore_errors=True)
-print(json.dumps({"write_ms_per_part": 1000 * write_s / n, "ledger_ms_per_part": 1000 * ledger_s / n}))
+print(json.dumps({"write_ms_per_part": 1000 * write_s / n, "ledger_ms_per_part": 1000 * ledger_s / n,
+                  "last_step_s": tail}))
 """
 
 IDS = r"""
@@ -89,6 +108,8 @@ def main() -> int:
     ap.add_argument("--parts", type=int, default=240)
     ap.add_argument("--ids", type=int, default=2_154_000)
     ap.add_argument("--rounds", type=int, default=2, help="runs of each checkout, alternating")
+    ap.add_argument("--index", default="flat", choices=("flat", "ivfpq"), help="the index the ledger builds")
+    ap.add_argument("--busy", type=int, default=0, help="other processes kept spinning meanwhile (workers' cores)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder on the disk to measure")
     args = ap.parse_args()
     import pyarrow as pa
@@ -103,13 +124,18 @@ def main() -> int:
     )
     roots = {"baseline": args.baseline.resolve(), "this": ROOT}
     res: dict[str, list[dict]] = {k: [] for k in roots}
-    for r in range(args.rounds):
-        for name, root in roots.items():
-            got = run(LEDGER, str(root), str(args.parts), str(work / f"out-{name}-{r}"))
-            got.update(run(IDS, str(root), str(corpus)))
-            res[name].append(got)
-            print(name, {k: round(v, 3) for k, v in got.items()}, flush=True)
-    for key in ("ledger_ms_per_part", "write_ms_per_part", "id_check_s"):
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        for r in range(args.rounds):
+            for name, root in roots.items():
+                got = run(LEDGER, str(root), str(args.parts), str(work / f"out-{name}-{r}"), args.index)
+                got.update(run(IDS, str(root), str(corpus)))
+                res[name].append(got)
+                print(name, {k: round(v, 3) for k, v in got.items()}, flush=True)
+    finally:
+        for s in spin:
+            s.kill()
+    for key in ("ledger_ms_per_part", "last_step_s", "write_ms_per_part", "id_check_s"):
         base, this = (statistics.median(x[key] for x in res[k]) for k in ("baseline", "this"))
         print(f"{key}: baseline {base:.3f}, this checkout {this:.3f}, ratio {base / this:.2f}x")
     shutil.rmtree(work, ignore_errors=True)

@@ -46,12 +46,3 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def quiet_openmp() -> None:
-    """Make OpenMP's idle threads sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``) in this process, unless
-    the user set it. For ingest's process, which builds the index (FAISS) beside the workers: a spinning thread
-    holds a core that a worker needs, and an OpenMP region waits for its slowest thread (on 2 busy cores an
-    index's training took 23.0 s spinning and 12.3 s sleeping; NOTES 4l). OpenMP reads it once, when it loads:
-    call this before anything imports FAISS."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

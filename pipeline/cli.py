@@ -385,9 +385,6 @@ def _import_ahead(names: tuple[str, ...]) -> None:
 
 
 def _cmd_ingest(args: argparse.Namespace, cfg: FbasConfig) -> int:
-    from core.envs import quiet_openmp
-
-    quiet_openmp()  # before FAISS loads: the index is built beside the workers
     if cfg.queue.broker:
         _import_ahead(_PRODUCER_MODULES)
     from pipeline.ingest.run import ingest

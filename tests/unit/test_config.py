@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -105,16 +104,3 @@ def test_a_fleet_worker_is_told_the_engine_target_to_size_its_pool(monkeypatch):
         (worker + ["--target", "gpu", "--concurrency", "3"], 3),
     ):
         assert local.pool_size(_config_from_args(build_parser().parse_args(argv))) == want
-
-
-def test_ingest_makes_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
-    """``quiet_openmp`` sets OMP_WAIT_POLICY=PASSIVE for FAISS's threads beside the workers, and keeps a value the
-    user set."""
-    from core.envs import quiet_openmp
-
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    quiet_openmp()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    quiet_openmp()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
