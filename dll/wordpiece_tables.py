@@ -20,9 +20,12 @@ Tables depend on the normalizer's flags; they are cached in memory and as ``.npz
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,7 +218,11 @@ def _learn_reordering(norm, cps: np.ndarray, mapping: np.ndarray, flags: np.ndar
 
 
 def tables_for(flags: NormalizerFlags) -> Tables:
-    """The tables for a normalizer's flags: from memory, else ``dll/build/wordpiece_tables``, else built (seconds)."""
+    """The tables for a normalizer's flags: from memory, else ``dll/build/wordpiece_tables``, else built (seconds).
+
+    One process on a host builds a missing file while the others wait for it and read it (a lock file beside
+    it): a fresh GPU host's worker pool (20 processes) otherwise built the same tables 20 times at once on its
+    first batches, which held every core for the job's first seconds (NOTES 4l)."""
     import tokenizers
 
     version = tokenizers.__version__
@@ -223,29 +230,52 @@ def tables_for(flags: NormalizerFlags) -> Tables:
     if key in _memo:
         return _memo[key]
     path = CACHE_DIR / f"norm-v{FORMAT}-{version}-{flags.key()}.npz"
-    tables = None
+    tables = _load(path)
+    if tables is None:
+        with _build_lock(path.with_suffix(".lock")):
+            tables = _load(path)  # built by another process while this one waited
+            if tables is None:
+                logger.info("building WordPiece tables for %s from tokenizers %s", flags.key(), version)
+                tables = _build(flags, version)
+                t = tables
+                _save(
+                    path,
+                    lambda f: np.savez_compressed(
+                        f,
+                        map=t.map,
+                        pool=t.pool,
+                        flags=t.flags,
+                        rank=t.rank,
+                        reorders=t.reorders,
+                        max_tokens_per_byte=t.max_tokens_per_byte,
+                    ),
+                )
+    _memo[key] = tables
+    return tables
+
+
+def _load(path: Path) -> Tables | None:
     try:
         with np.load(path) as z:
-            tables = Tables(
+            return Tables(
                 z["map"], z["pool"], z["flags"], z["rank"], bool(z["reorders"]), float(z["max_tokens_per_byte"])
             )
     except (OSError, ValueError, KeyError):
-        pass
-    if tables is None:
-        logger.info("building WordPiece tables for %s from tokenizers %s", flags.key(), version)
-        tables = _build(flags, version)
-        t = tables
-        _save(
-            path,
-            lambda f: np.savez_compressed(
-                f,
-                map=t.map,
-                pool=t.pool,
-                flags=t.flags,
-                rank=t.rank,
-                reorders=t.reorders,
-                max_tokens_per_byte=t.max_tokens_per_byte,
-            ),
-        )
-    _memo[key] = tables
-    return tables
+        return None
+
+
+@contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (``flock``) while a table is built; none where the cache cannot be written
+    (each process then builds its own, as before)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

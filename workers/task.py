@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from core.envs import read_env
 from core.errors import InputError, PermanentError, ServerUnavailableError, TransientError
@@ -142,6 +142,21 @@ def _preload(**_: Any) -> None:
     # pyarrow imports pandas, where it is installed, on its first pa.array (a slow import): now, not
     # inside the first batch's write
     importlib.import_module("pyarrow").array([0])
+
+
+@worker_init.connect
+def _warm_tokenizer_tables(**_: Any) -> None:
+    """Load the C tokenizer's tables for uncased BERT's normalizer (all-MiniLM-L6-v2's, the default model's) in
+    the worker's main process, before its pool forks, so that each pool process starts with them. On a host
+    that has never built them (per ``tokenizers`` version) this builds them once, here: seconds of one core,
+    which the pool's 20 processes otherwise spent each at once on their first batch (NOTES 4l). Other
+    normalizers are built on first use, by one process per host (``dll.wordpiece_tables``)."""
+    try:
+        from dll.wordpiece_tables import NormalizerFlags, tables_for
+
+        tables_for(NormalizerFlags(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True))
+    except Exception as e:  # noqa: BLE001 - a warm cache only: the first batch loads or builds what it needs
+        logger.warning("the tokenizer's tables were not loaded ahead (%s): the first batch will", e)
 
 
 def _redis(url: str) -> Any:

@@ -205,3 +205,60 @@ def test_worker_uses_make_tokenizer(wordpiece_lib, minilm_tokenizer_json, monkey
     monkeypatch.setattr(task, "_TOKENIZERS", {})
     tok = task._tokenizer(State(), "job-1", 256)  # type: ignore[arg-type]
     assert isinstance(tok, FastTokenizer) and task._tokenizer(State(), "job-1", 256) is tok  # type: ignore[arg-type]
+
+
+_BUILD_ONCE = r"""
+import sys, time
+from pathlib import Path
+import numpy as np
+import dll.wordpiece_tables as w
+w.CACHE_DIR = Path(sys.argv[1])
+def slow_build(flags, version):  # stands in for the seconds-long real build; counts itself
+    with open(sys.argv[2], "a") as f:
+        f.write("built\n")
+    time.sleep(1.0)
+    z = np.zeros(4, np.uint8)
+    return w.Tables(np.arange(4, dtype=np.int32), np.zeros(1, np.uint32), z, z, False, 1.5)
+w._build = slow_build
+t = w.tables_for(w.NormalizerFlags(True, True, None, True))
+print(t.map.tolist(), t.max_tokens_per_byte)
+"""
+
+
+def test_processes_that_need_the_same_missing_tables_build_them_once(tmp_path):
+    """A fresh host's worker processes all ask for the tables at their first batch: one builds the cache file
+    while the others wait on its lock and read it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    log = tmp_path / "builds.txt"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUILD_ONCE, str(tmp_path / "cache"), str(log)],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs == ["[0, 1, 2, 3] 1.5"] * 4, outs
+    assert log.read_text().count("built") == 1, "one process built the tables, the others read its file"
+
+
+def test_a_worker_loads_uncased_berts_tables_before_its_pool_forks(wordpiece_lib):
+    """The Celery worker's main process (``worker_init``) holds the default model's tables, so every pool
+    process forked from it starts with them rather than loading or building them on its first batch."""
+    import tokenizers
+
+    from dll import wordpiece_tables
+    from workers.task import _warm_tokenizer_tables
+
+    flags = wordpiece_tables.NormalizerFlags(True, True, None, True)
+    wordpiece_tables._memo.pop((flags, tokenizers.__version__), None)
+    _warm_tokenizer_tables()
+    tables = wordpiece_tables._memo[(flags, tokenizers.__version__)]
+    assert tables.map.shape == (wordpiece_tables.NCP,)
