@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -204,6 +205,7 @@ class GpuBertEngine:
         self._lock = threading.Lock()
         self._graphs: OrderedDict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pad_static = False  # tests: pad to the graph shapes without graphs (on the CPU too)
+        self.captures, self.capture_s = 0, 0.0  # graphs captured so far, and the seconds it took
         if self.use_graphs:
             self._alloc_static()
         logger.info(
@@ -490,6 +492,7 @@ class GpuBertEngine:
         if hit is not None:
             self._graphs.move_to_end(key)
             return hit
+        t0 = time.perf_counter()
         ids, pos, cu = self._d_ids[:Tb], self._d_pos[:Tb], self._d_cu[: Nb + 1]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -501,6 +504,7 @@ class GpuBertEngine:
             with torch.cuda.graph(graph, pool=self._pool):
                 out = self.forward(ids, pos, cu, Lb)
         self._graphs[key] = (graph, out)
+        self.captures, self.capture_s = self.captures + 1, self.capture_s + time.perf_counter() - t0
         if len(self._graphs) > self.options.max_graphs:
             self._graphs.popitem(last=False)
         logger.debug("captured a CUDA graph for T=%d N=%d L=%d (%d kept)", Tb, Nb, Lb, len(self._graphs))

@@ -140,12 +140,17 @@ class _Timers:
                 description="seconds spent in the engine's embed (the model itself, host copies included)",
                 kind=family.COUNTER,
             ),
+            family(
+                name="fbas_engine_graph_capture_seconds_total",
+                description="seconds of embed spent capturing CUDA graphs for shapes seen the first time",
+                kind=family.COUNTER,
+            ),
         ]
         self.metrics = [f.Metric(labels=labels) for f in self.families]
 
-    def add(self, execute_s: float, embed_s: float) -> None:
+    def add(self, execute_s: float, embed_s: float, capture_s: float = 0.0) -> None:
         try:
-            for metric, value in zip(self.metrics, (execute_s, embed_s)):
+            for metric, value in zip(self.metrics, (execute_s, embed_s, capture_s)):
                 metric.increment(value)
         except Exception as e:  # noqa: BLE001 - accounting only: the request's answer does not depend on it
             pb_utils.Logger.log_warn(f"fbas: the model's time counters stopped ({e!r})")
@@ -201,6 +206,7 @@ class TritonPythonModel:
         self._warmup(meta, gpu=device is not None)
         t2 = time.perf_counter()
         self.timers = _Timers(args)
+        self._captured = getattr(self.engine, "capture_s", 0.0)  # the warm-up's captures are the load's, not a job's
         # an engine that rounds to the output dtype itself (the GPU engine: on the device) is asked to
         self._embed_kw = (
             {"out_dtype": self.out_dtype} if "out_dtype" in inspect.signature(self.engine.embed).parameters else {}
@@ -263,7 +269,9 @@ class TritonPythonModel:
                 self.logger.log_warn(f"fbas: batch of {len(good)} requests failed ({e!r}); retrying one by one")
                 for i, ids, lens in good:
                     responses[i] = self._one(ids, lens)
-        self.timers.add(time.perf_counter() - t0, embed_s)
+        captured = getattr(self.engine, "capture_s", 0.0)  # the GPU engine's running total
+        self.timers.add(time.perf_counter() - t0, embed_s, captured - self._captured)
+        self._captured = captured
         return responses
 
     def _one(self, ids: np.ndarray, lens: np.ndarray):

@@ -197,8 +197,8 @@ class TritonProcess:
         """Triton's account of the model's work so far, summed over its instances: executions and requests;
         seconds in the queue and in compute (``compute_infer`` is counted once per request, so a merged
         execution counts several times; input and output copies apart); and the model's own counters
-        (``model_repository/model.py``): seconds in ``execute`` and, inside them, in the engine's ``embed``
-        (absent when the metrics endpoint cannot be read)."""
+        (``model_repository/model.py``): seconds in ``execute`` and, inside them, in the engine's ``embed`` and
+        in capturing CUDA graphs (absent when the metrics endpoint cannot be read)."""
         from prometheus_client.parser import text_string_to_metric_families
 
         from workers.triton_client import ClientOptions, TritonEncoder
@@ -218,7 +218,11 @@ class TritonProcess:
             "engine_input_s": secs("compute_input"),
             "engine_output_s": secs("compute_output"),
         }
-        names = {"fbas_model_execute_seconds": "model_execute_s", "fbas_engine_embed_seconds": "model_embed_s"}
+        names = {
+            "fbas_model_execute_seconds": "model_execute_s",
+            "fbas_engine_embed_seconds": "model_embed_s",
+            "fbas_engine_graph_capture_seconds": "model_capture_s",  # GPU: CUDA graphs of new shapes, inside embed
+        }
         try:
             with urllib.request.urlopen(self.metrics_url, timeout=5.0) as r:
                 text = r.read().decode("utf-8", "replace")

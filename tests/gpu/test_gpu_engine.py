@@ -177,7 +177,11 @@ def test_batch_invariance(checkpoint, encoded, precision):
 def test_cuda_graphs_match_eager(checkpoint, encoded):
     n = 300
     ids, lens = encoded.token_ids[: int(encoded.lengths[:n].sum())], encoded.lengths[:n]
-    graphs = make_engine(checkpoint, "fp16").embed(ids, lens)
+    engine = make_engine(checkpoint, "fp16")
+    graphs = engine.embed(ids, lens)
+    captured = engine.captures
+    assert captured >= 1 and engine.capture_s > 0
+    assert np.array_equal(engine.embed(ids, lens), graphs) and engine.captures == captured, "no shape is new"
     eager = make_engine(checkpoint, "fp16", cuda_graphs=False).embed(ids, lens)
     assert np.abs(graphs - eager).max() < 2e-3
     assert cosines(graphs, eager).min() > 0.99999

@@ -115,6 +115,7 @@ def test_triton_and_the_model_account_for_a_jobs_engine_time(cluster, template_o
     d = {k: after[k] - before[k] for k in after}
     assert d["engine_requests"] >= r.manifest["counts"]["batches"] > 1
     assert 0 < d["model_embed_s"] < d["model_execute_s"], d
+    assert d["model_capture_s"] == 0, "the CPU engine captures no CUDA graphs (the counter is there, at zero)"
     assert d["engine_compute_s"] > 0 and d["engine_input_s"] >= 0 and d["engine_output_s"] >= 0, d
 
 
