@@ -258,6 +258,7 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
         "index_train_s": t.get("index_train_s"),  # ivfpq: training, and adding every vector (job + finalize)
         "index_add_s": t.get("index_add_s"),
         "parts_checked_ahead": t.get("parts_checked_ahead"),
+        "manifest_timings": t,  # all of them: model_s, scan_s, ready_s (the first batch sent) ...
         "batches": m["counts"]["batches"],
         "index": {k: m["index"][k] for k in ("type", "ntotal", "params")},
         "producer_peak_mb": round(int(peak_file.read_text()) / 1024, 1),

