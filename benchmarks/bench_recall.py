@@ -172,7 +172,9 @@ class ExactTopK:
         return self.scores.min(axis=1)
 
 
-def chunked_recall(vectors, n: int, q: np.ndarray, k: int, nprobes: list[int], k_factors: list[float]) -> dict:
+def chunked_recall(
+    vectors, n: int, q: np.ndarray, k: int, nprobes: list[int], k_factors: list[float], override: dict | None = None
+) -> dict:
     """Build the ivfpq index over ``vectors(rows)`` for rows 0..n-1 (65,536 at a time, in order, as parts reach
     the ledger) while an exact search keeps each query's best k; then ``measure`` at the defaults and at each
     other nprobe and k_factor (0: the default's), each setting once."""
@@ -182,7 +184,8 @@ def chunked_recall(vectors, n: int, q: np.ndarray, k: int, nprobes: list[int], k
 
     faiss.omp_set_num_threads(max(1, os.cpu_count() or 1))
     dim, chunk = q.shape[1], 65_536
-    builder = IvfPqBuilder(dim, index_params("ivfpq", n, dim))
+    override = dict(override or {})
+    builder = IvfPqBuilder(dim, {**index_params("ivfpq", n, dim, nlist=override.pop("nlist", None)), **override})
     builder.all_cores = True  # no workers here: the build has the machine, as a job's finalize does
     exact = ExactTopK(q, k)
     t_build = t_exact = 0.0
@@ -248,6 +251,13 @@ def pairs_recall(args: argparse.Namespace) -> dict:
         }
         print(json.dumps(res["at_real"]), file=sys.stderr, flush=True)
     res["proxy"] = chunked_recall(lambda rows: pair_vectors(v, rows), args.pairs, q, args.k, nprobes, k_factors)
+    print(json.dumps({"defaults": res["proxy"]}), file=sys.stderr, flush=True)
+    for variant in args.variants.split(";") if args.variants else []:
+        over = {k: int(v) for k, v in (kv.split("=") for kv in variant.split(","))}
+        res[f"proxy, {variant}"] = chunked_recall(
+            lambda rows: pair_vectors(v, rows), args.pairs, q, args.k, nprobes, k_factors, over
+        )
+        print(json.dumps({variant: res[f"proxy, {variant}"]}), file=sys.stderr, flush=True)
     return res
 
 
@@ -267,6 +277,13 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--nprobe", default=None, help="comma list of nprobe values to try besides the default")
     ap.add_argument("--k-factor", default=None, help="--pairs: comma list of re-ranking k_factors to try with each")
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="--pairs: also build with these index settings, each against the defaults: ';'-separated, each "
+        "'key=value,...' over nlist (nprobe and train_size follow it) and pq_train_points (the sub-quantizers' "
+        "k-means on at most this many points per centroid; FAISS's default 256), e.g. 'nlist=1000;pq_train_points=64'",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["IvfPqBuilder", "index_params", "new_ivfpq", "tune"]
 
 
-def index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
+def index_params(kind: str, n: int, dim: int, nlist: int | None = None) -> dict[str, Any]:
     """An index's parameters for ``n`` vectors of ``dim``. ivfpq: ``nlist`` = sqrt(n) inverted lists (the coarse
     assignment of every vector costs ``nlist x dim`` per vector, so 4 sqrt(n) would make a 10 M-row build four
     times slower), ``m`` = dim/8 sub-quantizers of ``nbits``, and the ``k_factor x k`` best candidates re-ranked
@@ -38,12 +38,12 @@ def index_params(kind: str, n: int, dim: int) -> dict[str, Any]:
     (``bench_recall.py --pairs``, BENCHMARKS.md) recall@10 at 10 M was 0.775 with a thirty-second and k_factor 8,
     0.921 with an eighth and 32; at 1 M 128 of 1,000 lists reached 0.902 where 64 stopped at 0.854. k_factor
     costs little (the re-ranking reads 320 8-bit copies), nprobe most of the time (40 ms a query on one thread
-    at 10 M)."""
+    at 10 M). ``nlist`` overrides the number of lists (benchmarks weigh it); what follows from it follows."""
     if kind == "flat":
         return {}
     if kind == "hnsw":
         return {"M": 32, "efConstruction": 200, "efSearch": 128}
-    nlist = max(1, min(int(math.sqrt(max(n, 1))), max(1, n // 39)))
+    nlist = nlist or max(1, min(int(math.sqrt(max(n, 1))), max(1, n // 39)))
     m = next(c for c in (dim // 8, dim // 4, dim // 2, dim, 1) if c >= 1 and dim % c == 0)
     nbits = 8 if n >= 256 * 39 else max(4, min(8, int(math.log2(max(16, n // 39)))))
     return {
@@ -77,6 +77,8 @@ def new_ivfpq(dim: int, p: dict[str, Any]) -> Any:
     ip = faiss.METRIC_INNER_PRODUCT
     ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, p["nlist"], p["m"], p["nbits"], ip)
     ivf.nprobe = p["nprobe"]
+    if "pq_train_points" in p:  # the sub-quantizers' k-means on at most this many points per centroid
+        ivf.pq.cp.max_points_per_centroid = int(p["pq_train_points"])
     refine = faiss.IndexRefine(ivf, faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, ip))
     refine.k_factor = float(p["k_factor"])
     return faiss.IndexIDMap(refine)

@@ -616,3 +616,19 @@ def test_search_by_doc_never_asks_for_the_whole_index(monkeypatch):
     monkeypatch.setattr(search, "MAX_DOC_FETCH", 100)
     hits = s.search_vectors(np.zeros((2, DIM), np.float32), k=20)
     assert [len(h) for h in hits] == [10, 10] and max(s.index.asked) == 100
+
+
+def test_ivfpq_settings_a_benchmark_can_weigh_follow_from_the_list_count():
+    """``index_params(nlist=)`` recomputes what follows from the lists (an eighth searched, 50 training vectors
+    a list), and ``pq_train_points`` bounds the sub-quantizers' training set."""
+    import faiss
+
+    from output.ivf_index import index_params, new_ivfpq
+
+    default, fewer = index_params("ivfpq", 10_000_000, 384), index_params("ivfpq", 10_000_000, 384, nlist=1000)
+    assert (default["nlist"], default["nprobe"], default["train_size"]) == (3162, 395, 158_100)
+    assert (fewer["nlist"], fewer["nprobe"], fewer["train_size"]) == (1000, 125, 50_000)
+    bounded, plain = new_ivfpq(384, {**fewer, "pq_train_points": 64}), new_ivfpq(384, fewer)  # kept alive: the
+    # inner indexes below belong to them
+    assert faiss.downcast_index(faiss.extract_index_ivf(bounded)).pq.cp.max_points_per_centroid == 64
+    assert faiss.downcast_index(faiss.extract_index_ivf(plain)).pq.cp.max_points_per_centroid == 256
