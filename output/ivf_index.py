@@ -7,7 +7,7 @@ The first vectors, not a sample of the whole corpus, because a sample drawn over
 before training starts, that is, a second pass over the vectors (what ``output.index.build_index`` did). A
 corpus sorted by topic trains on its first topics; ``recall@10`` against exact search is in BENCHMARKS.md.
 
-Memory: the held vectors (``train_size x dim x 4`` bytes at most: 243 MB for 10 M rows of 384), then the
+Memory: the held vectors (``train_size x dim x 4`` bytes at most: 77 MB for 50,000 vectors of 384), then the
 index itself (``m`` bytes of PQ code, ``dim`` bytes of SQ8 copy and 16 of ids per vector: 4.5 GB for 10 M rows
 of 384, against 15.4 GB flat).
 """
@@ -26,24 +26,32 @@ from core.errors import PermanentError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IvfPqBuilder", "index_params", "new_ivfpq", "tune"]
+__all__ = ["IvfPqBuilder", "index_params", "new_ivfpq", "tune", "MAX_LISTS"]
+
+MAX_LISTS = 1_000  # lists at most, whatever the rows (see index_params)
 
 
 def index_params(kind: str, n: int, dim: int, nlist: int | None = None) -> dict[str, Any]:
-    """An index's parameters for ``n`` vectors of ``dim``. ivfpq: ``nlist`` = sqrt(n) inverted lists (the coarse
-    assignment of every vector costs ``nlist x dim`` per vector, so 4 sqrt(n) would make a 10 M-row build four
-    times slower), ``m`` = dim/8 sub-quantizers of ``nbits``, and the ``k_factor x k`` best candidates re-ranked
-    by 8-bit scalar-quantized copies (``refine: sq8``: PQ alone caps recall@10 near 0.7 on sentence embeddings);
-    ``nprobe`` lists searched: at least 64, and an eighth of them. On vectors of MiniLM's structure
-    (``bench_recall.py --pairs``, BENCHMARKS.md) recall@10 at 10 M was 0.775 with a thirty-second and k_factor 8,
-    0.921 with an eighth and 32; at 1 M 128 of 1,000 lists reached 0.902 where 64 stopped at 0.854. k_factor
-    costs little (the re-ranking reads 320 8-bit copies), nprobe most of the time (40 ms a query on one thread
-    at 10 M). ``nlist`` overrides the number of lists (benchmarks weigh it); what follows from it follows."""
+    """An index's parameters for ``n`` vectors of ``dim``. ivfpq: ``nlist`` = sqrt(n) inverted lists, at most
+    ``MAX_LISTS``; ``m`` = dim/8 sub-quantizers of ``nbits``, trained on at most ``pq_train_points`` points per
+    centroid; the ``k_factor x k`` best candidates re-ranked by 8-bit scalar-quantized copies (``refine: sq8``:
+    PQ alone caps recall@10 near 0.7 on sentence embeddings); ``nprobe`` lists searched: at least 64, and an
+    eighth of them, so a query reads an eighth of the vectors whatever the lists.
+
+    Why these, on vectors of MiniLM's structure (``bench_recall.py --pairs``, NOTES 4h and 4l): recall@10 at 10 M
+    was 0.775 with a thirty-second of the lists and k_factor 8, 0.921 with an eighth and 32; at 1 M 128 of 1,000
+    lists reached 0.902 where 64 stopped at 0.854. Finding each vector's list is most of an add's cost, and the
+    ledger adds beside the workers: at 10 M, 1,000 lists (with the sub-quantizers' training below: 0.911, 42 ms
+    p50 a query on one thread) built 2.3-2.8x faster than 3,162 (0.921, 39 ms) and trained in 3.6 s against
+    29-60 s. The sub-quantizers on 64 points per
+    centroid trained 45% faster on the GPU host and gave 0.903 against 0.901 at 1 M. k_factor costs little (the
+    re-ranking reads 320 8-bit copies), nprobe most of the time. ``nlist`` overrides the number of lists
+    (benchmarks weigh it); what follows from it follows."""
     if kind == "flat":
         return {}
     if kind == "hnsw":
         return {"M": 32, "efConstruction": 200, "efSearch": 128}
-    nlist = nlist or max(1, min(int(math.sqrt(max(n, 1))), max(1, n // 39)))
+    nlist = nlist or max(1, min(int(math.sqrt(max(n, 1))), max(1, n // 39), MAX_LISTS))
     m = next(c for c in (dim // 8, dim // 4, dim // 2, dim, 1) if c >= 1 and dim % c == 0)
     nbits = 8 if n >= 256 * 39 else max(4, min(8, int(math.log2(max(16, n // 39)))))
     return {
@@ -54,6 +62,7 @@ def index_params(kind: str, n: int, dim: int, nlist: int | None = None) -> dict[
         "refine": "sq8",
         "k_factor": 32,
         "train_size": min(n, max(256 * 39, 50 * nlist)),
+        "pq_train_points": 64,
     }
 
 

@@ -625,10 +625,12 @@ def test_ivfpq_settings_a_benchmark_can_weigh_follow_from_the_list_count():
 
     from output.ivf_index import index_params, new_ivfpq
 
-    default, fewer = index_params("ivfpq", 10_000_000, 384), index_params("ivfpq", 10_000_000, 384, nlist=1000)
-    assert (default["nlist"], default["nprobe"], default["train_size"]) == (3162, 395, 158_100)
-    assert (fewer["nlist"], fewer["nprobe"], fewer["train_size"]) == (1000, 125, 50_000)
-    bounded, plain = new_ivfpq(384, {**fewer, "pq_train_points": 64}), new_ivfpq(384, fewer)  # kept alive: the
-    # inner indexes below belong to them
+    default, more = index_params("ivfpq", 10_000_000, 384), index_params("ivfpq", 10_000_000, 384, nlist=3162)
+    assert (default["nlist"], default["nprobe"], default["train_size"]) == (1000, 125, 50_000), "at most 1,000 lists"
+    assert (more["nlist"], more["nprobe"], more["train_size"]) == (3162, 395, 158_100)
+    assert index_params("ivfpq", 250_000, 384)["nlist"] == 500, "sqrt(n) below the cap"
+    plain = {k: v for k, v in default.items() if k != "pq_train_points"}
+    bounded, unbounded = new_ivfpq(384, default), new_ivfpq(384, plain)  # kept alive: the inner indexes below
+    # belong to them
     assert faiss.downcast_index(faiss.extract_index_ivf(bounded)).pq.cp.max_points_per_centroid == 64
-    assert faiss.downcast_index(faiss.extract_index_ivf(plain)).pq.cp.max_points_per_centroid == 256
+    assert faiss.downcast_index(faiss.extract_index_ivf(unbounded)).pq.cp.max_points_per_centroid == 256
