@@ -2,7 +2,9 @@
 # One GPU call: the engine's GPU tests on random MiniLM-shape weights, then bench_scale.py through a running
 # service (scale_10m.sh).
 #
-#   here:      the two folders of scale_10m.sh (.devcarry/bundle, .devcarry/minilm); carry .devcarry and dll/build
+#   here:      the two folders of scale_10m.sh; carry .devcarry/bundle, .devcarry/minilm and
+#              dll/build/libfbas_wordpiece.so (61 MB with the tree; the tokenizer's tables are built once per
+#              host, by the worker, since they depend on that host's tokenizers version)
 #   GPU host:  ROWS=1000000 INDEX=ivfpq,flat [GPU_TESTS=PYTEST_K] bash benchmarks/gpu_host/engine_and_scale.sh [SCALE_SECONDS [flags]]
 #
 # The bundle is copied to KEEP (default /root/fbas-bundle) first, so that a later call on the same warm machine
