@@ -43,10 +43,9 @@ def index_params(kind: str, n: int, dim: int, nlist: int | None = None) -> dict[
     lists reached 0.902 where 64 stopped at 0.854. Finding each vector's list is most of an add's cost, and the
     ledger adds beside the workers: at 10 M, 1,000 lists (with the sub-quantizers' training below: 0.911, 42 ms
     p50 a query on one thread) built 2.3-2.8x faster than 3,162 (0.921, 39 ms) and trained in 3.6 s against
-    29-60 s. The sub-quantizers on 64 points per
-    centroid trained 45% faster on the GPU host and gave 0.903 against 0.901 at 1 M. k_factor costs little (the
-    re-ranking reads 320 8-bit copies), nprobe most of the time. ``nlist`` overrides the number of lists
-    (benchmarks weigh it); what follows from it follows."""
+    29-60 s. The sub-quantizers on 64 points per centroid trained 45% faster on the GPU host and gave 0.903
+    against 0.901 at 1 M. k_factor costs little (the re-ranking reads 320 8-bit copies), nprobe most of the time.
+    ``nlist`` overrides the number of lists (benchmarks weigh it); what follows from it follows."""
     if kind == "flat":
         return {}
     if kind == "hnsw":

@@ -265,7 +265,7 @@ def test_an_ivfpq_index_trains_and_fills_while_parts_commit_and_matches_one_buil
         held.append(ledger.ivf._n_held)
     assert max(held) < train_size + largest and held[-1] == 0, "trained once train_size vectors came"
     assert ledger.ivf.index is not None and ledger.ivf.ntotal == 44_999
-    assert not ledger.ivf.all_cores, "a quarter of the cores while the workers run"
+    assert not ledger.ivf.all_cores, "half the cores (at most 8) while the workers run"
     ahead = finalize(out, "ivfpq", ledger=ledger)
     assert ahead["timings"]["parts_checked_ahead"] == plan.n_batches
     assert ledger.ivf.all_cores, "every core once finalize has the machine"
