@@ -226,23 +226,27 @@ def _peak_mb(samples_kb: list[int]) -> float | None:
 
 def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dict:
     peak_file = out.parent / f"{out.name}.peak.json"
-    cmd = [sys.executable, "-c", PRODUCER, "ingest", str(corpus), "--out", str(out), "--no-progress", *flags]
+    # the producer's progress lines (one every 10 s) and errors go to a log beside the output folder, which
+    # survives a run cut short by a time limit (scale_10m.sh copies it into the results)
+    log_path = out.parent / f"{out.name}.producer.log"
+    cmd = [sys.executable, "-c", PRODUCER, "ingest", str(corpus), "--out", str(out), *flags]
     t0, start = time.perf_counter(), time.time()
-    p = subprocess.Popen(
-        cmd, env={**env, "BENCH_PEAK_FILE": str(peak_file)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(
+            cmd, env={**env, "BENCH_PEAK_FILE": str(peak_file)}, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
     worker = cluster.worker.proc.pid if cluster.worker is not None else None
     triton = cluster.triton.pid if cluster.triton is not None else None
     mem = MemorySampler(p.pid, worker, triton)
     before, stages0 = cluster.engine_stats(), all_worker_stages(cluster)
     util: dict = {}
     with gpu_trace(util, bin_s=5.0):
-        _, err = p.communicate()
+        p.wait()
     wall = time.perf_counter() - t0
     mem.stop()
     after = cluster.engine_stats()  # Triton's account of this run
     if p.returncode != 0:
-        raise RuntimeError(f"ingest failed ({p.returncode}):\n{err[-3000:]}")
+        raise RuntimeError(f"ingest failed ({p.returncode}):\n{log_path.read_text()[-3000:]}")
     m = json.loads((out / "manifest.json").read_text())
     t = m["timings"]
     embed_end = wall - (t.get("finalize_s") or 0.0)

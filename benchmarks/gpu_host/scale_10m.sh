@@ -22,4 +22,10 @@ LIMIT="${1:-570}"; shift || true
 timeout "$LIMIT" python3 benchmarks/bench_scale.py --tokenizer "$MINILM" --data tests/data \
   --rows "${ROWS:-1000000,10000000}" --index "${INDEX:-ivfpq,flat}" --json "$OUT/scale.json" --work "$PWD/scalework" "$@" \
   > "$OUT/scale.log" 2>&1
-echo "rc=$?"; grep -v "WARNING\|Writing model" "$OUT/scale.log" | cut -c1-1500 | tail -30
+echo "rc=$?"
+# the producers' progress lines and the service's logs (tails), kept also when the limit cut a run
+for f in scalework/*.producer.log scalework/svc/logs/*.log; do
+  [ -f "$f" ] && tail -c 300000 "$f" > "$OUT/$(basename "$f")"
+done
+grep -v "WARNING\|Writing model" "$OUT/scale.log" | cut -c1-1500 | tail -30
+tail -3 scalework/*.producer.log 2>/dev/null
