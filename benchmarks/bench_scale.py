@@ -239,7 +239,7 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
     # the producer's progress lines (one every 10 s) and errors go to a log beside the output folder, which
     # survives a run cut short by a time limit (scale_10m.sh copies it into the results)
     log_path = out.parent / f"{out.name}.producer.log"
-    cmd = [sys.executable, "-c", PRODUCER, "ingest", str(corpus), "--out", str(out), *flags]
+    cmd = [sys.executable, "-c", PRODUCER, "-v", "ingest", str(corpus), "--out", str(out), *flags]  # -v: timed steps
     t0, start = time.perf_counter(), time.time()
     with open(log_path, "w") as log:
         p = subprocess.Popen(
