@@ -19,10 +19,18 @@ source "$BUNDLE/activate.sh" > "$OUT/activate.log" 2>&1 || { tail -20 "$OUT/acti
 nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; free -g | head -2; df -h . | tail -1
 export PYTHONUNBUFFERED=1
 LIMIT="${1:-570}"; shift || true
+# every 10 s: the producers' progress lines copied into $OUT, and the largest processes' RSS and the GPU's
+# utilization appended to $OUT/every10s.log; they come back even when the call's own limit stops this script
+( while sleep 10; do
+    for f in scalework/*.producer.log; do [ -f "$f" ] && tail -c 300000 "$f" > "$OUT/$(basename "$f")"; done
+    { date +%T; nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader
+      ps -eo rss,args --sort=-rss | head -6 | cut -c1-100; } >> "$OUT/every10s.log"
+  done ) &
+COPIER=$!
 timeout "$LIMIT" python3 benchmarks/bench_scale.py --tokenizer "$MINILM" --data tests/data \
   --rows "${ROWS:-1000000,10000000}" --index "${INDEX:-ivfpq,flat}" --json "$OUT/scale.json" --work "$PWD/scalework" "$@" \
   > "$OUT/scale.log" 2>&1
-echo "rc=$?"
+echo "rc=$?"; kill "$COPIER" 2>/dev/null
 # the producers' progress lines and the service's logs (tails), kept also when the limit cut a run
 for f in scalework/*.producer.log scalework/svc/logs/*.log; do
   [ -f "$f" ] && tail -c 300000 "$f" > "$OUT/$(basename "$f")"
