@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU call: the engine's GPU tests on random MiniLM-shape weights, then bench_scale.py through a running
-# service (scale_10m.sh).
+# One GPU call: the engine's GPU tests on random MiniLM-shape weights, the host's cores for the ivfpq index
+# (bench_index_add.py), then bench_scale.py through a running service (scale_10m.sh).
 #
 #   here:      the two folders of scale_10m.sh; carry .devcarry/bundle, .devcarry/minilm and
 #              dll/build/libfbas_wordpiece.so (61 MB with the tree; the tokenizer's tables are built once per
@@ -23,5 +23,9 @@ if [ "${GPU_TESTS:-graphs_match_eager}" != none ]; then  # GPU_TESTS=none: strai
   FBAS_GPU_TEST_MODEL="$TEST_MODEL" timeout 150 python3 -m pytest -q -x tests/gpu/test_gpu_engine.py \
     -k "${GPU_TESTS:-graphs_match_eager}" > "$OUT/gputests.log" 2>&1
   echo "gpu tests rc=$?"; tail -4 "$OUT/gputests.log"
+fi
+if [ "${INDEX_ADD:-1}" = 1 ]; then  # the host's cores for the ivfpq index, idle (INDEX_ADD=0: skip; about 40 s)
+  timeout 120 python3 benchmarks/bench_index_add.py --json "$OUT/index_add.json" > "$OUT/index_add.log" 2>&1
+  echo "index add rc=$?"; tail -5 "$OUT/index_add.log" | cut -c1-400
 fi
 BUNDLE="$KEEP" bash benchmarks/gpu_host/scale_10m.sh "${1:-240}" "${@:2}"

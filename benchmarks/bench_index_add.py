@@ -1,0 +1,110 @@
+"""What one host's cores give the ivfpq index: training and adds per second at the job's defaults, by thread count.
+
+    python benchmarks/bench_index_add.py [--rows 1000000] [--threads 1,2,8,16] [--add 65536] [--json F]
+
+The index is ``output.ivf_index``'s, with ``index_params("ivfpq", --rows, 384)`` (the 1 M defaults: 1,000
+lists, PQ48 x 8 bits, SQ8 re-ranking), trained on ``train_size`` vectors; the vectors are random around
+2,000 centres, L2-normalized (the structure of NOTES 4l). For each thread count: the training, then on
+``--add`` vectors the coarse assignment alone (``quantizer.search``, k=1), the IVF-PQ codes alone
+(``sa_encode``: assignment plus PQ), the SQ8 codes alone, and the whole ``add_with_ids``, in vectors a second.
+
+Why: on the H100 host of NOTES 4m the ledger added roughly 40,000 vectors a second beside the workers (8 threads)
+and 66,000 at finalize (16), as read from the producer's memory growing 448 bytes a vector; the 2-core CI VM
+adds 108,000 a second on 2 threads with this script. The header prints what numpy sees of the CPU (its SIMD
+dispatch) and FAISS's compile options, so a host whose virtual CPU hides AVX2 or AVX-512 shows it. Needs no GPU;
+the peer is the same host at other thread counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from output.ivf_index import index_params, new_ivfpq  # noqa: E402
+
+
+def cpu_header() -> dict:
+    """The CPU model, the SIMD features numpy's dispatch found, and FAISS's build."""
+    import faiss
+
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "unknown"
+    )
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as feats  # numpy 2
+    except ImportError:  # numpy 1
+        from numpy.core._multiarray_umath import __cpu_features__ as feats
+    want = ("AVX2", "FMA3", "AVX512F", "AVX512_SKX", "AVX512_SPR")
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "numpy_simd": {k: bool(feats.get(k)) for k in want},
+        "faiss": f"{faiss.__version__} ({faiss.get_compile_options().strip()})",
+    }
+
+
+def clustered(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
+    x = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.standard_normal((n, centres.shape[1]), np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def rate(n: int, fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return round(n / (time.perf_counter() - t0))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="the job size whose defaults are used")
+    ap.add_argument("--threads", default=None, help="comma list (default: 1, 2, half the cores, every core)")
+    ap.add_argument("--add", type=int, default=65_536, help="vectors timed in each add measure")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    import faiss
+
+    n_cores = os.cpu_count() or 1
+    threads = sorted(
+        {int(t) for t in args.threads.split(",")} if args.threads else {1, 2, max(1, n_cores // 2), n_cores}
+    )
+    p = index_params("ivfpq", args.rows, 384)
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((2000, 384)).astype(np.float32)
+    xt, x = clustered(rng, centres, p["train_size"]), clustered(rng, centres, args.add)
+    ids = np.arange(args.add, dtype=np.int64)
+    res: dict = {**cpu_header(), "params": p, "runs": []}
+    print(json.dumps({k: res[k] for k in ("cpu", "cores", "numpy_simd", "faiss")}), flush=True)
+    for t in threads:
+        faiss.omp_set_num_threads(t)
+        index = new_ivfpq(384, p)
+        t0 = time.perf_counter()
+        index.train(xt)
+        train_s = round(time.perf_counter() - t0, 2)
+        ivf = faiss.extract_index_ivf(index)
+        sq = faiss.downcast_index(faiss.downcast_index(index.index).refine_index)
+        got = {
+            "threads": t,
+            "train_s": train_s,
+            "assign_per_s": rate(args.add, lambda: ivf.quantizer.search(x, 1)),
+            "ivfpq_codes_per_s": rate(args.add, lambda: ivf.sa_encode(x)),
+            "sq8_codes_per_s": rate(args.add, lambda: sq.sa_encode(x)),
+            "add_per_s": rate(args.add, lambda: index.add_with_ids(x, ids)),
+        }
+        print(json.dumps(got), flush=True)
+        res["runs"].append(got)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
