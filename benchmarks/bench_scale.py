@@ -139,7 +139,7 @@ def recall(out: Path, queries: list[str], k: int = 10) -> dict:
     need = np.unique(got[got >= 0])
     found: dict[int, np.ndarray] = {}
     t0 = time.perf_counter()
-    held: list[tuple[np.ndarray, np.ndarray]] = []  # parts gathered to 65,536 rows a product (a 10 M job has 10,869)
+    held: list[tuple[np.ndarray, np.ndarray]] = []  # parts gathered to 65,536 rows a product (a 10 M job has 10,839)
 
     def flush() -> None:
         if held:
@@ -256,7 +256,7 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
     mem.stop()
     after = cluster.engine_stats()  # Triton's account of this run
     if p.returncode != 0:
-        raise RuntimeError(f"ingest failed ({p.returncode}):\n{log_path.read_text()[-3000:]}")
+        raise RuntimeError(f"ingest failed ({p.returncode}):\n{log_path.read_text(errors='replace')[-3000:]}")
     m = json.loads((out / "manifest.json").read_text())
     t = m["timings"]
     embed_end = wall - (t.get("finalize_s") or 0.0)

@@ -8,10 +8,11 @@
 #   GPU host:  bash benchmarks/gpu_host/scale_10m.sh [SECONDS [bench_scale.py flags...]]   (results in $OUT)
 #
 # ROWS and INDEX override the sizes and index types; BUNDLE and MINILM the two folders above. On an H100 with 16
-# cores (NOTES 4m) a fresh host's bundle, model and service took about 90 s, the 10 M corpus 33 s, its embedding
-# 158 s, and its finalize (the ivfpq index catching up) more than the 75 s left: give the 10 M run a call of its
-# own with at least 420 s (ROWS=10000000 INDEX=ivfpq), the 1 M run and flat in others. Recall needs real
-# weights (bench_scale.py --weights): without them it is skipped.
+# cores (NOTES 4m) the 10 M corpus took 33 s to write, its embedding 158 s, and its finalize (the ivfpq index
+# catching up) was still running 56.5 s later when the call's limit (330 s with the host's start-up) ended it:
+# give the 10 M run a call of its own, SECONDS 450 or more and the call's limit 540 or more (ROWS=10000000
+# INDEX=ivfpq, with engine_and_scale.sh's GPU_TESTS=none INDEX_ADD=0), the 1 M run and flat in others. Recall
+# needs real weights (bench_scale.py --weights): without them it is skipped.
 set -u
 OUT="${OUT:-$PWD/gpu-results}"; mkdir -p "$OUT"
 BUNDLE="${BUNDLE:-.devcarry/bundle}"; MINILM="${MINILM:-.devcarry/minilm}"
@@ -20,21 +21,23 @@ source "$BUNDLE/activate.sh" > "$OUT/activate.log" 2>&1 || { tail -20 "$OUT/acti
 nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; free -g | head -2; df -h . | tail -1
 export PYTHONUNBUFFERED=1
 LIMIT="${1:-570}"; shift || true
-# every 10 s: the producers' progress lines copied into $OUT, and the largest processes' RSS and the GPU's
-# utilization appended to $OUT/every10s.log; they come back even when the call's own limit stops this script
+# every 10 s: the producers' progress lines copied into $OUT, and the GPU's utilization and the RSS of the
+# producer, tritonserver, its Python stubs and the Celery worker's processes appended to $OUT/every10s.log; they
+# come back even when the call's own limit stops this script
+keep() { tail -c 300000 "$1" > "$OUT/$(basename "$1").tmp" && mv "$OUT/$(basename "$1").tmp" "$OUT/$(basename "$1")"; }
 ( while sleep 10; do
-    for f in scalework/*.producer.log; do [ -f "$f" ] && tail -c 300000 "$f" > "$OUT/$(basename "$f")"; done
-    { date +%T; nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader
-      ps -eo rss,args --sort=-rss | head -6 | cut -c1-100; } >> "$OUT/every10s.log"
+    for f in scalework/*.producer.log; do [ -f "$f" ] && keep "$f"; done
+    { date +%T; timeout 5 nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader
+      pids=$(pgrep -d, -f 'tritonserver|triton_python_backend_stub|celery|runpy.run_module') && \
+        ps -o pid,rss,args -p "$pids" | cut -c1-100; } >> "$OUT/every10s.log"
   done ) &
 COPIER=$!
+trap 'kill "$COPIER" 2>/dev/null' EXIT INT TERM
 timeout "$LIMIT" python3 benchmarks/bench_scale.py --tokenizer "$MINILM" --data tests/data \
   --rows "${ROWS:-1000000,10000000}" --index "${INDEX:-ivfpq,flat}" --json "$OUT/scale.json" --work "$PWD/scalework" "$@" \
   > "$OUT/scale.log" 2>&1
-echo "rc=$?"; kill "$COPIER" 2>/dev/null
+echo "rc=$?"; kill "$COPIER" 2>/dev/null; wait "$COPIER" 2>/dev/null
 # the producers' progress lines and the service's logs (tails), kept also when the limit cut a run
-for f in scalework/*.producer.log scalework/svc/logs/*.log; do
-  [ -f "$f" ] && tail -c 300000 "$f" > "$OUT/$(basename "$f")"
-done
+for f in scalework/*.producer.log scalework/svc/logs/*.log; do [ -f "$f" ] && keep "$f"; done
 grep -v "WARNING\|Writing model" "$OUT/scale.log" | cut -c1-1500 | tail -30
 tail -3 scalework/*.producer.log 2>/dev/null
