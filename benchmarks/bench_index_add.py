@@ -11,7 +11,7 @@ time as the ledger makes them, in vectors a second (the best of 3 each).
 
 Why: on the H100 host of NOTES 4m the ledger added an estimated 34,000-40,000 vectors a second beside the
 workers (8 threads) and 66,000-79,000 at finalize (16), read from the producer's memory (448 bytes a vector);
-the 2-core CI VM adds 108,000 a second on 2 threads with this script. The header prints what numpy sees of
+the 2-core CI VM adds 100,000 a second on 2 threads with this script. The header prints what numpy sees of
 the CPU (its SIMD dispatch) and FAISS's compile options, so a host whose virtual CPU hides AVX2 or AVX-512
 shows it. Needs no GPU; the peer is the same host at other thread counts.
 """
