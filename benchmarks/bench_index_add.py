@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_triton_client import cpu_name  # noqa: E402
+
+from core.envs import cpu_count  # noqa: E402
 from output.ivf_index import IvfPqBuilder, index_params, new_ivfpq  # noqa: E402
 
 
@@ -37,17 +40,13 @@ def cpu_header() -> dict:
     """The CPU model, the SIMD features numpy's dispatch found, and FAISS's build."""
     import faiss
 
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "unknown"
-    )
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as feats  # numpy 2
     except ImportError:  # numpy 1
         from numpy.core._multiarray_umath import __cpu_features__ as feats
     want = ("AVX2", "FMA3", "AVX512F", "AVX512_SKX", "AVX512_SPR")
     return {
-        "cpu": model,
-        "cores": os.cpu_count(),
+        "cpu": cpu_name(),  # the model and the cores this process may use
         "numpy_simd": {k: bool(feats.get(k)) for k in want},
         "faiss": f"{faiss.__version__} ({faiss.get_compile_options().strip()})",
     }
@@ -84,7 +83,7 @@ def main() -> int:
     args = ap.parse_args()
     import faiss
 
-    n_cores = os.cpu_count() or 1
+    n_cores = cpu_count()  # the cores the ledger's thread rule counts (this process's affinity)
     threads = sorted(
         {int(t) for t in args.threads.split(",")} if args.threads else {1, 2, max(1, n_cores // 2), n_cores}
     )
@@ -94,7 +93,7 @@ def main() -> int:
     xt, x = clustered(rng, centres, p["train_size"]), clustered(rng, centres, args.add)
     ids = np.arange(args.add, dtype=np.int64)
     res: dict = {**cpu_header(), "params": p, "runs": []}
-    print(json.dumps({k: res[k] for k in ("cpu", "cores", "numpy_simd", "faiss")}), flush=True)
+    print(json.dumps({k: res[k] for k in ("cpu", "numpy_simd", "faiss")}), flush=True)
     for t in threads:
         faiss.omp_set_num_threads(t)
         index = new_ivfpq(384, p)
