@@ -6,8 +6,10 @@ The index is ``output.ivf_index``'s, with ``index_params("ivfpq", --rows, 384)``
 lists, PQ48 x 8 bits, SQ8 re-ranking), trained on ``train_size`` vectors; the vectors are random around
 2,000 centres, L2-normalized (the structure of NOTES 4l). For each thread count: the training, then on
 ``--add`` vectors the coarse assignment alone (``quantizer.search``, k=1), the IVF-PQ codes alone
-(``sa_encode``: assignment plus PQ), the SQ8 codes alone, and whole adds of ``IvfPqBuilder.ADD_BATCH`` at a
-time as the ledger makes them, in vectors a second (the best of 3 each).
+(``sa_encode``: assignment plus PQ), the SQ8 codes alone, whole adds in FAISS (``add_with_ids``, 16,384 at a
+time, as the ledger added until it appended codes), and what the ledger does now: parts of ``--part`` rows
+encoded side by side on that many threads of one OpenMP thread each (``Codec.encode``, as the ledger's readers
+do), and the codes appended in order (``IvfPqBuilder``), in vectors a second (the best of 3 each; the appends once).
 
 Why: on the H100 host of NOTES 4m the ledger added an estimated 34,000-40,000 vectors a second beside the
 workers (8 threads) and 66,000-79,000 at finalize (16), read from the producer's memory (448 bytes a vector);
@@ -22,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_triton_client import cpu_name  # noqa: E402
 
 from core.envs import cpu_count  # noqa: E402
-from output.ivf_index import IvfPqBuilder, index_params, new_ivfpq  # noqa: E402
+from output.ivf_index import Codec, IvfPqBuilder, PartCodes, index_params, new_ivfpq  # noqa: E402
 
 
 def cpu_header() -> dict:
@@ -69,9 +72,29 @@ def rate(n: int, fn, repeats: int = 3, before=None) -> float:
     return round(n / best)
 
 
+ADD_BATCH = 16_384  # the ledger's adds before it appended codes (NOTES 4l, 4m)
+
+
 def add_batched(index, x: np.ndarray, ids: np.ndarray) -> None:
-    for i in range(0, len(x), IvfPqBuilder.ADD_BATCH):
-        index.add_with_ids(x[i : i + IvfPqBuilder.ADD_BATCH], ids[i : i + IvfPqBuilder.ADD_BATCH])
+    for i in range(0, len(x), ADD_BATCH):
+        index.add_with_ids(x[i : i + ADD_BATCH], ids[i : i + ADD_BATCH])
+
+
+def encode_parts(codec: Codec, parts: list[np.ndarray], threads: int) -> list:
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(codec.encode, parts))
+
+
+def append_parts(p: dict, xt: np.ndarray, ids: np.ndarray, parts: list[np.ndarray], codes: list) -> float:
+    """Seconds to append the parts' codes to a builder trained on ``xt`` (its training untimed)."""
+    b = IvfPqBuilder(384, p)
+    b.add(np.arange(len(xt), dtype=np.int64), xt)
+    assert b.codec is not None
+    t0, at = time.perf_counter(), 0
+    for v, c in zip(parts, codes):
+        b.add_part(PartCodes(ids[at : at + len(v)], v, c, b.codec))
+        at += len(v)
+    return time.perf_counter() - t0
 
 
 def main() -> int:
@@ -79,6 +102,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1_000_000, help="the job size whose defaults are used")
     ap.add_argument("--threads", default=None, help="comma list (default: 1, 2, half the cores, every core)")
     ap.add_argument("--add", type=int, default=65_536, help="vectors timed in each add measure")
+    ap.add_argument("--part", type=int, default=920, help="rows a part (a GPU job's parts are about 920)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     import faiss
@@ -92,6 +116,7 @@ def main() -> int:
     centres = rng.standard_normal((2000, 384)).astype(np.float32)
     xt, x = clustered(rng, centres, p["train_size"]), clustered(rng, centres, args.add)
     ids = np.arange(args.add, dtype=np.int64)
+    parts = [x[i : i + args.part] for i in range(0, len(x), args.part)]
     res: dict = {**cpu_header(), "params": p, "runs": []}
     print(json.dumps({k: res[k] for k in ("cpu", "numpy_simd", "faiss")}), flush=True)
     for t in threads:
@@ -102,15 +127,20 @@ def main() -> int:
         train_s = round(time.perf_counter() - t0, 2)
         ivf = faiss.extract_index_ivf(index)
         sq = faiss.downcast_index(faiss.downcast_index(index.index).refine_index)
+        codec = Codec(faiss.downcast_index(index.index))
         got = {
             "threads": t,
             "train_s": train_s,
             "assign_per_s": rate(args.add, lambda: ivf.quantizer.search(x, 1)),
             "ivfpq_codes_per_s": rate(args.add, lambda: ivf.sa_encode(x)),
             "sq8_codes_per_s": rate(args.add, lambda: sq.sa_encode(x)),
-            # as the ledger adds: ADD_BATCH vectors at a time, into the index emptied before each repeat
+            # as the ledger added until it appended codes: into the index emptied before each repeat
             "add_per_s": rate(args.add, lambda: add_batched(index, x, ids), before=index.reset),
+            # as the ledger's readers encode now: a part each, one OpenMP thread each
+            "encode_parts_per_s": rate(args.add, lambda: encode_parts(codec, parts, t)),
         }
+        codes = encode_parts(codec, parts, t)
+        got["append_per_s"] = round(args.add / append_parts(p, xt, ids, parts, codes))  # once: it trains first
         print(json.dumps(got), flush=True)
         res["runs"].append(got)
     if args.json:

@@ -271,6 +271,7 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
         "ledger_stop_s": t.get("ledger_stop_s"),
         "index_train_s": t.get("index_train_s"),  # ivfpq: training, and adding every vector (job + finalize)
         "index_add_s": t.get("index_add_s"),
+        "index_encode_s": t.get("index_encode_s"),
         "parts_checked_ahead": t.get("parts_checked_ahead"),
         "manifest_timings": t,  # all of them: model_s, scan_s, ready_s (the first batch sent) ...
         "batches": m["counts"]["batches"],

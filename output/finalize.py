@@ -118,7 +118,9 @@ def finalize(
             "index_s": round(time.perf_counter() - t_index, 3),
         }
         if ledger.ivf is not None:  # the ivfpq index's own work over the whole job (the ledger's and finalize's)
-            timings["index_train_s"], timings["index_add_s"] = round(ledger.ivf.train_s, 3), round(ledger.ivf.add_s, 3)
+            ivf = ledger.ivf
+            timings["index_train_s"], timings["index_add_s"] = round(ivf.train_s, 3), round(ivf.add_s, 3)
+            timings["index_encode_s"] = round(ivf.encode_s, 3)  # the readers' encoding, summed over their threads
         manifest = write_manifest(
             out, job, counts=counts, index=index, parts=merged.parts, quarantine=q_entry, timings=timings
         )

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from core.errors import PermanentError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IvfPqBuilder", "index_params", "new_ivfpq", "tune", "MAX_LISTS"]
+__all__ = ["IvfPqBuilder", "Codec", "PartCodes", "index_params", "new_ivfpq", "tune", "MAX_LISTS"]
 
 MAX_LISTS = 1_000  # lists at most, whatever the rows (see index_params)
 
@@ -65,15 +66,13 @@ def index_params(kind: str, n: int, dim: int, nlist: int | None = None) -> dict[
     }
 
 
-def _set_threads(all_cores: bool) -> None:
-    """FAISS's OpenMP threads for the calling thread (the setting is per thread). While the job runs, half the
-    cores (at most 8): the index is built beside the workers. Once the workers are done (finalize), every core.
-    On the H100 host (16 cores, NOTES 4l) training the 1 M defaults' index took 4.5 s on 16 threads, 6.4 s on 8
-    and 10.3 s on 4 with the machine idle, and 16.0 s on 4 threads during a job."""
-    import faiss
-
+def _threads(all_cores: bool) -> int:
+    """FAISS's OpenMP threads for training and for the ledger's own encoding (a reader encodes on one). While the
+    job runs, half the cores (at most 8): the index is built beside the workers. Once the workers are done
+    (finalize), every core. On the H100 host (16 cores, NOTES 4l) training the 1 M defaults' index took 4.5 s on
+    16 threads, 6.4 s on 8 and 10.3 s on 4 with the machine idle, and 16.0 s on 4 threads during a job."""
     n = cpu_count()
-    faiss.omp_set_num_threads(n if all_cores else max(1, min(8, n // 2)))
+    return n if all_cores else max(1, min(8, n // 2))
 
 
 def new_ivfpq(dim: int, p: dict[str, Any]) -> Any:
@@ -102,61 +101,132 @@ def tune(index: Any, p: dict[str, Any]) -> None:
         inner.k_factor = float(p.get("k_factor", 8))
 
 
+class Codec:
+    """A copy of the trained quantizers that turns vectors into the index's codes: the IVF-PQ code (the list
+    number, then the PQ code of the residual) and the SQ8 copy, FAISS's standalone codes (``sa_encode``).
+    Read-only, so any thread may encode while the ledger appends to the index: the ledger's readers encode
+    each part as they read it, side by side, and the ledger's own thread only appends (``add_sa_codes``)."""
+
+    def __init__(self, refine: Any) -> None:
+        import faiss
+
+        own: Any = faiss.clone_index(refine)  # trained and empty: nothing here changes as the index fills
+        self._keep = own
+        self.ivf = faiss.downcast_index(own.base_index)
+        self.sq = faiss.downcast_index(own.refine_index)
+
+    def encode(self, vecs: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(IVF-PQ codes, SQ8 codes) of ``vecs``, on ``threads`` OpenMP threads of the calling thread (the
+        setting is per thread: a reader encodes on one, beside the others)."""
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+        vecs = np.ascontiguousarray(vecs, np.float32)
+        return self.ivf.sa_encode(vecs), self.sq.sa_encode(vecs)
+
+
+class PartCodes(NamedTuple):
+    """One part for ``IvfPqBuilder.add_part``: its row ids, its vectors and, once the quantizers are trained, its
+    codes and the ``Codec`` that made them (codes of another training are made again from the vectors)."""
+
+    rows: np.ndarray
+    vecs: np.ndarray
+    codes: tuple[np.ndarray, np.ndarray] | None
+    codec: Codec | None
+
+
 class IvfPqBuilder:
-    """``add(rows, vecs)`` part by part in batch order, then ``finish()`` -> (the trained, filled index, params).
+    """``add(rows, vecs)`` (or ``prepare`` on any thread, then ``add_part``) part by part in batch order, then
+    ``finish()`` -> (the trained, filled index, params).
 
-    Parts are added ``ADD_BATCH`` vectors at a time (a GPU job's parts of ~900 rows are small work for FAISS's
-    threads); the index is the same whatever the batching, since each list receives its vectors in batch order.
-    ``all_cores`` (set once the workers are done) lets FAISS use every core for what is left."""
+    Until ``train_size`` vectors came, they are held; then the quantizers train, and every vector is encoded
+    (``Codec``) and its codes appended to the inverted lists and the SQ8 copy in batch order, at the positions
+    ``IndexIDMap`` gives them; the row ids go into the ``IndexIDMap`` at ``finish``. The file is byte for byte
+    the one ``add_with_ids`` builds (a test compares them), whoever encoded which part.
 
-    ADD_BATCH = 16_384
+    Why codes: adding inside FAISS (``add_with_ids``) runs assignment and PQ encoding on OpenMP threads in one
+    call at a time; on the H100 host of NOTES 4m that managed an estimated 34,000-40,000 vectors a second beside
+    the workers while they committed 63,000, and the index set a 10 M job's pace. Encoding is per vector and
+    needs only the trained quantizers, so the ledger's readers do it as they read each part, one OpenMP thread
+    each; appending codes costs the ledger's thread about a microsecond a vector. ``all_cores`` (set once the
+    workers are done) lets training and the ledger's own encoding use every core."""
 
     def __init__(self, dim: int, params: dict[str, Any]) -> None:
         self.dim, self.params = dim, dict(params)
         self._held: list[tuple[np.ndarray, np.ndarray]] = []  # until trained
         self._n_held = 0
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # after: the next add's parts
-        self._n_pending = 0
-        self.index: Any = None
+        self.index: Any = None  # IndexIDMap(IndexRefine(IVF-PQ, SQ8)), once trained; its ids are set at finish
+        self.codec: Codec | None = None
+        self._refine: Any = None  # the IndexRefine inside, its IVF-PQ and its SQ8 copy, once trained
+        self._ivf: Any = None
+        self._sq: Any = None
+        self._ids: list[np.ndarray] = []  # row ids in the order their codes were appended
+        self._n_added = 0
         self.all_cores = False
         self.train_s = 0.0
-        self.add_s = 0.0
+        self.add_s = 0.0  # the ledger's thread: encoding what the readers did not, and appending
+        self.encode_s = 0.0  # the readers' encoding, summed over their threads
+        self._lock = threading.Lock()  # for encode_s, added to by the readers
 
     @property
     def ntotal(self) -> int:
-        return self._n_held + self._n_pending + (int(self.index.ntotal) if self.index is not None else 0)
+        return self._n_held + self._n_added
+
+    def prepare(self, rows: np.ndarray, vecs: np.ndarray) -> PartCodes:
+        """On a reader's thread: the part's codes once the quantizers are trained, else its vectors."""
+        codec = self.codec
+        if codec is None or not len(rows):
+            return PartCodes(rows, vecs, None, None)
+        t0 = time.perf_counter()
+        codes = codec.encode(vecs)
+        with self._lock:
+            self.encode_s += time.perf_counter() - t0
+        return PartCodes(rows, vecs, codes, codec)
 
     def add(self, rows: np.ndarray, vecs: np.ndarray) -> None:
-        if self.index is not None:
-            self._pending.append((rows, vecs))
-            self._n_pending += len(rows)
-            if self._n_pending >= self.ADD_BATCH:
-                self._flush()
-            return
-        self._held.append((rows, vecs))
-        self._n_held += len(rows)
-        if self._n_held >= self.params["train_size"]:
-            self._train()
+        self.add_part(PartCodes(rows, vecs, None, None))
 
-    def finish(self) -> tuple[Any, dict[str, Any]]:
+    def add_part(self, part: PartCodes) -> None:
         if self.index is None:
-            self._train()
-        self._flush()
-        return self.index, self.params
-
-    def _flush(self) -> None:
-        if not self._pending:
+            self._held.append((part.rows, part.vecs))
+            self._n_held += len(part.rows)
+            if self._n_held >= self.params["train_size"]:
+                self._train()
             return
-        _set_threads(self.all_cores)
         t0 = time.perf_counter()
-        rows = np.concatenate([r for r, _ in self._pending]).astype(np.int64)
-        vecs = np.ascontiguousarray(np.concatenate([v for _, v in self._pending]), np.float32)
-        self._pending, self._n_pending = [], 0
-        self.index.add_with_ids(vecs, rows)
+        codes = part.codes
+        if codes is None or part.codec is not self.codec:  # read before training, or by an earlier training
+            assert self.codec is not None
+            codes = self.codec.encode(part.vecs, threads=_threads(self.all_cores))
+        self._append(part.rows, *codes)
         self.add_s += time.perf_counter() - t0
 
+    def finish(self) -> tuple[Any, dict[str, Any]]:
+        import faiss
+
+        if self.index is None:
+            self._train()
+        ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
+        self._ids = [ids]
+        faiss.copy_array_to_vector(ids, self.index.id_map)
+        self.index.ntotal = self._n_added
+        return self.index, self.params
+
+    def _append(self, rows: np.ndarray, ivf_codes: np.ndarray, sq_codes: np.ndarray) -> None:
+        """Codes into the lists and the SQ8 copy at positions ``_n_added`` on: what ``IndexIDMap.add_with_ids``
+        does after encoding (the inner index numbers vectors in the order they come)."""
+        n = len(rows)
+        refine = self._refine
+        self._ivf.add_sa_codes(ivf_codes, np.arange(self._n_added, self._n_added + n, dtype=np.int64))
+        self._sq.add_sa_codes(sq_codes)
+        self._n_added += n
+        refine.ntotal = self._n_added
+        self._ids.append(np.asarray(rows, np.int64))
+
     def _train(self) -> None:
-        _set_threads(self.all_cores)
+        import faiss
+
+        faiss.omp_set_num_threads(_threads(self.all_cores))  # per thread: this one's
         p = self.params
         xt = np.concatenate([v for _, v in self._held]) if self._held else np.zeros((0, self.dim), np.float32)
         xt = np.ascontiguousarray(xt[: p["train_size"]], np.float32)
@@ -168,7 +238,18 @@ class IvfPqBuilder:
         self.train_s = time.perf_counter() - t0
         p["trained_on"] = len(xt)
         logger.info("ivfpq trained on the job's first %d vectors in %.1f s", len(xt), self.train_s)
+        refine: Any = faiss.downcast_index(index.index)
+        self._refine, self._ivf, self._sq = (
+            refine,
+            faiss.downcast_index(refine.base_index),
+            faiss.downcast_index(refine.refine_index),
+        )
+        self.codec = Codec(refine)
         self.index = index
         held, self._held, self._n_held = self._held, [], 0
-        for rows, vecs in held:
-            self.add(rows, vecs)
+        if held:  # one encode of every held vector, on the threads training had
+            rows = np.concatenate([r for r, _ in held])
+            t0 = time.perf_counter()
+            codes = self.codec.encode(np.concatenate([v for _, v in held]), threads=_threads(self.all_cores))
+            self._append(rows, *codes)
+            self.add_s += time.perf_counter() - t0

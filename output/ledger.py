@@ -1,6 +1,6 @@
 """The ledger of committed parts: each part read once, in batch order, its rows counted against the corpus's
 ids and its vectors put in the index while later batches still embed: appended to the index file for a flat
-index, added to the index for ivfpq (``output.ivf_index``).
+index, encoded by the reading threads and appended to the index for ivfpq (``output.ivf_index``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from core.ids import id_hashes
 from core.layout import INDEX_FILE, JOB_FILE, OutputDir, drop_cached, part_name, read_part_meta
 from output.check import stat_key, tally
 from output.flat_index import FlatIndexFile, layout_matches
-from output.ivf_index import IvfPqBuilder, index_params
+from output.ivf_index import IvfPqBuilder, PartCodes, index_params
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +187,14 @@ class PartLedger:
     def next_batch(self) -> int:
         return len(self.facts)
 
-    def _one(self, b: int) -> tuple[PartFacts, np.ndarray, tuple[np.ndarray, np.ndarray] | None] | None:
-        return read_part_facts(self.out, b, self.job, vectors=self.streams or self.ivf is not None)
+    def _one(self, b: int) -> tuple[PartFacts, np.ndarray, tuple[np.ndarray, np.ndarray] | PartCodes | None] | None:
+        """Part ``b`` read on a reader's thread; for ivfpq its vectors are encoded there too, once the index is
+        trained (``IvfPqBuilder.prepare``), so the readers share the encoding and the ledger only appends."""
+        ivf = self.ivf
+        got = read_part_facts(self.out, b, self.job, vectors=self.streams or ivf is not None)
+        if got is None or ivf is None or got[2] is None:
+            return got
+        return got[0], got[1], ivf.prepare(*got[2])
 
     def advance(self, stop: int | None = None, *, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Record parts from ``next_batch`` on, in order, up to ``stop`` (None: while parts are committed) or the
@@ -203,8 +209,9 @@ class PartLedger:
                 break
             facts, id_hash, vecs = got
             if vecs is not None and len(vecs[0]):  # first: if it fails, nothing of this part is recorded
-                if self.ivf is not None:
-                    self.ivf.add(*vecs)
+                if isinstance(vecs, PartCodes):
+                    assert self.ivf is not None
+                    self.ivf.add_part(vecs)
                 else:
                     self._append(*vecs)
             tally(self.counts, facts.rows, id_hash, self.id_hash, part_name(self.next_batch), self.unexpected)

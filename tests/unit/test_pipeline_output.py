@@ -270,6 +270,7 @@ def test_an_ivfpq_index_trains_and_fills_while_parts_commit_and_matches_one_buil
     assert ahead["timings"]["parts_checked_ahead"] == plan.n_batches
     assert ledger.ivf.all_cores, "every core once finalize has the machine"
     assert ahead["timings"]["index_train_s"] > 0 and ahead["timings"]["index_add_s"] > 0
+    assert ahead["timings"]["index_encode_s"] > 0, "the readers encoded the parts read after training"
     first = out.path("index.faiss").read_bytes()
     again = finalize(out, "ivfpq")  # no ledger: every part read now
     assert again["index"]["sha256"] == ahead["index"]["sha256"] and again["index"]["params"]["trained_on"] == train_size
@@ -634,3 +635,51 @@ def test_ivfpq_settings_a_benchmark_can_weigh_follow_from_the_list_count():
     # belong to them
     assert faiss.downcast_index(faiss.extract_index_ivf(bounded)).pq.cp.max_points_per_centroid == 64
     assert faiss.downcast_index(faiss.extract_index_ivf(unbounded)).pq.cp.max_points_per_centroid == 256
+
+
+def test_ivfpq_codes_encoded_on_reader_threads_give_the_file_add_with_ids_gives():
+    """The builder appends FAISS standalone codes: parts encoded on other threads (``prepare``), parts read
+    before training (vectors), a part encoded by an earlier training's codec (encoded again) and one empty part
+    all end in the bytes that ``IndexIDMap.add_with_ids`` writes from the same vectors in the same order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import faiss
+
+    from output.ivf_index import IvfPqBuilder, index_params, new_ivfpq
+
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((64, 32)).astype(np.float32)
+    x = centres[rng.integers(0, 64, 30_000)] + 0.3 * rng.standard_normal((30_000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = rng.permutation(30_000).astype(np.int64) * 7_919 + 13  # row ids, not positions
+    p = index_params("ivfpq", len(x), 32)
+    want = new_ivfpq(32, p)
+    want.train(x[: p["train_size"]])
+    want.add_with_ids(x, ids)
+
+    stale = IvfPqBuilder(32, p)  # another training: its codes must not be appended as they are
+    stale.add(ids[: p["train_size"]] + 1, x[::-1][: p["train_size"]].copy())
+    assert stale.codec is not None
+    b = IvfPqBuilder(32, p)
+    cuts = list(range(0, len(x), 700)) + [len(x)]
+    parts = [(ids[lo:hi], x[lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
+    parts.insert(20, (ids[:0], x[:0]))
+    with ThreadPoolExecutor(3) as pool:
+        prepared = [pool.submit(b.prepare, r, v) for r, v in parts[:14]]  # before training: vectors come back
+        for f in prepared:
+            b.add_part(f.result())
+        assert b.codec is None and b.ntotal == 14 * 700
+        b.add_part(b.prepare(*parts[14]))  # the vectors train_size needed: trained, then every held one added
+        assert b.codec is not None and b.ntotal == 15 * 700
+        later = [pool.submit(b.prepare, r, v) for r, v in parts[15:]]
+        for i, f in enumerate(later):
+            part = f.result()
+            assert part.codes is not None or not len(part.rows)
+            if i == 10:
+                part = stale.prepare(part.rows, parts[15 + i][1])
+            b.add_part(part)
+    got, params = b.finish()
+    assert params["trained_on"] == p["train_size"] and got.ntotal == len(x) and b.encode_s > 0
+    assert np.array_equal(faiss.serialize_index(got), faiss.serialize_index(want))
+    _, hits = got.search(x[:5], 1)
+    assert hits[:, 0].tolist() == ids[:5].tolist()
