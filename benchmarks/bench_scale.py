@@ -380,6 +380,14 @@ def main() -> int:
                     if args.json:
                         args.json.write_text(json.dumps(res, indent=2))
                 corpus.unlink()
+        for kind in args.index.split(","):  # the cost per document at the largest size against the smallest
+            runs = sorted((r for r in res["runs"] if r["index_type"] == kind), key=lambda r: r["rows"])
+            if len(runs) > 1:
+                small, big = runs[0], runs[-1]
+                res.setdefault("ratios", {})[kind] = ratio = round(big["docs_per_s"] / small["docs_per_s"], 3)
+                print(f"{kind}: docs/s at {big['rows']:,} rows / at {small['rows']:,} rows = {ratio}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
