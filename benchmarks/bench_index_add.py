@@ -15,13 +15,16 @@ Why: on the H100 host of NOTES 4m the ledger added an estimated 34,000-40,000 ve
 workers (8 threads) and 66,000-79,000 at finalize (16), read from the producer's memory (448 bytes a vector);
 the 2-core CI VM adds 100,000 a second on 2 threads with this script. The header prints what numpy sees of
 the CPU (its SIMD dispatch) and FAISS's compile options, so a host whose virtual CPU hides AVX2 or AVX-512
-shows it. Needs no GPU; the peer is the same host at other thread counts.
+shows it. ``--hold N`` keeps N other processes spinning meanwhile, as a job's workers hold the cores the ledger
+shares (NOTES 4l: on this VM, with both cores held, FAISS's 2-thread adds fell from 99,678 to 23,976 vectors
+a second). Needs no GPU; the peer is the same host at other thread counts, and the other way of adding.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -103,9 +106,15 @@ def main() -> int:
     ap.add_argument("--threads", default=None, help="comma list (default: 1, 2, half the cores, every core)")
     ap.add_argument("--add", type=int, default=65_536, help="vectors timed in each add measure")
     ap.add_argument("--part", type=int, default=920, help="rows a part (a GPU job's parts are about 920)")
+    ap.add_argument(
+        "--hold",
+        type=int,
+        default=0,
+        help="processes that spin on a core each while everything is timed, as a job's workers hold a host's cores "
+        "(0: the host idle)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    import faiss
 
     n_cores = cpu_count()  # the cores the ledger's thread rule counts (this process's affinity)
     threads = sorted(
@@ -117,8 +126,29 @@ def main() -> int:
     xt, x = clustered(rng, centres, p["train_size"]), clustered(rng, centres, args.add)
     ids = np.arange(args.add, dtype=np.int64)
     parts = [x[i : i + args.part] for i in range(0, len(x), args.part)]
-    res: dict = {**cpu_header(), "params": p, "runs": []}
-    print(json.dumps({k: res[k] for k in ("cpu", "numpy_simd", "faiss")}), flush=True)
+    res: dict = {**cpu_header(), "params": p, "held_cores": args.hold, "runs": []}
+    print(json.dumps({k: res[k] for k in ("cpu", "numpy_simd", "faiss", "held_cores")}), flush=True)
+    spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.hold)]
+    for sp in spinners:
+        sp.start()
+    try:
+        measure(args, threads, p, xt, x, ids, parts, res)
+    finally:
+        for sp in spinners:
+            sp.terminate()
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def spin() -> None:
+    while True:
+        pass
+
+
+def measure(args, threads, p, xt, x, ids, parts, res) -> None:
+    import faiss
+
     for t in threads:
         faiss.omp_set_num_threads(t)
         index = new_ivfpq(384, p)
@@ -143,9 +173,6 @@ def main() -> int:
         got["append_per_s"] = round(args.add / append_parts(p, xt, ids, parts, codes))  # once: it trains first
         print(json.dumps(got), flush=True)
         res["runs"].append(got)
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

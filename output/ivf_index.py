@@ -3,6 +3,8 @@
 The quantizers are trained on the job's first ``train_size`` vectors in batch order (the plan's order, the
 same on every run): until then the parts' vectors are held, then they are added with every later part's.
 Finalize only trains what a short job never reached (fewer vectors than ``train_size``) and writes the file.
+After training, the ledger's reader threads encode each part (``Codec``) and the ledger appends the codes
+(``IvfPqBuilder``): the index's work is spread over the readers instead of one FAISS call at a time.
 The first vectors, not a sample of the whole corpus, because a sample drawn over all rows needs every part
 before training starts, that is, a second pass over the vectors (what ``output.index.build_index`` did). A
 corpus sorted by topic trains on its first topics; ``recall@10`` against exact search is in BENCHMARKS.md.

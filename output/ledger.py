@@ -32,12 +32,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["PartLedger", "LedgerFeeder", "PartFacts", "read_part_facts", "in_order", "part_vectors"]
 
 
-def in_order(fn: Callable[[int], Any], n: int, start: int = 0) -> Iterator[Any]:
-    """``fn(start), fn(start + 1), ... fn(start + n - 1)`` in order, computed ahead on threads (the per-part reads,
-    decompression and hashing release the GIL; a GPU ingest has hundreds of parts). At most
-    ``2 * workers + 1`` results are held at once; on an error or an early stop the calls not yet
-    started are cancelled."""
-    workers = max(1, min(8, cpu_count()))
+def in_order(fn: Callable[[int], Any], n: int, start: int = 0, workers: int = 0) -> Iterator[Any]:
+    """``fn(start), fn(start + 1), ... fn(start + n - 1)`` in order, computed ahead on ``workers`` threads (0: the
+    cores, at most 8; the per-part reads, decompression, hashing and index encoding release the GIL; a GPU ingest
+    has hundreds of parts). At most ``2 * workers + 1`` results are held at once; on an error or an early stop
+    the calls not yet started are cancelled."""
+    workers = workers or max(1, min(8, cpu_count()))
     pool = ThreadPoolExecutor(workers, thread_name_prefix="finalize")
     try:
         ahead: deque = deque()
@@ -204,7 +204,9 @@ class PartLedger:
             stop = first
             while self.out.vectors_part(stop).exists():
                 stop += 1
-        for got in in_order(self._one, stop - first, first):
+        # ivfpq once the workers are done: a reader on every core, since the readers encode the index's codes
+        readers = cpu_count() if self.ivf is not None and self.ivf.all_cores else 0
+        for got in in_order(self._one, stop - first, first, readers):
             if got is None or should_stop():
                 break
             facts, id_hash, vecs = got
