@@ -11,8 +11,8 @@ Two measures, each run in a fresh process per checkout, the checkouts alternatin
   Reported: ms a part for the writer and for the ledger. What the ledger cannot keep up with is finalize's tail.
   ``--index ivfpq``: the ledger trains the index on the first parts and adds the rest (the vectors are random
   around 2,000 centres), and the last step is finalize's (every core where the checkout allows it, then the
-  index finished). ``--busy K`` keeps K other processes spinning meanwhile, as a GPU host's workers hold its
-  cores.
+  index file written). ``peak_mb``: the process's peak resident memory (``VmHWM``). ``--busy K`` keeps K
+  other processes spinning meanwhile, as a GPU host's workers hold its cores.
 * **ids**: a new job's id check (``pipeline.ingest.plan.corpus_id_hashes`` + ``check_unique_ids``) on a
   corpus of ``--ids`` string ids in row groups of 32,768, as the STS-B benchmark corpus has them.
 
@@ -71,13 +71,18 @@ getattr(ledger, "use_all_cores", lambda: None)()  # finalize's: the workers are 
 assert ledger.advance(n) == n
 if kind == "flat":
     ledger.commit_index()
+elif hasattr(ledger.ivf, "write"):  # the index file written, as finalize does (SQ8 copies spilled or not)
+    from pathlib import Path
+    ledger.ivf.write(Path(root) / "index.faiss")
 else:
-    ledger.ivf.finish()
+    import faiss
+    faiss.write_index(ledger.ivf.finish()[0], root + "/index.faiss")
 tail = time.perf_counter() - t0
 ledger_s += tail
 shutil.rmtree(root, ignore_errors=True)
+peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
 print(json.dumps({"write_ms_per_part": 1000 * write_s / n, "ledger_ms_per_part": 1000 * ledger_s / n,
-                  "last_step_s": tail}))
+                  "last_step_s": tail, "peak_mb": peak}))
 """
 
 IDS = r"""

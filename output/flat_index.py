@@ -36,12 +36,12 @@ import numpy as np
 
 from core.layout import OutputDir, drop_cached
 
-__all__ = ["FlatIndexFile", "layout_matches", "PREFIX_BYTES"]
+__all__ = ["FlatIndexFile", "layout_matches", "pwrite_all", "write_back", "PREFIX_BYTES", "SYNC_BYTES"]
 
 _DUMMY = 1 << 20  # two int64 fields FAISS writes with this value and ignores on read
 _METRIC_IP = 0  # faiss.METRIC_INNER_PRODUCT
 PREFIX_BYTES = 2 * (4 + 33) + 8
-_SYNC_BYTES = 64 << 20  # write back to disk every 64 MB, so the final fsync has little left to write
+SYNC_BYTES = 64 << 20  # write back to disk every 64 MB, so the final fsync has little left to write
 _READ_BYTES = 8 << 20
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4  # sync_file_range(2) flags
 _WAIT_ALL = _WAIT_BEFORE | _WRITE | _WAIT_AFTER
@@ -72,6 +72,27 @@ def _range_sync(fd: int, offset: int, length: int, flags: int) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EOPNOTSUPP):
         return False
     raise OSError(err, f"sync_file_range: {os.strerror(err)}")
+
+
+def write_back(fd: int, written: int, flushing: int, end: int) -> tuple[int, int]:
+    """For a file written in order: bytes before ``written`` are on disk and dropped from the cache, those in
+    ``[written, flushing)`` on their way. Start writing ``[flushing, end)`` without waiting, wait for the window
+    before it and let its pages go; returns the new ``(written, flushing)``. Where ``sync_file_range`` is
+    missing or refused, ``fdatasync``. Raises ``OSError`` on an I/O error."""
+    if not _range_sync(fd, flushing, end - flushing, _WRITE):
+        os.fdatasync(fd)
+    elif not _range_sync(fd, written, flushing - written, _WAIT_ALL):
+        os.fdatasync(fd)
+    elif flushing > written:
+        drop_cached(fd, written, flushing - written)
+    return flushing, end
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 def _prefix(dim: int, n: int) -> bytes:
@@ -127,8 +148,8 @@ class FlatIndexFile:
         # ``.data`` is ``memoryview(arr)``; numpy's stubs declare ndarray a Buffer only for Python >= 3.12
         data = np.ascontiguousarray(vecs).reshape(-1).data.cast("B")
         start = self._end()
-        _pwrite_all(self._fd, data, start)
-        if start + len(data) - self._flushing >= _SYNC_BYTES:
+        pwrite_all(self._fd, data, start)
+        if start + len(data) - self._flushing >= SYNC_BYTES:
             self._write_back(start + len(data))
         if self._hash is not None:  # from here on nothing can fail: the part is counted
             self._hash.update(data)
@@ -144,16 +165,10 @@ class FlatIndexFile:
         fd = self._fd
         assert fd is not None
         try:
-            if not _range_sync(fd, self._flushing, end - self._flushing, _WRITE):
-                os.fdatasync(fd)
-            elif not _range_sync(fd, self._written, self._flushing - self._written, _WAIT_ALL):
-                os.fdatasync(fd)
-            elif self._flushing > self._written:
-                drop_cached(fd, self._written, self._flushing - self._written)
+            self._written, self._flushing = write_back(fd, self._written, self._flushing, end)
         except OSError:
             self.failed = True
             raise
-        self._written, self._flushing = self._flushing, end
 
     def expect(self, n: int) -> None:
         """Start the hash, for a file of ``n`` vectors: the prefix, then the vectors written so far (read back)."""
@@ -183,9 +198,9 @@ class FlatIndexFile:
         assert h is not None and self._fd is not None, "commit() once; expect() sets the hash with expected"
         ids = _ids_bytes(np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64))
         end = self._end()
-        _pwrite_all(self._fd, ids, end)
+        pwrite_all(self._fd, ids, end)
         os.ftruncate(self._fd, end + len(ids))  # anything a failed append left beyond the end goes
-        _pwrite_all(self._fd, prefix, 0)
+        pwrite_all(self._fd, prefix, 0)
         h.update(ids)
         os.close(self._fd)
         self._fd = None
@@ -201,13 +216,6 @@ class FlatIndexFile:
             os.close(self._fd)
             self._fd = None
             self.tmp.unlink(missing_ok=True)
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while len(view):
-        done = os.pwrite(fd, view, offset)
-        view, offset = view[done:], offset + done
 
 
 class _Hasher:

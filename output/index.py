@@ -79,20 +79,26 @@ def write_index(
     else:
         import faiss
 
-        if ledger.ivf is not None:
-            index, params = ledger.ivf.finish()
+        ivf = ledger.ivf
+        index: Any = None
+        if ivf is not None:
+            params, ntotal = ivf.params, ivf.ntotal
         else:
             index, params = build_index(out, kind, n_batches, dim, embedded)
-        if index.ntotal != embedded:
-            raise OracleError(f"the index holds {index.ntotal} vectors, the parts {embedded}")
+            ntotal = int(index.ntotal)
+        if ntotal != embedded:
+            raise OracleError(f"the index holds {ntotal} vectors, the parts {embedded}")
         digests: list[str] = []
 
         def write(tmp: Path) -> None:  # streamed to the file rather than through serialize_index's buffer
-            faiss.write_index(index, str(tmp))
+            if ivf is not None:
+                ivf.write(tmp)  # its SQ8 copies from their file, where they were spilled
+            else:
+                faiss.write_index(index, str(tmp))
             digests.append(sha256_file(tmp))  # of the bytes being committed
 
         OutputDir.write_atomic(out.path(INDEX_FILE), write)
-        ntotal, digest = int(index.ntotal), digests[-1]
+        digest = digests[-1]
     for tmp in out.root.glob(f"{INDEX_FILE}.tmp-*"):  # left by an ingest that was killed
         if OutputDir.stale_temp(tmp):
             tmp.unlink(missing_ok=True)

@@ -10,26 +10,44 @@ before training starts, that is, a second pass over the vectors (what ``output.i
 corpus sorted by topic trains on its first topics; ``recall@10`` against exact search is in BENCHMARKS.md.
 
 Memory: the held vectors (``train_size x dim x 4`` bytes at most: 77 MB for 50,000 vectors of 384), then the
-index itself (``m`` bytes of PQ code, ``dim`` bytes of SQ8 copy and 16 of ids per vector: 4.5 GB for 10 M rows
-of 384, against 15.4 GB flat).
+inverted lists (``m`` bytes of PQ code and 16 of ids per vector: 0.64 GB for 10 M rows of 384). The SQ8 copies
+(``dim`` bytes a vector, 3.84 GB there) go to a temp file beside the index file as they come (``SpilledCodes``)
+and into the index file when it is written, which is byte for byte FAISS's own (``spill_layout_matches``; where
+a FAISS version writes otherwise, they stay in memory).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
+import struct
 import threading
 import time
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from core.envs import cpu_count
 from core.errors import PermanentError
+from core.layout import OutputDir
+from output.flat_index import SYNC_BYTES, pwrite_all, write_back
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IvfPqBuilder", "Codec", "PartCodes", "index_params", "new_ivfpq", "tune", "MAX_LISTS"]
+__all__ = [
+    "IvfPqBuilder",
+    "Codec",
+    "PartCodes",
+    "SpilledCodes",
+    "spill_layout_matches",
+    "index_params",
+    "new_ivfpq",
+    "tune",
+    "MAX_LISTS",
+]
 
 MAX_LISTS = 1_000  # lists at most, whatever the rows (see index_params)
 
@@ -153,8 +171,11 @@ class IvfPqBuilder:
     each; appending codes costs the ledger's thread about a microsecond a vector. ``all_cores`` (set once the
     workers are done) lets training and the ledger's own encoding use every core."""
 
-    def __init__(self, dim: int, params: dict[str, Any]) -> None:
+    def __init__(self, dim: int, params: dict[str, Any], beside: Path | None = None) -> None:
         self.dim, self.params = dim, dict(params)
+        self._beside = beside  # the index file's path: its SQ8 copies go to a temp file next to it (SpilledCodes)
+        self._spill: SpilledCodes | None = None
+        self._check_layout = True  # spill only where spill_layout_matches (which builds with this off)
         self._held: list[tuple[np.ndarray, np.ndarray]] = []  # until trained
         self._n_held = 0
         self.index: Any = None  # IndexIDMap(IndexRefine(IVF-PQ, SQ8)), once trained; its ids are set at finish
@@ -204,6 +225,29 @@ class IvfPqBuilder:
         self.add_s += time.perf_counter() - t0
 
     def finish(self) -> tuple[Any, dict[str, Any]]:
+        """The filled index, in memory (not when its SQ8 copies went to disk: ``write`` then)."""
+        if self._spill is not None:
+            raise RuntimeError("this index's SQ8 copies are on disk: write() it")
+        return self._complete(), self.params
+
+    def write(self, path: Path) -> None:
+        """Write the filled index to ``path`` as ``faiss.write_index`` would (``spill_layout_matches``): FAISS
+        writes it with no SQ8 copies held, and the copies are put where FAISS keeps them, from their file."""
+        import faiss
+
+        index = self._complete()
+        faiss.write_index(index, str(path))
+        if self._spill is not None:
+            self._spill.insert_into(path, self._n_added)
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the SQ8 copies' file, if any (an index not written, or written)."""
+        if self._spill is not None:
+            self._spill.discard()
+            self._spill = None
+
+    def _complete(self) -> Any:
         import faiss
 
         if self.index is None:
@@ -212,17 +256,21 @@ class IvfPqBuilder:
         self._ids = [ids]
         faiss.copy_array_to_vector(ids, self.index.id_map)
         self.index.ntotal = self._n_added
-        return self.index, self.params
+        return self.index
 
     def _append(self, rows: np.ndarray, ivf_codes: np.ndarray, sq_codes: np.ndarray) -> None:
         """Codes into the lists and the SQ8 copy at positions ``_n_added`` on: what ``IndexIDMap.add_with_ids``
-        does after encoding (the inner index numbers vectors in the order they come)."""
+        does after encoding (the inner index numbers vectors in the order they come). The SQ8 copies first:
+        a write that fails leaves nothing of the part counted."""
         n = len(rows)
-        refine = self._refine
+        if self._spill is not None:
+            self._spill.append(self._n_added, sq_codes)
+            self._sq.ntotal = self._n_added + n  # FAISS writes this count; the copies are in the file
+        else:
+            self._sq.add_sa_codes(sq_codes)
         self._ivf.add_sa_codes(ivf_codes, np.arange(self._n_added, self._n_added + n, dtype=np.int64))
-        self._sq.add_sa_codes(sq_codes)
         self._n_added += n
-        refine.ntotal = self._n_added
+        self._refine.ntotal = self._n_added
         self._ids.append(np.asarray(rows, np.int64))
 
     def _train(self) -> None:
@@ -248,6 +296,8 @@ class IvfPqBuilder:
         )
         self.codec = Codec(refine)
         self.index = index
+        if self._beside is not None and (not self._check_layout or spill_layout_matches(self.dim)):
+            self._spill = SpilledCodes(OutputDir.temp_path(self._beside), self._sq.code_size)
         held, self._held, self._n_held = self._held, [], 0
         if held:  # one encode of every held vector, on the threads training had
             rows = np.concatenate([r for r, _ in held])
@@ -255,3 +305,83 @@ class IvfPqBuilder:
             codes = self.codec.encode(np.concatenate([v for _, v in held]), threads=_threads(self.all_cores))
             self._append(rows, *codes)
             self.add_s += time.perf_counter() - t0
+
+
+class SpilledCodes:
+    """An ivfpq index's SQ8 copies (``dim`` bytes a vector: 384 of its 448 at 384 dims), appended in order to a
+    temp file beside the index file (``OutputDir.temp_path``: a killed ingest's is cleaned up as stale) and
+    written back as they come, instead of held by the process that builds the index. At the end they are put
+    into the file FAISS wrote without them (``insert_into``)."""
+
+    def __init__(self, path: Path, code_size: int) -> None:
+        self.path, self.code_size = path, code_size
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._written = self._flushing = 0
+
+    def append(self, at: int, codes: np.ndarray) -> None:
+        """Codes ``[k, code_size]`` for vectors ``at`` to ``at + k`` (written in place: a retry overwrites)."""
+        assert self._fd is not None and codes.shape[1:] == (self.code_size,)
+        start = at * self.code_size
+        pwrite_all(self._fd, np.ascontiguousarray(codes, np.uint8).reshape(-1).data.cast("B"), start)
+        end = start + codes.size
+        if end - self._flushing >= SYNC_BYTES:
+            self._written, self._flushing = write_back(self._fd, self._written, self._flushing, end)
+
+    def insert_into(self, path: Path, n: int) -> None:
+        """Put the first ``n`` vectors' codes into ``path``, an ``IndexIDMap(IndexRefine(.., SQ8))`` file written
+        with none: FAISS ends it with the SQ8 codes (a uint64 byte count, then the bytes), ``k_factor``
+        (float32) and the ids (a uint64 count, then int64s), so the count is found from the end."""
+        assert self._fd is not None
+        tail_bytes = 4 + 8 + 8 * n
+        with open(path, "r+b") as f:
+            at = f.seek(0, os.SEEK_END) - tail_bytes - 8
+            f.seek(at)
+            if at < 0 or struct.unpack("<Q", f.read(8))[0] != 0:
+                raise RuntimeError(f"{path}: not the file layout SpilledCodes knows (FAISS changed?)")
+            tail = f.read()
+            f.seek(at)
+            f.truncate()
+            f.write(struct.pack("<Q", n * self.code_size))
+            f.flush()
+            left, pos, out = n * self.code_size, 0, f.fileno()
+            while left:
+                done = os.copy_file_range(self._fd, out, left, pos)
+                if done == 0:
+                    raise OSError(f"{self.path} is shorter than the {n:,} vectors' codes written to it")
+                left, pos = left - done, pos + done
+            f.seek(0, os.SEEK_END)
+            f.write(tail)
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self.path.unlink(missing_ok=True)
+
+
+@functools.cache
+def spill_layout_matches(dim: int) -> bool:
+    """Whether an index of ``dim`` written with its SQ8 copies spilled is byte for byte FAISS's own file (a small
+    index built both ways, once per dimension); if not, the copies stay in memory."""
+    import tempfile
+
+    import faiss
+
+    rng = np.random.default_rng(dim)
+    x = rng.standard_normal((1000, dim)).astype(np.float32)
+    ids = rng.permutation(10_000)[:1000].astype(np.int64)
+    p = {**index_params("ivfpq", 1000, dim, nlist=4), "nbits": 4, "train_size": 700}
+    with tempfile.TemporaryDirectory() as d:
+        built: list[bytes] = []
+        for beside in (None, Path(d) / "spilled.faiss"):
+            b = IvfPqBuilder(dim, p, beside=beside)
+            b._check_layout = False
+            b.add(ids[:800], x[:800])
+            b.add(ids[800:], x[800:])
+            out = Path(d) / f"{len(built)}.faiss"
+            b.write(out)
+            built.append(out.read_bytes())
+        faiss_own = new_ivfpq(dim, p)  # and FAISS's own adds, for the same bytes
+        faiss_own.train(x[:700])
+        faiss_own.add_with_ids(x, ids)
+        return built[0] == built[1] == faiss.serialize_index(faiss_own).tobytes()

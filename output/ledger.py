@@ -142,10 +142,15 @@ class PartLedger:
         self._start()
 
     def _start(self) -> None:
+        earlier: IvfPqBuilder | None = getattr(self, "ivf", None)
+        if earlier is not None:  # starting over: the earlier index's spilled codes go
+            earlier.discard()
         self.ivf: IvfPqBuilder | None = None
         if self.index_type == "ivfpq":
-            # sized by the corpus's rows (known from the start), so the quantizers can train while the job runs
-            self.ivf = IvfPqBuilder(self.dim, index_params("ivfpq", len(self.id_hash), self.dim))
+            # sized by the corpus's rows (known from the start), so the quantizers can train while the job runs;
+            # its SQ8 copies go to a temp file beside the index file (``SpilledCodes``)
+            p = index_params("ivfpq", len(self.id_hash), self.dim)
+            self.ivf = IvfPqBuilder(self.dim, p, beside=self.out.path(INDEX_FILE))
         self.facts: list[PartFacts] = []
         self.counts = np.zeros(len(self.id_hash), dtype=np.uint16)  # times each input row was seen
         self.unexpected: list[str] = []
@@ -244,6 +249,8 @@ class PartLedger:
     def close(self) -> None:
         self._closed = True
         self.discard()
+        if self.ivf is not None:
+            self.ivf.discard()
 
     def changed(self) -> int | None:
         """The first recorded part whose file changed since it was read, or None."""

@@ -266,12 +266,17 @@ def test_an_ivfpq_index_trains_and_fills_while_parts_commit_and_matches_one_buil
     assert max(held) < train_size + largest and held[-1] == 0, "trained once train_size vectors came"
     assert ledger.ivf.index is not None and ledger.ivf.ntotal == 44_999
     assert not ledger.ivf.all_cores, "half the cores (at most 8) while the workers run"
+    # the SQ8 copies are in a temp file beside the index file, not in memory
+    spilled = list(out.root.glob("index.faiss.tmp-*"))
+    assert len(spilled) == 1 and spilled[0].stat().st_size == 44_999 * DIM
+    assert ledger.ivf._sq.codes.size() == 0 and ledger.ivf._sq.ntotal == 44_999
     ahead = finalize(out, "ivfpq", ledger=ledger)
     assert ahead["timings"]["parts_checked_ahead"] == plan.n_batches
     assert ledger.ivf.all_cores, "every core once finalize has the machine"
     assert ahead["timings"]["index_train_s"] > 0 and ahead["timings"]["index_add_s"] > 0
     assert ahead["timings"]["index_encode_s"] > 0, "the readers encoded the parts read after training"
     first = out.path("index.faiss").read_bytes()
+    assert not list(out.root.glob("index.faiss.tmp-*")), "the spilled copies are gone once the index is written"
     again = finalize(out, "ivfpq")  # no ledger: every part read now
     assert again["index"]["sha256"] == ahead["index"]["sha256"] and again["index"]["params"]["trained_on"] == train_size
     assert out.path("index.faiss").read_bytes() == first
@@ -413,7 +418,7 @@ def test_a_streamed_flat_index_is_byte_for_byte_what_faiss_writes(tmp_path, monk
 
     import output.flat_index as fi
 
-    monkeypatch.setattr(fi, "_SYNC_BYTES", 5000)
+    monkeypatch.setattr(fi, "SYNC_BYTES", 5000)
     rng = np.random.default_rng(1)
     sizes = [] if case == "empty" else [7, 0, 40, 13]
     chunks = [
@@ -522,7 +527,7 @@ def test_an_append_that_fails_midway_is_redone_cleanly(tmp_path, monkeypatch):
     monkeypatch.setattr(fi.os, "pwrite", half_then_fail)
     monkeypatch.setattr(fi.os, "fdatasync", sync_fails_once)
     monkeypatch.setattr(fi, "_SYNC_RANGE", None)  # the write-back's own failure: the next test
-    monkeypatch.setattr(fi, "_SYNC_BYTES", 2000)
+    monkeypatch.setattr(fi, "SYNC_BYTES", 2000)
     ledger = PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash, plan.n_rows)
     for _ in range(2):
         with pytest.raises(OSError):
@@ -562,7 +567,7 @@ def test_a_failed_write_back_starts_the_index_file_over(tmp_path, monkeypatch):
         return real(fd, offset, length, flags)
 
     monkeypatch.setattr(fi, "_SYNC_RANGE", fails_on_second_wait)
-    monkeypatch.setattr(fi, "_SYNC_BYTES", 2000)
+    monkeypatch.setattr(fi, "SYNC_BYTES", 2000)
     ledger = PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash, plan.n_rows)
     with pytest.raises(OSError, match="Input/output error"):
         ledger.advance()
@@ -637,10 +642,12 @@ def test_ivfpq_settings_a_benchmark_can_weigh_follow_from_the_list_count():
     assert faiss.downcast_index(faiss.extract_index_ivf(unbounded)).pq.cp.max_points_per_centroid == 256
 
 
-def test_ivfpq_codes_encoded_on_reader_threads_give_the_file_add_with_ids_gives():
+@pytest.mark.parametrize("spill", [False, True], ids=["in-memory", "sq8-spilled"])
+def test_ivfpq_codes_encoded_on_reader_threads_give_the_file_add_with_ids_gives(tmp_path, spill):
     """The builder appends FAISS standalone codes: parts encoded on other threads (``prepare``), parts read
     before training (vectors), a part encoded by an earlier training's codec (encoded again) and one empty part
-    all end in the bytes that ``IndexIDMap.add_with_ids`` writes from the same vectors in the same order."""
+    all end in the bytes that ``IndexIDMap.add_with_ids`` writes from the same vectors in the same order, also
+    when the SQ8 copies were spilled to a file beside the index (then put back into it by ``write``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import faiss
@@ -660,7 +667,7 @@ def test_ivfpq_codes_encoded_on_reader_threads_give_the_file_add_with_ids_gives(
     stale = IvfPqBuilder(32, p)  # another training: its codes must not be appended as they are
     stale.add(ids[: p["train_size"]] + 1, x[::-1][: p["train_size"]].copy())
     assert stale.codec is not None
-    b = IvfPqBuilder(32, p)
+    b = IvfPqBuilder(32, p, beside=tmp_path / "index.faiss" if spill else None)
     cuts = list(range(0, len(x), 700)) + [len(x)]
     parts = [(ids[lo:hi], x[lo:hi]) for lo, hi in zip(cuts, cuts[1:])]
     parts.insert(20, (ids[:0], x[:0]))
@@ -678,8 +685,49 @@ def test_ivfpq_codes_encoded_on_reader_threads_give_the_file_add_with_ids_gives(
             if i == 10:
                 part = stale.prepare(part.rows, parts[15 + i][1])
             b.add_part(part)
-    got, params = b.finish()
-    assert params["trained_on"] == p["train_size"] and got.ntotal == len(x) and b.encode_s > 0
-    assert np.array_equal(faiss.serialize_index(got), faiss.serialize_index(want))
+    assert b.ntotal == len(x) and b.encode_s > 0 and b.params["trained_on"] == p["train_size"]
+    assert len(list(tmp_path.glob("index.faiss.tmp-*"))) == int(spill)
+    if not spill:
+        assert np.array_equal(faiss.serialize_index(b.finish()[0]), faiss.serialize_index(want))
+    b.write(tmp_path / "built.faiss")
+    assert not list(tmp_path.glob("index.faiss.tmp-*")), "the spilled file goes once the index is written"
+    assert (tmp_path / "built.faiss").read_bytes() == faiss.serialize_index(want).tobytes()
+    got = faiss.read_index(str(tmp_path / "built.faiss"))
     _, hits = got.search(x[:5], 1)
     assert hits[:, 0].tolist() == ids[:5].tolist()
+
+
+def test_spilled_sq8_codes_are_removed_when_a_ledger_closes_or_starts_over_and_refuse_a_foreign_file(tmp_path):
+    """A job that stops before finalize (the ledger closed) or a ledger that starts over leaves no spilled file;
+    ``insert_into`` refuses a file whose end is not the layout it knows, rather than writing a wrong index."""
+    import faiss
+
+    from output.ivf_index import SpilledCodes
+    from output.ledger import PartLedger
+
+    out, plan, ids, vectors = _job(tmp_path, n=12_000, batch_tokens=1 << 20, batch_rows=2048)
+    scan = Scan.load(out.state("scan.npz"))
+    ledger = PartLedger(out, "J1", DIM, "ivfpq", scan.id_hash)
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b)
+    ledger.advance()
+    assert ledger.ivf is not None and ledger.ivf.index is not None, "trained: its copies spilled"
+    first = list(out.root.glob("index.faiss.tmp-*"))
+    assert len(first) == 1
+    ledger._start()  # what revalidate does when a part changed
+    assert not first[0].exists()
+    ledger.advance()
+    assert len(list(out.root.glob("index.faiss.tmp-*"))) == 1
+    ledger.close()
+    assert not list(out.root.glob("index.faiss.tmp-*"))
+
+    flat = faiss.IndexIDMap(faiss.IndexFlatIP(DIM))
+    flat.add_with_ids(vectors[:10].astype(np.float32), np.arange(10, dtype=np.int64))
+    faiss.write_index(flat, str(tmp_path / "flat.faiss"))
+    before = (tmp_path / "flat.faiss").read_bytes()
+    spilled = SpilledCodes(tmp_path / "codes.tmp", DIM)
+    spilled.append(0, np.zeros((10, DIM), np.uint8))
+    with pytest.raises(RuntimeError, match="not the file layout"):
+        spilled.insert_into(tmp_path / "flat.faiss", 10)
+    spilled.discard()
+    assert (tmp_path / "flat.faiss").read_bytes() == before and not (tmp_path / "codes.tmp").exists()
