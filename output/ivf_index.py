@@ -18,6 +18,7 @@ a FAISS version writes otherwise, they stay in memory).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
@@ -343,14 +344,32 @@ class SpilledCodes:
             f.truncate()
             f.write(struct.pack("<Q", n * self.code_size))
             f.flush()
-            left, pos, out = n * self.code_size, 0, f.fileno()
-            while left:
-                done = os.copy_file_range(self._fd, out, left, pos)
-                if done == 0:
-                    raise OSError(f"{self.path} is shorter than the {n:,} vectors' codes written to it")
-                left, pos = left - done, pos + done
+            self._copy_to(f.fileno(), n * self.code_size)
             f.seek(0, os.SEEK_END)
             f.write(tail)
+
+    def _copy_to(self, out: int, length: int) -> None:
+        """The file's first ``length`` bytes to ``out`` at its position: in the kernel (``copy_file_range``), or
+        read and written where the file system refuses that."""
+        assert self._fd is not None
+        pos = 0
+        while pos < length:
+            try:
+                done = os.copy_file_range(self._fd, out, length - pos, pos)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or pos:
+                    raise
+                break
+            if done == 0:
+                raise OSError(f"{self.path} is shorter than the {length:,} bytes of codes written to it")
+            pos += done
+        while pos < length:  # the fallback
+            block = os.pread(self._fd, min(8 << 20, length - pos), pos)
+            if not block:
+                raise OSError(f"{self.path} is shorter than the {length:,} bytes of codes written to it")
+            pwrite_all(out, block, os.lseek(out, 0, os.SEEK_CUR))
+            os.lseek(out, len(block), os.SEEK_CUR)
+            pos += len(block)
 
     def discard(self) -> None:
         if self._fd is not None:
