@@ -269,9 +269,9 @@ def ingest(corpus: Path, out: Path, env: dict, flags: list[str], cluster) -> dic
         "finalize_s": t.get("finalize_s"),
         "index_s": t.get("index_s"),
         "ledger_stop_s": t.get("ledger_stop_s"),
-        "index_train_s": t.get("index_train_s"),  # ivfpq: training, and adding every vector (job + finalize)
-        "index_add_s": t.get("index_add_s"),
-        "index_encode_s": t.get("index_encode_s"),
+        "index_train_s": t.get("index_train_s"),  # ivfpq: training (job + finalize)
+        "index_add_s": t.get("index_add_s"),  # the ledger's thread: appending codes (adds, before 52a0c4c)
+        "index_encode_s": t.get("index_encode_s"),  # the readers' encoding, summed over their threads
         "parts_checked_ahead": t.get("parts_checked_ahead"),
         "manifest_timings": t,  # all of them: model_s, scan_s, ready_s (the first batch sent) ...
         "batches": m["counts"]["batches"],

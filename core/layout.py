@@ -202,6 +202,13 @@ class OutputDir:
         return host == socket.gethostname() and pid != os.getpid() and not pid_alive(pid)
 
     @staticmethod
+    def remove_stale_temps(final: Path) -> None:
+        """Remove ``final``'s temp files (``temp_path``'s names) whose writer is provably gone (``stale_temp``)."""
+        for tmp in final.parent.glob(f"{final.name}.tmp-*"):
+            if OutputDir.stale_temp(tmp):
+                tmp.unlink(missing_ok=True)
+
+    @staticmethod
     def temp_path(final: Path) -> Path:
         """A new temp name beside ``final``: ``<name>.tmp-<host>-<pid>-<random>`` (what cleanup looks for)."""
         return final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")

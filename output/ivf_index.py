@@ -13,7 +13,8 @@ Memory: the held vectors (``train_size x dim x 4`` bytes at most: 77 MB for 50,0
 inverted lists (``m`` bytes of PQ code and 16 of ids per vector: 0.64 GB for 10 M rows of 384). The SQ8 copies
 (``dim`` bytes a vector, 3.84 GB there) go to a temp file beside the index file as they come (``SpilledCodes``)
 and into the index file when it is written, which is byte for byte FAISS's own (``spill_layout_matches``; where
-a FAISS version writes otherwise, they stay in memory).
+a FAISS version writes otherwise, they stay in memory). Disk: that file, until the index is committed (both exist
+while it is written).
 """
 
 from __future__ import annotations
@@ -179,13 +180,14 @@ class IvfPqBuilder:
         self._check_layout = True  # spill only where spill_layout_matches (which builds with this off)
         self._held: list[tuple[np.ndarray, np.ndarray]] = []  # until trained
         self._n_held = 0
-        self.index: Any = None  # IndexIDMap(IndexRefine(IVF-PQ, SQ8)), once trained; its ids are set at finish
+        self.index: Any = None  # IndexIDMap(IndexRefine(IVF-PQ, SQ8)), once trained; its ids are set at the end
         self.codec: Codec | None = None
         self._refine: Any = None  # the IndexRefine inside, its IVF-PQ and its SQ8 copy, once trained
         self._ivf: Any = None
         self._sq: Any = None
-        self._ids: list[np.ndarray] = []  # row ids in the order their codes were appended
+        self._ids: list[np.ndarray] = []  # row ids appended since the IndexIDMap's ids were last set
         self._n_added = 0
+        self._discarded = False
         self.all_cores = False
         self.train_s = 0.0
         self.add_s = 0.0  # the ledger's thread: encoding what the readers did not, and appending
@@ -195,6 +197,12 @@ class IvfPqBuilder:
     @property
     def ntotal(self) -> int:
         return self._n_held + self._n_added
+
+    @property
+    def failed(self) -> bool:
+        """Writing the spilled copies back failed: bytes of parts counted already may be lost, so the index must
+        be built again from the first part (``PartLedger`` does)."""
+        return self._spill is not None and self._spill.failed
 
     def prepare(self, rows: np.ndarray, vecs: np.ndarray) -> PartCodes:
         """On a reader's thread: the part's codes once the quantizers are trained, else its vectors."""
@@ -211,11 +219,18 @@ class IvfPqBuilder:
         self.add_part(PartCodes(rows, vecs, None, None))
 
     def add_part(self, part: PartCodes) -> None:
+        """Add one part, all of it or (on an error) nothing of it."""
+        self._alive()
         if self.index is None:
             self._held.append((part.rows, part.vecs))
             self._n_held += len(part.rows)
             if self._n_held >= self.params["train_size"]:
-                self._train()
+                try:
+                    self._train()
+                except BaseException:
+                    self._held.pop()
+                    self._n_held -= len(part.rows)
+                    raise
             return
         t0 = time.perf_counter()
         codes = part.codes
@@ -233,48 +248,59 @@ class IvfPqBuilder:
 
     def write(self, path: Path) -> None:
         """Write the filled index to ``path`` as ``faiss.write_index`` would (``spill_layout_matches``): FAISS
-        writes it with no SQ8 copies held, and the copies are put where FAISS keeps them, from their file."""
+        writes it with no SQ8 copies held, and the copies are put where FAISS keeps them, from their file
+        (which stays until ``discard``: a write that fails can be done again)."""
         import faiss
 
         index = self._complete()
         faiss.write_index(index, str(path))
         if self._spill is not None:
             self._spill.insert_into(path, self._n_added)
-            self.discard()
 
     def discard(self) -> None:
-        """Remove the SQ8 copies' file, if any (an index not written, or written)."""
+        """Remove the SQ8 copies' file, if any, and end the builder: it cannot write a complete index after."""
+        self._discarded = True
         if self._spill is not None:
             self._spill.discard()
-            self._spill = None
+
+    def _alive(self) -> None:
+        if self._discarded:
+            raise RuntimeError("the ivfpq builder was discarded (its spilled copies are gone)")
 
     def _complete(self) -> Any:
         import faiss
 
+        self._alive()
         if self.index is None:
             self._train()
-        ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
-        self._ids = [ids]
-        faiss.copy_array_to_vector(ids, self.index.id_map)
+        if self._ids:  # the row ids into the IndexIDMap, with those set by an earlier call
+            have = faiss.vector_to_array(self.index.id_map)
+            ids, self._ids = np.concatenate([have, *self._ids]), []
+            faiss.copy_array_to_vector(ids, self.index.id_map)
+            del ids
         self.index.ntotal = self._n_added
         return self.index
 
     def _append(self, rows: np.ndarray, ivf_codes: np.ndarray, sq_codes: np.ndarray) -> None:
         """Codes into the lists and the SQ8 copy at positions ``_n_added`` on: what ``IndexIDMap.add_with_ids``
-        does after encoding (the inner index numbers vectors in the order they come). The SQ8 copies first:
+        does after encoding (the inner index numbers vectors in the order they come). The spilled copies first:
         a write that fails leaves nothing of the part counted."""
+        self._alive()
         n = len(rows)
         if self._spill is not None:
             self._spill.append(self._n_added, sq_codes)
+        self._ivf.add_sa_codes(ivf_codes, np.arange(self._n_added, self._n_added + n, dtype=np.int64))
+        if self._spill is not None:
             self._sq.ntotal = self._n_added + n  # FAISS writes this count; the copies are in the file
         else:
             self._sq.add_sa_codes(sq_codes)
-        self._ivf.add_sa_codes(ivf_codes, np.arange(self._n_added, self._n_added + n, dtype=np.int64))
         self._n_added += n
         self._refine.ntotal = self._n_added
         self._ids.append(np.asarray(rows, np.int64))
 
     def _train(self) -> None:
+        """Train on the held vectors, then encode and append them; on an error nothing changes (the held
+        vectors stay held, no index, no spilled file)."""
         import faiss
 
         faiss.omp_set_num_threads(_threads(self.all_cores))  # per thread: this one's
@@ -286,26 +312,43 @@ class IvfPqBuilder:
         t0 = time.perf_counter()
         index = new_ivfpq(self.dim, p)
         index.train(xt)
-        self.train_s = time.perf_counter() - t0
-        p["trained_on"] = len(xt)
-        logger.info("ivfpq trained on the job's first %d vectors in %.1f s", len(xt), self.train_s)
+        n_train, train_s = len(xt), time.perf_counter() - t0
+        del xt
         refine: Any = faiss.downcast_index(index.index)
         self._refine, self._ivf, self._sq = (
             refine,
             faiss.downcast_index(refine.base_index),
             faiss.downcast_index(refine.refine_index),
         )
-        self.codec = Codec(refine)
-        self.index = index
-        if self._beside is not None and (not self._check_layout or spill_layout_matches(self.dim)):
-            self._spill = SpilledCodes(OutputDir.temp_path(self._beside), self._sq.code_size)
-        held, self._held, self._n_held = self._held, [], 0
-        if held:  # one encode of every held vector, on the threads training had
-            rows = np.concatenate([r for r, _ in held])
-            t0 = time.perf_counter()
-            codes = self.codec.encode(np.concatenate([v for _, v in held]), threads=_threads(self.all_cores))
-            self._append(rows, *codes)
-            self.add_s += time.perf_counter() - t0
+        self.codec, self.index = Codec(refine), index
+        try:
+            if self._beside is not None and (not self._check_layout or _spill_ok(self.dim)):
+                OutputDir.remove_stale_temps(self._beside)  # a killed ingest's spilled copies, before new ones
+                self._spill = SpilledCodes(OutputDir.temp_path(self._beside), self._sq.code_size)
+            if self._held:  # one encode of every held vector, on the threads training had
+                rows = np.concatenate([r for r, _ in self._held])
+                t0 = time.perf_counter()
+                codes = self.codec.encode(np.concatenate([v for _, v in self._held]), threads=_threads(self.all_cores))
+                self._append(rows, *codes)
+                self.add_s += time.perf_counter() - t0
+        except BaseException:
+            if self._spill is not None:
+                self._spill.discard()
+            self._spill = self.codec = self.index = self._refine = self._ivf = self._sq = None
+            self._ids, self._n_added = [], 0
+            raise
+        self._held, self._n_held = [], 0
+        self.train_s = train_s
+        p["trained_on"] = n_train
+        logger.info("ivfpq trained on the job's first %d vectors in %.1f s", n_train, train_s)
+
+
+def _spill_ok(dim: int) -> bool:
+    try:
+        return spill_layout_matches(dim)
+    except Exception as e:  # noqa: BLE001 - the copies then stay in memory, as where FAISS writes otherwise
+        logger.warning("the ivfpq index keeps its SQ8 copies in memory: checking the spilled layout failed: %s", e)
+        return False
 
 
 class SpilledCodes:
@@ -318,6 +361,7 @@ class SpilledCodes:
         self.path, self.code_size = path, code_size
         self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self._written = self._flushing = 0
+        self.failed = False  # a write-back failed: codes of parts counted already may not be on disk
 
     def append(self, at: int, codes: np.ndarray) -> None:
         """Codes ``[k, code_size]`` for vectors ``at`` to ``at + k`` (written in place: a retry overwrites)."""
@@ -326,7 +370,11 @@ class SpilledCodes:
         pwrite_all(self._fd, np.ascontiguousarray(codes, np.uint8).reshape(-1).data.cast("B"), start)
         end = start + codes.size
         if end - self._flushing >= SYNC_BYTES:
-            self._written, self._flushing = write_back(self._fd, self._written, self._flushing, end)
+            try:
+                self._written, self._flushing = write_back(self._fd, self._written, self._flushing, end)
+            except OSError:
+                self.failed = True
+                raise
 
     def insert_into(self, path: Path, n: int) -> None:
         """Put the first ``n`` vectors' codes into ``path``, an ``IndexIDMap(IndexRefine(.., SQ8))`` file written
@@ -336,8 +384,7 @@ class SpilledCodes:
         tail_bytes = 4 + 8 + 8 * n
         with open(path, "r+b") as f:
             at = f.seek(0, os.SEEK_END) - tail_bytes - 8
-            f.seek(at)
-            if at < 0 or struct.unpack("<Q", f.read(8))[0] != 0:
+            if at < 0 or (f.seek(at) and struct.unpack("<Q", f.read(8))[0] != 0):
                 raise RuntimeError(f"{path}: not the file layout SpilledCodes knows (FAISS changed?)")
             tail = f.read()
             f.seek(at)
@@ -352,15 +399,17 @@ class SpilledCodes:
         """The file's first ``length`` bytes to ``out`` at its position: in the kernel (``copy_file_range``), or
         read and written where the file system refuses that."""
         assert self._fd is not None
-        pos = 0
-        while pos < length:
+        pos, copy = 0, getattr(os, "copy_file_range", None)  # Linux
+        while pos < length and copy is not None:
             try:
-                done = os.copy_file_range(self._fd, out, length - pos, pos)
+                done = copy(self._fd, out, length - pos, pos)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or pos:
                     raise
                 break
             if done == 0:
+                if pos == 0:  # some file systems copy nothing rather than refuse
+                    break
                 raise OSError(f"{self.path} is shorter than the {length:,} bytes of codes written to it")
             pos += done
         while pos < length:  # the fallback

@@ -142,9 +142,7 @@ class PartLedger:
         self._start()
 
     def _start(self) -> None:
-        earlier: IvfPqBuilder | None = getattr(self, "ivf", None)
-        if earlier is not None:  # starting over: the earlier index's spilled codes go
-            earlier.discard()
+        self.discard()  # starting over: an earlier index file, or an earlier ivfpq index's spilled copies, go
         self.ivf: IvfPqBuilder | None = None
         if self.index_type == "ivfpq":
             # sized by the corpus's rows (known from the start), so the quantizers can train while the job runs;
@@ -154,7 +152,6 @@ class PartLedger:
         self.facts: list[PartFacts] = []
         self.counts = np.zeros(len(self.id_hash), dtype=np.uint16)  # times each input row was seen
         self.unexpected: list[str] = []
-        self.discard()
 
     @property
     def streams(self) -> bool:
@@ -210,20 +207,29 @@ class PartLedger:
             while self.out.vectors_part(stop).exists():
                 stop += 1
         # ivfpq once the workers are done: a reader on every core, since the readers encode the index's codes
-        readers = cpu_count() if self.ivf is not None and self.ivf.all_cores else 0
+        readers = min(32, cpu_count()) if self.ivf is not None and self.ivf.all_cores else 0
         for got in in_order(self._one, stop - first, first, readers):
             if got is None or should_stop():
                 break
             facts, id_hash, vecs = got
             if vecs is not None and len(vecs[0]):  # first: if it fails, nothing of this part is recorded
                 if isinstance(vecs, PartCodes):
-                    assert self.ivf is not None
-                    self.ivf.add_part(vecs)
+                    self._add_ivf(vecs)
                 else:
                     self._append(*vecs)
             tally(self.counts, facts.rows, id_hash, self.id_hash, part_name(self.next_batch), self.unexpected)
             self.facts.append(facts)
         return self.next_batch
+
+    def _add_ivf(self, part: PartCodes) -> None:
+        assert self.ivf is not None
+        try:
+            self.ivf.add_part(part)
+        except OSError:
+            if self.ivf.failed:  # parts counted already may have lost their copies: the index starts over
+                logger.warning("writing the ivfpq index's copies failed; it will be built again from the first part")
+                self._start()
+            raise
 
     def use_all_cores(self) -> None:
         """The workers are done: what is left of the index's work may use every core."""
@@ -242,15 +248,17 @@ class PartLedger:
         return self.file
 
     def discard(self) -> None:
+        """Remove what was not committed: the flat index file, an ivfpq index's spilled copies."""
         if self.file is not None:
             self.file.discard()
             self.file = None
+        ivf: IvfPqBuilder | None = getattr(self, "ivf", None)
+        if ivf is not None:
+            ivf.discard()
 
     def close(self) -> None:
         self._closed = True
         self.discard()
-        if self.ivf is not None:
-            self.ivf.discard()
 
     def changed(self) -> int | None:
         """The first recorded part whose file changed since it was read, or None."""

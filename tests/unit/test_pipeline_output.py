@@ -700,8 +700,13 @@ def test_ivfpq_codes_encoded_on_reader_threads_give_the_file_add_with_ids_gives(
     if not spill:
         assert np.array_equal(faiss.serialize_index(b.finish()[0]), faiss.serialize_index(want))
     b.write(tmp_path / "built.faiss")
-    assert not list(tmp_path.glob("index.faiss.tmp-*")), "the spilled file goes once the index is written"
     assert (tmp_path / "built.faiss").read_bytes() == faiss.serialize_index(want).tobytes()
+    b.write(tmp_path / "again.faiss")  # a write that failed later (its hash, its rename) can be done again
+    assert (tmp_path / "again.faiss").read_bytes() == (tmp_path / "built.faiss").read_bytes()
+    b.discard()
+    assert not list(tmp_path.glob("index.faiss.tmp-*")), "the spilled file goes with the builder"
+    with pytest.raises(RuntimeError, match="discarded"):
+        b.write(tmp_path / "late.faiss")
     got = faiss.read_index(str(tmp_path / "built.faiss"))
     _, hits = got.search(x[:5], 1)
     assert hits[:, 0].tolist() == ids[:5].tolist()
@@ -741,3 +746,79 @@ def test_spilled_sq8_codes_are_removed_when_a_ledger_closes_or_starts_over_and_r
         spilled.insert_into(tmp_path / "flat.faiss", 10)
     spilled.discard()
     assert (tmp_path / "flat.faiss").read_bytes() == before and not (tmp_path / "codes.tmp").exists()
+
+
+def test_ivfpq_training_that_fails_midway_changes_nothing_and_a_failed_write_back_starts_the_index_over(
+    tmp_path, monkeypatch
+):
+    """Disk full while the held vectors' copies are spilled: the part that triggered training is not counted,
+    the held vectors stay held and no spilled file is left, so the same part again gives the right index. A
+    write-back of the copies that fails (``sync_file_range``) makes the ledger build its index again from the
+    first part, as it does for a flat index file; finalize then writes the index a clean run writes."""
+    import errno
+
+    import faiss
+
+    import output.ivf_index as iv
+    from output.ledger import PartLedger
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((12_000, 32)).astype(np.float32)
+    ids = np.arange(12_000, dtype=np.int64) * 3
+    p = iv.index_params("ivfpq", len(x), 32)
+    want = iv.new_ivfpq(32, p)
+    want.train(x[: p["train_size"]])
+    want.add_with_ids(x, ids)
+    real_append, calls = iv.SpilledCodes.append, {"n": 0}
+
+    def full_once(self, at, codes):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_append(self, at, codes)
+
+    monkeypatch.setattr(iv.SpilledCodes, "append", full_once)
+    b = iv.IvfPqBuilder(32, p, beside=tmp_path / "index.faiss")
+    parts = [(ids[lo : lo + 1000], x[lo : lo + 1000]) for lo in range(0, len(x), 1000)]
+    trigger = next(i for i in range(len(parts)) if 1000 * (i + 1) >= p["train_size"])
+    for r, v in parts[:trigger]:
+        b.add(r, v)
+    with pytest.raises(OSError):
+        b.add(*parts[trigger])
+    assert b.index is None and b.codec is None and b.ntotal == 1000 * trigger
+    assert not list(tmp_path.glob("index.faiss.tmp-*"))
+    for r, v in parts[trigger:]:
+        b.add(r, v)
+    b.write(tmp_path / "built.faiss")
+    b.discard()
+    assert (tmp_path / "built.faiss").read_bytes() == faiss.serialize_index(want).tobytes()
+    monkeypatch.setattr(iv.SpilledCodes, "append", real_append)
+
+    out, plan, row_ids, vectors = _job(tmp_path / "job", n=12_000, batch_tokens=1 << 20, batch_rows=1024)
+    scan = Scan.load(out.state("scan.npz"))
+    for b_ in range(plan.n_batches):
+        _commit(out, plan, row_ids, vectors, b_)
+    clean = finalize(out, "ivfpq")
+    clean_bytes = out.path("index.faiss").read_bytes()
+    out.path("index.faiss").unlink()
+    out.path("manifest.json").unlink()
+
+    monkeypatch.setattr(iv, "SYNC_BYTES", 4096)  # a write-back every part
+    real_back, backs = iv.write_back, {"n": 0}
+
+    def fails_once(fd, written, flushing, end):
+        backs["n"] += 1
+        if backs["n"] == 3:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_back(fd, written, flushing, end)
+
+    monkeypatch.setattr(iv, "write_back", fails_once)
+    ledger = PartLedger(out, clean["job"], DIM, "ivfpq", scan.id_hash)
+    with pytest.raises(OSError):
+        ledger.advance()
+    assert ledger.next_batch == 0 and ledger.ivf is not None and ledger.ivf.index is None, "started over"
+    assert not list(out.root.glob("index.faiss.tmp-*"))
+    again = finalize(out, "ivfpq", ledger=ledger)
+    assert backs["n"] > 3 and again["index"]["sha256"] == clean["index"]["sha256"]
+    assert out.path("index.faiss").read_bytes() == clean_bytes
+    assert not list(out.root.glob("index.faiss.tmp-*"))
