@@ -46,3 +46,47 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+BLAS_KERNEL = "OPENBLAS_CORETYPE"  # OpenBLAS's kernel family, read when the library loads
+_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}  # what OpenBLAS's SkylakeX kernels use
+
+
+def faiss_blas_kernel(cpu_flags: set[str], environ: Mapping[str, str] | None = None) -> str | None:
+    """The OpenBLAS kernel family for a CPU with ``cpu_flags`` (``/proc/cpuinfo``'s), or None to leave OpenBLAS's
+    own choice (it is set already, or the CPU has neither AVX-512 nor AVX2).
+
+    Why: faiss-cpu's wheels bundle OpenBLAS 0.3.15, whose run-time detection names both the H100 host's Sapphire
+    Rapids and the CI machine's AMD EPYC "Prescott", SSE3 kernels of 2004. FAISS's coarse assignment is a matrix
+    product through it: on one thread of the H100 host it ran 20,668 vectors a second with "Prescott" and 139,478
+    with "SkylakeX" (on the CI machine 49,064 against 134,066), so the ivfpq index set a 10 M job's pace there
+    (NOTES 4n)."""
+    source = os.environ if environ is None else environ
+    if source.get(BLAS_KERNEL):
+        return None
+    if _AVX512 <= cpu_flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= cpu_flags:
+        return "Haswell"
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux; empty elsewhere or when unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def choose_faiss_blas_kernel() -> str | None:
+    """Set ``OPENBLAS_CORETYPE`` for this process (and the children it starts) where ``faiss_blas_kernel`` names
+    one; returns it. Effective only before FAISS is first imported (``output`` calls it on import)."""
+    kernel = faiss_blas_kernel(cpu_flags())
+    if kernel is not None:
+        os.environ[BLAS_KERNEL] = kernel
+    return kernel

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -822,3 +823,40 @@ def test_ivfpq_training_that_fails_midway_changes_nothing_and_a_failed_write_bac
     assert backs["n"] > 3 and again["index"]["sha256"] == clean["index"]["sha256"]
     assert out.path("index.faiss").read_bytes() == clean_bytes
     assert not list(out.root.glob("index.faiss.tmp-*"))
+
+
+def test_faiss_blas_kernel_follows_the_cpu_and_leaves_a_users_choice():
+    from core.envs import faiss_blas_kernel
+
+    avx512 = {"sse3", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
+    assert faiss_blas_kernel(avx512, {}) == "SkylakeX"
+    assert faiss_blas_kernel({"sse3", "avx2", "fma", "avx512f"}, {}) == "Haswell", "AVX-512 F alone is not enough"
+    assert faiss_blas_kernel({"sse3", "avx2"}, {}) is None, "no FMA: OpenBLAS's own choice"
+    assert faiss_blas_kernel(avx512, {"OPENBLAS_CORETYPE": "Zen"}) is None, "set by the user: kept"
+
+
+def test_faiss_loads_the_openblas_kernel_output_chose(tmp_path):
+    """In a fresh process, importing ``output`` before FAISS makes FAISS's bundled OpenBLAS use the kernel chosen
+    for this CPU (its own detection took this CI machine's CPU for a 2004 one, NOTES 4n)."""
+    from core.envs import cpu_flags, faiss_blas_kernel
+
+    want = faiss_blas_kernel(cpu_flags(), {})
+    if want is None:
+        pytest.skip("this CPU has neither AVX-512 nor AVX2: OpenBLAS keeps its own choice")
+    code = (
+        "import ctypes, glob, os, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "os.environ.pop('OPENBLAS_CORETYPE', None)\n"
+        "import output, faiss\n"
+        "libs = glob.glob(os.path.join(os.path.dirname(faiss.__file__), '..', 'faiss_cpu.libs', '*openblas*'))\n"
+        "if not libs:\n"
+        "    print('no-openblas'); sys.exit(0)\n"
+        "ob = ctypes.CDLL(libs[0]); ob.openblas_get_corename.restype = ctypes.c_char_p\n"
+        "print(ob.openblas_get_corename().decode())\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    got = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, check=True)
+    core = got.stdout.strip().splitlines()[-1]
+    if core == "no-openblas":
+        pytest.skip("this FAISS build does not bundle OpenBLAS")
+    assert core == want
