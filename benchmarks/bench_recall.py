@@ -40,6 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import output  # noqa: E402, F401 - chooses FAISS's OpenBLAS kernel before FAISS loads (core.envs.faiss_blas_kernel)
+
 
 def job_vectors(out: Path) -> np.ndarray:
     import pyarrow.parquet as pq

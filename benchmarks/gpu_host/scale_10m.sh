@@ -8,11 +8,10 @@
 #   GPU host:  bash benchmarks/gpu_host/scale_10m.sh [SECONDS [bench_scale.py flags...]]   (results in $OUT)
 #
 # ROWS and INDEX override the sizes and index types; BUNDLE and MINILM the two folders above. On an H100 with 16
-# cores (NOTES 4m) the 10 M corpus took 33 s to write, its embedding 158 s, and its finalize (the ivfpq index
-# catching up) was still running 56.5 s later when the call's limit (330 s with the host's start-up) ended it:
-# give the 10 M run a call of its own, SECONDS 450 or more and the call's limit 540 or more (ROWS=10000000
-# INDEX=ivfpq, with engine_and_scale.sh's GPU_TESTS=none INDEX_ADD=0), the 1 M run and flat in others. Recall
-# needs real weights (bench_scale.py --weights): without them it is skipped.
+# cores (NOTES 4o) ROWS=1000000,10000000 INDEX=ivfpq took 295 s in all (the 10 M corpus 26 s to write, its
+# ingest 197 s); the 10 M ivfpq run with --weights another 443 s, 227 s of it the exact search for recall; 1 M
+# and 10 M flat with --recall off 201 s. Recall needs real weights (bench_scale.py --weights): without them it
+# is skipped; they travel in a call of their own (BUNDLE=/root/fbas-bundle on the warm host).
 set -u
 OUT="${OUT:-$PWD/gpu-results}"; mkdir -p "$OUT"
 BUNDLE="${BUNDLE:-.devcarry/bundle}"; MINILM="${MINILM:-.devcarry/minilm}"
