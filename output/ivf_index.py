@@ -159,12 +159,13 @@ class PartCodes(NamedTuple):
 
 class IvfPqBuilder:
     """``add(rows, vecs)`` (or ``prepare`` on any thread, then ``add_part``) part by part in batch order, then
-    ``finish()`` -> (the trained, filled index, params).
+    ``write(path)`` (the index file) or, when no ``beside`` path spills its SQ8 copies, ``finish()`` -> (the
+    trained, filled index in memory, params); ``discard()`` ends it and removes its spilled copies.
 
     Until ``train_size`` vectors came, they are held; then the quantizers train, and every vector is encoded
     (``Codec``) and its codes appended to the inverted lists and the SQ8 copy in batch order, at the positions
-    ``IndexIDMap`` gives them; the row ids go into the ``IndexIDMap`` at ``finish``. The file is byte for byte
-    the one ``add_with_ids`` builds (a test compares them), whoever encoded which part.
+    ``IndexIDMap`` gives them; the row ids go into the ``IndexIDMap`` at the end (``finish`` or ``write``). The
+    file is byte for byte the one ``add_with_ids`` builds (a test compares them), whoever encoded which part.
 
     Why codes: adding inside FAISS (``add_with_ids``) runs assignment and PQ encoding on OpenMP threads in one
     call at a time; on the H100 host of NOTES 4m that managed an estimated 34,000-40,000 vectors a second beside
