@@ -56,11 +56,12 @@ def faiss_blas_kernel(cpu_flags: set[str], environ: Mapping[str, str] | None = N
     """The OpenBLAS kernel family for a CPU with ``cpu_flags`` (``/proc/cpuinfo``'s), or None to leave OpenBLAS's
     own choice (it is set already, or the CPU has neither AVX-512 nor AVX2).
 
-    Why: faiss-cpu's wheels bundle OpenBLAS 0.3.15, whose run-time detection names both the H100 host's Sapphire
-    Rapids and the CI machine's AMD EPYC "Prescott", SSE3 kernels of 2004. FAISS's coarse assignment is a matrix
-    product through it: on one thread of the H100 host it ran 20,668 vectors a second with "Prescott" and 139,478
-    with "SkylakeX" (on the CI machine 49,064 against 134,066), so the ivfpq index set a 10 M job's pace there
-    (NOTES 4n)."""
+    Why: faiss-cpu's wheels bundle OpenBLAS 0.3.15, which predates Sapphire Rapids. FAISS's coarse assignment is
+    a matrix product through it: on the H100 host (Sapphire Rapids, 8 threads, 7 cores held) it ran 131,726
+    vectors a second left to itself and 559,760 with "SkylakeX" (one idle thread: 20,668 with "Prescott", its
+    fallback, and 139,478), so the ivfpq index cost that host 75-85 us of a core a vector (NOTES 4o). Where
+    OpenBLAS knows the CPU this changes little: on the CI machine's AMD EPYC it picks "Zen", as fast as
+    "SkylakeX"."""
     source = os.environ if environ is None else environ
     if source.get(BLAS_KERNEL):
         return None

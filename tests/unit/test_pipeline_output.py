@@ -837,7 +837,7 @@ def test_faiss_blas_kernel_follows_the_cpu_and_leaves_a_users_choice():
 
 def test_faiss_loads_the_openblas_kernel_output_chose(tmp_path):
     """In a fresh process, importing ``output`` before FAISS makes FAISS's bundled OpenBLAS use the kernel chosen
-    for this CPU (its own detection took this CI machine's CPU for a 2004 one, NOTES 4n)."""
+    for this CPU (left to itself, it falls back to 2004's kernels on CPUs it predates, NOTES 4o)."""
     from core.envs import cpu_flags, faiss_blas_kernel
 
     want = faiss_blas_kernel(cpu_flags(), {})
