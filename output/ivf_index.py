@@ -449,6 +449,7 @@ def spill_layout_matches(dim: int) -> bool:
             b.add(ids[800:], x[800:])
             out = Path(d) / f"{len(built)}.faiss"
             b.write(out)
+            b.discard()  # closes the spilled copies' file
             built.append(out.read_bytes())
         faiss_own = new_ivfpq(dim, p)  # and FAISS's own adds, for the same bytes
         faiss_own.train(x[:700])

@@ -177,13 +177,7 @@ class PartLedger:
         file = self._open_file()
         if file.expected is None and (planned := self._planned()) is not None:
             file.expect(planned)
-        try:
-            file.add(rows, vecs)
-        except OSError:
-            if file.failed:  # parts counted already may not be on disk: the index file starts over
-                logger.warning("writing the index file failed; it will be written again from the first part")
-                self._start()
-            raise
+        file.add(rows, vecs)
 
     @property
     def next_batch(self) -> int:
@@ -213,21 +207,23 @@ class PartLedger:
                 break
             facts, id_hash, vecs = got
             if vecs is not None and len(vecs[0]):  # first: if it fails, nothing of this part is recorded
-                if isinstance(vecs, PartCodes):
-                    self._add_ivf(vecs)
-                else:
-                    self._append(*vecs)
+                self._index_part(vecs)
             tally(self.counts, facts.rows, id_hash, self.id_hash, part_name(self.next_batch), self.unexpected)
             self.facts.append(facts)
         return self.next_batch
 
-    def _add_ivf(self, part: PartCodes) -> None:
-        assert self.ivf is not None
+    def _index_part(self, vecs: tuple[np.ndarray, np.ndarray] | PartCodes) -> None:
+        """A part's vectors into the flat index file, or its codes into the ivfpq index. A write-back that failed
+        means bytes of parts counted already may not be on disk: the index starts over from the first part."""
         try:
-            self.ivf.add_part(part)
+            if isinstance(vecs, PartCodes):
+                assert self.ivf is not None
+                self.ivf.add_part(vecs)
+            else:
+                self._append(*vecs)
         except OSError:
-            if self.ivf.failed:  # parts counted already may have lost their copies: the index starts over
-                logger.warning("writing the ivfpq index's copies failed; it will be built again from the first part")
+            if (self.file is not None and self.file.failed) or (self.ivf is not None and self.ivf.failed):
+                logger.warning("writing the index failed; it will be built again from the first part")
                 self._start()
             raise
 
