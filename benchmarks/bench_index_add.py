@@ -88,11 +88,8 @@ def encode_parts(codec: Codec, parts: list[np.ndarray], threads: int) -> list:
         return list(pool.map(codec.encode, parts))
 
 
-def append_parts(p: dict, xt: np.ndarray, ids: np.ndarray, parts: list[np.ndarray], codes: list) -> float:
-    """Seconds to append the parts' codes to a builder trained on ``xt`` (its training untimed)."""
-    b = IvfPqBuilder(384, p)
-    b.add(np.arange(len(xt), dtype=np.int64), xt)
-    assert b.codec is not None
+def append_parts(b: IvfPqBuilder, ids: np.ndarray, parts: list[np.ndarray], codes: list) -> float:
+    """Seconds to append the parts' codes (made by ``b``'s codec) to the trained builder ``b``."""
     t0, at = time.perf_counter(), 0
     for v, c in zip(parts, codes):
         b.add_part(PartCodes(ids[at : at + len(v)], v, c, b.codec))
@@ -149,6 +146,10 @@ def spin() -> None:
 def measure(args, threads, p, xt, x, ids, parts, res) -> None:
     import faiss
 
+    builder = IvfPqBuilder(384, p)  # trained once (untimed): its codec encodes the parts, and it takes the appends
+    builder.add(np.arange(len(xt), dtype=np.int64), xt)
+    codec = builder.codec
+    assert codec is not None
     for t in threads:
         faiss.omp_set_num_threads(t)
         index = new_ivfpq(384, p)
@@ -157,7 +158,6 @@ def measure(args, threads, p, xt, x, ids, parts, res) -> None:
         train_s = round(time.perf_counter() - t0, 2)
         ivf = faiss.extract_index_ivf(index)
         sq = faiss.downcast_index(faiss.downcast_index(index.index).refine_index)
-        codec = Codec(faiss.downcast_index(index.index))
         got = {
             "threads": t,
             "train_s": train_s,
@@ -170,7 +170,7 @@ def measure(args, threads, p, xt, x, ids, parts, res) -> None:
             "encode_parts_per_s": rate(args.add, lambda: encode_parts(codec, parts, t)),
         }
         codes = encode_parts(codec, parts, t)
-        got["append_per_s"] = round(args.add / append_parts(p, xt, ids, parts, codes))  # once: it trains first
+        got["append_per_s"] = round(args.add / append_parts(builder, ids, parts, codes))  # once
         print(json.dumps(got), flush=True)
         res["runs"].append(got)
 
