@@ -208,7 +208,7 @@ class TritonProcess:
         infer = st.get("inference_stats", {})
 
         def secs(key: str) -> float:
-            return round(int(infer.get(key, {}).get("ns", 0)) / 1e9, 3)
+            return round(int(infer.get(key, {}).get("ns", 0)) / 1e9, 6)
 
         out = {
             "engine_executions": int(st.get("execution_count", 0)),
@@ -231,7 +231,7 @@ class TritonProcess:
         for family in text_string_to_metric_families(text):
             key = names.get(family.name)
             if key is not None:
-                out[key] = round(sum(s.value for s in family.samples if s.name.endswith("_total")), 3)
+                out[key] = round(sum(s.value for s in family.samples if s.name.endswith("_total")), 6)
         return out
 
     def log_tail(self, n: int = 40) -> str:
