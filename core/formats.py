@@ -118,7 +118,7 @@ class Scan:
 class Plan:
     """Batches as row-id lists: batch ``i`` is ``order[offsets[i]:offsets[i + 1]]`` (ascending row ids)."""
 
-    order: np.ndarray  # int64 [R]: row ids, batch after batch
+    order: np.ndarray  # int32 [R] while row ids fit (a job's plan), else int64: row ids, batch after batch
     offsets: np.ndarray  # int64 [B + 1]
     padded_len: np.ndarray  # int32 [B]: longest row of each batch (tokens)
     tokens: np.ndarray  # int64 [B]: real tokens of each batch
@@ -165,8 +165,10 @@ class Plan:
         if not plans:
             return cls(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64))
         sizes = np.concatenate([p.sizes() for p in plans])
+        order = np.concatenate([p.order for p in plans])
+        narrow = len(order) and 0 <= order.min() and order.max() < 2**31  # half the bytes of a job's plan
         return cls(
-            np.concatenate([p.order for p in plans]).astype(np.int64),
+            order.astype(np.int32 if narrow else np.int64),
             np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
             np.concatenate([p.padded_len for p in plans]).astype(np.int32),
             np.concatenate([p.tokens for p in plans]).astype(np.int64),

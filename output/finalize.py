@@ -76,15 +76,18 @@ def finalize(
     timings: dict[str, float] | None = None,
     redelivered: int = 0,
     ledger: PartLedger | None = None,
+    state: tuple[Scan, Plan] | None = None,
 ) -> dict[str, Any]:
     """Verify, merge and write the final files; return the manifest (see the module docstring).
 
     ``ledger``: the parts already checked while the job ran (``LedgerFeeder``); any part whose file changed
-    since, and every part after it, is read again. A ledger that does not fit this job is not used."""
+    since, and every part after it, is read again. A ledger that does not fit this job is not used.
+    ``state``: the scan and plan that ``ingest`` saved in ``.fbas/`` and still holds, used instead of a second
+    copy read from there (their per-row arrays are most of what finalize holds)."""
     t0 = time.perf_counter()
     job = load_job(out)
     job_id, n_batches, dim = job["job"], int(job["n_batches"]), int(job["model"]["dim"])
-    scan, plan = Scan.load(out.state(SCAN_FILE)), Plan.load(out.state(PLAN_FILE))
+    scan, plan = state if state is not None else (Scan.load(out.state(SCAN_FILE)), Plan.load(out.state(PLAN_FILE)))
     if plan.n_batches != n_batches:
         raise InputError(f"{out}/.fbas/{PLAN_FILE} does not match job.json: rerun the ingest")
     own = None

@@ -164,9 +164,9 @@ def ingest(
             t_stop = time.perf_counter()
             ledger = feeder.stop() if feeder else None  # the ledger's part in progress ends first
             timings["ledger_stop_s"] = round(time.perf_counter() - t_stop, 3)
-            manifest = _finalize(out, cfg, timings, redelivered, ledger, steps)
+            manifest = _finalize(out, cfg, timings, redelivered, ledger, steps, job)
         if manifest is None:  # every batch was committed already: nothing was started
-            manifest = _finalize(out, cfg, timings, redelivered, None, steps)
+            manifest = _finalize(out, cfg, timings, redelivered, None, steps, job)
     return IngestResult(out.root, job.id, manifest, time.perf_counter() - t0, resumed, sent, docs)
 
 
@@ -202,10 +202,12 @@ def _finalize(
     redelivered: int,
     ledger: PartLedger | None,
     steps: Steps,
+    job: Job | None,
 ) -> dict[str, Any]:
     what = "finalizing (checking every part, writing the index and manifest)"
     steps.begin(what)
-    manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered, ledger=ledger)
+    state = (job.scan, job.plan) if job is not None else None  # as saved in .fbas/: not read a second time
+    manifest = finalize(out, cfg.output.index, timings=timings, redelivered=redelivered, ledger=ledger, state=state)
     steps.end(what)
     return manifest
 

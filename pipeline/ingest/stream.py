@@ -142,5 +142,5 @@ def _plan_and_send(
             on_window(n_batches, n_rows)
         w.ids, w.texts = [], []  # sent: the job's files need only the lengths and the quarantine
         scanned.append(w)
-        plans.append(wplan)
+        plans.append(Plan.concat([wplan]))  # kept to the end: its row ids in 4 bytes where they fit
     return scanned, plans

@@ -167,6 +167,31 @@ def test_parts_checked_while_the_job_runs_give_the_same_outputs(tmp_path):
     assert out.path("index.faiss").read_bytes() == index_ahead
 
 
+def test_finalize_uses_the_scan_and_plan_ingest_holds_and_writes_the_same(tmp_path):
+    """ingest passes finalize the scan and plan it saved (a job's plan keeps its row ids in 4 bytes), so that
+    finalize does not hold a second copy; the outputs are those of a finalize that reads them from .fbas/."""
+    from core.formats import Plan
+    from output.ledger import PartLedger
+
+    out, plan, ids, vectors = _job(tmp_path)
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b)
+    held = Plan.concat([plan])
+    assert held.order.dtype == np.int32 and np.array_equal(held.order, plan.order)
+    held.save(out.state("plan.npz"))
+    assert Plan.load(out.state("plan.npz")).order.dtype == np.int32
+    scan = Scan.load(out.state("scan.npz"))
+    fresh = finalize(out, "flat")
+    index = out.path("index.faiss").read_bytes()
+    ledger = PartLedger(out, "J1", DIM, "flat", scan.id_hash)
+    given = finalize(out, "flat", ledger=ledger, state=(scan, held))
+    assert _without_timings(given) == _without_timings(fresh)
+    assert out.path("index.faiss").read_bytes() == index
+    wrong = Plan(held.order, held.offsets[:-1], held.padded_len[:-1], held.tokens[:-1])
+    with pytest.raises(InputError, match="does not match job.json"):
+        finalize(out, "flat", state=(scan, wrong))
+
+
 def test_a_part_replaced_after_it_was_checked_is_checked_again(tmp_path):
     """The ledger's record of a part is trusted only while the file is unchanged: a part swapped in behind
     it (here batch 2's file under batch 1's name) is refused, as without a ledger."""
