@@ -795,6 +795,8 @@ def test_ivfpq_training_that_fails_midway_changes_nothing_and_a_failed_write_bac
     want = iv.new_ivfpq(32, p)
     want.train(x[: p["train_size"]])
     want.add_with_ids(x, ids)
+    # the layout check spills too: it runs (and is cached) before the fault is injected, or the fault hits it
+    assert iv.spill_layout_matches(32), "this FAISS writes spilled copies where FAISS keeps them"
     real_append, calls = iv.SpilledCodes.append, {"n": 0}
 
     def full_once(self, at, codes):
