@@ -30,6 +30,7 @@ import os
 import queue
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ _METRIC_IP = 0  # faiss.METRIC_INNER_PRODUCT
 PREFIX_BYTES = 2 * (4 + 33) + 8
 SYNC_BYTES = 64 << 20  # write back to disk every 64 MB, so the final fsync has little left to write
 _READ_BYTES = 8 << 20
+_ID_BLOCK = 1 << 19  # ids a commit writes at a time (4 MB)
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4  # sync_file_range(2) flags
 _WAIT_ALL = _WAIT_BEFORE | _WRITE | _WAIT_AFTER
 
@@ -100,6 +102,12 @@ def _prefix(dim: int, n: int) -> bytes:
     return b"IxM2" + header + b"IxFI" + header + struct.pack("<Q", n * dim)
 
 
+def _narrow(ids: np.ndarray) -> np.ndarray:
+    """Row ids in 4 bytes while they fit (what the file holds until commit writes them as 8)."""
+    fits = len(ids) and 0 <= ids.min() and ids.max() < 2**31
+    return ids.astype(np.int32 if fits else np.int64)
+
+
 def _ids_bytes(ids: np.ndarray) -> bytes:
     return struct.pack("<Q", len(ids)) + np.ascontiguousarray(ids, dtype="<i8").tobytes()
 
@@ -153,7 +161,7 @@ class FlatIndexFile:
             self._write_back(start + len(data))
         if self._hash is not None:  # from here on nothing can fail: the part is counted
             self._hash.update(data)
-        self._ids.append(np.asarray(ids, np.int64))
+        self._ids.append(_narrow(np.asarray(ids)))
         self.n += len(ids)
 
     def _write_back(self, end: int) -> None:
@@ -196,16 +204,31 @@ class FlatIndexFile:
         self._hash = None
         h = ahead if self.expected == self.n else self._hash_from(prefix)
         assert h is not None and self._fd is not None, "commit() once; expect() sets the hash with expected"
-        ids = _ids_bytes(np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64))
         end = self._end()
-        pwrite_all(self._fd, ids, end)
-        os.ftruncate(self._fd, end + len(ids))  # anything a failed append left beyond the end goes
+        for block in self._id_blocks():  # a block at a time: never a second copy of every id
+            pwrite_all(self._fd, block, end)
+            h.update(block)
+            end += len(block)
+        os.ftruncate(self._fd, end)  # anything a failed append left beyond the end goes
         pwrite_all(self._fd, prefix, 0)
-        h.update(ids)
         os.close(self._fd)
         self._fd = None
         OutputDir.write_atomic(self.final, lambda tmp: os.replace(self.tmp, tmp))  # fsync, then rename
         return h.hexdigest()
+
+    def _id_blocks(self) -> Iterator[bytes]:
+        """The index's id vector as FAISS writes it: its length, then every id as 8 bytes, in blocks of about
+        4 MB built from the parts' ids (kept in 4 bytes while they fit)."""
+        yield struct.pack("<Q", self.n)
+        block: list[np.ndarray] = []
+        size = 0
+        for ids in [*self._ids, None]:
+            if ids is not None:
+                block.append(ids)
+                size += len(ids)
+            if block and (ids is None or size >= _ID_BLOCK):
+                yield np.concatenate(block).astype("<i8").tobytes()
+                block, size = [], 0
 
     def discard(self) -> None:
         """Close and remove the unfinished file (nothing happens after ``commit``)."""
