@@ -186,7 +186,7 @@ class IvfPqBuilder:
         self._refine: Any = None  # the IndexRefine inside, its IVF-PQ and its SQ8 copy, once trained
         self._ivf: Any = None
         self._sq: Any = None
-        self._ids: list[np.ndarray] = []  # row ids appended since the IndexIDMap's ids were last set
+        self._ids: list[np.ndarray] = []  # row ids added since the IndexIDMap's ids were set (int32 where they fit)
         self._n_added = 0
         self._discarded = False
         self.all_cores = False
@@ -274,11 +274,15 @@ class IvfPqBuilder:
         self._alive()
         if self.index is None:
             self._train()
-        if self._ids:  # the row ids into the IndexIDMap, with those set by an earlier call
-            have = faiss.vector_to_array(self.index.id_map)
-            ids, self._ids = np.concatenate([have, *self._ids]), []
-            faiss.copy_array_to_vector(ids, self.index.id_map)
-            del ids
+        if self._ids:  # the row ids into the IndexIDMap after those set by an earlier call, part by part
+            id_map = self.index.id_map
+            at = id_map.size()
+            id_map.resize(at + sum(len(a) for a in self._ids))
+            view = faiss.rev_swig_ptr(id_map.data(), id_map.size())  # the vector's own memory: no copy of all
+            for a in self._ids:
+                view[at : at + len(a)] = a
+                at += len(a)
+            self._ids = []
         self.index.ntotal = self._n_added
         return self.index
 
@@ -297,7 +301,9 @@ class IvfPqBuilder:
             self._sq.add_sa_codes(sq_codes)
         self._n_added += n
         self._refine.ntotal = self._n_added
-        self._ids.append(np.asarray(rows, np.int64))
+        rows = np.asarray(rows)
+        fits = len(rows) and 0 <= rows.min() and rows.max() < 2**31
+        self._ids.append(rows.astype(np.int32 if fits else np.int64))  # 4 bytes a row until they go in
 
     def _train(self) -> None:
         """Train on the held vectors, then encode and append them; on an error nothing changes (the held

@@ -887,3 +887,28 @@ def test_faiss_loads_the_openblas_kernel_output_chose(tmp_path):
     if core == "no-openblas":
         pytest.skip("this FAISS build does not bundle OpenBLAS")
     assert core == want
+
+
+def test_an_ivfpq_index_completed_twice_holds_every_row_id_once_in_order(tmp_path):
+    """The builder keeps the row ids of the parts it appended (4 bytes each) and puts them into the
+    IndexIDMap's own vector when the index is needed; doing that once midway and again at the end gives the
+    file FAISS writes for the same training and adds."""
+    import faiss
+
+    import output.ivf_index as iv
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6000, 32)).astype(np.float32)
+    ids = np.arange(6000, dtype=np.int64) * 5 + 3
+    p = iv.index_params("ivfpq", len(x), 32)
+    b = iv.IvfPqBuilder(32, p)
+    for lo in range(0, 3000, 1000):
+        b.add(ids[lo : lo + 1000], x[lo : lo + 1000])
+    assert np.array_equal(faiss.vector_to_array(b._complete().id_map), ids[:3000])  # trains on what it holds
+    for lo in range(3000, 6000, 1000):
+        b.add(ids[lo : lo + 1000], x[lo : lo + 1000])
+    b.write(tmp_path / "built.faiss")
+    want = iv.new_ivfpq(32, p)
+    want.train(x[:3000])
+    want.add_with_ids(x, ids)
+    assert (tmp_path / "built.faiss").read_bytes() == faiss.serialize_index(want).tobytes()
