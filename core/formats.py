@@ -53,6 +53,13 @@ class ChunkCols:
         return cls(*(np.concatenate(a).astype(t) for a, t in zip(zip(*(p.arrays() for p in parts)), _CHUNK_TYPES)))
 
 
+def narrow_rows(rows: np.ndarray) -> np.ndarray:
+    """Row ids in 4 bytes while they fit, else 8: what a job holds of each row until the end."""
+    rows = np.asarray(rows)
+    fits = len(rows) and 0 <= rows.min() and rows.max() < 2**31
+    return rows.astype(np.int32 if fits else np.int64, copy=False)
+
+
 @dataclass
 class Scan:
     """What one pass over the corpus learned, per row (arrays of length ``n_rows``). In a chunked job a row is a
@@ -165,10 +172,8 @@ class Plan:
         if not plans:
             return cls(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64))
         sizes = np.concatenate([p.sizes() for p in plans])
-        order = np.concatenate([p.order for p in plans])
-        narrow = len(order) and 0 <= order.min() and order.max() < 2**31  # half the bytes of a job's plan
         return cls(
-            order.astype(np.int32 if narrow else np.int64),
+            narrow_rows(np.concatenate([p.order for p in plans])),
             np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
             np.concatenate([p.padded_len for p in plans]).astype(np.int32),
             np.concatenate([p.tokens for p in plans]).astype(np.int64),

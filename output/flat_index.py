@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.formats import narrow_rows
 from core.layout import OutputDir, drop_cached
 
 __all__ = ["FlatIndexFile", "layout_matches", "pwrite_all", "write_back", "PREFIX_BYTES", "SYNC_BYTES"]
@@ -102,12 +103,6 @@ def _prefix(dim: int, n: int) -> bytes:
     return b"IxM2" + header + b"IxFI" + header + struct.pack("<Q", n * dim)
 
 
-def _narrow(ids: np.ndarray) -> np.ndarray:
-    """Row ids in 4 bytes while they fit (what the file holds until commit writes them as 8)."""
-    fits = len(ids) and 0 <= ids.min() and ids.max() < 2**31
-    return ids.astype(np.int32 if fits else np.int64)
-
-
 def _ids_bytes(ids: np.ndarray) -> bytes:
     return struct.pack("<Q", len(ids)) + np.ascontiguousarray(ids, dtype="<i8").tobytes()
 
@@ -161,7 +156,7 @@ class FlatIndexFile:
             self._write_back(start + len(data))
         if self._hash is not None:  # from here on nothing can fail: the part is counted
             self._hash.update(data)
-        self._ids.append(_narrow(np.asarray(ids)))
+        self._ids.append(narrow_rows(ids))  # written as 8 bytes at commit
         self.n += len(ids)
 
     def _write_back(self, end: int) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 
 from core.envs import cpu_count
 from core.errors import PermanentError
+from core.formats import narrow_rows
 from core.layout import OutputDir
 from output.flat_index import SYNC_BYTES, pwrite_all, write_back
 
@@ -301,9 +302,7 @@ class IvfPqBuilder:
             self._sq.add_sa_codes(sq_codes)
         self._n_added += n
         self._refine.ntotal = self._n_added
-        rows = np.asarray(rows)
-        fits = len(rows) and 0 <= rows.min() and rows.max() < 2**31
-        self._ids.append(rows.astype(np.int32 if fits else np.int64))  # 4 bytes a row until they go in
+        self._ids.append(narrow_rows(rows))
 
     def _train(self) -> None:
         """Train on the held vectors, then encode and append them; on an error nothing changes (the held

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.envs import cpu_count
+from core.formats import narrow_rows
 from core.ids import id_hashes
 from core.layout import INDEX_FILE, JOB_FILE, OutputDir, drop_cached, part_name, read_part_meta
 from output.check import stat_key, tally
@@ -96,8 +97,7 @@ def read_part_facts(
     )
     rows = t.column("row_id").to_numpy()
     vecs = (rows, part_vectors(t)) if vectors else None
-    if len(rows) and 0 <= rows.min() and rows.max() < 2**31:
-        rows = rows.astype(np.int32)
+    rows = narrow_rows(rows)
     return (
         PartFacts(
             before,
