@@ -54,7 +54,8 @@ def die_with_parent_signal() -> None:
 
 def fixed_mmap_threshold(nbytes: int = 128 << 10) -> bool:
     """Give every allocation of ``nbytes`` or more its own mapping, returned to the system when freed (glibc's
-    ``mallopt(M_MMAP_THRESHOLD)``); returns whether it was set (not on other C libraries).
+    ``mallopt(M_MMAP_THRESHOLD)``), for the rest of the process's life; returns whether it was set (not on other
+    C libraries).
 
     By default glibc raises that threshold each time a large mapped block is freed (up to 32 MB), after which
     blocks of that size come from the heap. In ``ingest``, whose readers decode a part of several MB at a time

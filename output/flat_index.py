@@ -148,6 +148,7 @@ class FlatIndexFile:
         if vecs.shape != (len(ids), self.dim) or vecs.dtype != np.float32:
             raise ValueError(f"vectors {vecs.shape} {vecs.dtype} for {len(ids)} ids of dim {self.dim}")
         assert self._fd is not None, "add() after commit()"
+        kept = narrow_rows(ids)  # before anything is written: written as 8 bytes at commit
         # ``.data`` is ``memoryview(arr)``; numpy's stubs declare ndarray a Buffer only for Python >= 3.12
         data = np.ascontiguousarray(vecs).reshape(-1).data.cast("B")
         start = self._end()
@@ -156,7 +157,7 @@ class FlatIndexFile:
             self._write_back(start + len(data))
         if self._hash is not None:  # from here on nothing can fail: the part is counted
             self._hash.update(data)
-        self._ids.append(narrow_rows(ids))  # written as 8 bytes at commit
+        self._ids.append(kept)
         self.n += len(ids)
 
     def _write_back(self, end: int) -> None:

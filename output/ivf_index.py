@@ -292,7 +292,7 @@ class IvfPqBuilder:
         does after encoding (the inner index numbers vectors in the order they come). The spilled copies first:
         a write that fails leaves nothing of the part counted."""
         self._alive()
-        n = len(rows)
+        n, kept = len(rows), narrow_rows(rows)  # before anything is appended
         if self._spill is not None:
             self._spill.append(self._n_added, sq_codes)
         self._ivf.add_sa_codes(ivf_codes, np.arange(self._n_added, self._n_added + n, dtype=np.int64))
@@ -302,7 +302,7 @@ class IvfPqBuilder:
             self._sq.add_sa_codes(sq_codes)
         self._n_added += n
         self._refine.ntotal = self._n_added
-        self._ids.append(narrow_rows(rows))
+        self._ids.append(kept)
 
     def _train(self) -> None:
         """Train on the held vectors, then encode and append them; on an error nothing changes (the held

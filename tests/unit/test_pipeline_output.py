@@ -437,7 +437,8 @@ def test_the_installed_faiss_writes_flat_indexes_in_the_layout_we_stream(dim):
 def test_a_streamed_flat_index_is_byte_for_byte_what_faiss_writes(tmp_path, monkeypatch, case):
     """However the count the hash assumed turns out (right, wrong, known late, never known), the committed
     file is exactly FAISS's own file for the same vectors, its SHA-256 is the file's, and it is flushed to
-    disk along the way (the periodic sync runs here every few parts)."""
+    disk along the way (the periodic sync runs here every few parts). The ids are written at commit in blocks
+    (here of 16), from parts kept in 4 bytes or, past 2**31, in 8."""
     import hashlib
 
     import faiss
@@ -445,11 +446,14 @@ def test_a_streamed_flat_index_is_byte_for_byte_what_faiss_writes(tmp_path, monk
     import output.flat_index as fi
 
     monkeypatch.setattr(fi, "SYNC_BYTES", 5000)
+    monkeypatch.setattr(fi, "_ID_BLOCK", 16)
     rng = np.random.default_rng(1)
     sizes = [] if case == "empty" else [7, 0, 40, 13]
     chunks = [
         (rng.permutation(1000)[:k].astype(np.int64), rng.standard_normal((k, DIM)).astype(np.float32)) for k in sizes
     ]
+    if chunks:
+        chunks[3] = (chunks[3][0] + 2**40, chunks[3][1])  # row ids that need 8 bytes
     n = sum(sizes)
     f = fi.FlatIndexFile(tmp_path / "index.faiss", DIM)
     if case in ("expected", "empty"):
