@@ -60,7 +60,8 @@ def fixed_mmap_threshold(nbytes: int = 128 << 10) -> bool:
     By default glibc raises that threshold each time a large mapped block is freed (up to 32 MB), after which
     blocks of that size come from the heap. In ``ingest``, whose readers decode a part of several MB at a time
     while the job's small per-part arrays live on, the heap then grew with the row count: 40.8 bytes a row of
-    peak memory from 1 M to 3 M rows against 24.6 with the threshold fixed (BENCHMARKS.md, NOTES 4p)."""
+    peak memory from 1 M to 3 M rows against 24.6 with the threshold fixed (BENCHMARKS.md, NOTES 4p). The
+    ``ingest`` command sets it for its own process; ``ingest()`` does not, since it may run in a caller's."""
     if _LIBC is None:
         return False
     try:

@@ -387,8 +387,10 @@ def _import_ahead(names: tuple[str, ...]) -> None:
 def _cmd_ingest(args: argparse.Namespace, cfg: FbasConfig) -> int:
     if cfg.queue.broker:
         _import_ahead(_PRODUCER_MODULES)
+    from core.processes import fixed_mmap_threshold
     from pipeline.ingest.run import ingest
 
+    fixed_mmap_threshold()  # this process is the job's: its heap does not grow with the row count
     r = ingest(args.corpus, cfg, progress=False if args.no_progress else None, model_dir=args.model_dir)
     c, tm = r.manifest["counts"], r.manifest.get("timings", {})
     unit = "docs"

@@ -45,7 +45,6 @@ import numpy as np
 from core.config import FbasConfig
 from core.errors import ConfigError, FbasError, InputError
 from core.layout import LOCAL_SUBDIR, OutputDir
-from core.processes import fixed_mmap_threshold
 from output.check import committed_parts
 from output.finalize import finalize
 from output.index import check_index_kind
@@ -126,7 +125,6 @@ def ingest(
 
         return update(corpus_uri, cfg, ingest, progress=progress, model_dir=model_dir)
     t0 = time.perf_counter()
-    fixed_mmap_threshold()  # the job's heap does not grow with its row count (core.processes)
     out = OutputDir(cfg.output.out)
     corpus = open_corpus(corpus_uri, cfg.corpus)
     built = Path(model_dir) if model_dir else built_folder(cfg.engine.model) if cfg.engine.model else None
