@@ -103,8 +103,20 @@ def _prefix(dim: int, n: int) -> bytes:
     return b"IxM2" + header + b"IxFI" + header + struct.pack("<Q", n * dim)
 
 
-def _ids_bytes(ids: np.ndarray) -> bytes:
-    return struct.pack("<Q", len(ids)) + np.ascontiguousarray(ids, dtype="<i8").tobytes()
+def _id_blocks(parts: list[np.ndarray]) -> Iterator[bytes]:
+    """The index's id vector as FAISS writes it, from the parts' ids (in 4 or 8 bytes): its length, then every
+    id as 8 bytes, in blocks of about ``_ID_BLOCK`` ids (never a second copy of all of them)."""
+    yield struct.pack("<Q", sum(len(ids) for ids in parts))
+    block: list[np.ndarray] = []
+    size = 0
+    for ids in parts:
+        block.append(ids)
+        size += len(ids)
+        if size >= _ID_BLOCK:
+            yield np.concatenate(block).astype("<i8").tobytes()
+            block, size = [], 0
+    if block:
+        yield np.concatenate(block).astype("<i8").tobytes()
 
 
 @functools.cache
@@ -117,7 +129,7 @@ def layout_matches(dim: int) -> bool:
     ids = np.array([5, 0, 2**40], np.int64)
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     index.add_with_ids(vecs, ids)
-    ours = _prefix(dim, 3) + vecs.tobytes() + _ids_bytes(ids)
+    ours = _prefix(dim, 3) + vecs.tobytes() + b"".join(_id_blocks([narrow_rows(ids[:2]), ids[2:]]))  # as commit
     return faiss.serialize_index(index).tobytes() == ours
 
 
@@ -201,7 +213,7 @@ class FlatIndexFile:
         h = ahead if self.expected == self.n else self._hash_from(prefix)
         assert h is not None and self._fd is not None, "commit() once; expect() sets the hash with expected"
         end = self._end()
-        for block in self._id_blocks():  # a block at a time: never a second copy of every id
+        for block in _id_blocks(self._ids):
             pwrite_all(self._fd, block, end)
             h.update(block)
             end += len(block)
@@ -211,20 +223,6 @@ class FlatIndexFile:
         self._fd = None
         OutputDir.write_atomic(self.final, lambda tmp: os.replace(self.tmp, tmp))  # fsync, then rename
         return h.hexdigest()
-
-    def _id_blocks(self) -> Iterator[bytes]:
-        """The index's id vector as FAISS writes it: its length, then every id as 8 bytes, in blocks of about
-        4 MB built from the parts' ids (kept in 4 bytes while they fit)."""
-        yield struct.pack("<Q", self.n)
-        block: list[np.ndarray] = []
-        size = 0
-        for ids in [*self._ids, None]:
-            if ids is not None:
-                block.append(ids)
-                size += len(ids)
-            if block and (ids is None or size >= _ID_BLOCK):
-                yield np.concatenate(block).astype("<i8").tobytes()
-                block, size = [], 0
 
     def discard(self) -> None:
         """Close and remove the unfinished file (nothing happens after ``commit``)."""

@@ -10,7 +10,7 @@ import numpy as np
 
 from core.chunking import Chunker
 from core.errors import InputError
-from core.formats import Plan
+from core.formats import Plan, narrow_rows
 from core.layout import MODEL_SUBDIR, PENDING_FILE, OutputDir
 from core.tokenize import Tokenizer
 from output.check import committed_parts
@@ -142,5 +142,6 @@ def _plan_and_send(
             on_window(n_batches, n_rows)
         w.ids, w.texts = [], []  # sent: the job's files need only the lengths and the quarantine
         scanned.append(w)
-        plans.append(Plan.concat([wplan]))  # kept to the end: its row ids in 4 bytes where they fit
+        wplan.order = narrow_rows(wplan.order)  # sent: kept to the end, its row ids in 4 bytes where they fit
+        plans.append(wplan)
     return scanned, plans
