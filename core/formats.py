@@ -1,5 +1,10 @@
 """The scan and plan files of a job (``OUT/.fbas/scan.npz``, ``plan.npz``): what one pass over the corpus
 learned per row, and the batches planned from it. ``pipeline.ingest.plan`` computes them; finalize reads them.
+
+Their per-row arrays (the id keys, the lengths, the plan's row order) are kept raw in files of their own beside
+them (``core.layout.rows_file``) and mapped when loaded (``core.rowfile``), so a job's memory does not grow
+with its rows; ``PlanFile`` writes a new job's plan there window by window. Files saved before this change
+(the arrays inside the ``.npz``) load as they are.
 """
 
 from __future__ import annotations
@@ -10,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Scan", "Plan", "ChunkCols", "CHUNK_FIELDS"]
+from core.errors import InputError
+from core.layout import rows_file
+from core.rowfile import RowFile, blocks, release, store
+
+__all__ = ["Scan", "Plan", "PlanFile", "ChunkCols", "CHUNK_FIELDS"]
 
 # a chunked job's per-chunk columns (vectors parts and task messages): the document's row position, the chunk's
 # index in it, its word-piece span and its character span into the document's text (``core.chunking``)
@@ -85,9 +94,12 @@ class Scan:
 
     @property
     def n_embeddable(self) -> int:
-        return int(np.count_nonzero(self.n_tokens))
+        return sum(int(np.count_nonzero(b)) for _, b in blocks(self.n_tokens))
 
     def save(self, path: Path) -> None:
+        """``path`` (small fields) and, first, its per-row arrays beside it (``rows_file``)."""
+        store(rows_file(path, "n_tokens"), self.n_tokens.astype(np.int32, copy=False))
+        store(rows_file(path, "id_hash"), self.id_hash.astype(np.uint64, copy=False))
         tmp = path.with_name(path.name + ".tmp.npz")
         chunked: dict[str, np.ndarray | int] = {}
         if self.doc_row is not None:
@@ -95,8 +107,6 @@ class Scan:
         np.savez(
             tmp,
             n_rows=self.n_rows,
-            n_tokens=self.n_tokens,
-            id_hash=self.id_hash,
             q_rows=self.q_rows,
             n_truncated=self.n_truncated,
             n_repaired=self.n_repaired,
@@ -106,11 +116,14 @@ class Scan:
 
     @classmethod
     def load(cls, path: Path) -> Scan:
+        """The scan saved at ``path``, its per-row arrays mapped read-only."""
         with np.load(path) as z:
+            n = int(z["n_rows"])
+            inside = "id_hash" in z.files  # saved before the arrays had files of their own
             return cls(
-                int(z["n_rows"]),
-                z["n_tokens"],
-                z["id_hash"],
+                n,
+                z["n_tokens"] if inside else _open_rows(path, "n_tokens", np.int32, n),
+                z["id_hash"] if inside else _open_rows(path, "id_hash", np.uint64, n),
                 z["q_rows"],
                 [],
                 [],
@@ -154,17 +167,31 @@ class Plan:
         """int32 [n_rows]: each row's batch, -1 for rows in no batch (quarantined)."""
         out = np.full(n_rows, -1, dtype=np.int32)
         out[self.order] = np.repeat(np.arange(self.n_batches, dtype=np.int32), self.sizes())
+        release(self.order)
         return out
 
     def save(self, path: Path) -> None:
+        """``path`` (the batches' sizes and lengths) and, first, the row order beside it (``rows_file``)."""
+        store(rows_file(path, "order"), self.order)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, order=self.order, offsets=self.offsets, padded_len=self.padded_len, tokens=self.tokens)
+        np.savez(
+            tmp, order_dtype=self.order.dtype.str, offsets=self.offsets, padded_len=self.padded_len, tokens=self.tokens
+        )
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> Plan:
+        """The plan saved at ``path``, its row order mapped read-only."""
         with np.load(path) as z:
-            return cls(z["order"], z["offsets"], z["padded_len"], z["tokens"])
+            offsets = z["offsets"]
+            if "order" in z.files:  # saved before the order had a file of its own
+                order = z["order"]
+            else:  # a file written window by window (``PlanFile``) may be longer than its batches
+                order = _open_rows(path, "order", np.dtype(str(z["order_dtype"])))
+                if len(order) < int(offsets[-1]):
+                    raise InputError(f"{rows_file(path, 'order')} is shorter than the plan: {_RESCAN}")
+                order = order[: int(offsets[-1])]
+            return cls(order, offsets, z["padded_len"], z["tokens"])
 
     @classmethod
     def concat(cls, plans: list[Plan]) -> Plan:
@@ -178,3 +205,61 @@ class Plan:
             np.concatenate([p.padded_len for p in plans]).astype(np.int32),
             np.concatenate([p.tokens for p in plans]).astype(np.int64),
         )
+
+
+_RESCAN = "rerun the same ingest command: it scans the corpus again and keeps the parts committed already"
+
+
+def _open_rows(path: Path, field: str, dtype, n: int | None = None) -> np.ndarray:
+    """The per-row array ``field`` of the state file ``path``, mapped read-only."""
+    try:
+        return RowFile.open(rows_file(path, field), dtype, n).array
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path.name}'s rows cannot be read ({e}): {_RESCAN}") from e
+
+
+class PlanFile:
+    """A new job's plan, written window by window to its row-order file (``rows_file(plan.npz, "order")``, sized
+    for every row of the corpus, used up to the planned rows) while each window's batches are sent, and readable
+    batch by batch meanwhile (``rows``, from another thread: the ledger checks each part against its batch)."""
+
+    def __init__(self, path: Path, max_rows: int) -> None:
+        dtype = np.int32 if max_rows < 2**31 else np.int64
+        self._file = RowFile.create(rows_file(path, "order"), dtype, max_rows)
+        self._ends: list[int] = []  # each batch's end in the order (published after its rows are written)
+        self._padded: list[np.ndarray] = []
+        self._tokens: list[np.ndarray] = []
+        self.n_rows = 0
+
+    @property
+    def n_batches(self) -> int:
+        return len(self._ends)
+
+    def add(self, plan: Plan) -> None:
+        """Append a window's plan (global row ids)."""
+        order, at = self._file.array, self.n_rows
+        if at + len(plan.order) > len(order):
+            raise ValueError(f"the plan holds {at + len(plan.order)} rows, more than the {len(order)} it was made for")
+        order[at : at + len(plan.order)] = plan.order
+        release(order[at : at + len(plan.order)])
+        self.n_rows += len(plan.order)
+        self._padded.append(plan.padded_len)
+        self._tokens.append(plan.tokens)
+        self._ends.extend((at + plan.offsets[1:]).tolist())  # last: a reader sees a batch once its rows are there
+
+    def rows(self, b: int) -> np.ndarray | None:
+        """Batch ``b``'s row ids (a copy), or None while it is not planned yet."""
+        ends = self._ends
+        if b >= len(ends):
+            return None
+        lo, hi = ends[b - 1] if b else 0, ends[b]
+        view = self._file.array[lo:hi]
+        rows = view.copy()
+        release(view)
+        return rows
+
+    def plan(self) -> Plan:
+        """The whole plan, its order mapped from the file."""
+        offsets = np.asarray([0, *self._ends], dtype=np.int64)
+        cat = lambda xs, t: np.concatenate(xs).astype(t) if xs else np.zeros(0, t)  # noqa: E731
+        return Plan(self._file.array[: self.n_rows], offsets, cat(self._padded, np.int32), cat(self._tokens, np.int64))

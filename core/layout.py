@@ -11,6 +11,9 @@
     OUT/.fbas/quarantine/part-000123.parquet  the batch's quarantined rows (only when it has some)
     OUT/.fbas/job.json, scan.npz, plan.npz    what a rerun resumes (``core.formats``); job.pending while
                                               a new job's scan runs; quarantine-scan.parquet
+    OUT/.fbas/scan.id_hash.bin, scan.n_tokens.bin, plan.order.bin
+                                              their per-row arrays, raw, mapped rather than read (``rows_file``,
+                                              ``core.rowfile``)
     OUT/.fbas/model/, model.spec, local/      the built model, its build key, local mode's services
     OUT/.fbas/content.npz, generations.json   ``ingest --update``: each row's id key and text hash, and the
                                               generations so far; prev/ holds the generation an update replaces
@@ -60,6 +63,8 @@ __all__ = [
     "SCAN_QUARANTINE",
     "SCAN_FILE",
     "PLAN_FILE",
+    "ROW_FILES",
+    "rows_file",
     "QUARANTINE_FILE",
     "MODEL_SUBDIR",
     "MODEL_SPEC",
@@ -88,6 +93,8 @@ PENDING_FILE = "job.pending"  # a new job's id while its scan runs (job.json is 
 SCAN_FILE = "scan.npz"
 PLAN_FILE = "plan.npz"
 SCAN_QUARANTINE = "quarantine-scan.parquet"
+# the per-row arrays of scan.npz and plan.npz, each in a file of its own (``rows_file``)
+ROW_FILES = ("scan.id_hash.bin", "scan.n_tokens.bin", "plan.order.bin")
 MODEL_SUBDIR = "model"  # the built model the job serves
 MODEL_SPEC = "model.spec"  # its build key
 LOCAL_SUBDIR = "local"  # local mode's services: logs, pids, Redis's files
@@ -105,6 +112,12 @@ def part_name(batch: int, suffix: str = ".parquet") -> str:
     if batch < 0:
         raise ValueError(f"batch index {batch} < 0")
     return f"part-{batch:06d}{suffix}"
+
+
+def rows_file(npz: Path, field: str) -> Path:
+    """Where the array ``field`` of the state file ``npz`` (``scan.npz``, ``plan.npz``) is kept, raw, beside it:
+    ``scan.id_hash.bin`` (``ROW_FILES``)."""
+    return npz.with_name(f"{npz.stem}.{field}.bin")
 
 
 def vectors_schema(dim: int, id_type: str, meta: dict | None = None, chunked: bool = False) -> pa.Schema:

@@ -15,6 +15,7 @@ import numpy as np
 
 from core.errors import PermanentError
 from core.layout import PART_RE, VECTORS, OutputDir, read_part_meta
+from core.rowfile import release
 
 __all__ = ["committed_parts", "check_folder", "tally", "stat_key", "IncompleteJobError", "OracleError"]
 
@@ -98,6 +99,10 @@ def tally(
     if mism.any():
         unexpected.append(f"{where}: ids differ from the corpus at rows {rows[mism][:3].tolist()}")
     np.add.at(counts, rows, 1)
+    if len(rows):  # per-row arrays mapped from files (``core.rowfile``): the pages just used go back
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        release(corpus_hash[lo:hi])
+        release(counts[lo:hi])
 
 
 def stat_key(path: Path) -> tuple[int, ...] | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ from core.layout import (
     part_name,
     read_part_meta,
 )
+from core.rowfile import RowFile, blocks, equal, release
 from output.check import IncompleteJobError, OracleError, check_folder, tally
 from output.index import write_index
 from output.ledger import PartLedger
@@ -92,7 +94,7 @@ def finalize(
         raise InputError(f"{out}/.fbas/{PLAN_FILE} does not match job.json: rerun the ingest")
     own = None
     if not _fits(ledger, job_id, dim, index_type, n_batches, scan):
-        ledger = own = PartLedger(out, job_id, dim, index_type, scan.id_hash, job.get("planned_rows"))
+        ledger = own = PartLedger(out, job_id, dim, index_type, scan.id_hash, job.get("planned_rows"), plan)
     assert ledger is not None
     try:
         ahead = _check_parts(out, ledger, job_id, n_batches)
@@ -148,7 +150,7 @@ def _fits(ledger: PartLedger | None, job_id: str, dim: int, index_type: str, n_b
         and not ledger.spent
         and (ledger.job, ledger.dim, ledger.index_type) == (job_id, dim, index_type)
         and ledger.next_batch <= n_batches
-        and np.array_equal(ledger.id_hash, scan.id_hash)
+        and equal(ledger.id_hash, scan.id_hash)
     )
 
 
@@ -181,14 +183,17 @@ def _check_parts(out: OutputDir, ledger: PartLedger, job_id: str, n_batches: int
 
 def _merge(out: OutputDir, ledger: PartLedger, plan: Plan, scan: Scan, id_type: str) -> _Merged:
     """Add up the ledger's parts and every quarantine file, then apply the oracle (raises ``OracleError``)."""
-    m = _Merged(counts=ledger.counts.copy(), unexpected=list(ledger.unexpected))
+    m = _Merged(counts=_copy(ledger.counts, out), unexpected=list(ledger.unexpected))
     q_tables: list[pa.Table] = []
     for b, f in enumerate(ledger.facts):
         name = part_name(b)
         if f.n_read != f.meta.get("rows"):
             m.unexpected.append(f"{name}: {f.n_read} rows, footer says {f.meta.get('rows')}")
-        if not np.isin(f.rows, plan.rows(b)).all():
-            m.unexpected.append(f"{name}: rows outside its planned batch")
+        if f.rows is not None:  # not checked by the ledger, which had no plan for it yet
+            planned = plan.rows(b)
+            if not np.isin(f.rows, planned).all():
+                m.unexpected.append(f"{name}: rows outside its planned batch")
+            release(planned)
         m.truncated, m.repaired = m.truncated + f.truncated, m.repaired + f.repaired
         m.tokens += int(f.meta.get("tokens", 0))
         m.parts.append({"file": f"{VECTORS}/{name}", "batch": b, "rows": f.n_read, "sha256": f.sha256})
@@ -210,15 +215,36 @@ def _merge(out: OutputDir, ledger: PartLedger, plan: Plan, scan: Scan, id_type: 
             "quarantine",
             m.unexpected,
         )
-    lost, dup = np.flatnonzero(m.counts == 0), np.flatnonzero(m.counts > 1)
-    if len(lost) or len(dup) or m.unexpected:
+    (n_lost, lost), (n_dup, dup) = _rows_where(m.counts, lambda c: c == 0), _rows_where(m.counts, lambda c: c > 1)
+    if n_lost or n_dup or m.unexpected:
         raise OracleError(
-            f"the output does not hold every input row exactly once: lost {len(lost)} (rows "
-            f"{lost[:5].tolist()}), duplicated {len(dup)} (rows {dup[:5].tolist()}), unexpected "
+            f"the output does not hold every input row exactly once: lost {n_lost} (rows "
+            f"{lost}), duplicated {n_dup} (rows {dup}), unexpected "
             f"{len(m.unexpected)} ({'; '.join(m.unexpected[:3])}). Nothing final was written; this "
             "is a bug: please report it with the folder's .fbas/ contents"
         )
     return m
+
+
+def _copy(counts: np.ndarray, out: OutputDir) -> np.ndarray:
+    """The ledger's counts, copied a block at a time to a file without a name (``core.rowfile``), so that the
+    quarantine is added to a copy (the ledger may be used again) without holding one more array a row."""
+    copy = RowFile.scratch(out.state(""), counts.dtype, len(counts)).array
+    for start, block in blocks(counts):
+        copy[start : start + len(block)] = block
+        release(copy[start : start + len(block)])
+    return copy
+
+
+def _rows_where(counts: np.ndarray, test: Callable[[np.ndarray], np.ndarray]) -> tuple[int, list[int]]:
+    """How many rows' counts pass ``test``, and the first five of them, a block of counts at a time."""
+    n = 0
+    first: list[int] = []
+    for start, block in blocks(counts):
+        hit = np.flatnonzero(test(block))
+        n += len(hit)
+        first.extend((start + hit[: 5 - len(first)]).tolist())
+    return n, first
 
 
 def _check_documents(out: OutputDir, ledger: PartLedger, scan: Scan) -> None:

@@ -29,6 +29,7 @@ import hashlib
 import os
 import queue
 import struct
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +46,7 @@ _METRIC_IP = 0  # faiss.METRIC_INNER_PRODUCT
 PREFIX_BYTES = 2 * (4 + 33) + 8
 SYNC_BYTES = 64 << 20  # write back to disk every 64 MB, so the final fsync has little left to write
 _READ_BYTES = 8 << 20
-_ID_BLOCK = 1 << 19  # ids a commit writes at a time (4 MB)
+_ID_BLOCK = 1 << 19  # ids a commit copies from the id file at a time (4 MB)
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4  # sync_file_range(2) flags
 _WAIT_ALL = _WAIT_BEFORE | _WRITE | _WAIT_AFTER
 
@@ -103,20 +104,9 @@ def _prefix(dim: int, n: int) -> bytes:
     return b"IxM2" + header + b"IxFI" + header + struct.pack("<Q", n * dim)
 
 
-def _id_blocks(parts: list[np.ndarray]) -> Iterator[bytes]:
-    """The index's id vector as FAISS writes it, from the parts' ids (in 4 or 8 bytes): its length, then every
-    id as 8 bytes, in blocks of about ``_ID_BLOCK`` ids (never a second copy of all of them)."""
-    yield struct.pack("<Q", sum(len(ids) for ids in parts))
-    block: list[np.ndarray] = []
-    size = 0
-    for ids in parts:
-        block.append(ids)
-        size += len(ids)
-        if size >= _ID_BLOCK:
-            yield np.concatenate(block).astype("<i8").tobytes()
-            block, size = [], 0
-    if block:
-        yield np.concatenate(block).astype("<i8").tobytes()
+def _ids_bytes(ids: np.ndarray) -> bytes:
+    """Row ids (kept in 4 or 8 bytes) as FAISS's id vector holds them: 8 bytes each, little-endian."""
+    return ids.astype("<i8").tobytes()
 
 
 @functools.cache
@@ -129,7 +119,9 @@ def layout_matches(dim: int) -> bool:
     ids = np.array([5, 0, 2**40], np.int64)
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     index.add_with_ids(vecs, ids)
-    ours = _prefix(dim, 3) + vecs.tobytes() + b"".join(_id_blocks([narrow_rows(ids[:2]), ids[2:]]))  # as commit
+    ours = (
+        _prefix(dim, 3) + vecs.tobytes() + struct.pack("<Q", 3) + _ids_bytes(narrow_rows(ids[:2])) + _ids_bytes(ids[2:])
+    )
     return faiss.serialize_index(index).tobytes() == ours
 
 
@@ -146,11 +138,16 @@ class FlatIndexFile:
         self.tmp = OutputDir.temp_path(final)
         self.n = 0
         self.expected: int | None = None
-        self._ids: list[np.ndarray] = []
         self._hash: _Hasher | None = None  # of the bytes so far, with the prefix for ``expected`` rows
         self._written = self._flushing = 0  # bytes up to these offsets are on disk / on their way there
         self.failed = False  # a write-back failed: the file is in doubt
         self._fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:  # the ids go after the vectors, so they wait in a file without a name until commit, not in memory
+            self._ids = tempfile.TemporaryFile(dir=final.parent)
+        except OSError:
+            os.close(self._fd)
+            self.tmp.unlink(missing_ok=True)
+            raise
 
     def _end(self) -> int:
         return PREFIX_BYTES + self.n * self.dim * 4
@@ -160,16 +157,16 @@ class FlatIndexFile:
         if vecs.shape != (len(ids), self.dim) or vecs.dtype != np.float32:
             raise ValueError(f"vectors {vecs.shape} {vecs.dtype} for {len(ids)} ids of dim {self.dim}")
         assert self._fd is not None, "add() after commit()"
-        kept = narrow_rows(ids)  # before anything is written: written as 8 bytes at commit
+        id_bytes = _ids_bytes(ids)  # before anything is written
         # ``.data`` is ``memoryview(arr)``; numpy's stubs declare ndarray a Buffer only for Python >= 3.12
         data = np.ascontiguousarray(vecs).reshape(-1).data.cast("B")
         start = self._end()
         pwrite_all(self._fd, data, start)
+        pwrite_all(self._ids.fileno(), id_bytes, self.n * 8)
         if start + len(data) - self._flushing >= SYNC_BYTES:
             self._write_back(start + len(data))
         if self._hash is not None:  # from here on nothing can fail: the part is counted
             self._hash.update(data)
-        self._ids.append(kept)
         self.n += len(ids)
 
     def _write_back(self, end: int) -> None:
@@ -213,10 +210,11 @@ class FlatIndexFile:
         h = ahead if self.expected == self.n else self._hash_from(prefix)
         assert h is not None and self._fd is not None, "commit() once; expect() sets the hash with expected"
         end = self._end()
-        for block in _id_blocks(self._ids):
+        for block in self._id_vector():
             pwrite_all(self._fd, block, end)
             h.update(block)
             end += len(block)
+        self._ids.close()
         os.ftruncate(self._fd, end)  # anything a failed append left beyond the end goes
         pwrite_all(self._fd, prefix, 0)
         os.close(self._fd)
@@ -224,8 +222,21 @@ class FlatIndexFile:
         OutputDir.write_atomic(self.final, lambda tmp: os.replace(self.tmp, tmp))  # fsync, then rename
         return h.hexdigest()
 
+    def _id_vector(self) -> Iterator[bytes]:
+        """The index's id vector as FAISS writes it: its length, then the ids of ``add`` (8 bytes each), read back
+        from the id file ``_ID_BLOCK`` at a time."""
+        yield struct.pack("<Q", self.n)
+        pos, end = 0, self.n * 8
+        while pos < end:
+            block = os.pread(self._ids.fileno(), min(_ID_BLOCK * 8, end - pos), pos)
+            if not block:
+                raise OSError("the index's id file is shorter than what was written to it")
+            yield block
+            pos += len(block)
+
     def discard(self) -> None:
         """Close and remove the unfinished file (nothing happens after ``commit``)."""
+        self._ids.close()
         if self._hash is not None:
             self._hash.cancel()
             self._hash = None

@@ -21,9 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.envs import cpu_count
-from core.formats import narrow_rows
+from core.formats import Plan, PlanFile, narrow_rows
 from core.ids import id_hashes
 from core.layout import INDEX_FILE, JOB_FILE, OutputDir, drop_cached, part_name, read_part_meta
+from core.rowfile import RowFile, release
 from output.check import stat_key, tally
 from output.flat_index import FlatIndexFile, layout_matches
 from output.ivf_index import IvfPqBuilder, PartCodes, index_params
@@ -67,7 +68,7 @@ class PartFacts:
     stat: tuple[int, ...]
     meta: dict[str, Any]
     n_read: int  # rows in the file (the footer's ``rows`` must agree)
-    rows: np.ndarray  # row ids (int32 while they fit), for the plan check
+    rows: np.ndarray | None  # row ids (int32 while they fit), for finalize's plan check; None once checked
     truncated: int
     repaired: int
     sha256: str
@@ -129,10 +130,20 @@ class PartLedger:
     """
 
     def __init__(
-        self, out: OutputDir, job: str, dim: int, index_type: str, id_hash: np.ndarray, planned_rows: int | None = None
+        self,
+        out: OutputDir,
+        job: str,
+        dim: int,
+        index_type: str,
+        id_hash: np.ndarray,
+        planned_rows: int | None = None,
+        plan: Plan | PlanFile | None = None,
     ) -> None:
         self.out, self.job, self.dim, self.index_type, self.id_hash = out, job, dim, index_type, id_hash
         self.planned_rows = planned_rows
+        # the job's plan (a new job's still being written): each part is checked against its batch as it is read,
+        # and parts beyond the batches planned so far wait
+        self.plan = plan
         self.file: FlatIndexFile | None = None
         self.spent = False  # the index file was committed: a later finalize needs a new ledger
         self._closed = False
@@ -150,7 +161,11 @@ class PartLedger:
             p = index_params("ivfpq", len(self.id_hash), self.dim)
             self.ivf = IvfPqBuilder(self.dim, p, beside=self.out.path(INDEX_FILE))
         self.facts: list[PartFacts] = []
-        self.counts = np.zeros(len(self.id_hash), dtype=np.uint16)  # times each input row was seen
+        # times each input row was seen, in a file without a name (``core.rowfile``): its pages are handed back
+        # part by part, so what the ledger holds does not grow with the rows
+        folder = self.out.state("")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.counts = RowFile.scratch(folder, np.uint16, len(self.id_hash)).array
         self.unexpected: list[str] = []
 
     @property
@@ -200,17 +215,35 @@ class PartLedger:
             stop = first
             while self.out.vectors_part(stop).exists():
                 stop += 1
+        if self.plan is not None:  # a part is read once its batch is planned (an earlier run's, on a rerun)
+            stop = min(stop, self.plan.n_batches)
         # ivfpq once the workers are done: a reader on every core, since the readers encode the index's codes
         readers = min(32, cpu_count()) if self.ivf is not None and self.ivf.all_cores else 0
         for got in in_order(self._one, stop - first, first, readers):
             if got is None or should_stop():
                 break
             facts, id_hash, vecs = got
+            name = part_name(self.next_batch)
+            outside = self._outside_plan(self.next_batch, facts)
             if vecs is not None and len(vecs[0]):  # first: if it fails, nothing of this part is recorded
                 self._index_part(vecs)
-            tally(self.counts, facts.rows, id_hash, self.id_hash, part_name(self.next_batch), self.unexpected)
+            tally(self.counts, facts.rows, id_hash, self.id_hash, name, self.unexpected)
+            if outside:
+                self.unexpected.append(f"{name}: rows outside its planned batch")
+            if self.plan is not None:  # checked: its rows need not be kept for finalize
+                facts.rows = None
             self.facts.append(facts)
         return self.next_batch
+
+    def _outside_plan(self, b: int, facts: PartFacts) -> bool:
+        """Whether part ``b`` holds rows its planned batch does not (False without a plan: finalize checks it)."""
+        if self.plan is None or facts.rows is None:
+            return False
+        planned = self.plan.rows(b)
+        assert planned is not None, "advance() reads only parts whose batch is planned"
+        outside = not np.isin(facts.rows, planned).all()
+        release(planned)
+        return outside
 
     def _index_part(self, vecs: tuple[np.ndarray, np.ndarray] | PartCodes) -> None:
         """A part's vectors into the flat index file, or its codes into the ivfpq index. A write-back that failed

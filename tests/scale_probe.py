@@ -2,7 +2,8 @@
 
     python -m tests.scale_probe corpus ROWS PATH      # a corpus of ROWS real sentences with distinct ids
     python -m tests.scale_probe produce PATH          # the producer's scan, plan and signed messages (not sent)
-    python -m tests.scale_probe finalize PATH OUT     # parts of 8-d vectors for the corpus, then finalize
+    python -m tests.scale_probe parts PATH OUT        # the job's files and parts of 8-d vectors for the corpus
+    python -m tests.scale_probe finalize OUT          # finalize (flat) of those, alone in a fresh process
 
 ``tests/integration/test_scale_memory.py`` runs each step at two row counts and checks that peak memory grows
 by no more than the per-row bound the README states; the full 10 M-row run is ``benchmarks/bench_scale.py``.
@@ -10,7 +11,6 @@ by no more than the per-row bound the README states; the full 10 M-row run is ``
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 import sys
@@ -26,13 +26,6 @@ DIM = 8
 def peak_mb() -> float:
     status = Path("/proc/self/status").read_text()
     return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
-
-
-def reset_peak() -> float:
-    """Reset this process's ``VmHWM`` to its current RSS (Linux: ``5`` to ``/proc/self/clear_refs``), so that the
-    peak read next is a later step's own; returns the RSS it starts from, in MB."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return peak_mb()
 
 
 def write_corpus(rows: int, path: Path) -> None:
@@ -55,43 +48,52 @@ def write_corpus(rows: int, path: Path) -> None:
 
 
 def produce(path: Path) -> dict:
-    """The producer's work for a new job, without a broker: ids checked, the corpus scanned in windows (lengths
-    estimated, as the gpu target does), each window planned and its messages built and signed."""
+    """The producer's work for a new job, without a broker, as ``pipeline.ingest.stream`` does it: ids checked
+    (their keys in the job's file), the corpus scanned in windows (lengths estimated, as the gpu target does),
+    each window planned, its messages built and signed, then its lengths and plan written to the job's files;
+    last, the scan and plan saved."""
+    import tempfile
+
     from core.config import FbasConfig
+    from core.formats import PlanFile
+    from core.layout import rows_file
     from core.tokenize import Tokenizer, tokenizer_json_for
     from engine.checkpoint import load_checkpoint
-    from pipeline.ingest.plan import check_unique_ids, corpus_id_hashes, plan_window, scan_windows
+    from pipeline.ingest.plan import ScanBuilder, check_unique_ids, corpus_id_hashes, plan_window, scan_windows
     from pipeline.ingest.produce import window_messages
     from pipeline.ingest.read import open_corpus
     from workers.signing import sign
 
     cfg = FbasConfig()
     corpus = open_corpus(str(path), cfg.corpus)
-    id_hash = corpus_id_hashes(corpus)
-    check_unique_ids(corpus, id_hash)
-    tok = Tokenizer(tokenizer_json_for(load_checkpoint(None).tokenizer), 256)
-    rows = batches = 0
-    kept = []
-    for w in scan_windows(corpus, tok, cfg.corpus.plan_window, first_rows=4096, estimate=True):
-        plan = plan_window(w.n_tokens, w.row0, 65_536, 4096)
-        for msg in window_messages(w, plan, batches, job="J", out="/x", model="M", dim=DIM, id_type="int64"):
-            sign(msg, "key")
-            rows += len(msg["row_ids"])
-        batches += plan.n_batches
-        w.ids, w.texts = [], []  # as the ingest does once a window is sent
-        kept.append((w, plan))  # as the ingest keeps them for the job's files
-    return {"rows": rows, "batches": batches, "peak_mb": round(peak_mb(), 1)}
+    with tempfile.TemporaryDirectory(dir=path.parent) as d:
+        scan_file, plan_file = Path(d) / "scan.npz", Path(d) / "plan.npz"
+        id_hash = corpus_id_hashes(corpus, rows_file(scan_file, "id_hash"))
+        check_unique_ids(corpus, id_hash, spill=Path(d))
+        tok = Tokenizer(tokenizer_json_for(load_checkpoint(None).tokenizer), 256)
+        builder, plans = ScanBuilder(corpus, rows_file(scan_file, "n_tokens")), PlanFile(plan_file, corpus.n_rows)
+        rows = 0
+        for w in scan_windows(corpus, tok, cfg.corpus.plan_window, first_rows=4096, estimate=True):
+            plan = plan_window(w.n_tokens, w.row0, 65_536, 4096)
+            for msg in window_messages(
+                w, plan, plans.n_batches, job="J", out="/x", model="M", dim=DIM, id_type="int64"
+            ):
+                sign(msg, "key")
+                rows += len(msg["row_ids"])
+            builder.add(w)
+            plans.add(plan)
+        builder.scan(id_hash, estimated=True).save(scan_file)
+        plans.plan().save(plan_file)
+        return {"rows": rows, "batches": plans.n_batches, "peak_mb": round(peak_mb(), 1)}
 
 
-def finalize_parts(path: Path, out_dir: Path) -> dict:
-    """Parts of random 8-d vectors for every row of the corpus (batches of 4,096), the job's files, then
-    ``finalize`` with a flat index."""
+def write_parts(path: Path, out_dir: Path) -> None:
+    """The job's files and parts of random 8-d vectors for every row of the corpus (batches of 4,096)."""
     import pyarrow.parquet as pq
 
     from core.formats import Plan, Scan
     from core.ids import id_hashes
     from core.layout import OutputDir
-    from output.finalize import finalize
     from workers.write import BatchOutput, write_batch
 
     ids = pq.read_table(path, columns=["id"]).column("id")
@@ -137,19 +139,15 @@ def finalize_parts(path: Path, out_dir: Path) -> dict:
                 [],
             ),
         )
-    n_batches, before = plan.n_batches, peak_mb()
-    # finalize reads the job's files itself: the probe's own copies go first, so the peak is finalize's
-    del ids, scan, plan, n_tokens, offsets, sizes, rows, vecs
-    gc.collect()
-    start = reset_peak()
-    m = finalize(out, "flat")
-    return {
-        "rows": m["counts"]["embedded"],
-        "batches": n_batches,
-        "peak_mb": round(peak_mb(), 1),
-        "rss_at_finalize_mb": round(start, 1),
-        "probe_peak_before_finalize_mb": round(before, 1),
-    }
+
+
+def finalize_alone(out_dir: Path) -> dict:
+    """``finalize`` with a flat index, in a process that did nothing else."""
+    from core.layout import OutputDir
+    from output.finalize import finalize
+
+    m = finalize(OutputDir(out_dir), "flat")
+    return {"rows": m["counts"]["embedded"], "batches": m["counts"]["batches"], "peak_mb": round(peak_mb(), 1)}
 
 
 def main(argv: list[str]) -> int:
@@ -157,7 +155,10 @@ def main(argv: list[str]) -> int:
     if step == "corpus":
         write_corpus(int(argv[1]), Path(argv[2]))
         return 0
-    got = produce(Path(argv[1])) if step == "produce" else finalize_parts(Path(argv[1]), Path(argv[2]))
+    if step == "parts":
+        write_parts(Path(argv[1]), Path(argv[2]))
+        return 0
+    got = produce(Path(argv[1])) if step == "produce" else finalize_alone(Path(argv[1]))
     print(json.dumps(got))
     return 0
 

@@ -38,6 +38,7 @@ __all__ = [
     "length_mode",
     "resume_job",
     "save_job",
+    "forget_scan",
     "register_job",
 ]
 
@@ -154,11 +155,23 @@ def resume_job(ctx: JobContext) -> Job | None:
             "or delete the folder to start over"
         )
     if out.state(SCAN_FILE).exists() and out.state(PLAN_FILE).exists():
-        scan, plan = Scan.load(out.state(SCAN_FILE)), Plan.load(out.state(PLAN_FILE))
+        try:
+            scan, plan = Scan.load(out.state(SCAN_FILE)), Plan.load(out.state(PLAN_FILE))
+        except InputError as e:  # the plan is the same on every run: scanning again finds the committed parts
+            logger.warning("job %s: its saved scan or plan cannot be used (%s); scanning again", job_id, e)
+            return None
         if plan.n_batches == old.get("n_batches") and scan.n_documents == ctx.corpus.n_rows:
             logger.info("resuming job %s: reusing its scan and plan", job_id)
             return Job(job_id, old, scan, plan, True)
     return None
+
+
+def forget_scan(out: OutputDir) -> None:
+    """Before a new scan writes its per-row files (``scan.id_hash.bin`` ...): the saved scan and plan that name
+    them go first, so a run killed meanwhile scans again rather than resume a plan of half-written rows (job.json
+    may stay: without them it is not resumed)."""
+    for name in (SCAN_FILE, PLAN_FILE):
+        out.state(name).unlink(missing_ok=True)
 
 
 def save_job(ctx: JobContext, scan: Scan, plan: Plan, extra: dict | None = None) -> Job:

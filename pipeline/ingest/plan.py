@@ -8,7 +8,8 @@ exact lengths; the workers tokenize anyway). Each window is planned on its own (
 its batches can be queued while the next window is read. ``scan_corpus`` is the exact pass kept
 whole. What the job keeps is per-row arrays: ``n_tokens`` (int32, tokens after truncation, 0 where
 the row is quarantined) and ``id_hash`` (uint64, from the id column alone, for the uniqueness check
-and the final id oracle): 12 bytes a row, 1.2 GB for 100M rows. Null, empty and whitespace-only
+and the final id oracle): 12 bytes a row, which a new job writes to files of its own as it goes
+(``ScanBuilder``, ``core.rowfile``) rather than holding them. Null, empty and whitespace-only
 texts are quarantined here with a reason, and, with exact lengths, texts that tokenize to nothing
 (with estimated ones their worker quarantines them); null or duplicate ids stop the job before any
 text is read.
@@ -35,17 +36,21 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from core.envs import cpu_count
 from core.errors import InputError
 from core.formats import ChunkCols, Plan, Scan
 from core.ids import id_hashes
+from core.rowfile import RowFile, blocks, release
 from pipeline.ingest.read import READ_BATCH_ROWS, Corpus, RowBatch
 
 logger = logging.getLogger(__name__)
@@ -59,6 +64,9 @@ __all__ = [
     "scan_windows",
     "corpus_id_hashes",
     "assemble_scan",
+    "ScanBuilder",
+    "check_unique_ids",
+    "duplicate_keys",
     "plan_batches",
     "plan_window",
     "QUARANTINE_REASONS",
@@ -111,12 +119,15 @@ class Window:
     n_docs: int = 0  # chunked jobs: documents read into this window
 
 
-def corpus_id_hashes(corpus: Corpus) -> np.ndarray:
-    """uint64 [n_rows]: every row's id hash, from the id column alone (no text is read)."""
-    h = np.zeros(corpus.n_rows, dtype=np.uint64)
+def corpus_id_hashes(corpus: Corpus, path: Path | None = None) -> np.ndarray:
+    """uint64 [n_rows]: every row's id hash, from the id column alone (no text is read); with ``path``, written to
+    that file and mapped from it (``core.rowfile``: a new job's ``scan.id_hash.bin``), else in memory."""
+    file = RowFile.create(path, np.uint64, corpus.n_rows) if path is not None else None
+    h = file.array if file is not None else np.zeros(corpus.n_rows, dtype=np.uint64)
 
     def keys(row0: int, arr, m: int) -> None:
         h[row0 : row0 + m] = id_hashes(arr, row0, m)
+        release(h[row0 : row0 + m])
 
     # on threads (NumPy releases the GIL), a few chunks ahead at most; waited for in order, so a bad id (a null)
     # is reported from the first chunk that holds one
@@ -129,6 +140,9 @@ def corpus_id_hashes(corpus: Corpus) -> np.ndarray:
                 ahead.popleft().result()
         while ahead:
             ahead.popleft().result()
+    # Arrow's allocator keeps what the id batches freed for a while, more the more batches were read: given back
+    # now, what this pass leaves does not grow with the rows
+    pa.default_memory_pool().release_unused()
     return h
 
 
@@ -396,45 +410,101 @@ def _chunk_rows(rb: RowBatch, chunker, w: Window) -> None:
     w.n_docs += n
 
 
-def assemble_scan(corpus: Corpus, id_hash: np.ndarray, windows: list[Window], estimated: bool = False) -> Scan:
-    """The whole-corpus ``Scan`` from its windows (in order) and the id hashes (``estimated``: their lengths are
-    ``LengthEstimate``'s, which the log says)."""
-    n_tokens = np.concatenate([w.n_tokens for w in windows]) if windows else np.zeros(0, dtype=np.int32)
-    chunked = any(w.chunks is not None for w in windows)
-    doc_row = ChunkCols.concat([w.chunks for w in windows if w.chunks is not None]).doc_row if chunked else None
-    if (sum(w.n_docs for w in windows) if chunked else len(n_tokens)) != corpus.n_rows:
-        raise InputError(
-            f"{corpus.uri} yielded {len(n_tokens)} rows, its metadata says {corpus.n_rows}: the corpus "
+class ScanBuilder:
+    """A job's ``Scan``, put together window by window as the scan reads them (``add``), so the windows need not
+    be kept. With ``lengths`` (a path: ``scan.n_tokens.bin``; rows, not chunks) their token counts go straight to
+    that file, mapped (``core.rowfile``); else they are kept in memory."""
+
+    def __init__(self, corpus: Corpus, lengths: Path | None = None) -> None:
+        self.corpus = corpus
+        self._file = RowFile.create(lengths, np.int32, corpus.n_rows) if lengths is not None else None
+        self._n_tokens: list[np.ndarray] = []
+        self._chunks: list[ChunkCols] = []
+        self.q_rows: list[int] = []
+        self.q_ids: list = []
+        self.q_reasons: list[str] = []
+        self.n_rows = self.n_docs = self.n_truncated = self.n_repaired = self.n_embeddable = self.tokens = 0
+        self.seconds = 0.0
+
+    def _changed(self, rows: int) -> InputError:
+        return InputError(
+            f"{self.corpus.uri} yielded {rows} rows, its metadata says {self.corpus.n_rows}: the corpus "
             "changed while it was read; do not modify a corpus during an ingest, then rerun"
         )
-    scan = Scan(
-        corpus.n_rows,
-        n_tokens,
-        id_hash,
-        np.asarray([r for w in windows for r in w.q_rows], dtype=np.int64),
-        [i for w in windows for i in w.q_ids],
-        [r for w in windows for r in w.q_reasons],
-        sum(w.n_truncated for w in windows),
-        int(sum(int(w.repaired.sum()) for w in windows)),
-        sum(w.seconds for w in windows),
-    )
-    if doc_row is not None:  # rows are chunks: the id oracle checks each chunk against its document's id
-        scan.id_hash, scan.doc_row, scan.n_docs = id_hash[doc_row], doc_row, corpus.n_rows
-        scan.n_rows = len(n_tokens)
-        logger.info("cut %d documents into %d chunks", corpus.n_rows, len(n_tokens))
-    truncated = "workers count truncation and texts without tokens" if estimated else f"{scan.n_truncated} truncated"
-    logger.info(
-        "scanned %d rows in %.1fs: %d to embed (%s%d tokens), %d quarantined, %d repaired, %s",
-        scan.n_rows,
-        scan.seconds,
-        scan.n_embeddable,
-        "about " if estimated else "",
-        int(n_tokens.sum(dtype=np.int64)),
-        len(scan.q_rows),
-        scan.n_repaired,
-        truncated,
-    )
-    return scan
+
+    def add(self, w: Window) -> None:
+        """The next window's lengths, quarantine and counts."""
+        n = len(w.n_tokens)
+        if self._file is not None and w.chunks is None:
+            if w.row0 != self.n_rows or w.row0 + n > len(self._file.array):
+                raise self._changed(w.row0 + n)
+            dst = self._file.array[w.row0 : w.row0 + n]
+            dst[:] = w.n_tokens
+            release(dst)
+        else:
+            self._n_tokens.append(w.n_tokens)
+        if w.chunks is not None:
+            self._chunks.append(w.chunks)
+            self.n_docs += w.n_docs
+        self.n_rows += n
+        self.n_embeddable += int(np.count_nonzero(w.n_tokens))
+        self.tokens += int(w.n_tokens.sum(dtype=np.int64))
+        self.q_rows.extend(w.q_rows)
+        self.q_ids.extend(w.q_ids)
+        self.q_reasons.extend(w.q_reasons)
+        self.n_truncated += w.n_truncated
+        self.n_repaired += int(w.repaired.sum())
+        self.seconds += w.seconds
+
+    def scan(self, id_hash: np.ndarray, estimated: bool = False) -> Scan:
+        """The whole-corpus ``Scan`` from the windows added (in order) and the id hashes (``estimated``: their
+        lengths are ``LengthEstimate``'s, which the log says)."""
+        corpus, chunked = self.corpus, bool(self._chunks)
+        if (self.n_docs if chunked else self.n_rows) != corpus.n_rows:
+            raise self._changed(self.n_rows)
+        if self._file is not None and not self._n_tokens:
+            n_tokens = self._file.array
+        else:
+            n_tokens = np.concatenate(self._n_tokens) if self._n_tokens else np.zeros(0, dtype=np.int32)
+        scan = Scan(
+            corpus.n_rows,
+            n_tokens,
+            id_hash,
+            np.asarray(self.q_rows, dtype=np.int64),
+            self.q_ids,
+            self.q_reasons,
+            self.n_truncated,
+            self.n_repaired,
+            self.seconds,
+        )
+        if chunked:  # rows are chunks: the id oracle checks each chunk against its document's id
+            doc_row = ChunkCols.concat(self._chunks).doc_row
+            scan.id_hash, scan.doc_row, scan.n_docs = id_hash[doc_row], doc_row, corpus.n_rows
+            scan.n_rows = self.n_rows
+            logger.info("cut %d documents into %d chunks", corpus.n_rows, self.n_rows)
+        truncated = (
+            "workers count truncation and texts without tokens" if estimated else f"{self.n_truncated} truncated"
+        )
+        logger.info(
+            "scanned %d rows in %.1fs: %d to embed (%s%d tokens), %d quarantined, %d repaired, %s",
+            scan.n_rows,
+            scan.seconds,
+            self.n_embeddable,
+            "about " if estimated else "",
+            self.tokens,
+            len(scan.q_rows),
+            scan.n_repaired,
+            truncated,
+        )
+        return scan
+
+
+def assemble_scan(corpus: Corpus, id_hash: np.ndarray, windows: list[Window], estimated: bool = False) -> Scan:
+    """The whole-corpus ``Scan`` from its windows (in order) and the id hashes, in memory (``ScanBuilder``)."""
+    builder = ScanBuilder(corpus)
+    for w in windows:
+        builder.add(w)
+    return builder.scan(id_hash, estimated)
 
 
 def scan_corpus(corpus: Corpus, tokenizer, progress: Callable[[int], None] | None = None) -> Scan:
@@ -451,19 +521,61 @@ def scan_corpus(corpus: Corpus, tokenizer, progress: Callable[[int], None] | Non
     return assemble_scan(corpus, id_hash, windows)
 
 
-def check_unique_ids(corpus: Corpus, id_hash: np.ndarray, show: int = 5) -> None:
-    """Raise ``InputError`` naming duplicate ids (hash collisions are confirmed on the real ids)."""
+SORT_ROWS = 1 << 18  # id keys sorted at once (2 MB); more are first spread over bucket files
+MAX_BUCKETS = 256  # bucket files at most (open at once): past 33 M keys, buckets grow past SORT_ROWS / 2
+
+
+def duplicate_keys(id_hash: np.ndarray, spill: Path | None = None) -> np.ndarray:
+    """The id keys that occur more than once in ``id_hash``, sorted. Up to ``SORT_ROWS`` keys (or with no
+    ``spill`` folder) they are sorted in memory; more are spread over unnamed bucket files in ``spill`` by a
+    multiplicative hash of the key, about ``SORT_ROWS / 2`` keys a bucket (at most ``MAX_BUCKETS`` buckets), and
+    each bucket is sorted on its own: a key's copies share a bucket, and memory is that of one bucket (4 MB at
+    100 M rows, 32 MB at a billion)."""
+    n = len(id_hash)
+    if n <= SORT_ROWS or spill is None:
+        keys = np.sort(id_hash)  # the common case, no duplicate, needs no order (argsort: 3x the time)
+        release(id_hash)
+        return np.unique(keys[1:][keys[1:] == keys[:-1]])
+    n_buckets = min(MAX_BUCKETS, -(-n // (SORT_ROWS // 2)))
+    files: list = []
+    try:
+        files.extend(tempfile.TemporaryFile(dir=spill) for _ in range(n_buckets))
+        for _, block in blocks(id_hash, _SPREAD_BYTES):
+            with np.errstate(over="ignore"):
+                which = ((block * _FIB) >> np.uint64(32)) * np.uint64(n_buckets) >> np.uint64(32)
+            order = np.argsort(which, kind="stable")
+            ends = np.cumsum(np.bincount(which.astype(np.int64), minlength=n_buckets))
+            grouped = block[order]
+            for k, (lo, hi) in enumerate(zip([0, *ends[:-1].tolist()], ends.tolist())):
+                if hi > lo:
+                    files[k].write(grouped[lo:hi].tobytes())
+        found = []
+        for f in files:
+            f.seek(0)
+            keys = np.frombuffer(f.read(), dtype=np.uint64).copy()
+            keys.sort()
+            same = keys[1:][keys[1:] == keys[:-1]]
+            if len(same):
+                found.append(np.unique(same))
+        return np.sort(np.concatenate(found)) if found else np.zeros(0, np.uint64)
+    finally:
+        for f in files:
+            f.close()
+
+
+_SPREAD_BYTES = 2 << 20  # keys spread over the buckets at a time (with their temporaries, about 4x this)
+_FIB = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: spreads consecutive integer ids over the buckets
+
+
+def check_unique_ids(corpus: Corpus, id_hash: np.ndarray, show: int = 5, spill: Path | None = None) -> None:
+    """Raise ``InputError`` naming duplicate ids (hash collisions are confirmed on the real ids); ``spill``: a
+    folder for ``duplicate_keys``' bucket files."""
     if corpus.id_column is None or id_hash.size < 2:
         return
-    sorted_h = np.sort(id_hash)  # the common case, no duplicate, needs no order (argsort: 3x the time)
-    same = sorted_h[1:] == sorted_h[:-1]
-    if not same.any():
+    cand_hashes = duplicate_keys(id_hash, spill)
+    if not len(cand_hashes):
         return
-    order = np.argsort(id_hash, kind="stable")
-    sorted_h = id_hash[order]
-    same = sorted_h[1:] == sorted_h[:-1]
-    cand_hashes = np.unique(sorted_h[1:][same])
-    cand_rows = np.sort(order[np.isin(sorted_h, cand_hashes)])
+    cand_rows = np.concatenate([s + np.flatnonzero(np.isin(b, cand_hashes)) for s, b in blocks(id_hash)])
     # second, id-only pass: fetch the candidates' real ids
     values: dict[int, object] = {}
     for row0, arr, m in corpus.id_arrays():

@@ -44,12 +44,13 @@ import numpy as np
 
 from core.config import FbasConfig
 from core.errors import ConfigError, FbasError, InputError
-from core.layout import LOCAL_SUBDIR, OutputDir
+from core.formats import PlanFile
+from core.layout import LOCAL_SUBDIR, PLAN_FILE, SCAN_FILE, OutputDir, rows_file
 from output.check import committed_parts
 from output.finalize import finalize
 from output.index import check_index_kind
 from output.ledger import LedgerFeeder, PartLedger
-from pipeline.ingest.job import IngestResult, Job, JobContext, chunk_spec, register_job, resume_job
+from pipeline.ingest.job import IngestResult, Job, JobContext, chunk_spec, forget_scan, register_job, resume_job
 from pipeline.ingest.model_cache import built_folder, ensure_model
 from pipeline.ingest.plan import Window, check_unique_ids, corpus_id_hashes
 from pipeline.ingest.produce import Sender, batch_messages
@@ -73,8 +74,9 @@ __all__ = ["ingest", "IngestResult"]
 class _NewScan:
     """A new job's checked ids and its scan, started as soon as the ids were checked."""
 
-    id_hash: np.ndarray
+    id_hash: np.ndarray  # mapped from scan.id_hash.bin (``core.rowfile``)
     windows: ReadAhead[Window]
+    plan: PlanFile | None  # where the plan goes as it is made (None: a chunked job's, kept in memory)
 
 
 @dataclass
@@ -150,9 +152,13 @@ def ingest(
         else:
             new = None
             if job is None:  # a new job: null or duplicate ids stop it before anything starts or is read
-                id_hash = corpus_id_hashes(corpus)
-                check_unique_ids(corpus, id_hash)
-                new = _NewScan(id_hash, stack.enter_context(start_scan(ctx, load_tokenizer(model, ctx.meta))))
+                scan_file = out.state(SCAN_FILE)
+                forget_scan(out)
+                id_hash = corpus_id_hashes(corpus, rows_file(scan_file, "id_hash"))
+                check_unique_ids(corpus, id_hash, spill=scan_file.parent)
+                windows = stack.enter_context(start_scan(ctx, load_tokenizer(model, ctx.meta)))
+                plan = PlanFile(out.state(PLAN_FILE), corpus.n_rows) if spec is None else None
+                new = _NewScan(id_hash, windows, plan)
                 logger.info("%d ids checked, scan started after %.2fs", corpus.n_rows, time.perf_counter() - t0)
             run = _start_services(stack, ctx, model, progress, t0, worker_env, on_cluster, steps)
             # a new chunked job learns its chunks (the ledger's rows) only as it scans: finalize reads its parts
@@ -257,8 +263,15 @@ def _start_ledger(stack: ExitStack, ctx: JobContext, job: Job | None, new: _NewS
     """Finalize's reading and checking of each part, done while later batches are still embedding."""
     id_hash = job.scan.id_hash if job is not None else new.id_hash if new is not None else None
     assert id_hash is not None, "the job is either resumed (job) or new (new)"
+    plan = job.plan if job is not None else new.plan if new is not None else None
     ledger = PartLedger(
-        ctx.out, ctx.job_id, ctx.meta.dim, ctx.cfg.output.index, id_hash, job.plan.n_rows if job is not None else None
+        ctx.out,
+        ctx.job_id,
+        ctx.meta.dim,
+        ctx.cfg.output.index,
+        id_hash,
+        job.plan.n_rows if job is not None else None,
+        plan=plan,
     )
     stack.callback(ledger.close)  # an index file not committed is removed, after the feeder stops
     feeder = LedgerFeeder(ledger)
@@ -342,7 +355,9 @@ def _run_queue(run: _Running, job: Job | None, new: _NewScan | None) -> _Queued:
         watch.tick(force=True)
         if job is None:
             assert new is not None
-            job = scan_and_send(ctx, new.windows, new.id_hash, send, outage.call(state.done), on_window=on_window)
+            job = scan_and_send(
+                ctx, new.windows, new.id_hash, send, outage.call(state.done), on_window=on_window, plan_file=new.plan
+            )
             bar.set_total(job.plan.n_rows)
         else:
             for msg in run.messages(job.plan, outage.call(state.done)):

@@ -10,12 +10,12 @@ import numpy as np
 
 from core.chunking import Chunker
 from core.errors import InputError
-from core.formats import Plan, narrow_rows
-from core.layout import MODEL_SUBDIR, PENDING_FILE, OutputDir
+from core.formats import Plan, PlanFile, narrow_rows
+from core.layout import MODEL_SUBDIR, PENDING_FILE, SCAN_FILE, OutputDir, rows_file
 from core.tokenize import Tokenizer
 from output.check import committed_parts
 from pipeline.ingest.job import Job, JobContext, chunk_spec, first_window, length_mode, save_job
-from pipeline.ingest.plan import Window, assemble_scan, plan_window, scan_windows
+from pipeline.ingest.plan import ScanBuilder, Window, plan_window, scan_windows
 from pipeline.ingest.produce import window_messages
 from pipeline.ingest.read import ReadAhead
 
@@ -81,12 +81,14 @@ def scan_and_send(
     send: Callable[[dict], None],
     skip: set[int],
     on_window: Callable[[int, int], None] | None = None,
+    plan_file: PlanFile | None = None,
 ) -> Job:
     """Plan each window of a scan (``start_scan``; the next window is read on a thread while this one's batches
     are sent) and ``send`` its batches (except ``skip``; workers embed them meanwhile); then save the scan, the
     plan and ``job.json`` (the caller checked ``resume_job`` first and the ids with ``check_unique_ids``). The
     plan is the same on every run, so an ingest stopped midway finds its committed batches again.
-    ``on_window(batches, rows)``: planned so far."""
+    ``on_window(batches, rows)``: planned so far. ``plan_file``: where the plan goes as it is made (rows, not
+    chunks), else it is kept in memory; the lengths likewise go to ``scan.n_tokens.bin`` then."""
     out, corpus = ctx.out, ctx.corpus
     out.make_dirs()
     # whose parts these will be, before the first one exists (job.json comes after the last window)
@@ -100,8 +102,11 @@ def scan_and_send(
         send(msg)
         sent[0] += 1
 
+    lengths = rows_file(out.state(SCAN_FILE), "n_tokens") if plan_file is not None else None
+    scanned = ScanBuilder(corpus, lengths)
+    plans: list[Plan] | PlanFile = [] if plan_file is None else plan_file
     try:
-        scanned, plans = _plan_and_send(ctx, windows, counted, skip, on_window)
+        _plan_and_send(ctx, windows, counted, skip, on_window, scanned, plans)
     except InputError:
         # a corpus that cannot be read (a damaged file): if nothing of this job was sent (so no part of it can
         # still be committed), nothing needs the folder's claim, and a rerun with a repaired file, even one
@@ -109,8 +114,8 @@ def scan_and_send(
         if not sent[0] and not committed_parts(out, ctx.job_id, None):
             out.state(PENDING_FILE).unlink(missing_ok=True)
         raise
-    scan = assemble_scan(corpus, id_hash, scanned, estimated=length_mode(ctx.cfg) == "estimate")
-    return save_job(ctx, scan, Plan.concat(plans))
+    scan = scanned.scan(id_hash, estimated=length_mode(ctx.cfg) == "estimate")
+    return save_job(ctx, scan, plans.plan() if isinstance(plans, PlanFile) else Plan.concat(plans))
 
 
 def _plan_and_send(
@@ -119,12 +124,16 @@ def _plan_and_send(
     send: Callable[[dict], None],
     skip: set[int],
     on_window: Callable[[int, int], None] | None,
-) -> tuple[list[Window], list[Plan]]:
-    """Plan and send each window in turn; returns the scanned windows (lengths only) and their plans."""
+    scanned: ScanBuilder,
+    plans: list[Plan] | PlanFile,
+) -> None:
+    """Plan and send each window in turn, adding it to the scan and its plan to the plan."""
     c, out, corpus, meta = ctx.cfg.corpus, ctx.out, ctx.corpus, ctx.meta
-    scanned, plans, n_batches, n_rows = [], [], 0, 0
+    n_batches = n_rows = 0
     for w in windows:  # the next window is read while this one's batches wait for room in the queue
         wplan = plan_window(w.n_tokens, w.row0, c.batch_tokens, c.batch_rows)
+        if isinstance(plans, PlanFile):  # before its batches go: the ledger checks each part against its batch
+            plans.add(wplan)
         for msg in window_messages(
             w,
             wplan,
@@ -140,8 +149,7 @@ def _plan_and_send(
         n_batches, n_rows = n_batches + wplan.n_batches, n_rows + wplan.n_rows
         if on_window:
             on_window(n_batches, n_rows)
-        w.ids, w.texts = [], []  # sent: the job's files need only the lengths and the quarantine
-        scanned.append(w)
-        wplan.order = narrow_rows(wplan.order)  # sent: kept to the end, its row ids in 4 bytes where they fit
-        plans.append(wplan)
-    return scanned, plans
+        scanned.add(w)  # sent: the job's files need only the lengths and the quarantine
+        if not isinstance(plans, PlanFile):
+            wplan.order = narrow_rows(wplan.order)  # kept to the end, its row ids in 4 bytes where they fit
+            plans.append(wplan)

@@ -65,6 +65,7 @@ from core.layout import (
     PREV_SUBDIR,
     QUARANTINE,
     QUARANTINE_FILE,
+    ROW_FILES,
     SCAN_FILE,
     SCAN_QUARANTINE,
     STATE,
@@ -89,7 +90,7 @@ PART_ROWS = 65_536  # rows per part of an updated generation
 _KEPT = ["id", "embedding", "n_tokens", "truncated", "repaired"]  # a part's columns an update carries over
 # a generation's files, in the order they move to prev/ (the manifest first: prev/ then holds the truth)
 _GENERATION = (MANIFEST, INDEX_FILE, QUARANTINE_FILE, VECTORS)
-_GENERATION_STATE = (CONTENT_FILE, GENERATIONS_FILE, JOB_FILE, SCAN_FILE, PLAN_FILE, SCAN_QUARANTINE)
+_GENERATION_STATE = (CONTENT_FILE, GENERATIONS_FILE, JOB_FILE, SCAN_FILE, *ROW_FILES, PLAN_FILE, SCAN_QUARANTINE)
 _REBUILT = (QUARANTINE, f"{STATE}/{PENDING_FILE}")  # state of the generation's job, made again
 _MOVED = "moved"  # in prev/, written once the whole old generation is there
 _TOMBSTONE = ".deleting"  # prev/ and update/ are renamed to this name, then deleted

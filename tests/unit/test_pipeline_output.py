@@ -242,6 +242,84 @@ def test_a_part_with_wrong_ids_fails_the_oracle(tmp_path):
     assert not list(out.root.glob("index.faiss*")), "the index file finalize had written is removed"
 
 
+@pytest.mark.parametrize("checked_by", ["finalize's ledger", "a ledger without the plan", "a ledger with the plan"])
+def test_a_part_holding_another_batchs_row_fails_the_oracle(tmp_path, checked_by):
+    """Batches 1 and 2 swap a row: every row is still there once, with its own id, so only the plan check can
+    tell. The ledger checks each part against its batch as it reads it when it has the plan (ingest passes the
+    plan being written); finalize checks the parts it did not."""
+    from core.formats import Plan
+    from output.ledger import PartLedger
+
+    out, plan, ids, vectors = _job(tmp_path)
+    swapped = Plan(plan.order.copy(), plan.offsets, plan.padded_len, plan.tokens)
+    a, b = plan.offsets[1], plan.offsets[2]
+    swapped.order[a], swapped.order[b] = plan.order[b], plan.order[a]
+    for k in range(plan.n_batches):
+        _commit(out, swapped, ids, vectors, k)
+    ledger = None
+    if checked_by != "finalize's ledger":
+        scan = Scan.load(out.state("scan.npz"))
+        ledger = PartLedger(out, "J1", DIM, "flat", scan.id_hash, plan=plan if "with" in checked_by else None)
+        assert ledger.advance() == plan.n_batches
+        held = [f.rows is None for f in ledger.facts]
+        assert all(held) if "with" in checked_by else not any(held), "rows are kept only where not checked yet"
+    with pytest.raises(
+        OracleError, match=r"unexpected 2 \(part-000001.parquet: rows outside its planned batch; part-000002"
+    ):
+        finalize(out, "flat", ledger=ledger)
+    assert not out.path("manifest.json").exists()
+
+
+def test_a_ledger_reads_a_part_only_once_its_batch_is_planned_and_keeps_no_rows(tmp_path):
+    """During a new job the plan is written window by window (``PlanFile``) while parts commit; on a rerun an
+    earlier run's parts are all there before the first window is planned. The ledger reads a part only once its
+    batch is planned, checks it against it, and keeps none of its rows."""
+    from core.formats import Plan, PlanFile
+    from output.ledger import PartLedger
+
+    out, plan, ids, vectors = _job(tmp_path)
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b)
+    k = plan.n_batches // 2
+    cut = int(plan.offsets[k])
+    first = Plan(plan.order[:cut], plan.offsets[: k + 1], plan.padded_len[:k], plan.tokens[:k])
+    rest = Plan(plan.order[cut:], plan.offsets[k:] - cut, plan.padded_len[k:], plan.tokens[k:])
+    written = PlanFile(tmp_path / "new-plan.npz", 300)
+    ledger = PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash, plan=written)
+    assert ledger.advance() == 0, "nothing planned yet: every committed part waits"
+    written.add(first)
+    assert ledger.advance() == k
+    written.add(rest)
+    assert ledger.advance() == plan.n_batches
+    assert all(f.rows is None for f in ledger.facts) and not ledger.unexpected
+    assert finalize(out, "flat", ledger=ledger)["counts"]["embedded"] == 298
+
+
+def test_a_part_whose_plan_check_fails_midway_is_not_counted(tmp_path, monkeypatch):
+    """The plan check comes before the part is counted or indexed: when it fails (here: reading the plan), the
+    part is read again later and counted once."""
+    from output.ledger import PartLedger
+
+    out, plan, ids, vectors = _job(tmp_path)
+    for b in range(plan.n_batches):
+        _commit(out, plan, ids, vectors, b)
+    ledger = PartLedger(out, "J1", DIM, "flat", Scan.load(out.state("scan.npz")).id_hash, plan=plan)
+    rows = plan.rows
+
+    def failing(b):
+        if b == 3:
+            raise OSError("the plan's file cannot be read")
+        return rows(b)
+
+    monkeypatch.setattr(plan, "rows", failing)
+    with pytest.raises(OSError, match="cannot be read"):
+        ledger.advance()
+    assert ledger.next_batch == 3 and int(ledger.counts.sum()) == int(plan.offsets[3])
+    assert ledger.file.n == int(plan.offsets[3]), "part 3's vectors were not appended"
+    monkeypatch.setattr(plan, "rows", rows)
+    assert finalize(out, "flat", ledger=ledger)["counts"]["embedded"] == 298
+
+
 def test_paths_stay_inside_the_output_folder(tmp_path):
     out = OutputDir(tmp_path / "o")
     with pytest.raises(InputError, match="leave the output folder"):
