@@ -1,7 +1,8 @@
 """One step of a job at a given row count, in a fresh process, printing its peak resident memory (``VmHWM``).
 
     python -m tests.scale_probe corpus ROWS PATH      # a corpus of ROWS real sentences with distinct ids
-    python -m tests.scale_probe produce PATH          # the producer's scan, plan and signed messages (not sent)
+    python -m tests.scale_probe produce PATH          # the producer's scan, plan and signed messages (not sent),
+                                                      # then a resumed job's messages from the saved plan
     python -m tests.scale_probe parts PATH OUT        # the job's files and parts of 8-d vectors for the corpus
     python -m tests.scale_probe finalize OUT          # finalize (flat) of those, alone in a fresh process
 
@@ -26,6 +27,12 @@ DIM = 8
 def peak_mb() -> float:
     status = Path("/proc/self/status").read_text()
     return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def reset_peak() -> None:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux: ``5`` to ``/proc/self/clear_refs``), so that the
+    peak read next is a later step's own."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def write_corpus(rows: int, path: Path) -> None:
@@ -54,13 +61,15 @@ def produce(path: Path) -> dict:
     last, the scan and plan saved."""
     import tempfile
 
+    import pyarrow as pa
+
     from core.config import FbasConfig
-    from core.formats import PlanFile
+    from core.formats import Plan, PlanFile
     from core.layout import rows_file
     from core.tokenize import Tokenizer, tokenizer_json_for
     from engine.checkpoint import load_checkpoint
     from pipeline.ingest.plan import ScanBuilder, check_unique_ids, corpus_id_hashes, plan_window, scan_windows
-    from pipeline.ingest.produce import window_messages
+    from pipeline.ingest.produce import batch_messages, window_messages
     from pipeline.ingest.read import open_corpus
     from workers.signing import sign
 
@@ -84,7 +93,22 @@ def produce(path: Path) -> dict:
             plans.add(plan)
         builder.scan(id_hash, estimated=True).save(scan_file)
         plans.plan().save(plan_file)
-        return {"rows": rows, "batches": plans.n_batches, "peak_mb": round(peak_mb(), 1)}
+        peak = round(peak_mb(), 1)
+        # a resumed job's sending: every batch again, from the saved plan, the corpus read once more; its peak from
+        # what the scan left (Arrow's allocator gives back what it keeps for a while, so the start does not vary)
+        pa.default_memory_pool().release_unused()
+        reset_peak()
+        resent = sum(
+            len(m["row_ids"])
+            for m in batch_messages(corpus, Plan.load(plan_file), job="J", out="/x", model="M", dim=DIM)
+        )
+        return {
+            "rows": rows,
+            "resent": resent,
+            "batches": plans.n_batches,
+            "peak_mb": peak,
+            "resend_peak_mb": round(peak_mb(), 1),
+        }
 
 
 def write_parts(path: Path, out_dir: Path) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from core.errors import InputError, ServerUnavailableError
 from core.formats import Plan
+from core.rowfile import release
 from pipeline.ingest.read import Corpus
 from workers.signing import CHUNKED_VERSION, MESSAGE_VERSION, sign
 
@@ -47,19 +48,22 @@ def batch_messages(
         todo[np.fromiter(skip, dtype=np.int64)] = False
     if not todo.any():
         return
-    batch_of_row = plan.batch_of_row(corpus.n_rows)
     need = plan.sizes()
     wanted = np.flatnonzero(todo)
-    span = np.concatenate([plan.rows(int(b)) for b in wanted])  # read only the files and row groups holding them
+    # each wanted batch's lowest and highest row: a record batch of the corpus looks only at the batches that reach
+    # into it (its plan window's), rather than at an array of every row's batch
+    first, last = _batch_spans(plan, wanted)
     left = len(wanted)
     pending: dict[int, tuple[list, list, list, list]] = {}
-    for rb in corpus.batches(start=int(span.min()), stop=int(span.max()) + 1):
+    # read only the files and row groups holding them
+    for rb in corpus.batches(start=int(first.min()), stop=int(last.max()) + 1):
         n = len(rb)
-        b = batch_of_row[rb.row0 : rb.row0 + n]
+        b = np.full(n, -1, dtype=np.int64)
+        for bi in wanted[(first < rb.row0 + n) & (last >= rb.row0)].tolist():
+            rows = plan.rows(bi)
+            b[rows[(rows >= rb.row0) & (rows < rb.row0 + n)] - rb.row0] = bi
+            release(rows)
         pos = np.flatnonzero(b >= 0)
-        if not len(pos):
-            continue
-        pos = pos[todo[b[pos]]]
         if not len(pos):
             continue
         bs = b[pos]
@@ -98,6 +102,18 @@ def batch_messages(
             f"batches {missing} never completed while reading {corpus.uri}: the corpus changed since it "
             "was scanned; do not modify a corpus during an ingest, then rerun"
         )
+
+
+def _batch_spans(plan: Plan, batches: np.ndarray, step: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest row of each of ``batches`` (a batch's rows ascend), read ``step`` batches at a time
+    from the plan's row order (mapped: its pages are handed back as it goes)."""
+    first, last = np.empty(len(batches), np.int64), np.empty(len(batches), np.int64)
+    for s in range(0, len(batches), step):
+        bs = batches[s : s + step]
+        first[s : s + len(bs)] = plan.order[plan.offsets[bs]]
+        last[s : s + len(bs)] = plan.order[plan.offsets[bs + 1] - 1]
+        release(plan.order[int(plan.offsets[bs[0]]) : int(plan.offsets[bs[-1] + 1])])
+    return first, last
 
 
 def task_message(
