@@ -60,9 +60,9 @@ def batch_messages(
         n = len(rb)
         b = np.full(n, -1, dtype=np.int64)
         for bi in wanted[(first < rb.row0 + n) & (last >= rb.row0)].tolist():
-            rows = plan.rows(bi)
-            b[rows[(rows >= rb.row0) & (rows < rb.row0 + n)] - rb.row0] = bi
-            release(rows)
+            planned = plan.rows(bi)
+            b[planned[(planned >= rb.row0) & (planned < rb.row0 + n)] - rb.row0] = bi
+            release(planned)
         pos = np.flatnonzero(b >= 0)
         if not len(pos):
             continue
