@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 MAX_LISTS = 1_000  # lists at most, whatever the rows (see index_params)
+_ID_FLUSH = 1 << 20  # appended row ids that go into the IndexIDMap's vector at once (4 MB held until then)
 
 
 def index_params(kind: str, n: int, dim: int, nlist: int | None = None) -> dict[str, Any]:
@@ -188,6 +189,7 @@ class IvfPqBuilder:
         self._ivf: Any = None
         self._sq: Any = None
         self._ids: list[np.ndarray] = []  # row ids added since the IndexIDMap's ids were set (int32 where they fit)
+        self._n_ids = 0
         self._n_added = 0
         self._discarded = False
         self.all_cores = False
@@ -270,22 +272,29 @@ class IvfPqBuilder:
             raise RuntimeError("the ivfpq builder was discarded (its spilled copies are gone)")
 
     def _complete(self) -> Any:
-        import faiss
 
         self._alive()
         if self.index is None:
             self._train()
-        if self._ids:  # the row ids into the IndexIDMap after those set by an earlier call, part by part
-            id_map = self.index.id_map
-            at = id_map.size()
-            id_map.resize(at + sum(len(a) for a in self._ids))
-            view = faiss.rev_swig_ptr(id_map.data(), id_map.size())  # the vector's own memory: no copy of all
-            for a in self._ids:
-                view[at : at + len(a)] = a
-                at += len(a)
-            self._ids = []
+        self._set_ids()
         self.index.ntotal = self._n_added
         return self.index
+
+    def _set_ids(self) -> None:
+        """The row ids appended since the last call into the IndexIDMap's own vector, after those set before (the
+        index's id vector is a part of the index: 8 bytes a vector; the pending ones are not kept beside it)."""
+        import faiss
+
+        if not self._ids:
+            return
+        id_map = self.index.id_map
+        at = id_map.size()
+        id_map.resize(at + sum(len(a) for a in self._ids))
+        view = faiss.rev_swig_ptr(id_map.data(), id_map.size())  # the vector's own memory: no copy of all
+        for a in self._ids:
+            view[at : at + len(a)] = a
+            at += len(a)
+        self._ids, self._n_ids = [], 0
 
     def _append(self, rows: np.ndarray, ivf_codes: np.ndarray, sq_codes: np.ndarray) -> None:
         """Codes into the lists and the SQ8 copy at positions ``_n_added`` on: what ``IndexIDMap.add_with_ids``
@@ -303,6 +312,9 @@ class IvfPqBuilder:
         self._n_added += n
         self._refine.ntotal = self._n_added
         self._ids.append(kept)
+        self._n_ids += n
+        if self._n_ids >= _ID_FLUSH:  # the part is counted: this only moves its ids
+            self._set_ids()
 
     def _train(self) -> None:
         """Train on the held vectors, then encode and append them; on an error nothing changes (the held
@@ -341,7 +353,7 @@ class IvfPqBuilder:
             if self._spill is not None:
                 self._spill.discard()
             self._spill = self.codec = self.index = self._refine = self._ivf = self._sq = None
-            self._ids, self._n_added = [], 0
+            self._ids, self._n_ids, self._n_added = [], 0, 0
             raise
         self._held, self._n_held = [], 0
         self.train_s = train_s

@@ -971,13 +971,16 @@ def test_faiss_loads_the_openblas_kernel_output_chose(tmp_path):
     assert core == want
 
 
-def test_an_ivfpq_index_completed_twice_holds_every_row_id_once_in_order(tmp_path):
+@pytest.mark.parametrize("flush", [1 << 20, 1500], ids=["at-the-end", "every-1500-ids"])
+def test_an_ivfpq_index_completed_twice_holds_every_row_id_once_in_order(tmp_path, monkeypatch, flush):
     """The builder keeps the row ids of the parts it appended (4 bytes each) and puts them into the
-    IndexIDMap's own vector when the index is needed; doing that once midway and again at the end gives the
-    file FAISS writes for the same training and adds."""
+    IndexIDMap's own vector when the index is needed, or once that many are pending; doing that midway and again
+    at the end gives the file FAISS writes for the same training and adds."""
     import faiss
 
     import output.ivf_index as iv
+
+    monkeypatch.setattr(iv, "_ID_FLUSH", flush)
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((6000, 32)).astype(np.float32)
@@ -987,8 +990,10 @@ def test_an_ivfpq_index_completed_twice_holds_every_row_id_once_in_order(tmp_pat
     for lo in range(0, 3000, 1000):
         b.add(ids[lo : lo + 1000], x[lo : lo + 1000])
     assert np.array_equal(faiss.vector_to_array(b._complete().id_map), ids[:3000])  # trains on what it holds
-    for lo in range(3000, 6000, 1000):
-        b.add(ids[lo : lo + 1000], x[lo : lo + 1000])
+    b.add(ids[3000:4000], x[3000:4000])
+    b.add(ids[4000:5000], x[4000:5000])
+    assert len(b._ids) == (0 if flush == 1500 else 2), "pending ids are moved into the index past the threshold"
+    b.add(ids[5000:], x[5000:])
     b.write(tmp_path / "built.faiss")
     want = iv.new_ivfpq(32, p)
     want.train(x[:3000])
