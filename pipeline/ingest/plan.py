@@ -543,8 +543,9 @@ def duplicate_keys(id_hash: np.ndarray, spill: Path | None = None) -> np.ndarray
         for _, block in blocks(id_hash, _SPREAD_BYTES):
             with np.errstate(over="ignore"):
                 which = ((block * _FIB) >> np.uint64(32)) * np.uint64(n_buckets) >> np.uint64(32)
+            which = which.astype(np.uint8)  # MAX_BUCKETS fit: a stable sort of bytes is a radix sort
             order = np.argsort(which, kind="stable")
-            ends = np.cumsum(np.bincount(which.astype(np.int64), minlength=n_buckets))
+            ends = np.cumsum(np.bincount(which, minlength=n_buckets))
             grouped = block[order]
             for k, (lo, hi) in enumerate(zip([0, *ends[:-1].tolist()], ends.tolist())):
                 if hi > lo:
