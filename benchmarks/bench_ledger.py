@@ -53,7 +53,19 @@ def part_vecs(b):
     v = centres[rng.integers(0, 2000, rows)] + 0.5 * rng.standard_normal((rows, dim)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 vecs0 = rng.standard_normal((rows, dim)).astype(np.float32)
-ledger = PartLedger(out, "job", dim, kind, id_hashes(ids), n * rows)
+try:  # a checkout that maps the job's per-row state from files: the id keys and the plan as a new job has them
+    import inspect
+    from pathlib import Path
+    from core.formats import Plan, PlanFile
+    from core.rowfile import RowFile
+    keys = RowFile.create(Path(root) / ".fbas" / "scan.id_hash.bin", np.uint64, n * rows).array
+    keys[:] = id_hashes(ids)
+    plan = PlanFile(Path(root) / ".fbas" / "plan.npz", n * rows)
+    offsets = np.arange(0, n * rows + 1, rows)
+    plan.add(Plan(np.arange(n * rows), offsets, np.full(n, 16, np.int32), np.full(n, 16 * rows)))
+    ledger = PartLedger(out, "job", dim, kind, keys, n * rows, plan=plan)
+except ImportError:
+    ledger = PartLedger(out, "job", dim, kind, id_hashes(ids), n * rows)
 write_s = ledger_s = 0.0
 for b in range(n):
     r = np.arange(b * rows, (b + 1) * rows)
@@ -86,16 +98,21 @@ print(json.dumps({"write_ms_per_part": 1000 * write_s / n, "ledger_ms_per_part":
 """
 
 IDS = r"""
-import json, sys, time
+import inspect, json, sys, time
+from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from core.config import CorpusConfig
 from pipeline.ingest.plan import check_unique_ids, corpus_id_hashes
 from pipeline.ingest.read import open_corpus
 corpus = open_corpus(sys.argv[2], CorpusConfig())
+to_file = "path" in inspect.signature(corpus_id_hashes).parameters  # the keys in the job's file, as ingest does
 best = None
 for _ in range(3):
     t0 = time.perf_counter()
-    check_unique_ids(corpus, corpus_id_hashes(corpus))
+    if to_file:
+        check_unique_ids(corpus, corpus_id_hashes(corpus, Path(sys.argv[3]) / "ids.bin"), spill=Path(sys.argv[3]))
+    else:
+        check_unique_ids(corpus, corpus_id_hashes(corpus))
     s = time.perf_counter() - t0
     best = s if best is None else min(best, s)
 print(json.dumps({"id_check_s": best}))
@@ -134,7 +151,7 @@ def main() -> int:
         for r in range(args.rounds):
             for name, root in roots.items():
                 got = run(LEDGER, str(root), str(args.parts), str(work / f"out-{name}-{r}"), args.index)
-                got.update(run(IDS, str(root), str(corpus)))
+                got.update(run(IDS, str(root), str(corpus), str(work)))
                 res[name].append(got)
                 print(name, {k: round(v, 3) for k, v in got.items()}, flush=True)
     finally:
