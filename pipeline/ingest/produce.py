@@ -53,13 +53,19 @@ def batch_messages(
     # each wanted batch's lowest and highest row: a record batch of the corpus looks only at the batches that reach
     # into it (its plan window's), rather than at an array of every row's batch
     first, last = _batch_spans(plan, wanted)
+    # batches follow their windows: no batch before ``reach``'s index ends at or past a row, and none from
+    # ``begins``'s index starts before one, so each record batch searches only the batches between
+    reach = np.maximum.accumulate(last)
+    begins = np.minimum.accumulate(first[::-1])[::-1]
     left = len(wanted)
     pending: dict[int, tuple[list, list, list, list]] = {}
     # read only the files and row groups holding them
     for rb in corpus.batches(start=int(first.min()), stop=int(last.max()) + 1):
         n = len(rb)
         b = np.full(n, -1, dtype=np.int64)
-        for bi in wanted[(first < rb.row0 + n) & (last >= rb.row0)].tolist():
+        lo = int(np.searchsorted(reach, rb.row0))
+        near = slice(lo, max(lo, int(np.searchsorted(begins, rb.row0 + n))))
+        for bi in wanted[near][(first[near] < rb.row0 + n) & (last[near] >= rb.row0)].tolist():
             planned = plan.rows(bi)
             b[planned[(planned >= rb.row0) & (planned < rb.row0 + n)] - rb.row0] = bi
             release(planned)
