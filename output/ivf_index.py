@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import struct
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 MAX_LISTS = 1_000  # lists at most, whatever the rows (see index_params)
-_ID_FLUSH = 1 << 20  # appended row ids that go into the IndexIDMap's vector at once (4 MB held until then)
+_ID_BLOCK = 1 << 19  # pending row ids read back from their file at a time (4 MB)
 
 
 def index_params(kind: str, n: int, dim: int, nlist: int | None = None) -> dict[str, Any]:
@@ -188,7 +189,10 @@ class IvfPqBuilder:
         self._refine: Any = None  # the IndexRefine inside, its IVF-PQ and its SQ8 copy, once trained
         self._ivf: Any = None
         self._sq: Any = None
-        self._ids: list[np.ndarray] = []  # row ids added since the IndexIDMap's ids were set (int32 where they fit)
+        # row ids added since the IndexIDMap's ids were set: in a file without a name beside the index (8 bytes each,
+        # read back into FAISS's vector, sized once, when the index is completed), or here without ``beside``
+        self._ids: list[np.ndarray] = []
+        self._id_file: Any = None
         self._n_ids = 0
         self._n_added = 0
         self._discarded = False
@@ -266,13 +270,14 @@ class IvfPqBuilder:
         self._discarded = True
         if self._spill is not None:
             self._spill.discard()
+        if self._id_file is not None:
+            self._id_file.close()
 
     def _alive(self) -> None:
         if self._discarded:
             raise RuntimeError("the ivfpq builder was discarded (its spilled copies are gone)")
 
     def _complete(self) -> Any:
-
         self._alive()
         if self.index is None:
             self._train()
@@ -281,27 +286,46 @@ class IvfPqBuilder:
         return self.index
 
     def _set_ids(self) -> None:
-        """The row ids appended since the last call into the IndexIDMap's own vector, after those set before (the
-        index's id vector is a part of the index: 8 bytes a vector; the pending ones are not kept beside it)."""
+        """The row ids appended since the last call into the IndexIDMap's own vector, after those set before: sized
+        once, then filled a block at a time (never a second copy of all of them)."""
         import faiss
 
-        if not self._ids:
+        if not self._n_ids:
             return
         id_map = self.index.id_map
         at = id_map.size()
-        id_map.resize(at + sum(len(a) for a in self._ids))
-        view = faiss.rev_swig_ptr(id_map.data(), id_map.size())  # the vector's own memory: no copy of all
-        for a in self._ids:
+        id_map.resize(at + self._n_ids)
+        view = faiss.rev_swig_ptr(id_map.data(), id_map.size())  # the vector's own memory
+        for a in self._pending_ids():
             view[at : at + len(a)] = a
             at += len(a)
         self._ids, self._n_ids = [], 0
+
+    def _pending_ids(self) -> Any:
+        """The pending row ids, in order: from their file, ``_ID_BLOCK`` at a time, or as held."""
+        if self._id_file is None:
+            yield from self._ids
+            return
+        fd, pos, end = self._id_file.fileno(), 0, self._n_ids * 8
+        while pos < end:
+            block = os.pread(fd, min(_ID_BLOCK * 8, end - pos), pos)
+            if not block:
+                raise OSError("the index's id file is shorter than what was written to it")
+            yield np.frombuffer(block, dtype="<i8")
+            pos += len(block)
 
     def _append(self, rows: np.ndarray, ivf_codes: np.ndarray, sq_codes: np.ndarray) -> None:
         """Codes into the lists and the SQ8 copy at positions ``_n_added`` on: what ``IndexIDMap.add_with_ids``
         does after encoding (the inner index numbers vectors in the order they come). The spilled copies first:
         a write that fails leaves nothing of the part counted."""
         self._alive()
-        n, kept = len(rows), narrow_rows(rows)  # before anything is appended
+        n = len(rows)
+        if self._beside is not None:  # the ids first, at their place in the file: a failed write counts nothing
+            if self._id_file is None:
+                self._id_file = tempfile.TemporaryFile(dir=self._beside.parent)
+            pwrite_all(self._id_file.fileno(), np.asarray(rows).astype("<i8").tobytes(), self._n_ids * 8)
+        else:
+            kept = narrow_rows(rows)  # held in 4 bytes where they fit
         if self._spill is not None:
             self._spill.append(self._n_added, sq_codes)
         self._ivf.add_sa_codes(ivf_codes, np.arange(self._n_added, self._n_added + n, dtype=np.int64))
@@ -311,10 +335,9 @@ class IvfPqBuilder:
             self._sq.add_sa_codes(sq_codes)
         self._n_added += n
         self._refine.ntotal = self._n_added
-        self._ids.append(kept)
+        if self._beside is None:
+            self._ids.append(kept)
         self._n_ids += n
-        if self._n_ids >= _ID_FLUSH:  # the part is counted: this only moves its ids
-            self._set_ids()
 
     def _train(self) -> None:
         """Train on the held vectors, then encode and append them; on an error nothing changes (the held

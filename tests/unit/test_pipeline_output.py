@@ -971,28 +971,40 @@ def test_faiss_loads_the_openblas_kernel_output_chose(tmp_path):
     assert core == want
 
 
-@pytest.mark.parametrize("flush", [1 << 20, 1500], ids=["at-the-end", "every-1500-ids"])
-def test_an_ivfpq_index_completed_twice_holds_every_row_id_once_in_order(tmp_path, monkeypatch, flush):
-    """The builder keeps the row ids of the parts it appended (4 bytes each) and puts them into the
-    IndexIDMap's own vector when the index is needed, or once that many are pending; doing that midway and again
-    at the end gives the file FAISS writes for the same training and adds."""
+@pytest.mark.parametrize("beside", [False, True], ids=["ids-held", "ids-in-a-file"])
+def test_an_ivfpq_index_completed_twice_holds_every_row_id_once_in_order(tmp_path, monkeypatch, beside):
+    """The builder keeps the row ids of the parts it appended (in memory, 4 bytes each, or beside the index in a
+    file without a name, read back 700 at a time here) and puts them into the IndexIDMap's own vector when the
+    index is needed; doing that midway and again at the end gives the file FAISS writes for the same training
+    and adds."""
     import faiss
 
     import output.ivf_index as iv
 
-    monkeypatch.setattr(iv, "_ID_FLUSH", flush)
+    monkeypatch.setattr(iv, "_ID_BLOCK", 700)
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((6000, 32)).astype(np.float32)
     ids = np.arange(6000, dtype=np.int64) * 5 + 3
     p = iv.index_params("ivfpq", len(x), 32)
-    b = iv.IvfPqBuilder(32, p)
+    b = iv.IvfPqBuilder(32, p, beside=tmp_path / "index.faiss" if beside else None)
     for lo in range(0, 3000, 1000):
         b.add(ids[lo : lo + 1000], x[lo : lo + 1000])
     assert np.array_equal(faiss.vector_to_array(b._complete().id_map), ids[:3000])  # trains on what it holds
+    if beside:  # a part whose ids cannot be written (a full disk) is not counted, and can be added again
+        real = iv.pwrite_all
+
+        def full(fd, data, offset):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(iv, "pwrite_all", full)
+        with pytest.raises(OSError, match="No space"):
+            b.add(ids[3000:4000], x[3000:4000])
+        assert b.ntotal == 3000
+        monkeypatch.setattr(iv, "pwrite_all", real)
     b.add(ids[3000:4000], x[3000:4000])
     b.add(ids[4000:5000], x[4000:5000])
-    assert len(b._ids) == (0 if flush == 1500 else 2), "pending ids are moved into the index past the threshold"
+    assert len(b._ids) == (0 if beside else 2), "with a place beside the index, no id is held in memory"
     b.add(ids[5000:], x[5000:])
     b.write(tmp_path / "built.faiss")
     want = iv.new_ivfpq(32, p)
