@@ -239,7 +239,10 @@ class PlanFile:
         """Append a window's plan (global row ids)."""
         order, at = self._file.array, self.n_rows
         if at + len(plan.order) > len(order):
-            raise ValueError(f"the plan holds {at + len(plan.order)} rows, more than the {len(order)} it was made for")
+            raise InputError(
+                f"the plan holds {at + len(plan.order)} rows, more than the corpus's {len(order)}: the corpus changed "
+                "while it was read; do not modify a corpus during an ingest, then rerun"
+            )
         order[at : at + len(plan.order)] = plan.order
         release(order[at : at + len(plan.order)])
         self.n_rows += len(plan.order)

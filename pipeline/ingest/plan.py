@@ -564,6 +564,7 @@ def duplicate_keys(id_hash: np.ndarray, spill: Path | None = None) -> np.ndarray
             f.close()
 
 
+assert MAX_BUCKETS <= 256, "bucket numbers are sorted as bytes"
 _SPREAD_BYTES = 2 << 20  # keys spread over the buckets at a time (with their temporaries, about 4x this)
 _FIB = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: spreads consecutive integer ids over the buckets
 

@@ -146,7 +146,9 @@ def test_a_plan_written_window_by_window_is_the_plan_kept_in_memory_and_reads_ba
     back = Plan.load(tmp_path / "plan.npz")
     assert backing(back.order) is not None and np.array_equal(back.order, want.order)
     assert np.array_equal(back.batch_of_row(657), want.batch_of_row(657))
-    with pytest.raises(ValueError, match="more than"):
+    from core.errors import InputError
+
+    with pytest.raises(InputError, match="more than the corpus's 657: the corpus changed"):
         pf.add(plans[0])
 
 
