@@ -385,6 +385,17 @@ def ping_error(client: Any) -> str | None:
         return "connection"
 
 
+def server_id(client: Any) -> str | None:
+    """The broker's identity for this start: Redis's ``run_id`` (``INFO server``), new each time it starts; None
+    when it does not answer or has none."""
+    import redis
+
+    try:
+        return str(client.info("server").get("run_id") or "") or None
+    except redis.RedisError:
+        return None
+
+
 def queued_batches(client: Any, queue: str, job_id: str, unacked: bool = True) -> set[int]:
     """Batches of ``job_id`` that the broker holds as messages: waiting in ``queue``, or delivered to a worker
     and not acknowledged yet (kombu's ``unacked`` hash, redelivered after ``visibility_timeout``; left out with

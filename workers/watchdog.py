@@ -3,8 +3,10 @@
 After a Redis restart a Celery worker can reconnect yet never take another message (Celery issues 8030, 9054
 and 10205 report it; the integration test ``test_broker_outage`` reproduces it with Celery 5.7). So each
 worker's main process runs ``BrokerWatchdog``: it pings the broker every few seconds and, once the broker
-answers again after an outage, stops the worker warm (running batches finish) with exit code ``EX_RESTART``;
-its supervisor (``services.worker.CeleryWorker``: local mode and ``fbas-pipeline worker``) starts a fresh one.
+answers again after an outage, or answers as another start of the server (its ``run_id`` changed: a restart
+quicker than the pings, which redis-py's reconnect on checkout hides from a ping), stops the worker warm
+(running batches finish) with exit code ``EX_RESTART``; its supervisor (``services.worker.CeleryWorker``: local
+mode and ``fbas-pipeline worker``) starts a fresh one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 import time
 
 from core.redact import redact_url
-from workers.jobstate import connect_lazy, ping_error
+from workers.jobstate import connect_lazy, ping_error, server_id
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +27,8 @@ OUTAGE_PINGS = 3  # consecutive slow pings (every 2 s) that make an outage, not 
 
 
 class BrokerWatchdog(threading.Thread):
-    """Pings ``url`` every ``interval`` seconds; after an outage (a failed ping, then an answer) it calls
-    ``on_recovered`` once and ends."""
+    """Pings ``url`` every ``interval`` seconds; after an outage (a failed ping, then an answer), or when the
+    broker answers as another start of itself, it calls ``on_recovered`` once and ends."""
 
     def __init__(self, url: str, interval: float = 2.0, on_recovered=None) -> None:
         super().__init__(name="broker-watchdog", daemon=True)
@@ -38,14 +40,20 @@ class BrokerWatchdog(threading.Thread):
         client = connect_lazy(self.url, timeout=max(1.0, self.interval))
         down_since: float | None = None
         misses = 0
+        first_id: str | None = None  # the server's run id when this worker first reached it
         while not self.stopped.wait(self.interval):
             error = ping_error(client)
             if error is None:
-                if misses >= OUTAGE_PINGS and down_since is not None:
+                now_id = server_id(client)
+                first_id = first_id or now_id
+                restarted = now_id is not None and now_id != first_id
+                if restarted or (misses >= OUTAGE_PINGS and down_since is not None):
                     logger.warning(
-                        "the broker %s answers again after %.0fs: restarting this worker so that it consumes again",
+                        "the broker %s answers again %s: restarting this worker so that it consumes again",
                         redact_url(self.url),
-                        time.monotonic() - down_since,
+                        "as a new start of the server"
+                        if restarted
+                        else f"after {time.monotonic() - (down_since or time.monotonic()):.0f}s",
                     )
                     self.on_recovered()
                     return
