@@ -39,7 +39,7 @@ import numpy as np
 from core.formats import narrow_rows
 from core.layout import OutputDir, drop_cached
 
-__all__ = ["FlatIndexFile", "layout_matches", "pwrite_all", "write_back", "PREFIX_BYTES", "SYNC_BYTES"]
+__all__ = ["FlatIndexFile", "layout_matches", "pwrite_all", "pread_blocks", "write_back", "PREFIX_BYTES", "SYNC_BYTES"]
 
 _DUMMY = 1 << 20  # two int64 fields FAISS writes with this value and ignores on read
 _METRIC_IP = 0  # faiss.METRIC_INNER_PRODUCT
@@ -97,6 +97,18 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     while len(view):
         done = os.pwrite(fd, view, offset)
         view, offset = view[done:], offset + done
+
+
+def pread_blocks(fd: int, start: int, end: int, block: int, name: object) -> Iterator[bytes]:
+    """Bytes ``start .. end - 1`` of ``fd``, ``block`` bytes at a time at most; a file that ends sooner is an
+    ``OSError`` naming it (``name``)."""
+    pos = start
+    while pos < end:
+        data = os.pread(fd, min(block, end - pos), pos)
+        if not data:
+            raise OSError(f"{name} is shorter than the {end:,} bytes written to it")
+        yield data
+        pos += len(data)
 
 
 def _prefix(dim: int, n: int) -> bytes:
@@ -193,13 +205,8 @@ class FlatIndexFile:
         """SHA-256 of ``prefix`` and the vectors written so far."""
         assert self._fd is not None, "the file is read back only while open"
         h = hashlib.sha256(prefix)
-        end, pos = self._end(), PREFIX_BYTES
-        while pos < end:
-            block = os.pread(self._fd, min(_READ_BYTES, end - pos), pos)
-            if not block:
-                raise OSError(f"{self.tmp} is shorter than what was written to it")
+        for block in pread_blocks(self._fd, PREFIX_BYTES, self._end(), _READ_BYTES, self.tmp):
             h.update(block)
-            pos += len(block)
         return h
 
     def commit(self) -> str:
@@ -226,13 +233,7 @@ class FlatIndexFile:
         """The index's id vector as FAISS writes it: its length, then the ids of ``add`` (8 bytes each), read back
         from the id file ``_ID_BLOCK`` at a time."""
         yield struct.pack("<Q", self.n)
-        pos, end = 0, self.n * 8
-        while pos < end:
-            block = os.pread(self._ids.fileno(), min(_ID_BLOCK * 8, end - pos), pos)
-            if not block:
-                raise OSError("the index's id file is shorter than what was written to it")
-            yield block
-            pos += len(block)
+        yield from pread_blocks(self._ids.fileno(), 0, self.n * 8, _ID_BLOCK * 8, "the index's id file")
 
     def discard(self) -> None:
         """Close and remove the unfinished file (nothing happens after ``commit``)."""

@@ -37,7 +37,7 @@ from core.envs import cpu_count
 from core.errors import PermanentError
 from core.formats import narrow_rows
 from core.layout import OutputDir
-from output.flat_index import SYNC_BYTES, pwrite_all, write_back
+from output.flat_index import SYNC_BYTES, pread_blocks, pwrite_all, write_back
 
 logger = logging.getLogger(__name__)
 
@@ -306,13 +306,8 @@ class IvfPqBuilder:
         if self._id_file is None:
             yield from self._ids
             return
-        fd, pos, end = self._id_file.fileno(), 0, self._n_ids * 8
-        while pos < end:
-            block = os.pread(fd, min(_ID_BLOCK * 8, end - pos), pos)
-            if not block:
-                raise OSError("the index's id file is shorter than what was written to it")
+        for block in pread_blocks(self._id_file.fileno(), 0, self._n_ids * 8, _ID_BLOCK * 8, "the index's id file"):
             yield np.frombuffer(block, dtype="<i8")
-            pos += len(block)
 
     def _append(self, rows: np.ndarray, ivf_codes: np.ndarray, sq_codes: np.ndarray) -> None:
         """Codes into the lists and the SQ8 copy at positions ``_n_added`` on: what ``IndexIDMap.add_with_ids``
@@ -453,13 +448,9 @@ class SpilledCodes:
                     break
                 raise OSError(f"{self.path} is shorter than the {length:,} bytes of codes written to it")
             pos += done
-        while pos < length:  # the fallback
-            block = os.pread(self._fd, min(8 << 20, length - pos), pos)
-            if not block:
-                raise OSError(f"{self.path} is shorter than the {length:,} bytes of codes written to it")
+        for block in pread_blocks(self._fd, pos, length, 8 << 20, self.path):  # the fallback
             pwrite_all(out, block, os.lseek(out, 0, os.SEEK_CUR))
             os.lseek(out, len(block), os.SEEK_CUR)
-            pos += len(block)
 
     def discard(self) -> None:
         if self._fd is not None:
