@@ -4,14 +4,15 @@ step touched are handed back (``release``) when it moves on, so the process's re
 with the corpus. The kernel keeps the pages in its cache while there is room and writes them back when there
 is not.
 
-    a = RowFile.create(path, np.uint64, n)       # zeros; ``a.array`` is an ndarray over the file
-    a.array[lo:hi] = keys; a.release(lo, hi)     # written, then its pages unmapped (the data stays in the file)
-    b = RowFile.open(path, np.uint64)            # read-only, its length from the file's size
-    c = RowFile.scratch(folder, np.uint16, n)    # an unlinked file: gone when the process ends, however it ends
+    a = RowFile.create(path, np.uint64, n)            # zeros; ``a.array`` is an ndarray over the file
+    a.array[lo:hi] = keys; release(a.array[lo:hi])    # written, then its pages unmapped (the data stays)
+    b = RowFile.open(path, np.uint64)                 # read-only, its length from the file's size
+    c = RowFile.scratch(folder, np.uint16, n)         # an unlinked file: gone when the process ends
 
-``backing(arr)`` tells whether an array is such a mapping, and of which file, so that saving a job does not copy
-a file onto itself. ``blocks(arr)`` walks any array in blocks and releases each one after use: whole-array work
-(counting, comparing, copying) then holds one block at a time.
+``backing(arr)`` tells whether an array is such a mapping, and of which file; ``store`` saves an array to a file,
+flushing it in place when it is that file's own mapping rather than copying the file onto itself. ``blocks(arr)``
+walks any array in blocks and releases each one after use: whole-array work (counting, comparing, copying) then
+holds one block at a time.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ _PAGE = mmap.PAGESIZE
 class _Map(mmap.mmap):
     """A file mapping that remembers its file (a subclass, so that it can carry attributes)."""
 
-    path: Path | None
     inode: tuple[int, int]
     addr: int  # where the mapping starts in this process's memory
 
@@ -45,18 +45,16 @@ class RowFile:
     """A 1-D array of ``dtype`` mapped from a file (``MAP_SHARED``): writes go to the file. See the module
     docstring."""
 
-    def __init__(self, fd: int, dtype: np.dtype, n: int, writable: bool, path: Path | None) -> None:
-        self.dtype, self.n, self.path = np.dtype(dtype), n, path
-        self._map: _Map | None = None
+    def __init__(self, fd: int, dtype: np.dtype, n: int, writable: bool) -> None:
         if n:
             access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-            self._map = _Map(fd, n * self.dtype.itemsize, access=access)
+            m = _Map(fd, n * dtype.itemsize, access=access)
             st = os.fstat(fd)
-            self._map.path, self._map.inode = path, (st.st_dev, st.st_ino)
-            self.array = np.frombuffer(self._map, dtype=self.dtype, count=n)
-            self._map.addr = self.array.__array_interface__["data"][0]
+            m.inode = (st.st_dev, st.st_ino)
+            self.array = np.frombuffer(m, dtype=dtype, count=n)
+            m.addr = self.array.__array_interface__["data"][0]
         else:
-            self.array = np.zeros(0, dtype=self.dtype)
+            self.array = np.zeros(0, dtype=dtype)
         if not writable:
             self.array.flags.writeable = False
 
@@ -69,7 +67,7 @@ class RowFile:
         try:
             _reserve(fd, n * np.dtype(dtype).itemsize, path)
             os.replace(tmp, path)
-            return cls(fd, np.dtype(dtype), n, True, path)
+            return cls(fd, np.dtype(dtype), n, True)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -77,16 +75,16 @@ class RowFile:
             os.close(fd)  # the mapping keeps its own reference to the file
 
     @classmethod
-    def open(cls, path: Path, dtype, n: int | None = None, writable: bool = False) -> RowFile:
-        """The file at ``path`` (``n``: the rows it must hold; a shorter or longer file is refused)."""
+    def open(cls, path: Path, dtype, n: int | None = None) -> RowFile:
+        """The file at ``path``, read-only (``n``: the rows it must hold; a shorter or longer file is refused)."""
         path = Path(path)
         itemsize = np.dtype(dtype).itemsize
-        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
             if size % itemsize or (n is not None and size != n * itemsize):
                 raise ValueError(f"{path} holds {size} bytes, not {n if n is not None else 'whole'} {dtype} rows")
-            return cls(fd, np.dtype(dtype), size // itemsize, writable, path)
+            return cls(fd, np.dtype(dtype), size // itemsize, False)
         finally:
             os.close(fd)
 
@@ -95,17 +93,7 @@ class RowFile:
         """``n`` zeros in a file of ``folder`` that has no name: nothing is left behind when the process ends."""
         with tempfile.TemporaryFile(dir=folder) as f:
             _reserve(f.fileno(), n * np.dtype(dtype).itemsize, Path(folder) / "(a file without a name)")
-            return cls(f.fileno(), np.dtype(dtype), n, True, None)
-
-    def release(self, lo: int = 0, hi: int | None = None) -> None:
-        """Unmap the pages of rows ``lo .. hi - 1`` from this process (their data stays in the file)."""
-        if self._map is not None:
-            _advise(self._map, lo * self.dtype.itemsize, (self.n if hi is None else hi) * self.dtype.itemsize)
-
-    def flush(self) -> None:
-        """Write what was changed to the file's disk (``msync``)."""
-        if self._map is not None and self.array.flags.writeable:
-            self._map.flush()
+            return cls(f.fileno(), np.dtype(dtype), n, True)
 
 
 def _reserve(fd: int, size: int, path: Path) -> None:
@@ -183,8 +171,8 @@ def store(path: Path, arr: np.ndarray) -> None:
             return
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        for _, block in blocks(np.ascontiguousarray(arr) if arr.ndim == 1 else arr.reshape(-1)):
-            f.write(np.ascontiguousarray(block).tobytes())  # a block at a time: BLOCK_BYTES
+        for _, block in blocks(np.ascontiguousarray(arr).reshape(-1)):
+            f.write(block.tobytes())
     os.replace(tmp, path)
 
 
@@ -194,12 +182,11 @@ def equal(a: np.ndarray, b: np.ndarray) -> bool:
         return False
     if a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.strides == b.strides:
         return True
-    step = max(1, BLOCK_BYTES // max(1, a.itemsize))
-    for start in range(0, len(a), step):
-        x, y = a[start : start + step], b[start : start + step]
+    for start, x in blocks(a):
+        y = b[start : start + len(x)]
         same = np.array_equal(x, y)
-        release(x)
         release(y)
         if not same:
+            release(x)  # the walk stops here: its last block is not released by ``blocks``
             return False
     return True
