@@ -163,13 +163,6 @@ class Plan:
         padded = int((self.sizes() * self.padded_len).sum())
         return padded / real - 1 if real else 0.0
 
-    def batch_of_row(self, n_rows: int) -> np.ndarray:
-        """int32 [n_rows]: each row's batch, -1 for rows in no batch (quarantined)."""
-        out = np.full(n_rows, -1, dtype=np.int32)
-        out[self.order] = np.repeat(np.arange(self.n_batches, dtype=np.int32), self.sizes())
-        release(self.order)
-        return out
-
     def save(self, path: Path) -> None:
         """``path`` (the batches' sizes and lengths) and, first, the row order beside it (``rows_file``)."""
         store(rows_file(path, "order"), self.order)
